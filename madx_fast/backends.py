@@ -1,0 +1,66 @@
+"""Which implementation runs an op: "eager" (the reference), "triton" or "cuda".
+
+``backend=None`` or ``"auto"`` means the default: the ``MADX_FAST_BACKEND`` environment variable when it is
+set, otherwise Triton for CUDA tensors and eager for CPU tensors (Triton on CPU tensors only when its
+interpreter is on, ``TRITON_INTERPRET=1``, which is how CI checks the kernels without a GPU).
+
+Every fused backend is a module exposing the same four launchers (see ``madx_fast/kernels/triton``):
+``adapter_forward``, ``adapter_backward``, ``nice_coupling``, ``nice_coupling_backward``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "eager", "triton", "cuda")
+ENV_VAR = "MADX_FAST_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says why."""
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Turn a user's choice (None, "auto", or a name) into "eager", "triton" or "cuda" for tensors on ``device``."""
+    choice = (backend or "auto").lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if choice == "auto":
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"{ENV_VAR}={env!r} is not a backend; choose one of {BACKENDS}")
+            choice = env
+        elif device.type == "cuda" or triton_interpreter_enabled():
+            choice = "triton"
+        else:
+            choice = "eager"
+    if choice == "triton" and device.type != "cuda" and not triton_interpreter_enabled():
+        raise BackendUnavailableError(
+            f"backend 'triton' needs CUDA tensors (got tensors on {device}); set TRITON_INTERPRET=1 "
+            "(before importing madx_fast) to run the Triton kernels on the CPU, or use backend='eager'"
+        )
+    if choice == "cuda":
+        if device.type != "cuda":
+            raise BackendUnavailableError(f"backend 'cuda' needs CUDA tensors (got tensors on {device})")
+        kernel_module("cuda")  # raises with the reason when the extension cannot be built or loaded
+    return choice
+
+
+_MODULES = {"triton": "madx_fast.kernels.triton", "cuda": "madx_fast.kernels.cuda"}
+
+
+def kernel_module(name: str):
+    """The launcher module of a fused backend, imported on first use."""
+    try:
+        return importlib.import_module(_MODULES[name])
+    except KeyError:
+        raise ValueError(f"{name!r} is not a fused backend; choose one of {tuple(_MODULES)}") from None
+    except ImportError as exc:
+        raise BackendUnavailableError(f"backend {name!r} cannot be loaded: {exc}") from exc

@@ -1,0 +1,17 @@
+"""Fused backends. Each subpackage (``triton``, ``cuda``) exposes the same four launchers, called by the
+custom ops in ``madx_fast.ops`` on 2-D inputs ``[N, H]`` (any row/column strides, N may be 0):
+
+    adapter_forward(x, residual_or_None, w_down, b_down, w_up, b_up, scaling: float, activation: int)
+        -> (y [N, H] in x.dtype, z [N, d] pre-activation in x.dtype)
+    adapter_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_input: bool)
+        -> (dx [N, H] x.dtype, dw_down [d, H], db_down [d], dw_up [H, d], db_up [H], all float32)
+        (dx includes dy when residual_is_input)
+    nice_coupling(x, weights, activation, inverse: bool) -> out [N, H]
+    nice_coupling_backward(dout, out, inp_or_None, weights, activation, inverse)
+        -> (d_inp, df_w1, df_b1, df_w2, df_b2, dg_w1, dg_b1, dg_w2, dg_b2) weight grads float32;
+        inp=None rebuilds the input from `out` by inverting the coupling.
+
+``weights`` = (f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2); activation codes in
+``madx_fast.reference.ACTIVATION_CODES``. Backends never import each other; both are checked against
+``madx_fast.reference``.
+"""
