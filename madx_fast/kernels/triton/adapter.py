@@ -1,0 +1,225 @@
+"""Fused bottleneck adapter in Triton: ``y = r + s * (W_up act(W_down x + b_down) + b_up)``.
+
+Forward, one kernel (3 passes over the N x H data: read x, read r, write y; when r is x the second read of
+x mostly hits L2). Each program owns BLOCK_M tokens: it accumulates ``z = x W_down^T`` over H chunks
+(the whole bottleneck, padded to a power of two, stays in registers), adds the bias, stores z (N x d, small:
+the only tensor backward needs besides x and the weights), applies the activation and streams the up
+projection, bias, scaling and residual out chunk by chunk.
+
+Backward, two kernels (4 passes: dy twice, x once, dx written once):
+
+1. ``_adapter_bwd_da_kernel`` (per token block): ``da = s * (dy W_up) * act'(z)``  [N, d]; partial db_down.
+2. ``_adapter_bwd_dx_dw_kernel`` (per H tile x token range): for each token block of its range it loads
+   dy, x, z, da once and produces ``dx = da W_down (+ dy when r is x)`` for its H tile, and accumulates
+   ``dW_up[h] += s dy^T act(z)``, ``dW_down[:, h] += da^T x``, ``db_up[h] += s sum(dy)``.
+   Weight gradients are fp32 per-range partials summed afterwards: deterministic, no atomics.
+
+Derivation (per token row, a = act(z), dy upstream): y = r + s (a W_up^T + b_up), so
+dr = dy; d(a) = s dy W_up; dz = d(a) * act'(z); dx = dz W_down; dW_up = s dy^T a; db_up = s sum dy;
+dW_down = dz^T x; db_down = sum dz.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import dot_precision, interpreting, num_warps_for, pow2_at_least, row_block, splits_for
+from .activations import activation_grad, apply_activation
+
+
+@triton.jit
+def _adapter_fwd_kernel(
+    X, R, WD, BD, WU, BU, Y, Z,
+    N, H, D,
+    stride_xm, stride_xh, stride_rm, stride_rh, stride_ym, stride_yh,
+    scaling,
+    ACT: tl.constexpr, HAS_R: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < N
+    dcol = tl.arange(0, BLOCK_D)
+    dmask = dcol < D
+    dt = X.dtype.element_ty
+
+    # z = x W_down^T + b_down, accumulated over H in fp32.
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hc = h0 + tl.arange(0, BLOCK_H)
+        hmask = hc < H
+        x = tl.load(X + rows[:, None] * stride_xm + hc[None, :] * stride_xh,
+                    mask=rmask[:, None] & hmask[None, :], other=0.0)
+        wd_t = tl.load(WD + dcol[None, :] * H + hc[:, None], mask=dmask[None, :] & hmask[:, None], other=0.0)
+        acc = tl.dot(x, wd_t.to(dt), acc, input_precision=DOT_PREC)
+    bd = tl.load(BD + dcol, mask=dmask, other=0.0).to(tl.float32)
+    z = (acc + bd[None, :]).to(dt)
+    tl.store(Z + rows[:, None] * D + dcol[None, :], z, mask=rmask[:, None] & dmask[None, :])
+    a = apply_activation(z.to(tl.float32), ACT).to(dt)
+
+    # y = r + s * (a W_up^T + b_up), one H chunk at a time.
+    for h0 in range(0, H, BLOCK_H):
+        hc = h0 + tl.arange(0, BLOCK_H)
+        hmask = hc < H
+        m2 = rmask[:, None] & hmask[None, :]
+        wu_t = tl.load(WU + hc[None, :] * D + dcol[:, None], mask=hmask[None, :] & dmask[:, None], other=0.0)
+        up = tl.dot(a, wu_t.to(dt), input_precision=DOT_PREC)
+        bu = tl.load(BU + hc, mask=hmask, other=0.0).to(tl.float32)
+        if HAS_R:
+            r = tl.load(R + rows[:, None] * stride_rm + hc[None, :] * stride_rh, mask=m2, other=0.0)
+        else:
+            r = tl.load(X + rows[:, None] * stride_xm + hc[None, :] * stride_xh, mask=m2, other=0.0)
+        y = r.to(tl.float32) + scaling * (up + bu[None, :])
+        tl.store(Y + rows[:, None] * stride_ym + hc[None, :] * stride_yh, y.to(dt), mask=m2)
+
+
+@triton.jit
+def _adapter_bwd_da_kernel(
+    DY, Z, WU, DA, DBD_PART,
+    N, H, D,
+    stride_dym, stride_dyh,
+    scaling,
+    ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < N
+    dcol = tl.arange(0, BLOCK_D)
+    dmask = dcol < D
+    dt = DY.dtype.element_ty
+
+    g = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hc = h0 + tl.arange(0, BLOCK_H)
+        hmask = hc < H
+        dy = tl.load(DY + rows[:, None] * stride_dym + hc[None, :] * stride_dyh,
+                     mask=rmask[:, None] & hmask[None, :], other=0.0)
+        wu = tl.load(WU + hc[:, None] * D + dcol[None, :], mask=hmask[:, None] & dmask[None, :], other=0.0)
+        g = tl.dot(dy, wu.to(dt), g, input_precision=DOT_PREC)
+    m2 = rmask[:, None] & dmask[None, :]
+    z = tl.load(Z + rows[:, None] * D + dcol[None, :], mask=m2, other=0.0).to(tl.float32)
+    da = (scaling * g * activation_grad(z, ACT)).to(dt)
+    tl.store(DA + rows[:, None] * D + dcol[None, :], da, mask=m2)
+    tl.store(DBD_PART + pid * D + dcol, tl.sum(da.to(tl.float32), axis=0), mask=dmask)
+
+
+@triton.jit
+def _adapter_bwd_dx_dw_kernel(
+    DY, X, Z, DA, WD, DX, DWU_PART, DWD_PART, DBU_PART,
+    N, H, D, rows_per_split,
+    stride_dym, stride_dyh, stride_xm, stride_xh, stride_dxm, stride_dxh,
+    scaling,
+    ACT: tl.constexpr, RESIDUAL_IS_INPUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    hc = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = hc < H
+    dcol = tl.arange(0, BLOCK_D)
+    dmask = dcol < D
+    dt = DY.dtype.element_ty
+
+    wd = tl.load(WD + dcol[:, None] * H + hc[None, :], mask=dmask[:, None] & hmask[None, :], other=0.0).to(dt)
+    dwu = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+    dwd = tl.zeros((BLOCK_D, BLOCK_H), dtype=tl.float32)
+    dbu = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    start = pid_s * rows_per_split
+    stop = tl.minimum(start + rows_per_split, N)
+    for m0 in range(start, stop, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rmask = rows < stop
+        mh = rmask[:, None] & hmask[None, :]
+        md = rmask[:, None] & dmask[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dym + hc[None, :] * stride_dyh, mask=mh, other=0.0)
+        x = tl.load(X + rows[:, None] * stride_xm + hc[None, :] * stride_xh, mask=mh, other=0.0)
+        z = tl.load(Z + rows[:, None] * D + dcol[None, :], mask=md, other=0.0).to(tl.float32)
+        a = tl.where(md, apply_activation(z, ACT), 0.0).to(dt)
+        da = tl.load(DA + rows[:, None] * D + dcol[None, :], mask=md, other=0.0)
+        dx = tl.dot(da, wd, input_precision=DOT_PREC)
+        if RESIDUAL_IS_INPUT:
+            dx += dy.to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dxm + hc[None, :] * stride_dxh, dx.to(dt), mask=mh)
+        dwu = tl.dot(tl.trans(dy), a, dwu, input_precision=DOT_PREC)
+        dwd = tl.dot(tl.trans(da), x, dwd, input_precision=DOT_PREC)
+        dbu += tl.sum(dy.to(tl.float32), axis=0)
+    base = pid_s.to(tl.int64) * H * D
+    tl.store(DWU_PART + base + hc[:, None] * D + dcol[None, :], scaling * dwu,
+             mask=hmask[:, None] & dmask[None, :])
+    tl.store(DWD_PART + base + dcol[:, None] * H + hc[None, :], dwd, mask=dmask[:, None] & hmask[None, :])
+    tl.store(DBU_PART + pid_s.to(tl.int64) * H + hc, scaling * dbu, mask=hmask)
+
+
+def _forward_config(n, h, d):
+    bd = pow2_at_least(d)
+    bm = row_block(n, bd)
+    bh = 128 if interpreting() else 64
+    return bm, bh, bd
+
+
+def adapter_forward(x, residual, w_down, b_down, w_up, b_up, scaling, activation, *, block_m=None, block_h=None):
+    """Launcher for the fused forward. ``x, residual: [N, H]`` (any strides); returns ``(y, z)``."""
+    n, h = x.shape
+    d = w_down.shape[0]
+    y = torch.empty((n, h), dtype=x.dtype, device=x.device)
+    z = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y, z
+    bm, bh, bd = _forward_config(n, h, d)
+    bm, bh = block_m or bm, block_h or bh
+    r = x if residual is None else residual
+    _adapter_fwd_kernel[(triton.cdiv(n, bm),)](
+        x, r, w_down.contiguous(), b_down.contiguous(), w_up.contiguous(), b_up.contiguous(), y, z,
+        n, h, d,
+        x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
+        float(scaling),
+        ACT=activation, HAS_R=residual is not None, DOT_PREC=dot_precision(x.dtype),
+        BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=bd, num_warps=num_warps_for(bm * bd),
+    )
+    return y, z
+
+
+def adapter_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_input,
+                     *, block_m=None, block_h=None, splits=None):
+    """Launcher for the fused backward: ``(dx, dw_down, db_down, dw_up, db_up)``, weight grads in fp32."""
+    n, h = x.shape
+    d = w_down.shape[0]
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    dx = torch.empty((n, h), dtype=x.dtype, device=dev)
+    if n == 0:
+        return dx, torch.zeros((d, h), **f32), torch.zeros((d,), **f32), torch.zeros((h, d), **f32), \
+            torch.zeros((h,), **f32)
+    w_down, w_up = w_down.contiguous(), w_up.contiguous()
+    bm, bh, bd = _forward_config(n, h, d)
+    bm, bh = block_m or bm, block_h or bh
+    prec = dot_precision(x.dtype)
+
+    blocks = triton.cdiv(n, bm)
+    da = torch.empty((n, d), dtype=x.dtype, device=dev)
+    dbd_part = torch.empty((blocks, d), **f32)
+    _adapter_bwd_da_kernel[(blocks,)](
+        dy, z, w_up, da, dbd_part, n, h, d, dy.stride(0), dy.stride(1), float(scaling),
+        ACT=activation, DOT_PREC=prec, BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=bd, num_warps=num_warps_for(bm * bd),
+    )
+
+    # Second kernel: H tiles narrow enough that the two [BLOCK_H, BLOCK_D] fp32 accumulators fit on chip.
+    bh2 = block_h or (128 if interpreting() else max(16, min(64, 8192 // bd)))
+    h_tiles = triton.cdiv(h, bh2)
+    n_split = splits or splits_for(n, bm, h_tiles, dev)
+    rows_per_split = triton.cdiv(blocks, n_split) * bm
+    n_split = triton.cdiv(n, rows_per_split)
+    dwu_part = torch.empty((n_split, h, d), **f32)
+    dwd_part = torch.empty((n_split, d, h), **f32)
+    dbu_part = torch.empty((n_split, h), **f32)
+    _adapter_bwd_dx_dw_kernel[(h_tiles, n_split)](
+        dy, x, z, da, w_down, dx, dwu_part, dwd_part, dbu_part,
+        n, h, d, rows_per_split,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
+        float(scaling),
+        ACT=activation, RESIDUAL_IS_INPUT=bool(residual_is_input), DOT_PREC=prec,
+        BLOCK_M=bm, BLOCK_H=bh2, BLOCK_D=bd, num_warps=num_warps_for(bh2 * bd * 2),
+    )
+    return dx, dwd_part.sum(0), dbd_part.sum(0), dwu_part.sum(0), dbu_part.sum(0)

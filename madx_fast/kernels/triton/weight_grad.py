@@ -1,0 +1,83 @@
+"""Weight gradients as a reduction over tokens: ``C = A^T act(B)`` and ``colsum(A)``, deterministic.
+
+``A: [N, M]``, ``B: [N, K]`` (any strides), ``C: [M, K]`` fp32. Programs tile (M, K) and split the tokens
+into ranges; each writes an fp32 partial that the launcher sums (no atomics: the same inputs give the same
+bits). ``ACT`` applies an activation to B on load, so callers pass pre-activations instead of storing
+activations. Used by the NICE backward for its four weight matrices and biases.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import dot_precision, interpreting, pow2_at_least, splits_for
+from .activations import apply_activation
+
+
+@triton.jit
+def _tn_kernel(
+    A, B, C_PART, S_PART,
+    N, M, K, rows_per_split,
+    stride_an, stride_am, stride_bn, stride_bk,
+    ACT: tl.constexpr, WITH_SUM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    mc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    kc = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mmask = mc < M
+    kmask = kc < K
+    dt = A.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    start = pid_s * rows_per_split
+    stop = tl.minimum(start + rows_per_split, N)
+    for n0 in range(start, stop, BLOCK_N):
+        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rmask = rows < stop
+        a = tl.load(A + rows[:, None] * stride_an + mc[None, :] * stride_am,
+                    mask=rmask[:, None] & mmask[None, :], other=0.0)
+        bmask = rmask[:, None] & kmask[None, :]
+        b = tl.load(B + rows[:, None] * stride_bn + kc[None, :] * stride_bk, mask=bmask, other=0.0)
+        if ACT != 0:
+            b = tl.where(bmask, apply_activation(b.to(tl.float32), ACT), 0.0).to(dt)
+        acc = tl.dot(tl.trans(a), b.to(dt), acc, input_precision=DOT_PREC)
+        if WITH_SUM:
+            colsum += tl.sum(a.to(tl.float32), axis=0)
+    part = pid_s.to(tl.int64)
+    tl.store(C_PART + part * M * K + mc[:, None] * K + kc[None, :], acc, mask=mmask[:, None] & kmask[None, :])
+    if WITH_SUM:
+        if pid_k == 0:
+            tl.store(S_PART + part * M + mc, colsum, mask=mmask)
+
+
+def tokens_reduce(a: torch.Tensor, b: torch.Tensor, activation: int = 0, with_sum: bool = True, *,
+                  splits: int | None = None):
+    """``(A^T act(B), A.sum(0))`` in fp32 for ``A: [N, M]``, ``B: [N, K]`` of one dtype."""
+    n, m = a.shape
+    k = b.shape[1]
+    dev = a.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    if n == 0:
+        return torch.zeros((m, k), **f32), torch.zeros((m,), **f32)
+    big = interpreting()
+    bn = 128 if big else 64
+    bm = min(pow2_at_least(m), 128 if big else 64)
+    bk = min(pow2_at_least(k), 256 if big else 64)
+    grid_mk = triton.cdiv(m, bm) * triton.cdiv(k, bk)
+    blocks = triton.cdiv(n, bn)
+    n_split = splits or splits_for(n, bn, grid_mk, dev)
+    rows_per_split = triton.cdiv(blocks, n_split) * bn
+    n_split = triton.cdiv(n, rows_per_split)
+    c_part = torch.empty((n_split, m, k), **f32)
+    s_part = torch.empty((n_split, m), **f32)
+    _tn_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk), n_split)](
+        a, b, c_part, s_part, n, m, k, rows_per_split,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        ACT=activation, WITH_SUM=with_sum, DOT_PREC=dot_precision(a.dtype),
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=4,
+    )
+    return c_part.sum(0), s_part.sum(0)
