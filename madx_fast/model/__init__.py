@@ -1,0 +1,24 @@
+"""MAD-X on Hugging Face BERT / RoBERTa / XLM-R models (see docs/model_api.md).
+
+    from madx_fast.model import add_madx, MadxConfig, Stack
+    madx = add_madx(model)                        # model.madx; the model keeps its HF class and forward
+    madx.add_adapter("en", MadxConfig.language()) # language adapter (rf 2) + NICE invertible adapter
+    madx.add_adapter("ner", MadxConfig.task())    # task adapter (rf 16)
+    madx.set_active(Stack("en", "ner"))
+    madx.train_adapters("ner")
+
+Layout: ``config.py`` (MadxConfig, AdapterHub config conversion), ``stack.py`` (active setup),
+``wiring.py`` (the modules that replace HF's FFN output, embedding dropout and MLM-head LayerNorm),
+``controller.py`` (``add_madx`` and the ``MadxAdapters`` handle), ``io.py`` (files), ``mlm_loss.py``
+(masked-position-only, chunked fused linear cross-entropy), ``params.py`` (parameter budget command).
+"""
+from .config import AdapterConfigError, MadxConfig
+from .controller import AdapterExistsError, MadxAdapters, add_madx
+from .io import AdapterFileError
+from .mlm_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy, madx_mlm_loss
+from .stack import Stack
+
+__all__ = [
+    "AdapterConfigError", "AdapterExistsError", "AdapterFileError", "FusedLinearCrossEntropy", "MadxAdapters",
+    "MadxConfig", "Stack", "add_madx", "fused_linear_cross_entropy", "madx_mlm_loss",
+]

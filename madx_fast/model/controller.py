@@ -1,0 +1,468 @@
+"""``add_madx(model)``: MAD-X on a Hugging Face BERT / XLM-R model, managed through ``model.madx``.
+
+    model = XLMRobertaForTokenClassification.from_pretrained("xlm-roberta-base", num_labels=7)
+    madx = add_madx(model)                                   # == model.madx
+    madx.add_adapter("en", MadxConfig.language())            # rf 2 + NICE invertible adapter
+    madx.add_adapter("ner", MadxConfig.task())               # rf 16
+    madx.set_active(Stack("en", "ner"))
+    madx.train_adapters("ner")                               # only "ner" and the task head train
+    ...
+    madx.set_active(Stack("sw", "ner"))                      # zero-shot: swap the language adapter
+
+The model keeps its class and forward: ``model(**batch)`` runs the active setup. Everything below is
+bookkeeping (which adapters exist, their configs, the active setup, freezing, dtypes); the math is in
+``wiring.py`` (placement) and ``madx_fast.modules`` / ``madx_fast.ops`` (the adapters themselves).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..modules import BottleneckAdapter, InvertibleAdapter
+from .config import AdapterConfigError, MadxConfig
+from .stack import Setup, Stack, normalize_setup, setup_repr
+from .wiring import MadxFFNOutput, MadxState, find_parts, unwire, wire
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-@+]+$")
+
+
+class AdapterExistsError(ValueError):
+    """An adapter of that name is already in the model (pass ``overwrite=True`` to replace it)."""
+
+
+def add_madx(model: nn.Module, backend: str | None = None) -> "MadxAdapters":
+    """Wire MAD-X into ``model`` in place and return its handle (also available as ``model.madx``).
+
+    ``model``: an HF BERT / RoBERTa / XLM-R model (``...Model``, ``...ForMaskedLM``,
+    ``...ForTokenClassification``, ``...ForQuestionAnswering``, ``...ForMultipleChoice``, ...), from
+    ``from_pretrained`` or from a config. With no adapter active the model computes exactly what it did
+    before. ``backend`` picks the adapter kernels (None: ``madx_fast``'s default for the device)."""
+    existing = getattr(model, "madx", None)
+    if isinstance(existing, MadxAdapters):
+        if backend is not None:
+            existing.set_backend(backend)
+        return existing
+    return MadxAdapters(model, backend=backend)
+
+
+class MadxAdapters:
+    """The MAD-X adapters of one model: add / delete / activate / freeze / save / load.
+
+    Parameters live in the model's own module tree, under AdapterHub's names:
+    ``{prefix}.encoder.layer.{i}.output.adapters.{name}.*`` and ``{prefix}.invertible_adapters.{name}.*``,
+    so ``model.state_dict()``, ``.to()``, optimizers and ``save_pretrained`` see them as usual."""
+
+    def __init__(self, model: nn.Module, backend: str | None = None):
+        self.model = model
+        self.parts = find_parts(model)
+        base = self.parts.base
+        if not isinstance(getattr(base, "invertible_adapters", None), nn.ModuleDict):
+            base.invertible_adapters = nn.ModuleDict()
+        self.state = MadxState(base.invertible_adapters)
+        self.configs: dict[str, MadxConfig] = {}
+        self.backend = backend
+        self.backbone_dtype: torch.dtype | None = None
+        self._head_hooks: list = []
+        self._undo = wire(self.parts, self.state)
+        model.madx = self
+
+    # ---------------------------------------------------------------------------------------------------
+    # adapters
+    # ---------------------------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> dict[str, MadxConfig]:
+        """Name -> config of every adapter in the model."""
+        return dict(self.configs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.configs
+
+    def add_adapter(self, name: str, config: MadxConfig | str | dict | None = None, *, overwrite: bool = False,
+                    set_active: bool = False) -> None:
+        """Add adapter ``name`` (``config``: a MadxConfig, a preset name such as ``"seq_bn_inv"``, or an
+        AdapterHub config dict; default ``seq_bn``). An existing adapter of that name is an error unless
+        ``overwrite=True``. New adapters are float32 (master weights) on the model's device and trainable."""
+        config = MadxConfig.coerce(config)
+        self._check_new_name(name, overwrite)
+        layer_adapters, invertible = self._build(name, config)
+        self._attach(name, config, layer_adapters, invertible)
+        if set_active:
+            self.set_active(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (and its invertible adapter) from the model and from the active setup."""
+        self._require(name)
+        for layer in self.parts.layers:
+            if name in layer.output.adapters:
+                del layer.output.adapters[name]
+        if name in self.state.invertible:
+            del self.state.invertible[name]
+        del self.configs[name]
+        self.state.active = tuple(n for n in self.state.active if n != name)
+
+    def layer_adapters(self, name: str) -> dict[int, BottleneckAdapter]:
+        """Layer index -> BottleneckAdapter of adapter ``name``."""
+        self._require(name)
+        return {i: layer.output.adapters[name] for i, layer in enumerate(self.parts.layers)
+                if name in layer.output.adapters}
+
+    def invertible_adapter(self, name: str) -> InvertibleAdapter | None:
+        self._require(name)
+        return self.state.invertible[name] if name in self.state.invertible else None
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """All parameters of adapter ``name``: its bottleneck in every layer and its invertible adapter."""
+        for module in self.layer_adapters(name).values():
+            yield from module.parameters()
+        inv = self.invertible_adapter(name)
+        if inv is not None:
+            yield from inv.parameters()
+
+    def num_parameters(self, name: str) -> int:
+        return sum(p.numel() for p in self.adapter_parameters(name))
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The weights of adapter ``name`` under model-independent keys: ``layers.{i}.adapter_down.0.weight``,
+        ``layers.{i}.adapter_up.bias``, ``invertible.F.0.weight``, ..."""
+        out = {}
+        for i, module in self.layer_adapters(name).items():
+            for key, value in module.state_dict().items():
+                out[f"layers.{i}.{key}"] = value
+        inv = self.invertible_adapter(name)
+        if inv is not None:
+            for key, value in inv.state_dict().items():
+                out[f"invertible.{key}"] = value
+        return out
+
+    def expected_shapes(self, config: MadxConfig) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes of ``adapter_state_dict`` for an adapter of this config on this model."""
+        h, n = self.parts.hidden_size, self.parts.num_layers
+        config.check_fits(h, n)
+        shapes = {}
+        for i in config.layers(n):
+            d = int(h // config.reduction_factor_for(i))
+            shapes.update({f"layers.{i}.adapter_down.0.weight": (d, h), f"layers.{i}.adapter_down.0.bias": (d,),
+                           f"layers.{i}.adapter_up.weight": (h, d), f"layers.{i}.adapter_up.bias": (h,)})
+        if config.inv_adapter is not None:
+            len1, len2 = h // 2, h - h // 2
+            hf = int(len2 // config.inv_adapter_reduction_factor)
+            hg = int(len1 // config.inv_adapter_reduction_factor)
+            shapes.update({"invertible.F.0.weight": (hf, len2), "invertible.F.0.bias": (hf,),
+                           "invertible.F.2.weight": (len1, hf), "invertible.F.2.bias": (len1,),
+                           "invertible.G.0.weight": (hg, len1), "invertible.G.0.bias": (hg,),
+                           "invertible.G.2.weight": (len2, hg), "invertible.G.2.bias": (len2,)})
+        return shapes
+
+    def install_adapter(self, name: str, config: MadxConfig, state_dict: dict[str, torch.Tensor], *,
+                        overwrite: bool = False, source: str = "state dict") -> None:
+        """Add adapter ``name`` with the given weights (keys as ``adapter_state_dict``). Every problem (name
+        taken, config not fitting the model, missing / unexpected keys, wrong shapes) is raised before the
+        model is touched; ``source`` names the file in the messages."""
+        self._check_new_name(name, overwrite)
+        try:
+            expected = self.expected_shapes(config)
+        except AdapterConfigError as exc:
+            raise AdapterConfigError(f"{source}: adapter {name!r}: {exc}") from None
+        check_state_dict(state_dict, expected, f"{source}: adapter {name!r}")
+        layer_adapters, invertible = self._build(name, config)
+        with torch.no_grad():
+            for i, module in layer_adapters.items():
+                for key, param in module.state_dict().items():
+                    param.copy_(state_dict[f"layers.{i}.{key}"])
+            if invertible is not None:
+                for key, param in invertible.state_dict().items():
+                    param.copy_(state_dict[f"invertible.{key}"])
+        self._attach(name, config, layer_adapters, invertible)
+
+    # ---------------------------------------------------------------------------------------------------
+    # active setup
+    # ---------------------------------------------------------------------------------------------------
+    @property
+    def active(self):
+        """The active setup: None, a name, or a Stack."""
+        return setup_repr(self.state.active)
+
+    @active.setter
+    def active(self, setup: Setup) -> None:
+        self.set_active(setup)
+
+    def set_active(self, setup: Setup) -> None:
+        """Activate ``setup``: an adapter name, ``Stack(lang, task)`` (or a list of names), or None for the
+        plain model. Takes effect on the next forward; switch at any time (e.g. swap the language)."""
+        names = normalize_setup(setup)
+        for n in names:
+            self._require(n)
+        self.state.active = names
+
+    @contextlib.contextmanager
+    def activated(self, setup: Setup):
+        """``with madx.activated(Stack("sw", "ner")): ...`` runs a block with another setup."""
+        previous = self.state.active
+        self.set_active(setup)
+        try:
+            yield self
+        finally:
+            self.state.active = previous
+
+    # ---------------------------------------------------------------------------------------------------
+    # training setup
+    # ---------------------------------------------------------------------------------------------------
+    def head_modules(self) -> dict[str, nn.Module]:
+        """Top-level modules of the model outside the base model (the task head), e.g. ``classifier``."""
+        if self.parts.base is self.model:
+            return {}
+        return {n: m for n, m in self.model.named_children() if m is not self.parts.base}
+
+    def train_adapters(self, setup: Setup, *, train_head: bool | None = None, train_invertible: bool = True) -> None:
+        """Freeze the model except the adapters in ``setup`` (with their invertible adapters unless
+        ``train_invertible=False``) and, if ``train_head``, the task head. ``train_head=None`` means True for
+        task models and False for masked-LM models (MAD-X trains language adapters with the embeddings,
+        the MLM head and the tied decoder frozen). Does not change the active setup."""
+        names = normalize_setup(setup)
+        for n in names:
+            self._require(n)
+        if train_head is None:
+            train_head = not self.parts.is_masked_lm
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for n in names:
+            for module in self.layer_adapters(n).values():
+                module.requires_grad_(True)
+            inv = self.invertible_adapter(n)
+            if inv is not None and train_invertible:
+                inv.requires_grad_(True)
+        if train_head:
+            base_params = {id(p) for p in self.parts.base.parameters()}
+            for module in self.head_modules().values():
+                for p in module.parameters():
+                    if id(p) not in base_params:  # e.g. a decoder tied to the word embeddings stays frozen
+                        p.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def cast_backbone(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Keep the frozen backbone in ``dtype`` (e.g. bf16) while every adapter keeps float32 master
+        weights. The task head of a non-MLM model (small, trained) also stays float32 and gets its inputs
+        cast to float32, so it returns float32 logits; a masked-LM head is backbone (its decoder is tied to
+        the word embeddings). Activations then flow in ``dtype`` through the encoder: the adapter ops take
+        fp32 weights with ``dtype`` activations, residuals and LayerNorm outputs all have ``dtype``.
+        Call before creating the optimizer; ``dtype=torch.float32`` undoes it."""
+        keep = {id(p) for n in self.configs for p in self.adapter_parameters(n)}
+        heads = {} if self.parts.is_masked_lm else self.head_modules()
+        base_params = {id(p) for p in self.parts.base.parameters()}
+        for module in heads.values():
+            keep |= {id(p) for p in module.parameters() if id(p) not in base_params}
+        for module in self.model.modules():
+            for key, p in module._parameters.items():
+                if p is not None and id(p) not in keep and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)  # in place: keeps tied parameters tied and optimizer refs valid
+            for key, b in module._buffers.items():
+                if b is not None and b.is_floating_point() and b.dtype != dtype:
+                    module._buffers[key] = b.to(dtype)
+        for module in heads.values():
+            for p in module.parameters():
+                if id(p) in keep and p.dtype != torch.float32:
+                    p.data = p.data.float()
+        for handle in self._head_hooks:
+            handle.remove()
+        self._head_hooks = []
+        if dtype != torch.float32:
+            for module in heads.values():
+                if any(True for _ in module.parameters()):
+                    self._head_hooks.append(module.register_forward_pre_hook(_cast_inputs_to_float32,
+                                                                             with_kwargs=True))
+        self.backbone_dtype = dtype
+
+    def set_backend(self, backend: str | None) -> None:
+        """Kernel backend for every adapter op ("eager", "triton", "cuda", or None for the default)."""
+        self.backend = backend
+        for module in self._adapter_modules():
+            module.backend = backend
+
+    # ---------------------------------------------------------------------------------------------------
+    # files (see io.py)
+    # ---------------------------------------------------------------------------------------------------
+    def save_adapter(self, directory, name: str, *, overwrite: bool = False, with_head: bool = False) -> None:
+        """Save adapter ``name`` in madx_fast's format (madx_adapter.json + madx_adapter.safetensors; with
+        ``with_head`` also the task head, madx_head.safetensors)."""
+        from . import io
+        io.save_adapter(self, directory, name, overwrite=overwrite, with_head=with_head)
+
+    def load_adapter(self, directory, *, load_as: str | None = None, overwrite: bool = False,
+                     set_active: bool = False, with_head: bool = False) -> str:
+        """Load an adapter saved by ``save_adapter`` or by AdapterHub (``save_adapter`` there; detected by
+        its adapter_config.json). Returns the adapter's name in the model."""
+        from . import io
+        return io.load_adapter(self, directory, load_as=load_as, overwrite=overwrite, set_active=set_active,
+                               with_head=with_head)
+
+    def export_adapterhub(self, directory, name: str, *, safetensors: bool = False, with_head: bool = False,
+                          overwrite: bool = False) -> None:
+        """Write adapter ``name`` in AdapterHub's format (adapter_config.json + pytorch_adapter.bin, or
+        adapter.safetensors), loadable with ``adapters``' ``model.load_adapter(directory)``."""
+        from . import io
+        io.export_adapterhub(self, directory, name, safetensors=safetensors, with_head=with_head,
+                             overwrite=overwrite)
+
+    def import_adapterhub(self, directory, *, load_as: str | None = None, overwrite: bool = False,
+                          set_active: bool = False, with_head: bool = False) -> str:
+        """Load an adapter written by AdapterHub's ``save_adapter``; returns its name in the model."""
+        from . import io
+        return io.import_adapterhub(self, directory, load_as=load_as, overwrite=overwrite, set_active=set_active,
+                                    with_head=with_head)
+
+    # ---------------------------------------------------------------------------------------------------
+    # training loss
+    # ---------------------------------------------------------------------------------------------------
+    def mlm_loss(self, input_ids, attention_mask=None, labels=None, **kwargs) -> torch.Tensor:
+        """Masked-LM loss with the decoder computed only at masked positions (see ``madx_mlm_loss``)."""
+        from .mlm_loss import madx_mlm_loss
+        return madx_mlm_loss(self.model, input_ids, attention_mask, labels, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Undo ``add_madx``: restore HF's modules and drop every adapter."""
+        unwire(self._undo)
+        for handle in self._head_hooks:
+            handle.remove()
+        base = self.parts.base
+        if "invertible_adapters" in base._modules:
+            del base._modules["invertible_adapters"]
+        if self.model.__dict__.get("madx") is self:
+            del self.model.__dict__["madx"]
+        self.configs.clear()
+        self.state.active = ()
+
+    def __repr__(self):
+        items = ", ".join(f"{n}: {self.num_parameters(n):,} params" for n in self.configs)
+        return f"MadxAdapters(active={self.active!r}, adapters={{{items}}})"
+
+    # ---------------------------------------------------------------------------------------------------
+    # internals
+    # ---------------------------------------------------------------------------------------------------
+    def _require(self, name: str) -> None:
+        if name not in self.configs:
+            have = sorted(self.configs) or "none"
+            raise KeyError(f"no adapter named {name!r} in the model (adapters: {have})")
+
+    def _check_new_name(self, name: str, overwrite: bool) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError(f"adapter name {name!r} must be a non-empty string of letters, digits and _-@+ "
+                             "(it becomes part of parameter names)")
+        if name in self.configs and not overwrite:
+            raise AdapterExistsError(f"an adapter named {name!r} is already in the model; pass overwrite=True "
+                                     "to replace it, or load_as=... to load under another name")
+
+    def _adapter_modules(self):
+        for layer in self.parts.layers:
+            yield from layer.output.adapters.values()
+        yield from self.state.invertible.values()
+
+    def _build(self, name: str, config: MadxConfig):
+        """New modules for one adapter, not yet attached to the model (so a failure changes nothing)."""
+        h, n = self.parts.hidden_size, self.parts.num_layers
+        config.check_fits(h, n)
+        layer_adapters = {}
+        for i in config.layers(n):
+            device = _module_device(self.parts.layers[i].output.LayerNorm)
+            with _seeded(config.init_weights_seed), torch.device(device):
+                module = BottleneckAdapter(h, config.reduction_factor_for(i), activation=config.non_linearity,
+                                           scaling=config.scaling, init_weights="bert", dropout=config.dropout,
+                                           backend=self.backend)
+                _init_bottleneck(module, config.init_weights)
+            layer_adapters[i] = module.train(self.model.training)
+        invertible = None
+        if config.inv_adapter is not None:
+            with _seeded(config.init_weights_seed), torch.device(_module_device(self.parts.embeddings)):
+                invertible = InvertibleAdapter(h, config.inv_adapter_reduction_factor,
+                                               activation=config.non_linearity, backend=self.backend)
+            invertible.train(self.model.training)
+        return layer_adapters, invertible
+
+    def _attach(self, name, config, layer_adapters, invertible) -> None:
+        for i, layer in enumerate(self.parts.layers):
+            out: MadxFFNOutput = layer.output
+            if i in layer_adapters:
+                out.adapters[name] = layer_adapters[i]
+            elif name in out.adapters:
+                del out.adapters[name]
+        if invertible is not None:
+            self.state.invertible[name] = invertible
+        elif name in self.state.invertible:
+            del self.state.invertible[name]
+        self.configs[name] = config
+
+
+def check_state_dict(state_dict: dict, expected: dict[str, tuple], where: str) -> None:
+    """Raise AdapterFileError listing missing keys, unexpected keys and wrong shapes (in that order)."""
+    from .io import AdapterFileError
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_some(unexpected)}")
+    for key in sorted(set(expected) & set(state_dict)):
+        t = state_dict[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            problems.append(f"{key} is not a floating-point tensor")
+        elif tuple(t.shape) != tuple(expected[key]):
+            problems.append(f"{key} has shape {tuple(t.shape)}, the model needs {tuple(expected[key])}")
+    if problems:
+        raise AdapterFileError(f"{where}: " + "; ".join(problems))
+
+
+def _some(keys, n=6):
+    return keys if len(keys) <= n else keys[:n] + [f"... ({len(keys) - n} more)"]
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _seeded(seed):
+    """AdapterHub's ``init_weights_seed``: the same seed before each module's init (without touching the
+    caller's global RNG state afterwards)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _init_bottleneck(module: BottleneckAdapter, method: str) -> None:
+    """Initialise like AdapterHub: "bert" N(0, 0.02) weights and zero biases; "mam_adapter" kaiming-uniform
+    down weight, zero down bias, zero up projection; "houlsby" truncated N(0, 0.01) in [-0.02, 0.02]."""
+    down, up = module.adapter_down[0], module.adapter_up
+    if method == "bert":
+        return  # BottleneckAdapter's own default
+    with torch.no_grad():
+        if method == "mam_adapter":
+            module.reset_parameters("mam_adapter")
+            down.bias.zero_()  # AdapterHub zeroes it (nn.Linear's default would be uniform)
+        elif method == "houlsby":
+            for lin in (down, up):
+                nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
+                lin.bias.zero_()
+        else:
+            raise AdapterConfigError(f"unknown init_weights {method!r}")
+
+
+def _cast_inputs_to_float32(module, args, kwargs):
+    """Forward pre-hook of a float32 task head on a low-precision backbone."""
+    def cast(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+__all__ = ["AdapterExistsError", "MadxAdapters", "Stack", "add_madx", "check_state_dict"]

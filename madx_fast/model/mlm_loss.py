@@ -1,0 +1,141 @@
+"""Masked-LM loss that runs the decoder only at masked positions and never builds the B x L x V logits.
+
+Why: on XLM-R (V = 250002) the decoder over all B*L tokens is ~6 TFLOP per step at B=64, L=256 and its
+float32 logits are ~16 GB, yet only the ~15% masked tokens have a label. Here the head runs on the labelled
+rows only (``N = #(labels != -100)``), and the decoder + cross-entropy runs over those rows in chunks of
+``chunk_size`` rows: each chunk's ``chunk x V`` logits live just long enough to give its loss and its
+gradients. Peak extra memory: one chunk of float32 logits plus the ``N x H`` input gradient (and a float32
+``V x H`` weight gradient only if the decoder weight is trained, which MAD-X never does).
+
+``madx_mlm_loss(model, input_ids, attention_mask, labels)`` is the training path of an HF
+``XLMRobertaForMaskedLM`` / ``BertForMaskedLM`` (with or without MAD-X): encoder -> select labelled rows ->
+dense -> GELU -> LayerNorm -> NICE^-1 of the active language adapter -> fused decoder + cross-entropy.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .wiring import find_parts
+
+IGNORE_INDEX = -100
+# Default chunk: 2**26 float32 logits (256 MiB) per chunk; 268 rows at V = 250002.
+DEFAULT_CHUNK_ELEMENTS = 1 << 26
+
+
+def default_chunk_size(num_rows: int, vocab_size: int, budget_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    return max(1, min(num_rows, budget_elements // max(vocab_size, 1)))
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """``loss = mean_i CE(W h_i + b, t_i)`` over rows with ``t_i != ignore_index``, chunked over rows.
+
+    Backward, derived. With ``z_i = W h_i + b`` and ``loss = (1/n) sum_i (logsumexp(z_i) - z_i[t_i])``
+    (``n`` = number of labelled rows):
+
+        dloss/dz_i = (softmax(z_i) - onehot(t_i)) / n  =: g_i     (0 for ignored rows)
+        dloss/dh_i = W^T g_i        -> for a chunk:  dH_c = G_c W          [rows, H]
+        dloss/dW   = sum_i g_i h_i^T -> summed over chunks: dW += G_c^T H_c [V, H]
+        dloss/db   = sum_i g_i       -> db += G_c.sum(0)                   [V]
+
+    ``g`` is known as soon as a chunk's logits are, so the forward computes the gradients chunk by chunk
+    (only those whose inputs require grad) and keeps them instead of the logits; backward only scales them
+    by the incoming scalar gradient. The logits of a chunk are computed in the activation dtype with float32
+    accumulation (as ``nn.Linear`` would) and the softmax / loss in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, ignore_index):
+        n_rows = hidden.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
+            bias is not None and ctx.needs_input_grad[2])
+        valid = targets != ignore_index
+        count = valid.sum().clamp(min=1).to(torch.float32)  # mean over labelled rows (no host sync)
+        w = weight.to(hidden.dtype)
+        b = None if bias is None else bias.to(hidden.dtype)
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, n_rows, chunk_size):
+            end = min(start + chunk_size, n_rows)
+            h_c, t_c, v_c = hidden[start:end], targets[start:end], valid[start:end]
+            logits = F.linear(h_c, w, b).float()  # [rows, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_t = torch.where(v_c, t_c, torch.zeros_like(t_c))
+            target_logit = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+            loss_sum = loss_sum + torch.where(v_c, lse - target_logit, torch.zeros_like(lse)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # g = (softmax - onehot) / n, built in place in the logits buffer
+            g = logits.sub_(lse.unsqueeze(1)).exp_()
+            g.scatter_add_(1, safe_t.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
+            g.mul_((v_c.to(torch.float32) / count).unsqueeze(1))
+            g_lp = g.to(hidden.dtype)
+            if need_h:
+                grad_h[start:end] = g_lp @ w
+            if need_w:
+                grad_w += (g_lp.t() @ h_c).float()
+            if need_b:
+                grad_b += g.sum(0)
+            del logits, g, g_lp
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        t_h, t_w, t_b = ctx.dtypes
+        dh = None if grad_h is None else (grad_h * grad_loss.to(grad_h.dtype)).to(t_h)
+        dw = None if grad_w is None else (grad_w * grad_loss).to(t_w)
+        db = None if grad_b is None else (grad_b * grad_loss).to(t_b)
+        return dh, dw, db, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               targets: torch.Tensor, *, chunk_size: int | None = None,
+                               ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=...)`` (mean over labelled
+    rows) without materialising the ``N x V`` logits. ``hidden: [N, H]``, ``weight: [V, H]``,
+    ``bias: [V]``, ``targets: [N]``. With no labelled row the loss is 0 (not NaN)."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [V, {hidden.shape[1]}]")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected [{weight.shape[0]}]")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected [{hidden.shape[0]}]")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, int(chunk_size), ignore_index)
+
+
+def madx_mlm_loss(model, input_ids=None, attention_mask=None, labels=None, *, chunk_size: int | None = None,
+                  **encoder_kwargs) -> torch.Tensor:
+    """The masked-LM loss of an HF ``...ForMaskedLM`` model, equal to ``model(..., labels=labels).loss``,
+    computing the head and decoder only at positions with ``labels != -100``.
+
+    The head is the model's own (dense -> GELU -> LayerNorm, then the NICE inverse of the active language
+    adapter when MAD-X is wired in) followed by the tied decoder; ``encoder_kwargs`` (``token_type_ids``,
+    ``position_ids``, ``inputs_embeds``, ...) go to the encoder."""
+    if labels is None:
+        raise ValueError("madx_mlm_loss needs labels (-100 at positions without a target)")
+    madx = getattr(model, "madx", None)
+    parts = madx.parts if madx is not None else find_parts(model)
+    head = parts.mlm_head
+    if head is None:
+        raise TypeError(f"{type(model).__name__} has no masked-LM head (lm_head / cls.predictions)")
+    out = parts.base(input_ids=input_ids, attention_mask=attention_mask, **encoder_kwargs)
+    hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:-1])}")
+    selected = labels != IGNORE_INDEX
+    rows = hidden[selected]  # [N, H]: the only rows the head and decoder see
+    targets = labels[selected]
+    x = head.transform(rows)
+    decoder = head.decoder
+    return fused_linear_cross_entropy(x, decoder.weight, decoder.bias, targets, chunk_size=chunk_size)

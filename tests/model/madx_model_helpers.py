@@ -1,0 +1,56 @@
+"""Shared builders for the tests in tests/model: tiny BERT / XLM-R configs, padded batches, randomised adapters.
+
+Imported by the test modules as ``madx_model_helpers`` (pytest puts this directory on sys.path)."""
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, XLMRobertaConfig
+
+H, LAYERS, VOCAB = 32, 2, 100
+
+
+def tiny_config(family: str = "xlm-roberta", attn: str = "eager", **overrides):
+    common = dict(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=40, attn_implementation=attn)
+    common.update(overrides)
+    if family == "xlm-roberta":
+        return XLMRobertaConfig(layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                type_vocab_size=1, **common)
+    if family == "bert":
+        return BertConfig(pad_token_id=0, type_vocab_size=2, **common)
+    raise ValueError(family)
+
+
+def padded_batch(config, batch: int = 3, length: int = 9, seed: int = 0):
+    """input_ids and attention_mask with right padding in rows 1 and 2."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, config.vocab_size, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, length - 3:] = 0
+    if batch > 2:
+        mask[2, 3:] = 0
+    ids[mask == 0] = config.pad_token_id
+    return ids, mask
+
+
+def mlm_labels(ids, mask, seed: int = 0, rate: float = 0.3):
+    g = torch.Generator().manual_seed(seed)
+    pick = (torch.rand(ids.shape, generator=g) < rate) & (mask == 1)
+    pick[0, 1] = True
+    labels = torch.full_like(ids, -100)
+    labels[pick] = ids[pick]
+    return labels
+
+
+@torch.no_grad()
+def randomize(model, needle: str = "adapters.", std: float = 0.3, seed: int = 0):
+    """Non-trivial values (biases too) for every parameter whose name contains ``needle``."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if needle in name:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
