@@ -1,0 +1,99 @@
+"""Finding or building the compiled CUDA extension (sources in the repository's ``csrc/``).
+
+Order: the prebuilt module ``madx_fast._cuda_C`` (``setup.py`` builds it when a CUDA toolkit and a CUDA
+build of torch are present at install time), else a JIT build of ``csrc/`` with
+``torch.utils.cpp_extension.load`` (ninja; cached under torch's extension directory, so only the first use
+pays for it). Every way this can fail ends in an ImportError whose message says why, which
+``madx_fast.backends`` turns into a ``BackendUnavailableError``. Nothing here runs when madx_fast is
+imported: only ``import madx_fast.kernels.cuda`` (first use of ``backend="cuda"``) loads it.
+
+Environment: ``MADX_FAST_CUDA_NO_JIT=1`` disables the JIT build; ``MADX_FAST_CUDA_VERBOSE=1`` shows the
+compiler output; ``TORCH_CUDA_ARCH_LIST`` (torch's own variable) picks the GPU architectures.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("madx_fast")
+
+PREBUILT = "madx_fast._cuda_C"
+CSRC = Path(__file__).resolve().parents[3] / "csrc"
+
+
+def sources(csrc: Path = CSRC) -> list[Path]:
+    """The extension's translation units: every csrc/*.cu and csrc/*.cpp (setup.py uses the same rule)."""
+    return sorted(csrc.glob("*.cu")) + sorted(csrc.glob("*.cpp"))
+
+
+def source_digest(csrc: Path = CSRC) -> str:
+    """Hash of every file under csrc/ (headers included): a new JIT build whenever any of them changes."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in csrc.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(csrc)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def unavailable_reason() -> str | None:
+    """Why no CUDA extension can be used with this torch, or None."""
+    import torch
+
+    if torch.version.cuda is None:
+        return (f"the CUDA backend needs a CUDA build of PyTorch, but torch {torch.__version__} is CPU-only "
+                "(install a CUDA wheel of torch, or use backend='triton' or 'eager')")
+    return None
+
+
+def jit_unavailable_reason(csrc: Path = CSRC) -> str | None:
+    """Why csrc/ cannot be JIT-built here, or None."""
+    if os.environ.get("MADX_FAST_CUDA_NO_JIT", "0") not in ("", "0"):
+        return "MADX_FAST_CUDA_NO_JIT is set, so csrc/ is not JIT-built"
+    if not sources(csrc):
+        return (f"the CUDA sources are not at {csrc} (a wheel install without them): reinstall madx_fast from a "
+                "source checkout with a CUDA toolkit present (pip install --no-build-isolation .)")
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit found to build csrc/ (nvcc not on PATH and CUDA_HOME not set)"
+    if not cpp_extension.is_ninja_available():
+        return "building csrc/ needs ninja (pip install ninja)"
+    return None
+
+
+def jit_build(csrc: Path = CSRC):
+    """Compile csrc/ with torch's JIT extension builder and import the result."""
+    from torch.utils import cpp_extension
+
+    name = f"madx_fast_cuda_{source_digest(csrc)}"
+    logger.warning("madx_fast: building the CUDA extension %s from %s (first use only; this takes a minute or two)",
+                   name, csrc)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(p) for p in sources(csrc)],
+        extra_include_paths=[str(csrc)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-lineinfo"],
+        verbose=os.environ.get("MADX_FAST_CUDA_VERBOSE", "0") not in ("", "0"),
+    )
+
+
+def load_extension():
+    """The compiled extension module; ImportError with the reason when there is none."""
+    reason = unavailable_reason()
+    if reason:
+        raise ImportError(reason)
+    try:
+        return importlib.import_module(PREBUILT)
+    except ImportError as exc:
+        prebuilt_error = f"{PREBUILT} is not importable ({exc})"
+    reason = jit_unavailable_reason()
+    if reason:
+        raise ImportError(f"{prebuilt_error}, and {reason}")
+    try:
+        return jit_build()
+    except Exception as exc:  # compiler errors, missing headers, ...: say so instead of crashing the caller
+        raise ImportError(f"{prebuilt_error}, and building csrc/ failed: {exc}") from exc
