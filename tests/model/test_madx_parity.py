@@ -9,6 +9,7 @@ with padding in the batch, for no adapter, one adapter and Stack(lang, task).
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -46,12 +47,12 @@ def _copy_adapters(hub, ours):
     assert not unexpected
 
 
-def _pair(cls, family, configs, **cfg_kw):
+def _pair(cls, family, configs, backend="eager", **cfg_kw):
     torch.manual_seed(0)
     ours = cls(tiny_config(family, **cfg_kw)).eval()
     hub = copy.deepcopy(ours)
     adapters.init(hub)
-    madx = add_madx(ours)
+    madx = add_madx(ours, backend=backend)
     for name, hub_cfg in configs.items():
         hub.add_adapter(name, config=hub_cfg)
         madx.add_adapter(name, MadxConfig.from_adapterhub(hub_cfg))
@@ -122,7 +123,7 @@ def test_adapter_gradients_match_adapterhub():
         assert max_diff(ours_grads[name], g) < TOL, name
 
 
-def _mlm_pair(family, configs):
+def _mlm_pair(family, configs, backend="eager"):
     """HF ...ForMaskedLM + madx vs AdapterHub's flex-head model with a masked-LM head (applies NICE^-1)."""
     torch.manual_seed(0)
     config = tiny_config(family)
@@ -148,7 +149,7 @@ def _mlm_pair(family, configs):
         head[2].load_state_dict(ln.state_dict())
         head[3].bias.copy_(bias)
     assert torch.equal(head[3].weight, ours.get_output_embeddings().weight)
-    madx = add_madx(ours)
+    madx = add_madx(ours, backend=backend)
     for name, hub_cfg in configs.items():
         hub.add_adapter(name, config=hub_cfg)
         madx.add_adapter(name, MadxConfig.from_adapterhub(hub_cfg))
@@ -160,7 +161,22 @@ def _mlm_pair(family, configs):
 @pytest.mark.parametrize("configs", [PAPER, EXOTIC], ids=["paper", "exotic"])
 @pytest.mark.parametrize("family", ["xlm-roberta", "bert"])
 def test_mlm_logits_with_nice_inverse_match_adapterhub_flex_head(family, configs):
-    ours, hub, madx = _mlm_pair(family, configs)
+    _check_mlm_parity(*_mlm_pair(family, configs))
+
+
+def test_mlm_parity_with_triton_kernels():
+    """The same check with the fused Triton kernels (the interpreter on CPU; tiny shapes)."""
+    pytest.importorskip("triton")
+    try:
+        import madx_fast.kernels.triton  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"Triton kernels not importable: {exc}")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU models: needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
+    _check_mlm_parity(*_mlm_pair("xlm-roberta", PAPER, backend="triton"))
+
+
+def _check_mlm_parity(ours, hub, madx):
     ids, mask = padded_batch(ours.config)
     labels = mlm_labels(ids, mask)
     for our_setup, hub_setup in SETUPS:
