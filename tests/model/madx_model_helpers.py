@@ -54,3 +54,17 @@ def randomize(model, needle: str = "adapters.", std: float = 0.3, seed: int = 0)
 
 def max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def import_adapterhub(module_level: bool = False):
+    """AdapterHub's ``adapters`` (the reference library), or a skip: it needs transformers 4.57.x and imports
+    lazily, so a broken install only shows when a name is used."""
+    import pytest
+    try:
+        import adapters
+        from adapters.composition import Stack  # noqa: F401
+        adapters.init, adapters.SeqBnConfig, adapters.XLMRobertaAdapterModel  # noqa: B018
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"AdapterHub `adapters` is not usable here ({type(exc).__name__}: {exc})",
+                    allow_module_level=module_level)
+    return adapters

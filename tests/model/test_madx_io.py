@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from madx_model_helpers import max_diff, padded_batch, randomize, tiny_config
+from madx_model_helpers import import_adapterhub, max_diff, padded_batch, randomize, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import BertForTokenClassification, XLMRobertaForMaskedLM, XLMRobertaForTokenClassification
 
@@ -244,7 +244,7 @@ def test_adapterhub_legacy_key_names_and_unprefixed_keys(tmp_path):
 @pytest.mark.parametrize("cls,family", [(XLMRobertaForTokenClassification, "xlm-roberta"),
                                         (BertForTokenClassification, "bert")], ids=["xlm-roberta", "bert"])
 def test_madx_export_loads_in_adapterhub(tmp_path, cls, family, safetensors):
-    adapters = pytest.importorskip("adapters")
+    adapters = import_adapterhub()
     model, madx = _trained(cls, family)
     batch = padded_batch(model.config)
     want = _logits(model, batch)
@@ -262,7 +262,7 @@ def test_madx_export_loads_in_adapterhub(tmp_path, cls, family, safetensors):
 
 @pytest.mark.parametrize("safetensors", [False, True], ids=["bin", "safetensors"])
 def test_adapterhub_save_loads_in_madx(tmp_path, safetensors):
-    adapters = pytest.importorskip("adapters")
+    adapters = import_adapterhub()
     hub = _model()
     adapters.init(hub)
     hub.add_adapter("en", config=adapters.SeqBnInvConfig(reduction_factor=2, leave_out=[1]))
@@ -292,7 +292,7 @@ def test_adapterhub_save_loads_in_madx(tmp_path, safetensors):
 
 def test_masked_lm_adapter_from_adapterhub_static_model(tmp_path):
     """An adapter trained in AdapterHub on XLMRobertaForMaskedLM; madx applies its NICE inverse in the head."""
-    adapters = pytest.importorskip("adapters")
+    adapters = import_adapterhub()
     hub = _model(XLMRobertaForMaskedLM)
     adapters.init(hub)
     hub.add_adapter("en", config="seq_bn_inv")

@@ -14,9 +14,10 @@ import os
 import pytest
 import torch
 
-adapters = pytest.importorskip("adapters")
+from madx_model_helpers import import_adapterhub, max_diff, mlm_labels, padded_batch, randomize, tiny_config
+
+adapters = import_adapterhub(module_level=True)
 from adapters.composition import Stack as HubStack  # noqa: E402
-from madx_model_helpers import max_diff, mlm_labels, padded_batch, randomize, tiny_config  # noqa: E402
 from transformers import (  # noqa: E402
     BertForMaskedLM, BertForTokenClassification, BertModel, XLMRobertaForMaskedLM, XLMRobertaForMultipleChoice,
     XLMRobertaForQuestionAnswering, XLMRobertaForTokenClassification, XLMRobertaModel,
