@@ -28,3 +28,9 @@ def fused_backends():
 def dtypes():
     """fp32 and fp16 everywhere; bf16 only on a GPU (the interpreter's bf16 arithmetic is broken)."""
     return [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_gpu)]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test draws the same random inputs on every run (failures reproduce)."""
+    torch.manual_seed(0)

@@ -2,10 +2,13 @@
 import pytest
 import torch
 from _parity import check_parity
-from conftest import DEVICE, dtypes, fused_backends
+from conftest import DEVICE, dtypes, fused_backends, needs_gpu
 
 from madx_fast import ops, reference
 
+# Rebuilding the input from a rounded output adds about one ulp to every input element, and through the
+# ReLUs near zero a little more gradient error than eager at the same precision: allow 4x instead of 3x.
+RECOMPUTE_FACTOR = 4
 NAMES = ["dx", "df_w1", "df_b1", "df_w2", "df_b2", "dg_w1", "dg_b1", "dg_w2", "dg_b2"]
 
 
@@ -44,13 +47,15 @@ SHAPES = [(1, 64), (7, 96), (1000, 768), (129, 1024), (50, 97)]  # 97: odd width
 @pytest.mark.parametrize("backend", fused_backends())
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save_input"])
-@pytest.mark.parametrize("n,h,dtype", [(n, h, dt) for n, h in SHAPES for dt in dtypes()
-                                       if h != 97 or dt is torch.float32])  # odd width: fp32 only
+@pytest.mark.parametrize("n,h,dtype", [(n, h, torch.float32) for n, h in SHAPES]
+                         + [(n, h, torch.float16) for n, h in SHAPES if h != 97]  # odd width: fp32 only
+                         + [pytest.param(n, h, torch.bfloat16, marks=needs_gpu) for n, h in SHAPES if h != 97])
 def test_nice_matches_reference(backend, dtype, inverse, recompute, n, h):
     g = torch.Generator().manual_seed(n + h)
     x = torch.randn(n, h, generator=g).to(DEVICE, dtype)
     w = make_weights(h, dtype, seed=h)
-    check_parity(fused(backend, inverse, recompute), ref(inverse), [x, *w], dtype, NAMES)
+    check_parity(fused(backend, inverse, recompute), ref(inverse), [x, *w], dtype, NAMES,
+                 factor=RECOMPUTE_FACTOR if recompute else 3)
 
 
 @pytest.mark.parametrize("backend", fused_backends())
@@ -136,4 +141,4 @@ def test_nice_deterministic(backend):
 def test_nice_many_tokens(backend):
     x = torch.randn(65536, 64, device=DEVICE, dtype=torch.float16)
     w = make_weights(64, torch.float16, seed=8)
-    check_parity(fused(backend, False, True), ref(False), [x, *w], torch.float16, NAMES)
+    check_parity(fused(backend, False, True), ref(False), [x, *w], torch.float16, NAMES, factor=RECOMPUTE_FACTOR)
