@@ -27,7 +27,7 @@ from .config import AdapterConfigError, MadxConfig
 from .stack import Setup, Stack, normalize_setup, setup_repr
 from .wiring import MadxFFNOutput, MadxState, find_parts, unwire, wire
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_\-@+]+$")
+_NAME_RE = re.compile(r"^[^.\s]+$")  # it becomes a module name: no dots, no blanks
 
 
 class AdapterExistsError(ValueError):
@@ -352,7 +352,7 @@ class MadxAdapters:
 
     def _check_new_name(self, name: str, overwrite: bool) -> None:
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(f"adapter name {name!r} must be a non-empty string of letters, digits and _-@+ "
+            raise ValueError(f"adapter name {name!r} must be a non-empty string without dots or blanks "
                              "(it becomes part of parameter names)")
         if name in self.configs and not overwrite:
             raise AdapterExistsError(f"an adapter named {name!r} is already in the model; pass overwrite=True "

@@ -121,7 +121,9 @@ def madx_mlm_loss(model, input_ids=None, attention_mask=None, labels=None, *, ch
 
     The head is the model's own (dense -> GELU -> LayerNorm, then the NICE inverse of the active language
     adapter when MAD-X is wired in) followed by the tied decoder; ``encoder_kwargs`` (``token_type_ids``,
-    ``position_ids``, ``inputs_embeds``, ...) go to the encoder."""
+    ``position_ids``, ``inputs_embeds``, ...) go to the encoder. Selecting the labelled rows gives a
+    data-dependent shape: under torch.compile the encoder compiles whole and the graph breaks at the
+    selection (compile the model, or this function without ``fullgraph``)."""
     if labels is None:
         raise ValueError("madx_mlm_loss needs labels (-100 at positions without a target)")
     madx = getattr(model, "madx", None)

@@ -121,14 +121,19 @@ class LayerNormThenInverse(nn.LayerNorm):
 # --------------------------------------------------------------------------------------------------------
 @dataclass
 class MaskedLMHead:
-    """The pieces of a masked-LM head the fused loss needs: ``transform`` maps hidden states to decoder
+    """The pieces of a masked-LM head the fused loss needs. ``transform`` maps hidden states to decoder
     inputs (dense -> GELU -> LN -> NICE^-1, the LN being our wrapper); ``decoder`` is the tied Linear."""
 
     parent: nn.Module  # the module holding the LayerNorm attribute
     ln_attr: str
-    transform: Callable[[torch.Tensor], torch.Tensor]
     decoder: nn.Linear
     root_name: str  # top-level attribute of the model that holds the head ("lm_head" / "cls")
+    gelu: Callable | None = None  # XLM-R style head (dense, gelu, layer_norm); None: ``parent`` is the transform
+
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gelu is None:
+            return self.parent(h)
+        return self.parent.layer_norm(self.gelu(self.parent.dense(h)))
 
 
 @dataclass
@@ -186,17 +191,12 @@ def _module_gelu(module: nn.Module):
 def _find_mlm_head(model: nn.Module) -> MaskedLMHead | None:
     lm_head = getattr(model, "lm_head", None)
     if lm_head is not None and all(hasattr(lm_head, a) for a in ("dense", "layer_norm", "decoder")):
-        gelu = _module_gelu(lm_head)
-
-        def transform(h, head=lm_head, gelu=gelu):
-            return head.layer_norm(gelu(head.dense(h)))
-
-        return MaskedLMHead(lm_head, "layer_norm", transform, lm_head.decoder, "lm_head")
+        return MaskedLMHead(lm_head, "layer_norm", lm_head.decoder, "lm_head", gelu=_module_gelu(lm_head))
     cls = getattr(model, "cls", None)
     predictions = getattr(cls, "predictions", None)
     if predictions is not None and hasattr(predictions, "transform") and hasattr(predictions, "decoder"):
         _require(predictions, "transform.LayerNorm", "masked-LM head")
-        return MaskedLMHead(predictions.transform, "LayerNorm", predictions.transform, predictions.decoder, "cls")
+        return MaskedLMHead(predictions.transform, "LayerNorm", predictions.decoder, "cls")
     return None
 
 

@@ -331,3 +331,21 @@ def test_mlm_head_layernorm_is_shared_with_hf():
     assert isinstance(model.lm_head.layer_norm, LayerNormThenInverse)
     assert model.lm_head.layer_norm.weight is weight
     assert len(model.roberta.encoder.layer) == LAYERS
+
+
+def test_wired_model_pickles_and_deepcopies():
+    import io
+    model, madx = _madx_model(XLMRobertaForMaskedLM)
+    madx.set_active(Stack("en", "ner"))
+    inputs = _inputs(model, XLMRobertaForMaskedLM)
+    want = _out(model, **inputs)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.madx.model is loaded and loaded.madx.active == Stack("en", "ner")
+    assert max_diff(_out(loaded, **inputs), want) == 0
+    loaded.madx.set_active(None)  # the copy's setup is its own
+    assert madx.active == Stack("en", "ner")
+    clone = copy.deepcopy(model)
+    assert max_diff(_out(clone, **inputs), want) == 0
