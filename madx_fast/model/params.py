@@ -76,7 +76,8 @@ def madx_parameter_table(config=None) -> dict:
         (f"  MAD-X 2.0 language + invertible (leave_out [{n - 1}])", madx.num_parameters("lang_v2"),
          adapter_params_formula(MadxConfig.language(leave_out=[n - 1]), h, n)),
         ("task adapter, rf 16 (MAD-X -LAD -INV; paper 0.89M)", task, adapter_params_formula(task_cfg, h, n)),
-        ("language + task (MAD-X -INV; paper 7.98M)", lang_bn + task, bn_formula + adapter_params_formula(task_cfg, h, n)),
+        ("language + task (MAD-X -INV; paper 7.98M)", lang_bn + task,
+         bn_formula + adapter_params_formula(task_cfg, h, n)),
         ("language + invertible + task (MAD-X; paper 8.25M)", lang + task,
          adapter_params_formula(lang_cfg, h, n) + adapter_params_formula(task_cfg, h, n)),
     ]
