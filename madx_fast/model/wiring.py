@@ -126,9 +126,13 @@ class MaskedLMHead:
 
     parent: nn.Module  # the module holding the LayerNorm attribute
     ln_attr: str
-    decoder: nn.Linear
+    decoder_parent: nn.Module  # holds ``.decoder``: read on use, as resize_token_embeddings replaces it
     root_name: str  # top-level attribute of the model that holds the head ("lm_head" / "cls")
     gelu: Callable | None = None  # XLM-R style head (dense, gelu, layer_norm); None: ``parent`` is the transform
+
+    @property
+    def decoder(self) -> nn.Linear:
+        return self.decoder_parent.decoder
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:
         if self.gelu is None:
@@ -191,12 +195,12 @@ def _module_gelu(module: nn.Module):
 def _find_mlm_head(model: nn.Module) -> MaskedLMHead | None:
     lm_head = getattr(model, "lm_head", None)
     if lm_head is not None and all(hasattr(lm_head, a) for a in ("dense", "layer_norm", "decoder")):
-        return MaskedLMHead(lm_head, "layer_norm", lm_head.decoder, "lm_head", gelu=_module_gelu(lm_head))
+        return MaskedLMHead(lm_head, "layer_norm", lm_head, "lm_head", gelu=_module_gelu(lm_head))
     cls = getattr(model, "cls", None)
     predictions = getattr(cls, "predictions", None)
     if predictions is not None and hasattr(predictions, "transform") and hasattr(predictions, "decoder"):
         _require(predictions, "transform.LayerNorm", "masked-LM head")
-        return MaskedLMHead(predictions.transform, "LayerNorm", predictions.decoder, "cls")
+        return MaskedLMHead(predictions.transform, "LayerNorm", predictions, "cls")
     return None
 
 

@@ -148,3 +148,16 @@ def test_never_materialises_the_full_logits():
         madx_mlm_loss(model, ids, mask, labels, chunk_size=4).backward()
     assert spy.largest < full_logits // 4, spy.largest
     assert madx.invertible_adapter("en").G[2].weight.grad is not None
+
+
+def test_follows_resized_token_embeddings():
+    model, madx = _mlm_model(XLMRobertaForMaskedLM, "xlm-roberta")
+    madx.set_active("en")
+    model.resize_token_embeddings(120)
+    model.eval()
+    ids, mask = padded_batch(model.config)
+    labels = mlm_labels(ids, mask)
+    labels[0, 1] = 110  # a new token id
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        assert abs(madx_mlm_loss(model, ids, mask, labels).item() - full.item()) < 1e-5
