@@ -8,8 +8,9 @@
 // memory that another thread writes without a barrier in between sees stale or poisoned data.
 // Also checked: dynamic shared memory is poisoned (all bits set = NaN) for every block; a block whose
 // threads do not all reach the same barrier count is an error; WMMA pointers must be 32-byte aligned
-// with legal leading dimensions. WMMA fragments are emulated per thread holding the whole 16 x 16 tile
-// (each lane computes the warp's result redundantly), so only load/store/fill/mma_sync are provided.
+// with legal leading dimensions. A WMMA call is warp-collective: lane 0 of the warp does the whole
+// 16 x 16 operation on its fragment (which holds the full tile), the other lanes' calls are no-ops.
+// Only load/store/fill/mma_sync are provided (what tile_gemm.cuh uses), for 1-D thread blocks.
 // Not emulated: warp shuffles, atomics, real concurrency between blocks (the kernels use none of these).
 #pragma once
 
@@ -212,6 +213,9 @@ struct fragment {
   float v[kRows][kCols];
 };
 
+// Lane 0 of each warp performs the warp-collective operation (1-D blocks: lane = threadIdx.x % 32).
+inline bool warp_leader() { return threadIdx.x % 32 == 0; }
+
 inline float value_of(float x) { return x; }
 inline float value_of(__half x) { return __half2float(x); }
 inline float value_of(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -226,6 +230,7 @@ template <typename Use, int M, int N, int K, typename T, typename Layout, typena
 inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned ldm) {
   static_assert(std::is_same<T, P>::value, "fragment and memory types differ");
   check_pointer(p, ldm);
+  if (!warp_leader()) return;
   using Frag = fragment<Use, M, N, K, T, Layout>;
   for (int r = 0; r < Frag::kRows; ++r)
     for (int c = 0; c < Frag::kCols; ++c)
@@ -234,6 +239,7 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, u
 
 template <int M, int N, int K>
 inline void fill_fragment(fragment<accumulator, M, N, K, float>& f, float x) {
+  if (!warp_leader()) return;
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) f.v[r][c] = x;
 }
@@ -241,6 +247,7 @@ inline void fill_fragment(fragment<accumulator, M, N, K, float>& f, float x) {
 template <int M, int N, int K, typename T, typename LA, typename LB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
                      const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  if (!warp_leader()) return;
   float out[M][N];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {
@@ -254,6 +261,7 @@ inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<ma
 template <int M, int N, int K>
 inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
   check_pointer(p, ldm);
+  if (!warp_leader()) return;
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.v[r][c];
 }
