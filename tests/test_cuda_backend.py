@@ -92,8 +92,8 @@ def nan_padded(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_adapter(backend, n, h, d, dtype, device, residual=True, activation="relu", scaling=0.7,
-                  weight_dtype=None, transform=None):
-    x, r, wd, bd, wu, bu = adapter_inputs(n, h, d, dtype, device, residual, weight_dtype)
+                  weight_dtype=None, transform=None, seed=0):
+    x, r, wd, bd, wu, bu = adapter_inputs(n, h, d, dtype, device, residual, weight_dtype, seed)
 
     def prep(t):
         return transform(t) if transform is not None else t
@@ -358,9 +358,10 @@ def test_emulated_adapter_activations(emulator, activation, dtype):
     check_adapter("cuda", 19, 40, 9, dtype, "cpu", residual=False, activation=activation, scaling=1.3)
 
 
-def test_emulated_adapter_large_bottleneck_and_splitk(emulator):
-    # d = 384 > one 64-wide tile, and 1000 tokens give several split-K slices for the weight gradients.
-    check_adapter("cuda", 1000, 96, 384, torch.float16, "cpu")
+@pytest.mark.parametrize("h,dtype", [(96, torch.float16), (768, torch.bfloat16)], ids=str)
+def test_emulated_adapter_large_bottleneck_and_splitk(emulator, h, dtype):
+    # d = 384: six 64-wide tiles; 1000 tokens give several split-K slices for the weight gradients.
+    check_adapter("cuda", 1000, h, 384, dtype, "cpu", seed=h)
 
 
 def test_emulated_adapter_mixed_weight_dtype(emulator):
@@ -472,7 +473,9 @@ def test_gpu_backend_loads():
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("n,h,d", GPU_SHAPES)
 def test_gpu_adapter_parity(dtype, n, h, d):
-    check_adapter("cuda", n, h, d, dtype, "cuda", residual=(n % 2 == 1))
+    # One seed per shape; with n = 1, d = 4 some draws switch every ReLU off, which makes the down-projection
+    # gradients exactly zero (check_parity rejects such vacuous comparisons): these seeds do not.
+    check_adapter("cuda", n, h, d, dtype, "cuda", residual=(n % 2 == 1), seed=n + h + d)
 
 
 @needs_gpu
