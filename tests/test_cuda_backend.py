@@ -417,7 +417,7 @@ def test_emulated_nice_out_of_bounds_reads(emulator):
     check_nice("cuda", 21, 50, torch.float32, "cpu", inverse=False, recompute=False, transform=nan_padded)
 
 
-@pytest.mark.parametrize("h", [6, 64, 97])
+@pytest.mark.parametrize("h", [3, 6, 64, 97])  # h = 3: G has a zero-width hidden layer
 def test_emulated_nice_roundtrip(emulator, h):
     x, weights = nice_inputs(25, h, torch.float32, "cpu")
     y = ops.nice_forward(x, *weights, backend="cuda")
