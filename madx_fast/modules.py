@@ -36,8 +36,9 @@ class _Activation(nn.Module):
 class BottleneckAdapter(nn.Module):
     """Sequential bottleneck adapter: ``residual + scaling * (W_up act(W_down x + b_down) + b_up)``.
 
-    ``init_weights``: "bert" (N(0, 0.02) weights, zero biases; AdapterHub's default) or "mam_adapter"
-    (kaiming-uniform down projection, zero up projection: the identity at start).
+    ``init_weights`` as AdapterHub's: "bert" (N(0, 0.02) weights, zero biases; the default), "mam_adapter"
+    (kaiming-uniform down projection, zero biases and up projection: the identity at start) or "houlsby"
+    (N(0, 0.01) truncated to [-0.02, 0.02], zero biases).
     """
 
     def __init__(self, hidden_size: int, reduction_factor: float = 16, activation: str = "relu",
@@ -64,8 +65,13 @@ class BottleneckAdapter(nn.Module):
             with torch.no_grad():
                 up.weight.zero_()
                 up.bias.zero_()
+        elif init_weights == "houlsby":
+            with torch.no_grad():
+                for lin in (down, up):
+                    nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
+                    lin.bias.zero_()
         else:
-            raise ValueError(f"unknown init_weights {init_weights!r}; choose 'bert' or 'mam_adapter'")
+            raise ValueError(f"unknown init_weights {init_weights!r}; choose 'bert', 'mam_adapter' or 'houlsby'")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         down, up = self.adapter_down[0], self.adapter_up

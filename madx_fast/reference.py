@@ -128,10 +128,8 @@ def init_linear_bert(weight: torch.Tensor, bias: torch.Tensor | None, std: float
 
 
 def init_linear_kaiming(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """nn.Linear's default init (kaiming-uniform a=sqrt(5)), used by ``mam_adapter`` for the down projection."""
+    """AdapterHub's ``mam_adapter`` down projection: kaiming-uniform (a=sqrt(5)) weight, zero bias."""
     with torch.no_grad():
         torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         if bias is not None:
-            fan_in = weight.shape[1]
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            bias.uniform_(-bound, bound)
+            bias.zero_()

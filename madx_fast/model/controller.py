@@ -441,21 +441,11 @@ def _seeded(seed):
 
 
 def _init_bottleneck(module: BottleneckAdapter, method: str) -> None:
-    """Initialise like AdapterHub: "bert" N(0, 0.02) weights and zero biases; "mam_adapter" kaiming-uniform
-    down weight, zero down bias, zero up projection; "houlsby" truncated N(0, 0.01) in [-0.02, 0.02]."""
-    down, up = module.adapter_down[0], module.adapter_up
-    if method == "bert":
-        return  # BottleneckAdapter's own default
-    with torch.no_grad():
-        if method == "mam_adapter":
-            module.reset_parameters("mam_adapter")
-            down.bias.zero_()  # AdapterHub zeroes it (nn.Linear's default would be uniform)
-        elif method == "houlsby":
-            for lin in (down, up):
-                nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
-                lin.bias.zero_()
-        else:
-            raise AdapterConfigError(f"unknown init_weights {method!r}")
+    """Initialise like AdapterHub (the schemes live in ``BottleneckAdapter.reset_parameters``)."""
+    try:
+        module.reset_parameters(method)
+    except ValueError as exc:
+        raise AdapterConfigError(str(exc)) from None
 
 
 def _cast_inputs_to_float32(module, args, kwargs):

@@ -35,19 +35,34 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def row_block(n_rows: int, padded_width: int) -> int:
-    """Rows per program for kernels that keep a [rows, padded_width] fp32 tile in registers."""
+# Register budget: a [rows, padded_width] fp32 tile kept on chip across a loop, and a [chunk, padded_width]
+# weight tile loaded per iteration, each at most TILE_BUDGET elements. Checked for spills and shared memory
+# on sm_90 by scripts/triton_compile_check.py (no GPU needed).
+TILE_BUDGET = 8192
+NUM_STAGES = 2  # software pipelining depth: 3 (Triton's default) overflows shared memory with wide tiles
+
+
+def tile_budget(dtype: torch.dtype) -> int:
+    """fp32 operands double the operand registers and IEEE fp32 products run on FMA units: halve the tiles."""
+    return TILE_BUDGET // 2 if dtype == torch.float32 else TILE_BUDGET
+
+
+def rows_per_program(padded_width: int, dtype: torch.dtype, live_tiles: int = 1) -> int:
+    """Tokens per program for a kernel that keeps ``live_tiles`` [rows, padded_width] fp32 tiles on chip."""
     if interpreting():
         return 128  # the interpreter's cost is per program: few, large programs
-    if padded_width <= 64:
-        return 64
-    if padded_width <= 256:
-        return 32
-    return 16
+    return max(16, min(64, tile_budget(dtype) // (padded_width * live_tiles)))
+
+
+def chunk_width(padded_width: int, dtype: torch.dtype) -> int:
+    """Width of the streamed H (or feature) chunk: a [chunk, padded_width] weight tile within the budget."""
+    if interpreting():
+        return 128
+    return max(16, min(64, tile_budget(dtype) // padded_width))
 
 
 def num_warps_for(tile_elems: int) -> int:
-    return 8 if tile_elems >= 64 * 256 else 4
+    return 8 if tile_elems >= 4096 else 4
 
 
 def splits_for(n_rows: int, block_m: int, tiles: int, device: torch.device) -> int:

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import dot_precision, interpreting, num_warps_for, pow2_at_least, row_block, splits_for
+from ._launch import (NUM_STAGES, chunk_width, dot_precision, interpreting, num_warps_for,
+                      pow2_at_least, rows_per_program, splits_for, tile_budget)
 from .activations import activation_grad, apply_activation
 
 
@@ -152,11 +153,9 @@ def _adapter_bwd_dx_dw_kernel(
     tl.store(DBU_PART + pid_s.to(tl.int64) * H + hc, scaling * dbu, mask=hmask)
 
 
-def _forward_config(n, h, d):
+def _forward_config(d, dtype):
     bd = pow2_at_least(d)
-    bm = row_block(n, bd)
-    bh = 128 if interpreting() else 64
-    return bm, bh, bd
+    return rows_per_program(bd, dtype), chunk_width(bd, dtype), bd
 
 
 def adapter_forward(x, residual, w_down, b_down, w_up, b_up, scaling, activation, *, block_m=None, block_h=None):
@@ -167,16 +166,18 @@ def adapter_forward(x, residual, w_down, b_down, w_up, b_up, scaling, activation
     z = torch.empty((n, d), dtype=x.dtype, device=x.device)
     if n == 0:
         return y, z
-    bm, bh, bd = _forward_config(n, h, d)
+    bm, bh, bd = _forward_config(d, x.dtype)
     bm, bh = block_m or bm, block_h or bh
     r = x if residual is None else residual
+    # Weights in the activation dtype once per call (they are small): half the on-chip tile for fp32 masters.
+    wd, bd_, wu, bu = (t.to(x.dtype).contiguous() for t in (w_down, b_down, w_up, b_up))
     _adapter_fwd_kernel[(triton.cdiv(n, bm),)](
-        x, r, w_down.contiguous(), b_down.contiguous(), w_up.contiguous(), b_up.contiguous(), y, z,
+        x, r, wd, bd_, wu, bu, y, z,
         n, h, d,
         x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
         float(scaling),
         ACT=activation, HAS_R=residual is not None, DOT_PREC=dot_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=bd, num_warps=num_warps_for(bm * bd),
+        BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=bd, num_warps=num_warps_for(bm * bd), num_stages=NUM_STAGES,
     )
     return y, z
 
@@ -192,8 +193,8 @@ def adapter_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_in
     if n == 0:
         return dx, torch.zeros((d, h), **f32), torch.zeros((d,), **f32), torch.zeros((h, d), **f32), \
             torch.zeros((h,), **f32)
-    w_down, w_up = w_down.contiguous(), w_up.contiguous()
-    bm, bh, bd = _forward_config(n, h, d)
+    w_down, w_up = w_down.to(x.dtype).contiguous(), w_up.to(x.dtype).contiguous()
+    bm, bh, bd = _forward_config(d, x.dtype)
     bm, bh = block_m or bm, block_h or bh
     prec = dot_precision(x.dtype)
 
@@ -203,10 +204,11 @@ def adapter_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_in
     _adapter_bwd_da_kernel[(blocks,)](
         dy, z, w_up, da, dbd_part, n, h, d, dy.stride(0), dy.stride(1), float(scaling),
         ACT=activation, DOT_PREC=prec, BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=bd, num_warps=num_warps_for(bm * bd),
+        num_stages=NUM_STAGES,
     )
 
     # Second kernel: H tiles narrow enough that the two [BLOCK_H, BLOCK_D] fp32 accumulators fit on chip.
-    bh2 = block_h or (128 if interpreting() else max(16, min(64, 8192 // bd)))
+    bh2 = block_h or (128 if interpreting() else max(16, min(64, tile_budget(x.dtype) // (2 * bd))))
     h_tiles = triton.cdiv(h, bh2)
     n_split = splits or splits_for(n, bm, h_tiles, dev)
     rows_per_split = triton.cdiv(blocks, n_split) * bm
@@ -220,6 +222,6 @@ def adapter_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_in
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
         float(scaling),
         ACT=activation, RESIDUAL_IS_INPUT=bool(residual_is_input), DOT_PREC=prec,
-        BLOCK_M=bm, BLOCK_H=bh2, BLOCK_D=bd, num_warps=num_warps_for(bh2 * bd * 2),
+        BLOCK_M=bm, BLOCK_H=bh2, BLOCK_D=bd, num_warps=num_warps_for(bh2 * bd * 2), num_stages=NUM_STAGES,
     )
     return dx, dwd_part.sum(0), dbd_part.sum(0), dwu_part.sum(0), dbu_part.sum(0)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import dot_precision, interpreting, pow2_at_least, row_block
+from ._launch import NUM_STAGES, chunk_width, dot_precision, num_warps_for, pow2_at_least, rows_per_program
 from .activations import activation_grad, apply_activation
 from .weight_grad import tokens_reduce
 
@@ -188,20 +188,23 @@ def _nice_bwd_kernel(
         tl.store(DINP + rows[:, None] * H + (OFF_SRC + nc)[None, :], dsrc.to(dt), mask=m2)
 
 
-def _layout(h, weights, inverse):
-    """Map (F, G) to stages (A, B) and the column offsets of src_A / tgt_A for a direction."""
-    f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2 = [w.contiguous() for w in weights]
+def _layout(h, weights, inverse, dtype):
+    """Map (F, G) to stages (A, B) and the column offsets of src_A / tgt_A for a direction; weights are cast
+    to the activation dtype once per call (they are small)."""
+    f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2 = [w.to(dtype).contiguous() for w in weights]
     len1 = h // 2
     if inverse:  # A = G on y1 (cols [0, len1)), writes x2 (cols [len1, h)); B = F
         return (g_w1, g_b1, g_w2, g_b2), (f_w1, f_b1, f_w2, f_b2), 0, len1
     return (f_w1, f_b1, f_w2, f_b2), (g_w1, g_b1, g_w2, g_b2), len1, 0
 
 
-def _config(n, ha, hb, block_m=None, block_k=None):
+def _config(ha, hb, dtype, block_m=None, block_k=None):
+    """Both stages' hidden activations and their gradients live on chip (about four tiles at once)."""
     bha, bhb = pow2_at_least(ha), pow2_at_least(hb)
-    bm = block_m or row_block(n, max(bha, bhb))
-    bk = block_k or (128 if interpreting() else 64)
-    return bm, bk, bha, bhb
+    width = max(bha, bhb)
+    bm = block_m or rows_per_program(width, dtype, live_tiles=4)
+    bk = block_k or chunk_width(width, dtype)
+    return bm, bk, bha, bhb, dict(num_warps=num_warps_for(bm * width * 2), num_stages=NUM_STAGES)
 
 
 def nice_coupling(x, weights, activation, inverse, *, block_m=None, block_k=None):
@@ -210,15 +213,15 @@ def nice_coupling(x, weights, activation, inverse, *, block_m=None, block_k=None
     out = torch.empty((n, h), dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = _layout(h, weights, inverse)
+    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = _layout(h, weights, inverse, x.dtype)
     in_a, out_a, ha, hb = wa1.shape[1], wa2.shape[0], wa1.shape[0], wb1.shape[0]
-    bm, bk, bha, bhb = _config(n, ha, hb, block_m, block_k)
+    bm, bk, bha, bhb, launch = _config(ha, hb, x.dtype, block_m, block_k)
     _nice_fwd_kernel[(triton.cdiv(n, bm),)](
         x, out, wa1, ba1, wa2, ba2, wb1, bb1, wb2, bb2,
         n, in_a, out_a, ha, hb, off_src, off_tgt,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_HA=bha, BLOCK_HB=bhb, num_warps=4 if bm * max(bha, bhb) <= 8192 else 8,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_HA=bha, BLOCK_HB=bhb, **launch,
     )
     return out
 
@@ -230,9 +233,9 @@ def nice_coupling_backward(dout, out, inp, weights, activation, inverse, *, bloc
     n, h = out.shape
     dev, dt = out.device, out.dtype
     dout, out = dout.contiguous(), out.contiguous()
-    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = _layout(h, weights, inverse)
+    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = _layout(h, weights, inverse, dt)
     in_a, out_a, ha, hb = wa1.shape[1], wa2.shape[0], wa1.shape[0], wb1.shape[0]
-    bm, bk, bha, bhb = _config(n, ha, hb, block_m, block_k)
+    bm, bk, bha, bhb, launch = _config(ha, hb, dt, block_m, block_k)
     dinp = torch.empty((n, h), dtype=dt, device=dev)
     za = torch.empty((n, ha), dtype=dt, device=dev)
     zb = torch.empty((n, hb), dtype=dt, device=dev)
@@ -247,8 +250,7 @@ def nice_coupling_backward(dout, out, inp, weights, activation, inverse, *, bloc
             n, in_a, out_a, ha, hb, off_src, off_tgt,
             src_arg.stride(0), src_arg.stride(1),
             ACT=activation, INVERSE=bool(inverse), HAS_INP=inp is not None, DOT_PREC=dot_precision(dt),
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_HA=bha, BLOCK_HB=bhb,
-            num_warps=4 if bm * max(bha, bhb) <= 8192 else 8,
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_HA=bha, BLOCK_HB=bhb, **launch,
         )
     sign = -1.0 if inverse else 1.0
     src_a = inp[:, off_src:off_src + in_a] if inp is not None else src

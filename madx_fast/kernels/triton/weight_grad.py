@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import dot_precision, interpreting, pow2_at_least, splits_for
+from ._launch import NUM_STAGES, dot_precision, interpreting, pow2_at_least, splits_for
 from .activations import apply_activation
 
 
@@ -65,8 +65,9 @@ def tokens_reduce(a: torch.Tensor, b: torch.Tensor, activation: int = 0, with_su
         return torch.zeros((m, k), **f32), torch.zeros((m,), **f32)
     big = interpreting()
     bn = 128 if big else 64
-    bm = min(pow2_at_least(m), 128 if big else 64)
-    bk = min(pow2_at_least(k), 256 if big else 64)
+    tile = 128 if big else (32 if a.dtype == torch.float32 else 64)
+    bm = min(pow2_at_least(m), tile)
+    bk = min(pow2_at_least(k), 256 if big else tile)
     grid_mk = triton.cdiv(m, bm) * triton.cdiv(k, bk)
     blocks = triton.cdiv(n, bn)
     n_split = splits or splits_for(n, bn, grid_mk, dev)
@@ -78,6 +79,6 @@ def tokens_reduce(a: torch.Tensor, b: torch.Tensor, activation: int = 0, with_su
         a, b, c_part, s_part, n, m, k, rows_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         ACT=activation, WITH_SUM=with_sum, DOT_PREC=dot_precision(a.dtype),
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=4,
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=4, num_stages=NUM_STAGES,
     )
     return c_part.sum(0), s_part.sum(0)
