@@ -1,0 +1,311 @@
+"""End-to-end MAD-X step benchmark: madx_fast fused vs madx_fast eager vs AdapterHub `adapters`, in one run.
+
+    python benchmarks/bench_train.py                 # GPU: XLM-R base architecture, the sizes of performance.md
+    python benchmarks/bench_train.py --size tiny     # CPU-friendly (CI keeps it working)
+    python benchmarks/bench_train.py --json out.json
+
+Workloads (random weights: speed does not depend on them):
+  mlm    language adapter (+ NICE) masked-LM training step, B=64, L=256, 15% of tokens masked
+  ner    task adapter NER step in Stack(lang, task), B=32, L=128
+  infer  zero-shot inference (eval forward) of the NER model, B=32 and B=256, L=128
+
+Implementations, all at the same adapter configuration:
+  fused      madx_fast, fused kernels (Triton on GPU), frozen backbone in bf16 with fp32 adapter weights
+             on a GPU, SDPA attention, MLM decoder only on masked tokens, fused AdamW
+  eager      the same madx_fast model with the eager (reference) adapter ops
+  adapterhub AdapterHub `adapters` (when importable), its best setting: SDPA + bf16 autocast on a GPU
+
+A step is forward + backward + optimizer step; the figure is the median of --iters timed steps after
+--warmup steps (CUDA events on a GPU). Peak memory is torch.cuda.max_memory_allocated over the timed steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SIZES = {
+    "base": dict(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1),
+    "tiny": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=128, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1),
+}
+SHAPES = {
+    "base": dict(mlm=(64, 256), ner=(32, 128), infer=[(32, 128), (256, 128)]),
+    "tiny": dict(mlm=(4, 32), ner=(4, 32), infer=[(4, 32), (16, 32)]),
+}
+NUM_LABELS = 7
+
+
+def _timed(fn, device, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), float("nan")
+
+
+def _batch(vocab, b, l, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(5, vocab - 1, (b, l), generator=g)
+    labels = torch.full_like(ids, -100)
+    masked = torch.rand(b, l, generator=g) < 0.15
+    labels[masked] = ids[masked]
+    tags = torch.randint(0, NUM_LABELS, (b, l), generator=g)
+    mask = torch.ones(b, l, dtype=torch.long)
+    return ids.to(device), mask.to(device), labels.to(device), tags.to(device)
+
+
+def _config(size, attn):
+    from transformers import XLMRobertaConfig
+    cfg = XLMRobertaConfig(**SIZES[size], num_labels=NUM_LABELS)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def _optimizer(params, device):
+    params = list(params)
+    return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# madx_fast (fused or eager adapter ops)
+# ------------------------------------------------------------------------------------------------------------
+def madx_fast_workloads(size, device, backend, lang_rf):
+    from transformers import XLMRobertaForMaskedLM, XLMRobertaForTokenClassification
+
+    from madx_fast.model import MadxConfig, Stack, add_madx
+
+    low = torch.bfloat16 if device.type == "cuda" else None
+    vocab = SIZES[size]["vocab_size"]
+
+    def mlm(b, l):
+        model = XLMRobertaForMaskedLM(_config(size, "sdpa")).to(device)
+        madx = add_madx(model, backend=backend)
+        madx.add_adapter("en", MadxConfig.language(reduction_factor=lang_rf), set_active=True)
+        madx.train_adapters("en")
+        if low:
+            madx.cast_backbone(low)
+        opt = _optimizer(madx.trainable_parameters(), device)
+        ids, mask, labels, _ = _batch(vocab, b, l, device)
+
+        def step():
+            loss = madx.mlm_loss(ids, mask, labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step, model
+
+    def ner_model():
+        model = XLMRobertaForTokenClassification(_config(size, "sdpa")).to(device)
+        madx = add_madx(model, backend=backend)
+        madx.add_adapter("en", MadxConfig.language(reduction_factor=lang_rf))
+        madx.add_adapter("ner", MadxConfig.task())
+        madx.set_active(Stack("en", "ner"))
+        madx.train_adapters("ner")
+        if low:
+            madx.cast_backbone(low)
+        return model, madx
+
+    def ner(b, l):
+        model, madx = ner_model()
+        opt = _optimizer(madx.trainable_parameters(), device)
+        ids, mask, _, tags = _batch(vocab, b, l, device)
+
+        def step():
+            loss = model(input_ids=ids, attention_mask=mask, labels=tags).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step, model
+
+    def infer(b, l):
+        model, _ = ner_model()
+        model.eval()
+        ids, mask, _, _ = _batch(vocab, b, l, device)
+
+        def step():
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask).logits
+        return step, model
+
+    return dict(mlm=mlm, ner=ner, infer=infer)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# AdapterHub `adapters`
+# ------------------------------------------------------------------------------------------------------------
+def adapterhub_workloads(size, device, lang_rf):
+    import adapters
+    from adapters import SeqBnConfig, SeqBnInvConfig, Stack
+    from transformers import XLMRobertaForMaskedLM, XLMRobertaForTokenClassification
+
+    autocast = device.type == "cuda"
+    vocab = SIZES[size]["vocab_size"]
+
+    def ctx():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
+
+    def mlm(b, l):
+        model = XLMRobertaForMaskedLM(_config(size, "sdpa"))
+        adapters.init(model)
+        model.add_adapter("en", config=SeqBnInvConfig(reduction_factor=lang_rf))
+        model.train_adapter("en")
+        model.to(device)
+        opt = _optimizer([p for p in model.parameters() if p.requires_grad], device)
+        ids, mask, labels, _ = _batch(vocab, b, l, device)
+
+        def step():
+            with ctx():
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step, model
+
+    def ner_model():
+        model = XLMRobertaForTokenClassification(_config(size, "sdpa"))
+        adapters.init(model)
+        model.add_adapter("en", config=SeqBnInvConfig(reduction_factor=lang_rf))
+        model.add_adapter("ner", config=SeqBnConfig())
+        model.train_adapter("ner")
+        model.active_adapters = Stack("en", "ner")
+        return model.to(device)
+
+    def ner(b, l):
+        model = ner_model()
+        opt = _optimizer([p for p in model.parameters() if p.requires_grad], device)
+        ids, mask, _, tags = _batch(vocab, b, l, device)
+
+        def step():
+            with ctx():
+                loss = model(input_ids=ids, attention_mask=mask, labels=tags).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step, model
+
+    def infer(b, l):
+        model = ner_model().eval()
+        ids, mask, _, _ = _batch(vocab, b, l, device)
+
+        def step():
+            with torch.no_grad(), ctx():
+                model(input_ids=ids, attention_mask=mask).logits
+        return step, model
+
+    return dict(mlm=mlm, ner=ner, infer=infer)
+
+
+def implementations(size, device, lang_rf, which):
+    impls = {}
+    if "fused" in which:
+        impls["fused"] = madx_fast_workloads(size, device, None, lang_rf)
+    if "eager" in which:
+        impls["eager"] = madx_fast_workloads(size, device, "eager", lang_rf)
+    if "adapterhub" in which:
+        try:
+            impls["adapterhub"] = adapterhub_workloads(size, device, lang_rf)
+        except Exception as exc:  # not installed, or incompatible with this transformers
+            print(f"# adapterhub: not measured ({type(exc).__name__}: {exc})", file=sys.stderr)
+    return impls
+
+
+def run(args):
+    import transformers
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    size = args.size or ("base" if device.type == "cuda" else "tiny")
+    versions = dict(torch=torch.__version__, transformers=transformers.__version__)
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import adapters
+        versions["adapters"] = adapters.__version__
+    except Exception:
+        pass
+    print(f"# device: {name}; " + "; ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"# size: {size}; language adapter reduction factor {args.lang_rf}; task adapter rf 16")
+    shapes = SHAPES[size]
+    impls = implementations(size, device, args.lang_rf, args.impl)
+    cases = []
+    if "mlm" in args.workloads:
+        cases.append(("mlm", *shapes["mlm"]))
+    if "ner" in args.workloads:
+        cases.append(("ner", *shapes["ner"]))
+    if "infer" in args.workloads:
+        cases += [("infer", b, l) for b, l in shapes["infer"]]
+    rows = []
+    for workload, b, l in cases:
+        group = []
+        for impl, builders in impls.items():
+            torch.manual_seed(0)
+            try:
+                step, model = builders[workload](b, l)
+                ms, peak = _timed(step, device, args.warmup, args.iters)
+            except torch.cuda.OutOfMemoryError as exc:
+                print(f"# {impl} {workload} B={b} L={l}: out of memory ({exc})", file=sys.stderr)
+                continue
+            group.append(dict(workload=workload, B=b, L=l, impl=impl, step_ms=ms, tokens_per_s=b * l / ms * 1e3,
+                              peak_GiB=peak))
+            del step, model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        base = {r["impl"]: r for r in group}
+        for r in group:
+            for ref in ("adapterhub", "eager"):
+                r[f"x_vs_{ref}"] = (base[ref]["step_ms"] / r["step_ms"]) if ref in base else float("nan")
+        rows += group
+    print(f"{'workload':<9}{'B':>5}{'L':>5}  {'impl':<11}{'step ms':>10}{'tokens/s':>12}{'peak GiB':>10}"
+          f"{'x AdapterHub':>14}{'x eager':>9}")
+    for r in rows:
+        print(f"{r['workload']:<9}{r['B']:>5}{r['L']:>5}  {r['impl']:<11}{r['step_ms']:>10.2f}"
+              f"{r['tokens_per_s']:>12.0f}{r['peak_GiB']:>10.2f}{r['x_vs_adapterhub']:>14.2f}{r['x_vs_eager']:>9.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(device=name, versions=versions, size=size, lang_rf=args.lang_rf, rows=rows), fh, indent=1)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), help="model size (default: base on a GPU, tiny on CPU)")
+    p.add_argument("--lang-rf", type=float, default=16,
+                   help="language adapter reduction factor (16: AdapterHub's seq_bn_inv default; 2: the paper)")
+    p.add_argument("--workloads", nargs="+", default=["mlm", "ner", "infer"], choices=["mlm", "ner", "infer"])
+    p.add_argument("--impl", nargs="+", default=["fused", "eager", "adapterhub"],
+                   choices=["fused", "eager", "adapterhub"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json", help="also write the rows as JSON here")
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
