@@ -1,0 +1,354 @@
+"""``madx demo``: the whole MAD-X pipeline, offline, on a CPU, in a few minutes.
+
+With no arguments it
+1. writes three synthetic languages (``synthetic.py``: shared named entities, different words and word
+   order) into ``<out>/data``: unlabeled text and WikiANN-format NER data per language;
+2. trains a BPE tokenizer on the text (``tokenizers``), wraps it as XLM-R's fast tokenizer, and pretrains a
+   small XLM-R-architecture model (hidden 96, 3 layers) by full masked-LM on all three languages, or takes
+   it from the cache (``~/.cache/madx_fast``, or ``$MADX_FAST_CACHE``) when an identical one was built
+   before; the base is copied to ``<out>/base``;
+3. trains a language adapter + invertible adapter per language (MLM, backbone frozen);
+4. trains a NER task adapter in ``Stack(source, ner)`` for each source language, and, as the paper's
+   ablation, one NER task adapter without a language adapter (MAD-X -LAD -INV);
+5. evaluates zero-shot transfer to every language: with the target's language adapter (MAD-X), with the
+   source's left in place, and with none; prints the table and writes CSV / JSON / a heatmap PNG to
+   ``<out>/transfer`` and every adapter to ``<out>``.
+
+It reports what it measured (F1 on the generated test sets, time, peak memory, parameter counts); nothing is
+tuned to produce a particular result. ``--model xlm-roberta-base --text-data ... --ner-data wikiann:{lang}``
+runs the same pipeline on real data (needs the network for the hub, and a GPU to be quick).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import artifacts, synthetic
+from .trainer import TrainConfig
+
+log = logging.getLogger("madx_fast.training")
+
+DEMO_MARKER = "demo_summary.json"
+DEMO_OUTPUTS = ("data", "base", "base-pretraining", "transfer", DEMO_MARKER)
+DEMO_PREFIXES = ("lang-", "ner-", "task-")
+CACHE_VERSION = 1
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = "madx_demo_out"
+    overwrite: bool = False
+    # languages: task adapters are trained on each source and evaluated on every target
+    sources: list[str] = field(default_factory=lambda: ["alpha"])
+    targets: list[str] = field(default_factory=lambda: ["alpha", "beta", "gamma"])
+    # data: None = the synthetic languages; otherwise specs with {lang} (files, directories, HF datasets)
+    text_data: str | None = None
+    text_eval_data: str | None = None
+    ner_data: str | None = None
+    max_texts: int | None = None
+    # base model: None = build and pretrain the small one (or load it from the cache)
+    model: str | None = None
+    hidden_size: int = 96
+    num_layers: int = 3
+    vocab_size: int = 800
+    max_length: int = 64
+    pretrain_steps: int = 500
+    pretrain_lr: float = 1e-3
+    # adapters
+    lang_steps: int = 200
+    lang_lr: float = 1e-3
+    task_epochs: float = 3
+    task_lr: float = 1e-3
+    batch_size: int = 32
+    ablations: bool = True
+    # synthetic data sizes
+    text_sentences: int = 6000
+    ner_train: int = 1000
+    ner_validation: int = 200
+    ner_test: int = 500
+    seed: int = 0
+    backend: str | None = None
+    device: str | None = None
+    bf16: bool = False
+    progress: bool = True
+    cache_dir: str | None = None
+    use_cache: bool = True
+
+
+def check_demo_output(directory: str, overwrite: bool) -> None:
+    """Never replace a user's files: an existing, non-empty output directory needs ``overwrite``, and even
+    then only the demo's own outputs are removed."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"{directory!r} exists and is not a directory")
+    if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
+        raise FileExistsError(f"output directory {directory!r} is not empty; pass --output-dir DIR for a new one, "
+                              "or --overwrite to replace the outputs of an earlier demo run there")
+
+
+def _clear_demo_outputs(directory: str) -> None:
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name in DEMO_OUTPUTS or name.startswith(DEMO_PREFIXES):
+            path = os.path.join(directory, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def run_demo(cfg: DemoConfig | None = None) -> dict:
+    """Run the pipeline; returns (and writes to ``<out>/demo_summary.json``) everything it measured."""
+    from .stages import train_language_adapter, train_task_adapter
+    from .transfer import evaluate_transfer, format_table, write_transfer_report
+
+    cfg = cfg or DemoConfig()
+    t0 = time.perf_counter()
+    out = os.path.abspath(cfg.output_dir)
+    check_demo_output(out, cfg.overwrite)
+    languages = list(dict.fromkeys(cfg.sources + cfg.targets))
+    if not cfg.sources or not cfg.targets:
+        raise ValueError("the demo needs at least one source and one target language")
+    if cfg.ner_data is None or cfg.text_data is None:
+        if cfg.ner_data or cfg.text_data:
+            raise ValueError("give both --text-data and --ner-data for real data (or neither for the synthetic "
+                             "languages)")
+        bad = [lang for lang in languages if lang not in synthetic.LANGUAGES]
+        if bad:
+            raise ValueError(f"unknown synthetic language(s) {bad}; the demo's languages are "
+                             f"{list(synthetic.LANGUAGES)} (give --text-data / --ner-data for others)")
+    _clear_demo_outputs(out) if cfg.overwrite else None
+    os.makedirs(out, exist_ok=True)
+    timings: dict[str, float] = {}
+    runs: list[dict] = []
+
+    # 1. data ------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    if cfg.text_data is None:
+        _banner(f"1/5 data: synthetic languages {', '.join(languages)}")
+        paths = synthetic.write_corpus(os.path.join(out, "data"), languages, text_sentences=cfg.text_sentences,
+                                       ner_train=cfg.ner_train, ner_validation=cfg.ner_validation,
+                                       ner_test=cfg.ner_test, seed=cfg.seed)
+        text_data = os.path.join(out, "data", "{lang}", "text", "train.txt")
+        text_eval = os.path.join(out, "data", "{lang}", "text", "validation.txt")
+        ner_data = os.path.join(out, "data", "{lang}", "ner")
+        log.info("wrote %s (%.1f MB)", os.path.join(out, "data"), _du(os.path.join(out, "data")) / 2 ** 20)
+    else:
+        paths = None
+        text_data, text_eval, ner_data = cfg.text_data, cfg.text_eval_data, cfg.ner_data
+    timings["data"] = time.perf_counter() - t
+
+    # 2. base model ------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    if cfg.model is None:
+        _banner(f"2/5 base model: XLM-R architecture, hidden {cfg.hidden_size}, {cfg.num_layers} layers")
+        base, pretrain = _base_model(cfg, paths, languages, out)
+        if pretrain:
+            runs.append(pretrain)
+    else:
+        _banner(f"2/5 base model: {cfg.model}")
+        base = cfg.model
+    timings["base_model"] = time.perf_counter() - t
+
+    def loop(steps, lr, warmup=0.1, epochs=None):
+        return TrainConfig(steps=steps or 1, batch_size=cfg.batch_size, learning_rate=lr,
+                           warmup_steps=int(warmup * (steps or 0)), seed=cfg.seed, log_every=20,
+                           eval_every=max(1, (steps or 1) // 2), save_every=max(1, (steps or 1) // 2),
+                           eval_batch_size=64, progress=cfg.progress, device=cfg.device, bf16=cfg.bf16)
+
+    # 3. language adapters -----------------------------------------------------------------------------
+    t = time.perf_counter()
+    systems = [("MAD-X", True)] + ([("MAD-X -INV", False)] if cfg.ablations else [])
+    lang_dirs: dict[str, dict[str, str]] = {}
+    for system, invertible in systems:
+        lang_dirs[system] = {}
+        for lang in languages:
+            suffix = "" if invertible else "-noinv"
+            _banner(f"3/5 language adapter {lang}{' (no invertible adapter)' if not invertible else ''}")
+            d = os.path.join(out, f"lang-{lang}{suffix}")
+            runs.append(_run_row(train_language_adapter(
+                model=base, lang=lang, train_data=text_data, eval_data=text_eval, output_dir=d,
+                config=loop(cfg.lang_steps, cfg.lang_lr), max_length=cfg.max_length, invertible=invertible,
+                backend=cfg.backend, max_texts=cfg.max_texts), f"language adapter {lang}{suffix}"))
+            lang_dirs[system][lang] = d
+    timings["language_adapters"] = time.perf_counter() - t
+
+    # 4. task adapters ---------------------------------------------------------------------------------
+    t = time.perf_counter()
+    task_dirs: dict[str, list[str]] = {s: [] for s, _ in systems}
+    task_config = dict(task="ner", train_data=ner_data, max_length=cfg.max_length, backend=cfg.backend,
+                       epochs=cfg.task_epochs)
+    for system, invertible in systems:
+        for src in cfg.sources:
+            suffix = "" if invertible else "-noinv"
+            _banner(f"4/5 NER task adapter on Stack({src}, ner){' -INV' if not invertible else ''}")
+            d = os.path.join(out, f"ner-{src}{suffix}")
+            runs.append(_run_row(train_task_adapter(
+                model=base, lang_adapter=lang_dirs[system][src], output_dir=d, config=loop(1, cfg.task_lr),
+                **task_config), f"NER adapter on {src}{suffix}"))
+            task_dirs[system].append(d)
+    if cfg.ablations:
+        system = "MAD-X -LAD -INV"
+        task_dirs[system] = []
+        for src in cfg.sources:
+            _banner(f"4/5 NER task adapter on {src}, no language adapter (-LAD -INV)")
+            d = os.path.join(out, f"ner-{src}-nolang")
+            runs.append(_run_row(train_task_adapter(
+                model=base, lang=src, output_dir=d, config=loop(1, cfg.task_lr), **task_config),
+                f"NER adapter on {src}, no lang adapter"))
+            task_dirs[system].append(d)
+    timings["task_adapters"] = time.perf_counter() - t
+
+    # 5. zero-shot transfer ----------------------------------------------------------------------------
+    t = time.perf_counter()
+    _banner(f"5/5 zero-shot transfer: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}")
+    records = []
+    for system, dirs in task_dirs.items():
+        settings = ("target", "source", "none") if system == "MAD-X" else ("target",)
+        res = evaluate_transfer(task_adapters=dirs, lang_adapters=lang_dirs.get(system, {}), targets=cfg.targets,
+                                eval_data=ner_data, split="test", settings=settings, system=system,
+                                device=cfg.device, bf16=cfg.bf16, backend=cfg.backend)
+        records.extend(res["records"])
+    report = write_transfer_report(records, os.path.join(out, "transfer"),
+                                   title="zero-shot NER transfer, entity F1 (%)")
+    timings["transfer"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    summary = {"config": asdict(cfg), "base_model": base, "runs": runs, "transfer": records,
+               "report": report, "timings_s": timings}
+    artifacts.atomic_write_json(os.path.join(out, DEMO_MARKER), summary)
+    print()
+    print(format_runs(runs))
+    print()
+    print("Zero-shot NER (seqeval entity F1 %, test sets of the target languages):")
+    print(format_table(records))
+    print()
+    print(f"report: {report['transfer_heatmap.png']}, {report['transfer_matrix.csv']}, "
+          f"{report['transfer_results.json']}")
+    print(f"adapters: {out}/lang-*/adapter, {out}/ner-*/best;  total wall time {timings['total']:.1f} s")
+    return summary
+
+
+def _banner(text: str) -> None:
+    log.info("==== %s", text)
+
+
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def _run_row(summary: dict, label: str) -> dict:
+    adapter = summary.get("adapter") or summary.get("language")
+    counts = {k: v for k, v in summary.items() if k.startswith("adapter_parameters[")}
+    final = summary.get("final_eval") or {}
+    best = summary.get("best")
+    return {"run": label, "stage": summary["stage"], "adapter": adapter,
+            "adapter_parameters": summary.get(f"adapter_parameters[{adapter}]"), "all_counts": counts,
+            "base_parameters": summary.get("base_parameters"), "steps": summary.get("steps"),
+            "train_time_s": summary.get("train_time_s"), "wall_time_s": summary.get("wall_time_s"),
+            "peak_memory_mb": summary.get("peak_memory_mb"), "peak_memory_kind": summary.get("peak_memory_kind"),
+            "tokens_per_s": summary.get("tokens_per_s"),
+            "result": (f"held-out MLM loss {final['mlm_loss']:.3f} (ppl {final['perplexity']:.1f})"
+                       if "mlm_loss" in final else
+                       f"best validation F1 {100 * best['value']:.1f} (step {best['step']})" if best else "")}
+
+
+def format_runs(runs: list[dict]) -> str:
+    head = f"{'run':<34} {'params':>10} {'steps':>6} {'time s':>7} {'peak MB':>8}  result"
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        params = f"{r['adapter_parameters']:,}" if r.get("adapter_parameters") else f"{r.get('base_parameters', 0):,}"
+        lines.append(f"{r['run']:<34} {params:>10} {r['steps'] or 0:>6} {r['wall_time_s'] or 0:>7.1f} "
+                     f"{r['peak_memory_mb'] or 0:>8.0f}  {r['result']}")
+    base = next((r["base_parameters"] for r in runs if r.get("base_parameters")), None)
+    if base:
+        lines.append(f"(params: adapter parameters per language / task; base model {base:,}; peak memory = "
+                     f"{runs[-1].get('peak_memory_kind')}, cumulative over the process)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the small base model
+# --------------------------------------------------------------------------------------------------------
+def _cache_root(cfg: DemoConfig) -> str:
+    return cfg.cache_dir or os.environ.get("MADX_FAST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "madx_fast")
+
+
+def _base_key(cfg: DemoConfig, languages) -> str:
+    import torch
+    import transformers
+    keys = {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "vocab_size", "max_length", "pretrain_steps",
+                                         "pretrain_lr", "batch_size", "text_sentences", "seed")}
+    keys.update(languages=sorted(languages), version=CACHE_VERSION, torch=torch.__version__.split("+")[0],
+                transformers=transformers.__version__.split(".")[0])
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _base_model(cfg: DemoConfig, paths, languages, out: str):
+    """The pretrained small base in ``<out>/base``: from the cache, or built and pretrained now."""
+    target = os.path.join(out, "base")
+    cached = os.path.join(_cache_root(cfg), f"demo-base-{_base_key(cfg, languages)}")
+    if cfg.use_cache and os.path.isfile(os.path.join(cached, "config.json")):
+        log.info("using the cached pretrained base model %s", cached)
+        shutil.copytree(cached, target)
+        return target, None
+    texts = []
+    for lang in languages:
+        with open(paths[lang]["text"], encoding="utf-8") as f:
+            texts.extend(line.strip() for line in f if line.strip())
+    summary = pretrain_base(texts, target, cfg, os.path.join(out, "base-pretraining"))
+    if cfg.use_cache:
+        try:
+            artifacts.swap_directory(lambda tmp: shutil.copytree(target, tmp, dirs_exist_ok=True), cached)
+            log.info("cached the base model in %s (delete it, or pass --no-cache, to pretrain again)", cached)
+        except OSError as exc:  # a read-only home is no reason to fail the demo
+            log.warning("could not cache the base model in %s: %s", cached, exc)
+    return target, summary
+
+
+def pretrain_base(texts, target: str, cfg: DemoConfig, run_dir: str) -> dict:
+    """Tokenizer + XLM-R-architecture masked-LM from scratch, every parameter trained (full MLM)."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
+    from . import data as D
+    from .tasks import MlmObjective
+    from .trainer import Trainer, seed_everything
+
+    t0 = time.perf_counter()
+    tok = synthetic.train_tokenizer(texts, cfg.vocab_size)
+    rng = __import__("random").Random(cfg.seed)
+    shuffled = list(texts)
+    rng.shuffle(shuffled)  # mix the languages within blocks
+    mlm = D.mlm_data_from_texts(tok, shuffled, cfg.max_length)
+    h = cfg.hidden_size
+    config = XLMRobertaConfig(vocab_size=len(tok), hidden_size=h, num_hidden_layers=cfg.num_layers,
+                              num_attention_heads=max(1, h // 32), intermediate_size=4 * h,
+                              max_position_embeddings=cfg.max_length + 2, type_vocab_size=1, layer_norm_eps=1e-5,
+                              pad_token_id=tok.pad_token_id, bos_token_id=0, eos_token_id=2)
+    seed_everything(cfg.seed)
+    model = XLMRobertaForMaskedLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("pretraining %s parameters on %d blocks (%d tokens) for %d steps", f"{n_params:,}", len(mlm),
+             mlm.num_tokens, cfg.pretrain_steps)
+    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    train_cfg = TrainConfig(steps=cfg.pretrain_steps, batch_size=cfg.batch_size, learning_rate=cfg.pretrain_lr,
+                            warmup_steps=cfg.pretrain_steps // 10, weight_decay=0.01, seed=cfg.seed, log_every=20,
+                            save_every=0, progress=cfg.progress, device=str(device), bf16=cfg.bf16)
+    result = Trainer(model, MlmObjective(mlm), range(len(mlm)), train_cfg, run_dir,
+                     identity={"stage": "demo-pretraining"}).run()
+    model.to("cpu")
+
+    def build(tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    artifacts.swap_directory(build, target)
+    return {"run": "base model pretraining (full MLM)", "stage": "pretrain", "adapter": None,
+            "adapter_parameters": None, "base_parameters": n_params, "steps": cfg.pretrain_steps,
+            "train_time_s": result["train_time_s"], "wall_time_s": time.perf_counter() - t0,
+            "peak_memory_mb": result["peak_memory_mb"], "peak_memory_kind": result["peak_memory_kind"],
+            "tokens_per_s": result["tokens_per_s"], "result": f"final MLM loss {result['final_loss']:.3f}"}
