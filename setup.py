@@ -8,6 +8,7 @@ is always the fast pure-Python install; to build the extension use the environme
 
     pip install --no-build-isolation -e .        (MADX_FAST_NO_CUDA_EXT=1 skips it even then)
 """
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -36,11 +37,16 @@ def cuda_extension():
     # Same rule as madx_fast/kernels/cuda/_build.py: every top-level .cu and .cpp of csrc/ (relative paths).
     sources = sorted(str(p.relative_to(root)) for p in (root / "csrc").glob("*.cu"))
     sources += sorted(str(p.relative_to(root)) for p in (root / "csrc").glob("*.cpp"))
+    # The loader compares this digest of csrc/ with the sources next to it (stale editable builds).
+    spec = importlib.util.spec_from_file_location("_madx_cuda_build", root / "madx_fast/kernels/cuda/_build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
     ext = CUDAExtension(
         name="madx_fast._cuda_C",
         sources=sources,
         include_dirs=[str(root / "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3", f"-DMADX_SOURCE_DIGEST={build.source_digest(root / 'csrc')}"],
+                            "nvcc": ["-O3", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 

@@ -4,6 +4,16 @@
 
 #include "ops.h"
 
+// Hash of csrc/ the module was built from (setup.py / the JIT loader pass -DMADX_SOURCE_DIGEST=<hex>), so
+// the loader can tell a stale prebuilt module from the sources next to it.
+#define MADX_STRINGIFY_(x) #x
+#define MADX_STRINGIFY(x) MADX_STRINGIFY_(x)
+#ifdef MADX_SOURCE_DIGEST
+#define MADX_SOURCE_DIGEST_STR MADX_STRINGIFY(MADX_SOURCE_DIGEST)
+#else
+#define MADX_SOURCE_DIGEST_STR ""
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "madx_fast CUDA kernels: fused bottleneck adapter and NICE coupling (forward and backward)";
 #ifdef MADX_EMULATE
@@ -11,6 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("EMULATED") = false;
 #endif
+  m.attr("SOURCE_DIGEST") = MADX_SOURCE_DIGEST_STR;
   m.def("adapter_forward", &madx::adapter_forward, py::arg("x"), py::arg("residual"), py::arg("w_down"),
         py::arg("b_down"), py::arg("w_up"), py::arg("b_up"), py::arg("scaling"), py::arg("activation"));
   m.def("adapter_backward", &madx::adapter_backward, py::arg("dy"), py::arg("x"), py::arg("z"), py::arg("w_down"),

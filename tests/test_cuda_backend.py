@@ -257,6 +257,36 @@ def test_backend_error_carries_the_loader_reason(monkeypatch):
         backends.kernel_module("cuda")
 
 
+@pytest.fixture
+def stale_prebuilt(monkeypatch):
+    """A prebuilt module built from other sources than csrc/."""
+    module = SimpleNamespace(SOURCE_DIGEST="0000")
+    monkeypatch.setattr(build, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(build, "importlib", SimpleNamespace(import_module=lambda name: module))
+    return module
+
+
+def test_stale_prebuilt_is_rebuilt(stale_prebuilt, monkeypatch, caplog):
+    assert "was built from other sources" in build.stale_reason(stale_prebuilt)
+    fresh = SimpleNamespace(SOURCE_DIGEST=build.source_digest())
+    monkeypatch.setattr(build, "jit_unavailable_reason", lambda csrc=None: None)
+    monkeypatch.setattr(build, "jit_build", lambda csrc=None: fresh)
+    with caplog.at_level("WARNING", logger="madx_fast"):
+        assert build.load_extension() is fresh
+    assert "building csrc/ instead" in caplog.text
+
+
+def test_stale_prebuilt_is_used_when_nothing_can_be_built(stale_prebuilt, monkeypatch, caplog):
+    monkeypatch.setenv("MADX_FAST_CUDA_NO_JIT", "1")
+    with caplog.at_level("WARNING", logger="madx_fast"):
+        assert build.load_extension() is stale_prebuilt
+    assert "using it anyway" in caplog.text
+
+
+def test_prebuilt_without_sources_is_never_stale(tmp_path):
+    assert build.stale_reason(SimpleNamespace(SOURCE_DIGEST="0000"), tmp_path) is None
+
+
 def test_build_sources_and_digest(tmp_path):
     names = [p.name for p in build.sources()]
     assert any(n.endswith(".cu") for n in names) and "bindings.cpp" in names
@@ -323,7 +353,8 @@ def build_emulator():
             wrapper.write_text(text)
         sources.append(str(wrapper))
     sources += [str(p) for p in sorted(CSRC.glob("*.cpp"))]
-    return cpp_extension.load(name=name, sources=sources, extra_cflags=["-DMADX_EMULATE", "-O2"],
+    return cpp_extension.load(name=name, sources=sources,
+                              extra_cflags=["-DMADX_EMULATE", "-O2", f"-DMADX_SOURCE_DIGEST={digest}"],
                               extra_include_paths=[str(CSRC), inc], build_directory=str(build_dir))
 
 
@@ -423,6 +454,12 @@ def test_emulated_nice_roundtrip(emulator, h):
     y = ops.nice_forward(x, *weights, backend="cuda")
     assert torch.allclose(ops.nice_inverse(y, *weights, backend="cuda"), x, atol=1e-5, rtol=1e-5)
     assert torch.allclose(y, reference.nice_forward_reference(x, *weights), atol=1e-5, rtol=1e-5)
+
+
+def test_emulated_module_knows_its_sources():
+    ext = build_emulator()
+    assert ext.SOURCE_DIGEST == build.source_digest(CSRC)  # the digest define survives the build
+    assert build.stale_reason(ext) is None
 
 
 def test_emulated_launcher_contract(emulated_launchers):

@@ -68,17 +68,29 @@ def jit_build(csrc: Path = CSRC):
     """Compile csrc/ with torch's JIT extension builder and import the result."""
     from torch.utils import cpp_extension
 
-    name = f"madx_fast_cuda_{source_digest(csrc)}"
+    digest = source_digest(csrc)
+    name = f"madx_fast_cuda_{digest}"
     logger.warning("madx_fast: building the CUDA extension %s from %s (first use only; this takes a minute or two)",
                    name, csrc)
     return cpp_extension.load(
         name=name,
         sources=[str(p) for p in sources(csrc)],
         extra_include_paths=[str(csrc)],
-        extra_cflags=["-O3"],
+        extra_cflags=["-O3", f"-DMADX_SOURCE_DIGEST={digest}"],
         extra_cuda_cflags=["-O3", "-lineinfo"],
         verbose=os.environ.get("MADX_FAST_CUDA_VERBOSE", "0") not in ("", "0"),
     )
+
+
+def stale_reason(module, csrc: Path = CSRC) -> str | None:
+    """Why a prebuilt module does not match the csrc/ next to it (an editable install edited since its
+    build), or None. Installs without csrc/ have nothing to compare with."""
+    if not sources(csrc):
+        return None
+    built, current = getattr(module, "SOURCE_DIGEST", ""), source_digest(csrc)
+    if built != current:
+        return f"{PREBUILT} was built from other sources (digest {built or 'unknown'}) than {csrc} ({current})"
+    return None
 
 
 def load_extension():
@@ -87,9 +99,18 @@ def load_extension():
     if reason:
         raise ImportError(reason)
     try:
-        return importlib.import_module(PREBUILT)
+        module = importlib.import_module(PREBUILT)
     except ImportError as exc:
         prebuilt_error = f"{PREBUILT} is not importable ({exc})"
+    else:
+        stale = stale_reason(module)
+        if stale is None:
+            return module
+        if jit_unavailable_reason() is not None:  # nothing better to offer: use it, but say so
+            logger.warning("madx_fast: %s; using it anyway", stale)
+            return module
+        logger.warning("madx_fast: %s; building csrc/ instead", stale)
+        prebuilt_error = stale
     reason = jit_unavailable_reason()
     if reason:
         raise ImportError(f"{prebuilt_error}, and {reason}")
