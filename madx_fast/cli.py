@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", default=None, help="held-out text (default: the last --eval-fraction of it)")
     p.add_argument("--eval-fraction", type=float, default=0.01)
     p.add_argument("--output", required=True, help="run directory")
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=None, help="block length (default 256, or the model's limit)")
     p.add_argument("--mlm-probability", type=float, default=0.15)
     p.add_argument("--reduction-factor", type=float, default=2)
     p.add_argument("--no-invertible", action="store_true", help="no NICE invertible adapter (MAD-X -INV)")

@@ -207,7 +207,7 @@ def find_bundle(path: str, *, prefer=("adapter", "best", "last")) -> str:
         raise BundleError(f"{path} is a file; give an adapter directory or a run directory")
     if _is_adapter_dir(path):
         return path
-    for sub in prefer:
+    for sub in list(prefer) + [s for s in ("adapter", "best", "last") if s not in prefer]:
         if _is_adapter_dir(os.path.join(path, sub)):
             return os.path.join(path, sub)
     raise BundleError(f"{path}: no adapter found (neither madx_adapter.json / adapter_config.json nor a run "
@@ -241,12 +241,17 @@ def check_base(meta: dict, fingerprint: str, model_name: str, where: str) -> Non
 
 def load_bundle(madx, path: str, *, load_as: str | None = None, fingerprint: str | None = None,
                 model_name: str = "", overwrite: bool = False) -> tuple[str, dict]:
-    """Load the adapter of a bundle (or a plain adapter directory) into ``madx``; checks the base model
-    fingerprint first. Returns ``(name in the model, bundle meta)``."""
+    """Load the adapter of a bundle (or a plain adapter directory) into ``madx`` and check the base model's
+    fingerprint against the one it was trained on. Returns ``(name in the model, bundle meta)``."""
     meta = read_bundle_meta(path)
-    if fingerprint is not None:
-        check_base(meta, fingerprint, model_name, path)
+    # shapes first (another architecture gets the file checks' message), then the weights' identity
     name = madx.load_adapter(path, load_as=load_as, overwrite=overwrite)
+    if fingerprint is not None:
+        try:
+            check_base(meta, fingerprint, model_name, path)
+        except BundleError:
+            madx.delete_adapter(name)
+            raise
     return name, meta
 
 

@@ -115,7 +115,8 @@ def _prepare_output(output_dir: str, resume: bool, overwrite: bool, ctx: Dist) -
 def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir: str,
                            config: TrainConfig | None = None, eval_data: str | None = None,
                            eval_fraction: float = 0.01, max_eval_blocks: int = 512, text_column: str = "text",
-                           max_texts: int | None = None, max_length: int = 256, mlm_probability: float = 0.15,
+                           max_texts: int | None = None, max_length: int | None = None,
+                           mlm_probability: float = 0.15,
                            reduction_factor: float = 2, invertible: bool = True,
                            leave_out: Sequence[int] = (), backend: str | None = None,
                            backbone_dtype: str | None = None, tokenizer: str | None = None,
@@ -123,7 +124,8 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
     """Train the language adapter ``lang`` (+ NICE invertible adapter unless ``invertible=False``) of the
     masked-LM model ``model`` on ``train_data`` (a text file, directory or HF dataset; ``{lang}`` expands).
     Held-out MLM loss / perplexity every ``config.eval_every`` steps on ``eval_data``, or on the last
-    ``eval_fraction`` of the texts. Writes ``<output_dir>/adapter`` (a bundle) and ``run.json``."""
+    ``eval_fraction`` of the texts. ``max_length`` defaults to 256 (fewer where the model has fewer
+    positions). Writes ``<output_dir>/adapter`` (a bundle) and ``run.json``."""
     t_start = time.perf_counter()
     config = config or TrainConfig(**PAPER_LANG)
     config.check()
@@ -131,10 +133,15 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
     artifacts.check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     dtype = _dtype(backbone_dtype)
     ctx = init_distributed()
+    config.check_split(ctx.world)
     device = pick_device(config.device, ctx)
 
     tok = load_tokenizer(tokenizer or model)
     D.check_tokenizer(tok, need_mask=True)
+    model_config = load_config(model)
+    if max_length is None:  # 256 as the paper, or less where the model has fewer positions
+        max_length = min(256, position_limit(model_config) or 256)
+    check_max_length(model_config, max_length)
     texts = D.read_texts(train_data, lang=lang, text_column=text_column, max_texts=max_texts)
     if eval_data:
         eval_texts = D.read_texts(eval_data, lang=lang, split="validation", text_column=text_column,
@@ -151,7 +158,6 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
 
     seed_everything(config.seed)
     mlm_model = load_model("AutoModelForMaskedLM", model)
-    check_max_length(mlm_model, max_length)
     madx, fingerprint = _wire(mlm_model, backend)
     from ..model import MadxConfig
     adapter_cfg = MadxConfig.language(reduction_factor=reduction_factor, leave_out=list(leave_out))
@@ -199,15 +205,26 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
     return summary
 
 
-def check_max_length(model, max_length: int) -> None:
-    """A sequence longer than the model's position table fails deep in the embeddings: say so up front."""
-    config = model.config
+def position_limit(config) -> int | None:
+    """The longest sequence a BERT / XLM-R config can embed (RoBERTa positions start after the pad index)."""
     limit = getattr(config, "max_position_embeddings", None)
-    if limit is None:
-        return
-    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
-        limit -= config.pad_token_id + 1  # positions start after the padding index
-    if max_length > limit:
+    if limit is not None and getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001
+        raise OSError(f"cannot load the config of {name!r}: {type(exc).__name__}: {exc}") from None
+
+
+def check_max_length(config, max_length: int) -> None:
+    """A sequence longer than the model's position table fails deep in the embeddings: say so up front."""
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
         raise ValueError(f"max_length {max_length} is longer than the model's {limit} positions")
 
 
@@ -277,10 +294,14 @@ def train_task_adapter(*, task: str, train_data: str, output_dir: str, model: st
         validation_data = train_data
 
     ctx = init_distributed()
+    config.check_split(ctx.world)
     device = pick_device(config.device, ctx)
     tok = load_tokenizer(tokenizer or model)
     the_task.pad_id = tok.pad_token_id
-    max_length = max_length or the_task.default_max_length
+    model_config = load_config(model)
+    if max_length is None:  # the task's usual length, or less where the model has fewer positions
+        max_length = min(the_task.default_max_length, position_limit(model_config) or the_task.default_max_length)
+    check_max_length(model_config, max_length)
     train_examples = the_task.load(train_data, train_split, lang, max_train_examples, labels)
     label_names = the_task.labels_of(train_examples)
     if labels:
@@ -303,7 +324,6 @@ def train_task_adapter(*, task: str, train_data: str, output_dir: str, model: st
 
     seed_everything(config.seed)
     task_model = load_model(the_task.auto_class, model, **head_kwargs)
-    check_max_length(task_model, max_length)
     madx, fingerprint = _wire(task_model, backend)
     if lang_path:
         artifacts.load_bundle(madx, lang_path, load_as=lang, fingerprint=fingerprint, model_name=model)

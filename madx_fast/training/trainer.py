@@ -69,6 +69,13 @@ class TrainConfig:
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
+    def check_split(self, world: int) -> None:
+        """The global batch must split evenly over ``world`` processes x ``grad_accum`` micro-batches."""
+        per_process = self.batch_size / world
+        if per_process != int(per_process) or int(per_process) % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must split evenly over {world} process(es) x "
+                             f"{self.grad_accum} accumulation step(s)")
+
     def identity(self) -> dict:
         """Settings that must not change when a run is resumed."""
         keys = ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "bf16",
@@ -207,11 +214,8 @@ class Trainer:
         self.identity = dict(identity or {}, **config.identity())
         self.ctx = ctx or Dist()
         self.device = device or pick_device(config.device, self.ctx)
-        per_process = config.batch_size / self.ctx.world
-        if per_process != int(per_process) or int(per_process) % config.grad_accum:
-            raise ValueError(f"batch_size {config.batch_size} must split evenly over {self.ctx.world} process(es) "
-                             f"x {config.grad_accum} accumulation step(s)")
-        self.per_process = int(per_process)
+        config.check_split(self.ctx.world)
+        self.per_process = config.batch_size // self.ctx.world
         self.micro = self.per_process // config.grad_accum
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
