@@ -27,6 +27,7 @@ import triton.language as tl
 from ._launch import (NUM_STAGES, chunk_width, dot_precision, interpreting, num_warps_for,
                       pow2_at_least, rows_per_program, splits_for, tile_budget)
 from .activations import activation_grad, apply_activation
+from .tiles import rows_times_weight_t
 
 
 @triton.jit
@@ -46,14 +47,8 @@ def _adapter_fwd_kernel(
     dt = X.dtype.element_ty
 
     # z = x W_down^T + b_down, accumulated over H in fp32.
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hc = h0 + tl.arange(0, BLOCK_H)
-        hmask = hc < H
-        x = tl.load(X + rows[:, None] * stride_xm + hc[None, :] * stride_xh,
-                    mask=rmask[:, None] & hmask[None, :], other=0.0)
-        wd_t = tl.load(WD + dcol[None, :] * H + hc[:, None], mask=dmask[None, :] & hmask[:, None], other=0.0)
-        acc = tl.dot(x, wd_t.to(dt), acc, input_precision=DOT_PREC)
+    acc = rows_times_weight_t(X, stride_xm, stride_xh, rows, rmask, WD, H, 1, H, D,
+                              DOT_PREC, BLOCK_M, BLOCK_H, BLOCK_D)
     bd = tl.load(BD + dcol, mask=dmask, other=0.0).to(tl.float32)
     z = (acc + bd[None, :]).to(dt)
     tl.store(Z + rows[:, None] * D + dcol[None, :], z, mask=rmask[:, None] & dmask[None, :])
@@ -91,14 +86,9 @@ def _adapter_bwd_da_kernel(
     dmask = dcol < D
     dt = DY.dtype.element_ty
 
-    g = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hc = h0 + tl.arange(0, BLOCK_H)
-        hmask = hc < H
-        dy = tl.load(DY + rows[:, None] * stride_dym + hc[None, :] * stride_dyh,
-                     mask=rmask[:, None] & hmask[None, :], other=0.0)
-        wu = tl.load(WU + hc[:, None] * D + dcol[None, :], mask=hmask[:, None] & dmask[None, :], other=0.0)
-        g = tl.dot(dy, wu.to(dt), g, input_precision=DOT_PREC)
+    # g = dy W_up: W_up [H, D] read as the transpose of a [D, H] weight.
+    g = rows_times_weight_t(DY, stride_dym, stride_dyh, rows, rmask, WU, 1, D, H, D,
+                            DOT_PREC, BLOCK_M, BLOCK_H, BLOCK_D)
     m2 = rmask[:, None] & dmask[None, :]
     z = tl.load(Z + rows[:, None] * D + dcol[None, :], mask=m2, other=0.0).to(tl.float32)
     da = (scaling * g * activation_grad(z, ACT)).to(dt)

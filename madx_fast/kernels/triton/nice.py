@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._launch import NUM_STAGES, chunk_width, dot_precision, num_warps_for, pow2_at_least, rows_per_program
 from .activations import activation_grad, apply_activation
+from .tiles import rows_times_weight_t
 from .weight_grad import tokens_reduce
 
 
@@ -38,17 +39,10 @@ from .weight_grad import tokens_reduce
 def _hidden(SRC, stride_sm, stride_sk, rows, rmask, W1, B1, IN, HID,
             DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HID: tl.constexpr):
     """``z = src W1^T + b1`` for a token block: [BLOCK_M, BLOCK_HID] fp32 (padding columns are 0)."""
-    dt = SRC.dtype.element_ty
     hcol = tl.arange(0, BLOCK_HID)
     hmask = hcol < HID
-    acc = tl.zeros((BLOCK_M, BLOCK_HID), dtype=tl.float32)
-    for k0 in range(0, IN, BLOCK_K):
-        kc = k0 + tl.arange(0, BLOCK_K)
-        kmask = kc < IN
-        s = tl.load(SRC + rows[:, None] * stride_sm + kc[None, :] * stride_sk,
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(W1 + hcol[None, :] * IN + kc[:, None], mask=hmask[None, :] & kmask[:, None], other=0.0)
-        acc = tl.dot(s, w.to(dt), acc, input_precision=DOT_PREC)
+    acc = rows_times_weight_t(SRC, stride_sm, stride_sk, rows, rmask, W1, IN, 1, IN, HID,
+                              DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HID)
     b = tl.load(B1 + hcol, mask=hmask, other=0.0).to(tl.float32)
     return acc + b[None, :]
 

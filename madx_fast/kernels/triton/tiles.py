@@ -1,0 +1,28 @@
+"""Device functions shared by the Triton kernels."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rows_times_weight_t(SRC, stride_sm, stride_sk, rows, rmask, W, stride_wo, stride_wi, IN, OUT,
+                        DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_OUT: tl.constexpr):
+    """``src[rows, :IN] @ W^T`` for one token block, accumulated over IN in fp32: [BLOCK_M, BLOCK_OUT].
+
+    ``W[o, i]`` lives at ``W + o * stride_wo + i * stride_wi`` (an nn.Linear weight [OUT, IN] has strides
+    (IN, 1); passing (1, OUT) multiplies by the weight itself instead of its transpose). Padding rows and
+    columns come out as 0; the weight is converted to the source dtype for the product.
+    """
+    dt = SRC.dtype.element_ty
+    ocol = tl.arange(0, BLOCK_OUT)
+    omask = ocol < OUT
+    acc = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
+    for k0 in range(0, IN, BLOCK_K):
+        kc = k0 + tl.arange(0, BLOCK_K)
+        kmask = kc < IN
+        s = tl.load(SRC + rows[:, None] * stride_sm + kc[None, :] * stride_sk,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(W + ocol[None, :] * stride_wo + kc[:, None] * stride_wi,
+                    mask=omask[None, :] & kmask[:, None], other=0.0)
+        acc = tl.dot(s, w.to(dt), acc, input_precision=DOT_PREC)
+    return acc
