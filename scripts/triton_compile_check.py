@@ -27,7 +27,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from madx_fast.kernels.triton import adapter, nice, weight_grad  # noqa: E402
+from madx_fast.kernels.triton import adapter, linear, nice, weight_grad  # noqa: E402
 from madx_fast.reference import ACTIVATION_CODES  # noqa: E402
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
@@ -93,10 +93,11 @@ def record_launches(full: bool):
     current = {"label": ""}
     label = lambda: current["label"]  # noqa: E731
     for module, names in ((adapter, ["_adapter_fwd_kernel", "_adapter_bwd_da_kernel", "_adapter_bwd_dx_dw_kernel"]),
-                          (nice, ["_nice_fwd_kernel", "_nice_bwd_kernel"]), (weight_grad, ["_tn_kernel"])):
+                          (nice, ["_nice_fwd_kernel", "_nice_bwd_kernel"]), (weight_grad, ["_tn_kernel"]),
+                          (linear, ["_linear_kernel"])):
         for name in names:
             setattr(module, name, _Recorder(getattr(module, name), log, label))
-    nice.tokens_reduce = weight_grad.tokens_reduce  # nice imported the function; it uses the patched global
+    # (the launchers call fused_linear / tokens_reduce, which look the patched kernels up as module globals)
     meta = torch.device("meta")
     n, h = 65536, 768
     dtypes = [torch.bfloat16, torch.float16, torch.float32] if full else [torch.bfloat16, torch.float32]

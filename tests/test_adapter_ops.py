@@ -170,3 +170,19 @@ def test_adapter_small_blocks_multi_split():
 def test_adapter_many_tokens(backend):
     inputs = reorder(make_inputs(65536, 64, 48, torch.float16, seed=8))
     check_parity(unorder(fused_fn(backend)), unorder(ref_fn()), inputs, torch.float16, NAMES_R)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("activation", ["gelu", "silu", "leakyrelu"])
+def test_adapter_wide_bottleneck_path(backend, activation):
+    """d > 128 runs as GEMMs with fused epilogues: every epilogue, with r = x and with a strided x."""
+    x, _, wd, bd, wu, bu = make_inputs(300, 96, 160, torch.float32, residual=False, seed=9)
+    x_nc = torch.cat([x, torch.randn_like(x)], dim=1)[:, :96]
+
+    def fused(x, wd, bd, wu, bu):
+        return ops.bottleneck_adapter(x, x, wd, bd, wu, bu, scaling=0.6, activation=activation, backend=backend)
+
+    def ref(x, wd, bd, wu, bu):
+        return reference.bottleneck_adapter_reference(x, x, wd, bd, wu, bu, 0.6, activation)
+
+    check_parity(fused, ref, [x_nc, wd, bd, wu, bu], torch.float32, NAMES_X)

@@ -14,6 +14,12 @@ Backward, two kernels (4 passes: dy twice, x once, dx written once):
    ``dW_up[h] += s dy^T act(z)``, ``dW_down[:, h] += da^T x``, ``db_up[h] += s sum(dy)``.
    Weight gradients are fp32 per-range partials summed afterwards: deterministic, no atomics.
 
+Wide bottlenecks (d > 128, e.g. MAD-X language adapters, d=384) take another route: the fused kernels above
+would re-read both weight matrices for every small token block, so the op runs as two GEMMs with fused
+prologue/epilogue (``linear.fused_linear``: bias into z; activation on load, bias, scaling and residual into
+y) and backward as two such GEMMs (da with the activation derivative; dx with the residual gradient) plus two
+token reductions for the weight and bias gradients (``weight_grad.tokens_reduce``).
+
 Derivation (per token row, a = act(z), dy upstream): y = r + s (a W_up^T + b_up), so
 dr = dy; d(a) = s dy W_up; dz = d(a) * act'(z); dx = dz W_down; dW_up = s dy^T a; db_up = s sum dy;
 dW_down = dz^T x; db_down = sum dz.
@@ -27,7 +33,12 @@ import triton.language as tl
 from ._launch import (NUM_STAGES, chunk_width, dot_precision, interpreting, num_warps_for,
                       pow2_at_least, rows_per_program, splits_for, tile_budget)
 from .activations import activation_grad, apply_activation
+from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, fused_linear
 from .tiles import rows_times_weight_t
+from .weight_grad import tokens_reduce
+
+# Above this bottleneck width the adapter runs as GEMMs with fused epilogues instead of the fused kernels.
+WIDE_BOTTLENECK = 128
 
 
 @triton.jit
@@ -156,11 +167,16 @@ def adapter_forward(x, residual, w_down, b_down, w_up, b_up, scaling, activation
     z = torch.empty((n, d), dtype=x.dtype, device=x.device)
     if n == 0:
         return y, z
-    bm, bh, bd = _forward_config(d, x.dtype)
-    bm, bh = block_m or bm, block_h or bh
     r = x if residual is None else residual
     # Weights in the activation dtype once per call (they are small): half the on-chip tile for fp32 masters.
     wd, bd_, wu, bu = (t.to(x.dtype).contiguous() for t in (w_down, b_down, w_up, b_up))
+    if d > WIDE_BOTTLENECK:
+        z = fused_linear(x, wd, (h, 1), d, EPI_BIAS, bias=bd_)
+        y = fused_linear(z, wu, (d, 1), h, EPI_RESIDUAL, bias=bu, residual=r, scaling=scaling,
+                         activation=activation, a_activation=True)
+        return y, z
+    bm, bh, bd = _forward_config(d, x.dtype)
+    bm, bh = block_m or bm, block_h or bh
     _adapter_fwd_kernel[(triton.cdiv(n, bm),)](
         x, r, wd, bd_, wu, bu, y, z,
         n, h, d,
@@ -184,6 +200,12 @@ def adapter_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_in
         return dx, torch.zeros((d, h), **f32), torch.zeros((d,), **f32), torch.zeros((h, d), **f32), \
             torch.zeros((h,), **f32)
     w_down, w_up = w_down.to(x.dtype).contiguous(), w_up.to(x.dtype).contiguous()
+    if d > WIDE_BOTTLENECK:
+        da = fused_linear(dy, w_up, (1, d), d, EPI_DACT, z=z, scaling=scaling, activation=activation)
+        dx = fused_linear(da, w_down, (1, h), h, EPI_ADD, residual=dy if residual_is_input else None)
+        dwu, dbu = tokens_reduce(dy, z, activation, splits=splits)
+        dwd, dbd = tokens_reduce(da, x, splits=splits)
+        return dx, dwd, dbd, scaling * dwu, scaling * dbu
     bm, bh, bd = _forward_config(d, x.dtype)
     bm, bh = block_m or bm, block_h or bh
     prec = dot_precision(x.dtype)
