@@ -209,6 +209,8 @@ def cmd_params(a) -> None:
 
 def cmd_demo(a) -> None:
     from .training.demo import DemoConfig, run_demo
+    if (a.text_data or a.ner_data) and not (a.sources and a.targets):
+        raise ValueError("with --text-data / --ner-data, name the languages: --sources en --targets en,sw")
     cfg = DemoConfig(output_dir=a.output_dir, overwrite=a.overwrite, model=a.model, text_data=a.text_data,
                      text_eval_data=a.text_eval_data, ner_data=a.ner_data, max_texts=a.max_texts,
                      ablations=not a.no_ablations, use_cache=not a.no_cache, cache_dir=a.cache_dir, device=a.device,
@@ -229,33 +231,40 @@ COMMANDS = {"train-lang": cmd_train_lang, "train-task": cmd_train_task, "transfe
             "params": cmd_params, "demo": cmd_demo}
 
 
+class _ProgressAwareHandler(logging.StreamHandler):
+    """Log lines printed above a running tqdm bar instead of through it."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - never lose a log line over the progress bar
+            super().emit(record)
+
+
 def _setup_logging(quiet: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
-    level = logging.WARNING if quiet or rank != 0 else logging.INFO
-    logging.basicConfig(level=level, format="[madx] %(message)s" if rank == 0 else f"[madx rank {rank}] %(message)s",
-                        stream=sys.stderr)
-    try:
-        from tqdm.contrib.logging import _TqdmLoggingHandler  # noqa: F401 - present in tqdm >= 4.38
-        from tqdm.contrib.logging import logging_redirect_tqdm
-        return logging_redirect_tqdm(loggers=[logging.getLogger("madx_fast.training")])
-    except ImportError:  # pragma: no cover
-        return None
+    logger = logging.getLogger("madx_fast.training")
+    handler = _ProgressAwareHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[madx] %(message)s" if rank == 0 else f"[madx rank {rank}] %(message)s"))
+    logger.handlers = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet or rank != 0 else logging.INFO)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    redirect = _setup_logging(args.quiet)
+    _setup_logging(args.quiet)
     from .model import AdapterConfigError, AdapterExistsError, AdapterFileError
     from .training import BundleError, DataError
     expected = (FileNotFoundError, FileExistsError, NotADirectoryError, DataError, BundleError, AdapterFileError,
                 AdapterConfigError, AdapterExistsError, ValueError, KeyError, OSError)
     try:
-        if redirect is not None:
-            with redirect:
-                COMMANDS[args.command](args)
-        else:
-            COMMANDS[args.command](args)
+        COMMANDS[args.command](args)
     except expected as exc:
+        if os.environ.get("MADX_DEBUG"):
+            raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"madx {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -317,7 +317,10 @@ def train_task_adapter(*, task: str, train_data: str, output_dir: str, model: st
         val_features = the_task.encode_eval(val_examples, tok, max_length)
     train_features = the_task.encode_train(train_examples, tok, max_length)
     if epochs:
-        config.steps = max(1, math.ceil(epochs * math.ceil(len(train_features) / config.batch_size)))
+        per_epoch = math.ceil(len(train_features) / config.batch_size)
+        config.steps = max(1, math.ceil(epochs * per_epoch))
+        if not config.eval_every:  # validate once per epoch (the paper keeps the best epoch)
+            config.eval_every = per_epoch
     config.check()
     log.info("%s: %d training features, %s validation examples", name, len(train_features),
              len(val_examples) if val_examples else "no")

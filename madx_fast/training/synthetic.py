@@ -205,26 +205,40 @@ def write_corpus(directory: str, languages=LANGUAGES, *, text_sentences: int = 1
     return paths
 
 
-def train_tokenizer(texts, vocab_size: int = 1000):
-    """A BPE tokenizer with SentencePiece-style word boundaries (``▁``), trained with the ``tokenizers``
-    library and wrapped as XLM-R's fast tokenizer (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3,
-    ``<mask>`` 4). (BPE rather than XLM-R's Unigram: ``tokenizers``' Unigram trainer segments a corpus this
-    small and repetitive into single characters.)"""
+def train_tokenizer(texts, vocab_size: int = 800):
+    """An XLM-R-style (SentencePiece Unigram) tokenizer built with the ``tokenizers`` library, wrapped as XLM-R's
+    fast tokenizer (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4).
+
+    The piece inventory comes from a BPE trainer, the Unigram scores are the pieces' log-frequencies in the
+    BPE-segmented text (add-one smoothed). ``tokenizers``' own Unigram trainer breaks a corpus this small and
+    repetitive into single characters; transformers 5's XLM-R tokenizer class needs a Unigram model."""
+    import math
+    from collections import Counter
+
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from tokenizers.processors import TemplateProcessing
 
     special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.normalizer = normalizers.NFKC()
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                                           show_progress=False))
+
+    def frame(tok):
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        return tok
+
+    bpe = frame(Tokenizer(models.BPE(unk_token="<unk>")))
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                       show_progress=False))
+    counts = Counter(t for enc in bpe.encode_batch(list(texts)) for t in enc.tokens)
+    pieces = [p for p, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]) if p not in special]
+    total = sum(counts[p] for p in pieces) + len(pieces)
+    vocab = [(t, 0.0) for t in special] + [(p, math.log((counts[p] + 1) / total)) for p in pieces]
+    backend = frame(Tokenizer(models.Unigram(vocab, unk_id=special.index("<unk>"), byte_fallback=False)))
     backend.post_processor = TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
                                                 special_tokens=[("<s>", 0), ("</s>", 2)])
     try:
         from transformers import XLMRobertaTokenizerFast as TokenizerClass
     except ImportError:  # transformers versions without the separate *Fast name
-        from transformers import PreTrainedTokenizerFast as TokenizerClass
+        from transformers import XLMRobertaTokenizer as TokenizerClass
     return TokenizerClass(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", sep_token="</s>",
                           cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
