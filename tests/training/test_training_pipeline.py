@@ -156,7 +156,7 @@ def test_grad_accumulation_gives_the_same_adapter(tmp_path, tiny_base, corpus):
                                config=quiet_config(steps=4, grad_accum=accum), max_length=32, backend="eager")
         out[accum] = (adapter_tensors(os.path.join(run, "adapter")), step_losses(run))
     for k, v in out[1][0].items():
-        torch.testing.assert_close(out[4][0][k], v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[4][0][k], v, rtol=1e-5, atol=1e-5)  # Adam amplifies rounding
     assert out[1][1] == pytest.approx(out[4][1], rel=1e-5)
 
 
