@@ -129,6 +129,19 @@ def check_output_dir(directory: str, *, resume: bool, overwrite: bool) -> None:
             "continue it, --overwrite to replace it, or choose another --output")
 
 
+def remove_stale_temporaries(directory: str) -> None:
+    """Temporary files / directories a killed run left behind (``.checkpoint.pt.XXXX.tmp``, ``.best.XXXX.tmp``;
+    never the real outputs, which only ever appear by ``os.replace``); restore an interrupted bundle swap."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{out}.") for out in RUN_OUTPUTS):
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    for sub in ("adapter", "best", "last"):
+        restore_interrupted_swap(os.path.join(directory, sub))
+
+
 def clear_run_outputs(directory: str) -> None:
     """Remove an earlier run's outputs (``--overwrite``, after every input was checked); other files stay."""
     for name in RUN_OUTPUTS:

@@ -106,6 +106,7 @@ def _prepare_output(output_dir: str, resume: bool, overwrite: bool, ctx: Dist) -
         artifacts.clear_run_outputs(output_dir)
     if ctx.main:
         os.makedirs(output_dir, exist_ok=True)
+        artifacts.remove_stale_temporaries(output_dir)
     ctx.barrier()
 
 

@@ -56,7 +56,7 @@ class MlmObjective:
 
     def make_batch(self, items: Sequence[int], generator: torch.Generator) -> dict:
         idx = torch.as_tensor(list(items), dtype=torch.long)
-        ids, mask = self.mlm.input_ids[idx], self.mlm.attention_mask[idx]
+        ids, mask = self.mlm.input_ids[idx].long(), self.mlm.attention_mask[idx].long()
         inputs, labels = D.mask_tokens(ids, mask, self.mlm.special_ids, self.mlm.mask_id, self.mlm.vocab_size,
                                        generator, self.p)
         return {"input_ids": inputs, "attention_mask": mask, "labels": labels}

@@ -149,16 +149,16 @@ def _evaluate_plan(plan, task, targets, eval_data, split, system, model, batch_s
     tok = load_tokenizer(model_name)
     task.pad_id = tok.pad_token_id
     max_length = meta.get("max_length") or task.default_max_length
+    head_kwargs = task.head_kwargs(labels)  # (also tells the task its label names)
     # every target's data, checked against the head, before any evaluation
     data = {}
     for target in targets:
         examples = task.load(eval_data, split, target, max_examples, labels)
         if labels is not None:
             task.check_fits(examples, labels, f"{eval_data} ({target}, {split})")
-        task.head_kwargs(labels)
         data[target] = (examples, task.encode_eval(examples, tok, max_length))
 
-    the_model = load_model(meta.get("auto_class") or task.auto_class, model_name, **task.head_kwargs(labels))
+    the_model = load_model(meta.get("auto_class") or task.auto_class, model_name, **head_kwargs)
     fingerprint = artifacts.base_fingerprint(the_model)
     madx = add_madx(the_model, backend=backend)
     task_name, _ = artifacts.load_bundle(madx, plan["path"], fingerprint=fingerprint, model_name=model_name)

@@ -47,7 +47,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_base_dropout, c
     # without --resume the half-finished run is not overwritten
     refused = run_madx(*_lang_args(tiny_base_dropout, corpus, killed, steps), check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    # what a kill in the middle of a write leaves: a temporary file (the real checkpoint is only ever replaced
+    # whole, by os.replace); resuming clears it
+    stale = os.path.join(killed, ".checkpoint.pt.x1y2.tmp")
+    open(stale, "wb").write(b"half a checkpoint")
     run_madx(*_lang_args(tiny_base_dropout, corpus, killed, steps), "--resume")
+    assert not os.path.exists(stale)
 
     assert step_losses(killed) == step_losses(straight)  # bit for bit, every step
     assert len(step_losses(killed)) == steps
