@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole MAD-X pipeline offline on synthetic languages (a few CPU minutes)")
     p.add_argument("--output-dir", default="madx_demo_out")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs in --output-dir")
-    p.add_argument("--model", default=None, help="a real base model instead of the small pretrained one")
+    p.add_argument("--model", default=None,
+                   help="a pretrained base model instead of the small one (then the paper's lr / batch / reduction "
+                        "factors, 10k MLM steps, 10 NER epochs, length 128; override with the flags below)")
     p.add_argument("--text-data", default=None, help="unlabeled text per language ({lang}) for real data")
     p.add_argument("--text-eval-data", default=None)
     p.add_argument("--ner-data", default=None, help="NER data per language ({lang}), e.g. wikiann:{lang}")
@@ -144,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, default=None)
     p.add_argument("--lang-steps", type=int, default=None)
     p.add_argument("--task-epochs", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="MLM batch (pretraining, language adapters)")
+    p.add_argument("--task-batch-size", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--no-ablations", action="store_true", help="skip MAD-X -INV and -LAD -INV")
     p.add_argument("--no-cache", action="store_true", help="pretrain the base model even if it is cached")
@@ -208,19 +211,21 @@ def cmd_params(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    from .training.demo import DemoConfig, run_demo
+    from .training.demo import DemoConfig, real_model_config, run_demo
     if (a.text_data or a.ner_data) and not (a.sources and a.targets):
         raise ValueError("with --text-data / --ner-data, name the languages: --sources en --targets en,sw")
-    cfg = DemoConfig(output_dir=a.output_dir, overwrite=a.overwrite, model=a.model, text_data=a.text_data,
-                     text_eval_data=a.text_eval_data, ner_data=a.ner_data, max_texts=a.max_texts,
-                     ablations=not a.no_ablations, use_cache=not a.no_cache, cache_dir=a.cache_dir, device=a.device,
-                     bf16=a.bf16, backend=a.backend, progress=not a.no_progress)
+    common = dict(output_dir=a.output_dir, overwrite=a.overwrite, text_data=a.text_data,
+                  text_eval_data=a.text_eval_data, ner_data=a.ner_data, max_texts=a.max_texts,
+                  ablations=not a.no_ablations, use_cache=not a.no_cache, cache_dir=a.cache_dir, device=a.device,
+                  bf16=a.bf16, backend=a.backend, progress=not a.no_progress)
+    cfg = real_model_config(a.model, **common) if a.model else DemoConfig(**common)
     if a.sources:
         cfg.sources = _csv(a.sources)
     if a.targets:
         cfg.targets = _csv(a.targets)
     for arg, attr in (("pretrain_steps", "pretrain_steps"), ("lang_steps", "lang_steps"),
-                      ("task_epochs", "task_epochs"), ("batch_size", "batch_size"), ("max_length", "max_length"),
+                      ("task_epochs", "task_epochs"), ("batch_size", "batch_size"),
+                      ("task_batch_size", "task_batch_size"), ("max_length", "max_length"),
                       ("seed", "seed")):
         if getattr(a, arg) is not None:
             setattr(cfg, attr, getattr(a, arg))

@@ -205,3 +205,19 @@ def test_demo_plumbing(tmp_path):
     assert (out / "my_notes.txt").read_text() == "keep me"
     assert not any(r["stage"] == "pretrain" for r in summary["runs"])
     assert {r["system"] for r in summary["transfer"]} == {"MAD-X"}
+
+
+def test_demo_with_a_given_model_and_data_specs(tmp_path, tiny_base, corpus):
+    """``madx demo --model M --text-data ... --ner-data ...``: the real-setting path, on local stand-ins."""
+    from madx_fast.cli import main
+    out = tmp_path / "demo"
+    args = ["demo", "--model", tiny_base, "--sources", "alpha", "--targets", "alpha,beta", "--output-dir", out,
+            "--text-data", os.path.join(corpus, "{lang}", "text", "train.txt"), "--ner-data",
+            os.path.join(corpus, "{lang}", "ner"), "--max-length", 32, "--lang-steps", 2, "--task-epochs", 0.2,
+            "--batch-size", 8, "--task-batch-size", 8, "--no-ablations", "--backend", "eager", "--no-progress"]
+    assert main([*map(str, args)]) == 0
+    summary = json.load(open(out / "demo_summary.json"))
+    assert summary["base_model"] == tiny_base and summary["config"]["lang_lr"] == 1e-4
+    assert not (out / "data").exists() and not (out / "base").exists()  # nothing generated, nothing pretrained
+    assert {(r["source"], r["target"]) for r in summary["transfer"]} == {("alpha", "alpha"), ("alpha", "beta")}
+    assert main(["demo", "--text-data", "x", "--output-dir", str(tmp_path / "o2")]) == 2  # languages required
