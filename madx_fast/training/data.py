@@ -42,6 +42,21 @@ class DataError(ValueError):
     """Data that cannot be used: the message names the file or dataset and what is wrong."""
 
 
+def progress(iterable, desc: str, min_items: int = 20):
+    """A tqdm bar for long loops on a terminal (off when stderr is not a TTY, or for short loops)."""
+    try:
+        n = len(iterable)
+    except TypeError:
+        n = None
+    if n is not None and n < min_items:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+
+
 # --------------------------------------------------------------------------------------------------------
 # specs
 # --------------------------------------------------------------------------------------------------------
@@ -206,7 +221,7 @@ def read_texts(spec: str, *, lang: str | None = None, split: str = "train", text
 def tokenize_texts(tokenizer, texts: Sequence[str], batch: int = 1000) -> list[list[int]]:
     """Token ids of each text without special tokens."""
     out: list[list[int]] = []
-    for i in range(0, len(texts), batch):
+    for i in progress(range(0, len(texts), batch), desc="tokenize"):
         enc = tokenizer(list(texts[i:i + batch]), add_special_tokens=False, truncation=False,
                         return_attention_mask=False, verbose=False)
         out.extend(enc["input_ids"])
@@ -579,7 +594,8 @@ def _qa_encode(tokenizer, examples, max_length, doc_stride):
                      return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
 
 
-def encode_qa_train(examples: Sequence[QaExample], tokenizer, max_length: int = 384, doc_stride: int = 128) -> list[dict]:
+def encode_qa_train(examples: Sequence[QaExample], tokenizer, max_length: int = 384,
+                    doc_stride: int = 128) -> list[dict]:
     """Training features (HF ``run_qa``'s scheme): long contexts become several windows; a window holding
     the (first) answer gets its start/end token positions, others point at ``<s>`` (position 0)."""
     enc = _qa_encode(tokenizer, examples, max_length, doc_stride)
@@ -599,7 +615,8 @@ def encode_qa_train(examples: Sequence[QaExample], tokenizer, max_length: int = 
     return features
 
 
-def encode_qa_eval(examples: Sequence[QaExample], tokenizer, max_length: int = 384, doc_stride: int = 128) -> list[dict]:
+def encode_qa_eval(examples: Sequence[QaExample], tokenizer, max_length: int = 384,
+                   doc_stride: int = 128) -> list[dict]:
     """Evaluation features: windows with the example index and context offsets (None outside the context)."""
     enc = _qa_encode(tokenizer, examples, max_length, doc_stride)
     features = []

@@ -155,7 +155,7 @@ class Task:
         was_training = model.training
         model.eval()
         try:
-            for i in range(0, len(features), batch_size):
+            for i in D.progress(range(0, len(features), batch_size), desc=f"eval {self.name}"):
                 chunk = features[i:i + batch_size]
                 batch = to_device(self.make_batch(chunk), device)
                 batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}

@@ -31,6 +31,7 @@ def test_triton_and_eager_training_curves_match(tmp_path):
     assert worst < 1e-4, f"largest per-step loss difference {worst:.2e}"
     # it trains: the second half of the curve is lower than the first
     assert sum(eager[STEPS // 2:]) < sum(eager[:STEPS // 2])
-    a, b = adapter_tensors(os.path.join(runs["eager"], "adapter")), adapter_tensors(os.path.join(runs["triton"], "adapter"))
+    a = adapter_tensors(os.path.join(runs["eager"], "adapter"))
+    b = adapter_tensors(os.path.join(runs["triton"], "adapter"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)

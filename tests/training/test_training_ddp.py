@@ -55,7 +55,8 @@ def test_ddp_task_adapter_with_accumulation_equals_single_process(tmp_path, tiny
     run_madx("train-lang", "--model", tiny_base, "--lang", "alpha", "--max-length", 32, "--batch-size", 8,
              "--steps", 2, "--train-data", os.path.join(corpus, "alpha", "text", "train.txt"), "--backend", "eager",
              "--no-progress", "--output", lang)
-    common = ["train-task", "--task", "ner", "--lang-adapter", lang, "--train-data", os.path.join(corpus, "alpha", "ner"),
+    common = ["train-task", "--task", "ner", "--lang-adapter", lang,
+              "--train-data", os.path.join(corpus, "alpha", "ner"),
               "--max-length", 32, "--batch-size", 8, "--steps", 5, "--lr", "1e-3", "--eval-every", 5, "--backend",
               "eager", "--no-progress", "--seed", 2]
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")

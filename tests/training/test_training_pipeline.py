@@ -54,7 +54,8 @@ def test_language_adapter_run(lang_runs, tiny_base):
 
 def test_ner_task_and_transfer(tmp_path, lang_runs, corpus):
     ner = str(tmp_path / "ner")
-    summary = train_task_adapter(task="ner", lang_adapter=lang_runs["alpha"], train_data=os.path.join(corpus, "alpha", "ner"),
+    summary = train_task_adapter(task="ner", lang_adapter=lang_runs["alpha"],
+                                 train_data=os.path.join(corpus, "alpha", "ner"),
                                  output_dir=ner, config=quiet_config(steps=8, eval_every=4), max_length=32,
                                  backend="eager")
     assert summary["language"] == "alpha" and summary["best"]["metric"] == "f1"
@@ -66,7 +67,8 @@ def test_ner_task_and_transfer(tmp_path, lang_runs, corpus):
     assert "madx_adapter.safetensors" in os.listdir(os.path.join(ner, "best"))
 
     report = str(tmp_path / "report")
-    result = evaluate_transfer(task_adapters=[ner], lang_adapters={"alpha": lang_runs["alpha"], "beta": lang_runs["beta"]},
+    result = evaluate_transfer(task_adapters=[ner],
+                               lang_adapters={"alpha": lang_runs["alpha"], "beta": lang_runs["beta"]},
                                targets=["alpha", "beta"], eval_data=os.path.join(corpus, "{lang}", "ner"),
                                settings=["target", "source", "none"], output_dir=report, backend="eager")
     records = result["records"]

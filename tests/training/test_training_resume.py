@@ -56,7 +56,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_base_dropout, c
 
     assert step_losses(killed) == step_losses(straight)  # bit for bit, every step
     assert len(step_losses(killed)) == steps
-    evals = [[e for e in map(json.loads, open(os.path.join(d, "log.jsonl"))) if "eval" in e] for d in (killed, straight)]
+    evals = [[e for e in map(json.loads, open(os.path.join(d, "log.jsonl"))) if "eval" in e]
+             for d in (killed, straight)]
     assert [e["eval"]["mlm_loss"] for e in evals[0]] == [e["eval"]["mlm_loss"] for e in evals[1]]
     a, b = adapter_tensors(os.path.join(killed, "adapter")), adapter_tensors(os.path.join(straight, "adapter"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
