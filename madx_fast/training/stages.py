@@ -133,7 +133,7 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
     _check_name(lang, "language")
     artifacts.check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     dtype = _dtype(backbone_dtype)
-    ctx = init_distributed()
+    ctx = init_distributed(config.device)
     config.check_split(ctx.world)
     device = pick_device(config.device, ctx)
 
@@ -294,7 +294,7 @@ def train_task_adapter(*, task: str, train_data: str, output_dir: str, model: st
     if validation_data is None and _has_splits(train_data, lang):
         validation_data = train_data
 
-    ctx = init_distributed()
+    ctx = init_distributed(config.device)
     config.check_split(ctx.world)
     device = pick_device(config.device, ctx)
     tok = load_tokenizer(tokenizer or model)

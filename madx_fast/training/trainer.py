@@ -105,13 +105,15 @@ class Dist:
             dist.barrier()
 
 
-def init_distributed() -> Dist:
-    """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK); one process otherwise."""
+def init_distributed(device: str | None = None) -> Dist:
+    """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK); one process otherwise.
+    NCCL when the run uses CUDA, gloo when it runs on the CPU (``device="cpu"`` or no GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        on_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+        backend = "nccl" if on_cuda else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)

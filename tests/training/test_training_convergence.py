@@ -15,7 +15,8 @@ STEPS = 60
 
 
 def test_triton_and_eager_training_curves_match(tmp_path):
-    assert resolve_backend("triton", torch.device("cpu")) == "triton"  # interpreter on (or a GPU)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU, Triton's interpreter
+    assert resolve_backend("triton", torch.device(device)) == "triton"
     write_small_corpus(str(tmp_path / "corpus"))
     base = build_tiny_base(str(tmp_path / "base"), str(tmp_path / "corpus"))
     data = str(tmp_path / "corpus" / "alpha" / "text" / "train.txt")
@@ -23,7 +24,8 @@ def test_triton_and_eager_training_curves_match(tmp_path):
     for backend in ("eager", "triton"):
         runs[backend] = str(tmp_path / backend)
         train_language_adapter(model=base, lang="alpha", train_data=data, output_dir=runs[backend], eval_fraction=0,
-                               config=quiet_config(steps=STEPS, batch_size=4, learning_rate=1e-2, warmup_steps=5),
+                               config=quiet_config(steps=STEPS, batch_size=4, learning_rate=1e-2, warmup_steps=5,
+                                                   device=device),
                                max_length=16, backend=backend)
     eager, triton = step_losses(runs["eager"]), step_losses(runs["triton"])
     assert len(eager) == len(triton) == STEPS

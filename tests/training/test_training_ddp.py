@@ -39,7 +39,7 @@ def test_ddp_language_adapter_equals_single_process(tmp_path, tiny_base, corpus)
     common = ["train-lang", "--model", tiny_base, "--lang", "alpha", "--max-length", 32, "--batch-size", 8,
               "--steps", 6, "--lr", "1e-3", "--eval-fraction", "0.1", "--eval-every", 3, "--save-every", 3,
               "--train-data", os.path.join(corpus, "alpha", "text", "train.txt"), "--backend", "eager",
-              "--no-progress", "--seed", 1]
+              "--device", "cpu", "--no-progress", "--seed", 1]
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     run_madx(*common, "--output", single)
     _torchrun(*common, "--output", ddp)
@@ -54,11 +54,11 @@ def test_ddp_task_adapter_with_accumulation_equals_single_process(tmp_path, tiny
     lang = str(tmp_path / "lang")
     run_madx("train-lang", "--model", tiny_base, "--lang", "alpha", "--max-length", 32, "--batch-size", 8,
              "--steps", 2, "--train-data", os.path.join(corpus, "alpha", "text", "train.txt"), "--backend", "eager",
-             "--no-progress", "--output", lang)
+             "--device", "cpu", "--no-progress", "--output", lang)
     common = ["train-task", "--task", "ner", "--lang-adapter", lang,
               "--train-data", os.path.join(corpus, "alpha", "ner"),
               "--max-length", 32, "--batch-size", 8, "--steps", 5, "--lr", "1e-3", "--eval-every", 5, "--backend",
-              "eager", "--no-progress", "--seed", 2]
+              "eager", "--device", "cpu", "--no-progress", "--seed", 2]
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     run_madx(*common, "--output", single)
     _torchrun(*common, "--grad-accum", 2, "--output", ddp)  # 2 processes x 2 micro-batches x 2 examples

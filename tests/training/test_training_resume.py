@@ -21,7 +21,8 @@ def _lang_args(base, corpus, out, steps):
     return ["train-lang", "--model", base, "--lang", "alpha", "--output", out,
             "--train-data", os.path.join(corpus, "alpha", "text", "train.txt"), "--eval-fraction", "0.1",
             "--steps", steps, "--batch-size", 8, "--lr", "1e-3", "--warmup-steps", 5, "--max-length", 32,
-            "--save-every", 5, "--eval-every", 10, "--log-every", 5, "--seed", 3, "--backend", "eager", "--no-progress"]
+            "--save-every", 5, "--eval-every", 10, "--log-every", 5, "--seed", 3, "--backend", "eager",
+            "--device", "cpu", "--no-progress"]
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_base_dropout, corpus):
