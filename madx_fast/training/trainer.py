@@ -231,8 +231,9 @@ class Trainer:
         seed_everything(cfg.seed + ctx.rank)  # dropout streams differ per process
         stream = ShuffledStream(len(self.items), cfg.seed)
         mask_gen = torch.Generator().manual_seed(cfg.seed + 7919)  # same on every process
+        fused = self.device.type == "cuda" and all(p.is_cuda and p.dtype == torch.float32 for _, p in self.params)
         optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay)
+                                      weight_decay=cfg.weight_decay, fused=fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.warmup_steps, cfg.steps))
         state = {"step": 0, "history": [], "best": None, "elapsed": 0.0, "tokens": 0}
         if resume and os.path.isfile(self.checkpoint_path):
@@ -257,25 +258,38 @@ class Trainer:
         segment_start = time.perf_counter()
         history, step = state["history"], state["step"]
         progress = _progress(cfg, ctx, step)
+        pending: list[tuple[dict, torch.Tensor]] = []  # losses still on the device (no host sync per step)
+
+        def flush():
+            for entry, loss_t in pending:
+                entry["loss"] = float(loss_t)
+                history.append(entry)
+                self._append_log(entry)
+            pending.clear()
+
         try:
             while step < cfg.steps:
                 step += 1
-                loss, tokens = self._step(runner, ddp, stream, mask_gen, optimizer, scheduler)
+                loss_t, tokens = self._step(runner, ddp, stream, mask_gen, optimizer, scheduler)
                 state["tokens"] += tokens
                 # the learning rate this step used (the schedule has already moved on to the next one)
-                entry = {"step": step, "loss": loss, "lr": cfg.learning_rate * scheduler.lr_lambdas[0](step - 1)}
-                history.append(entry)
-                self._append_log(entry)
+                pending.append(({"step": step, "lr": cfg.learning_rate * scheduler.lr_lambdas[0](step - 1)}, loss_t))
                 progress.update(1)
-                if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{entry['lr']:.2e}")
+                evaluate = self.evaluate_fn and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
+                save = step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
+                logged = cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps)
+                if logged or evaluate or save or not cfg.log_every:
+                    flush()
+                if logged:
+                    last = history[-1]
+                    progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
                     if not progress.enabled:
-                        log.info("step %d/%d  loss %.4f  lr %.3e", step, cfg.steps, loss, entry["lr"])
-                if self.evaluate_fn and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                        log.info("step %d/%d  loss %.4f  lr %.3e", step, cfg.steps, last["loss"], last["lr"])
+                if evaluate:
                     metrics = self._evaluate(step, state)
                     history.append({"step": step, "eval": metrics})
                     self._append_log(history[-1])
-                if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                if save:
                     state.update(step=step, elapsed=state["elapsed"] + time.perf_counter() - segment_start)
                     segment_start = time.perf_counter()
                     self._save_checkpoint(state, optimizer, scheduler, stream, mask_gen)
@@ -291,14 +305,15 @@ class Trainer:
         return summary
 
     # ---------------------------------------------------------------------------------------------------
-    def _step(self, runner, ddp, stream, mask_gen, optimizer, scheduler) -> tuple[float, int]:
+    def _step(self, runner, ddp, stream, mask_gen, optimizer, scheduler) -> tuple[torch.Tensor, int]:
+        """One optimizer step; returns the global mean loss (a device scalar) and the tokens it saw."""
         cfg, ctx = self.config, self.ctx
         indices = stream.take(cfg.batch_size)
         batch = self.objective.make_batch([self.items[i] for i in indices], mask_gen)
         total = max(self.objective.count(batch), 1)
         tokens = self.objective.num_tokens(batch)
         mine = slice_batch(batch, ctx.rank * self.per_process, (ctx.rank + 1) * self.per_process)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for a in range(cfg.grad_accum):
             micro = to_device(slice_batch(mine, a * self.micro, (a + 1) * self.micro), self.device)
             sync = ddp.no_sync() if ddp is not None and a < cfg.grad_accum - 1 else nullcontext()
@@ -306,7 +321,7 @@ class Trainer:
                 with autocast(self.device, cfg.bf16):
                     part = runner(micro)
                 (part * (ctx.world / total)).backward()
-            loss_sum += part.detach().double().cpu()
+            loss_sum += part.detach().double()
         if ctx.enabled:
             dist.all_reduce(loss_sum)
         if cfg.max_grad_norm:
@@ -314,7 +329,7 @@ class Trainer:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss_sum) / total, tokens
+        return loss_sum / total, tokens
 
     def _evaluate(self, step: int, state: dict) -> dict:
         metrics = None
