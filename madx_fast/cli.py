@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file, directory of text files, or HF dataset 'name[:config]'; {lang} expands")
     p.add_argument("--eval-data", default=None, help="held-out text (default: the last --eval-fraction of it)")
     p.add_argument("--eval-fraction", type=float, default=0.01)
+    p.add_argument("--train-split", default="train", help="split of an HF dataset --train-data")
+    p.add_argument("--eval-split", default="validation", help="split of an HF dataset --eval-data")
     p.add_argument("--output", required=True, help="run directory")
     p.add_argument("--max-length", type=int, default=None, help="block length (default 256, or the model's limit)")
     p.add_argument("--mlm-probability", type=float, default=0.15)
@@ -164,6 +166,7 @@ def cmd_train_lang(a) -> None:
     from .training import train_language_adapter
     train_language_adapter(model=a.model, lang=a.lang, train_data=a.train_data, output_dir=a.output,
                            config=_train_config(a), eval_data=a.eval_data, eval_fraction=a.eval_fraction,
+                           train_split=a.train_split, eval_split=a.eval_split,
                            text_column=a.text_column, max_texts=a.max_texts, max_length=a.max_length,
                            mlm_probability=a.mlm_probability, reduction_factor=a.reduction_factor,
                            invertible=not a.no_invertible, leave_out=a.leave_out, backend=a.backend,

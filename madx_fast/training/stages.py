@@ -117,6 +117,7 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
                            config: TrainConfig | None = None, eval_data: str | None = None,
                            eval_fraction: float = 0.01, max_eval_blocks: int = 512, text_column: str = "text",
                            max_texts: int | None = None, max_length: int | None = None,
+                           train_split: str = "train", eval_split: str = "validation",
                            mlm_probability: float = 0.15,
                            reduction_factor: float = 2, invertible: bool = True,
                            leave_out: Sequence[int] = (), backend: str | None = None,
@@ -125,7 +126,8 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
     """Train the language adapter ``lang`` (+ NICE invertible adapter unless ``invertible=False``) of the
     masked-LM model ``model`` on ``train_data`` (a text file, directory or HF dataset; ``{lang}`` expands).
     Held-out MLM loss / perplexity every ``config.eval_every`` steps on ``eval_data``, or on the last
-    ``eval_fraction`` of the texts. ``max_length`` defaults to 256 (fewer where the model has fewer
+    ``eval_fraction`` of the texts (``train_split`` / ``eval_split`` name the splits of HF datasets).
+    ``max_length`` defaults to 256 (fewer where the model has fewer
     positions). Writes ``<output_dir>/adapter`` (a bundle) and ``run.json``."""
     t_start = time.perf_counter()
     config = config or TrainConfig(**PAPER_LANG)
@@ -143,9 +145,9 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
     if max_length is None:  # 256 as the paper, or less where the model has fewer positions
         max_length = min(256, position_limit(model_config) or 256)
     check_max_length(model_config, max_length)
-    texts = D.read_texts(train_data, lang=lang, text_column=text_column, max_texts=max_texts)
+    texts = D.read_texts(train_data, lang=lang, split=train_split, text_column=text_column, max_texts=max_texts)
     if eval_data:
-        eval_texts = D.read_texts(eval_data, lang=lang, split="validation", text_column=text_column,
+        eval_texts = D.read_texts(eval_data, lang=lang, split=eval_split, text_column=text_column,
                                   max_texts=max_texts)
     elif eval_fraction > 0 and len(texts) > 1:
         n_eval = max(1, int(len(texts) * eval_fraction))
