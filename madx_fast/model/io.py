@@ -124,12 +124,7 @@ def _load_own(madx, directory, *, load_as, overwrite, set_active, with_head) -> 
     if with_head:
         head = _read_safetensors(os.path.join(directory, OWN_HEAD_WEIGHTS), load_file)
         _check_head(madx, head, os.path.join(directory, OWN_HEAD_WEIGHTS))
-    madx.install_adapter(name, config, state, overwrite=overwrite, source=weights_path)
-    if head is not None:
-        _load_head(madx, head)
-    if set_active:
-        madx.set_active(name)
-    return name
+    return _install(madx, name, config, state, head, weights_path, overwrite=overwrite, set_active=set_active)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -212,12 +207,7 @@ def import_adapterhub(madx, directory, *, load_as=None, overwrite=False, set_act
     head = None
     if with_head:
         head = _read_hub_head(madx, directory)
-    madx.install_adapter(name, config, state, overwrite=overwrite, source=weights_path)
-    if head is not None:
-        _load_head(madx, head)
-    if set_active:
-        madx.set_active(name)
-    return name
+    return _install(madx, name, config, state, head, weights_path, overwrite=overwrite, set_active=set_active)
 
 
 _LEGACY_ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
@@ -230,6 +220,16 @@ _INV_KEY = re.compile(
     r"^(?:(?P<prefix>\w+)\.)?(?:invertible_adapters|invertible_lang_adapters)\.(?P<name>[^.]+)\."
     r"(?P<param>[FG]\.[02]\.(?:weight|bias))$"
 )
+
+
+def _install(madx, name, config, state, head, source, *, overwrite, set_active) -> str:
+    """The last step of every load, once everything was read and checked: install, head, activate."""
+    madx.install_adapter(name, config, state, overwrite=overwrite, source=source)
+    if head is not None:
+        _load_head(madx, head)
+    if set_active:
+        madx.set_active(name)
+    return name
 
 
 def to_adapterhub_keys(state: dict, name: str, prefix: str) -> dict:
