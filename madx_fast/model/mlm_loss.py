@@ -45,12 +45,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, ignore_index):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, ignore_index, mean=True):
         n_rows = hidden.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
             bias is not None and ctx.needs_input_grad[2])
         valid = targets != ignore_index
-        count = valid.sum().clamp(min=1).to(torch.float32)  # mean over labelled rows (no host sync)
+        # mean over labelled rows, counted on the device (no host sync); 1 for a sum
+        count = valid.sum().clamp(min=1).to(torch.float32) if mean else hidden.new_ones((), dtype=torch.float32)
         w = weight.to(hidden.dtype)
         b = None if bias is None else bias.to(hidden.dtype)
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
@@ -90,15 +91,17 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         dh = None if grad_h is None else (grad_h * grad_loss.to(grad_h.dtype)).to(t_h)
         dw = None if grad_w is None else (grad_w * grad_loss).to(t_w)
         db = None if grad_b is None else (grad_b * grad_loss).to(t_b)
-        return dh, dw, db, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                targets: torch.Tensor, *, chunk_size: int | None = None,
-                               ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """``F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=...)`` (mean over labelled
-    rows) without materialising the ``N x V`` logits. ``hidden: [N, H]``, ``weight: [V, H]``,
-    ``bias: [V]``, ``targets: [N]``. With no labelled row the loss is 0 (not NaN)."""
+                               ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=..., reduction=...)`` (mean
+    over labelled rows, or their sum) without materialising the ``N x V`` logits. ``hidden: [N, H]``,
+    ``weight: [V, H]``, ``bias: [V]``, ``targets: [N]``. With no labelled row the loss is 0 (not NaN)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -111,21 +114,36 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
         chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, int(chunk_size), ignore_index)
+    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, int(chunk_size), ignore_index,
+                                         reduction == "mean")
 
 
-def madx_mlm_loss(model, input_ids=None, attention_mask=None, labels=None, *, chunk_size: int | None = None,
+def madx_mlm_loss(model, input_ids=None, attention_mask=None, labels=None, *, positions: torch.Tensor | None = None,
+                  targets: torch.Tensor | None = None, chunk_size: int | None = None, reduction: str = "mean",
                   **encoder_kwargs) -> torch.Tensor:
     """The masked-LM loss of an HF ``...ForMaskedLM`` model, equal to ``model(..., labels=labels).loss``,
     computing the head and decoder only at positions with ``labels != -100``.
 
     The head is the model's own (dense -> GELU -> LayerNorm, then the NICE inverse of the active language
     adapter when MAD-X is wired in) followed by the tied decoder; ``encoder_kwargs`` (``token_type_ids``,
-    ``position_ids``, ``inputs_embeds``, ...) go to the encoder. Selecting the labelled rows gives a
-    data-dependent shape: under torch.compile the encoder compiles whole and the graph breaks at the
-    selection (compile the model, or this function without ``fullgraph``)."""
-    if labels is None:
-        raise ValueError("madx_mlm_loss needs labels (-100 at positions without a target)")
+    ``position_ids``, ``inputs_embeds``, ...) go to the encoder. ``reduction="sum"`` gives the sum over the
+    labelled tokens instead of their mean.
+
+    The labelled rows come either from ``labels [B, L]`` (a boolean selection: its row count is read back
+    from the device, a host sync, and a data-dependent shape that breaks a torch.compile graph) or, for a
+    step without syncs, from ``positions`` and ``targets`` made on the host by
+    ``madx_fast.model.inputs.mlm_positions(labels)`` (flat indices into ``B * L``; target -100 rows are
+    padding and count for nothing)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if (positions is None) != (targets is None):
+        raise ValueError("give positions and targets together (see madx_fast.model.inputs.mlm_positions)")
+    if labels is None and positions is None:
+        raise ValueError("madx_mlm_loss needs labels (-100 at positions without a target), or positions and "
+                         "targets")
+    if positions is not None and (positions.dim() != 1 or targets.shape != positions.shape):
+        raise ValueError(f"positions and targets must be 1-D of one length, got shapes {tuple(positions.shape)} "
+                         f"and {tuple(targets.shape)}")
     madx = getattr(model, "madx", None)
     parts = madx.parts if madx is not None else find_parts(model)
     head = parts.mlm_head
@@ -133,11 +151,15 @@ def madx_mlm_loss(model, input_ids=None, attention_mask=None, labels=None, *, ch
         raise TypeError(f"{type(model).__name__} has no masked-LM head (lm_head / cls.predictions)")
     out = parts.base(input_ids=input_ids, attention_mask=attention_mask, **encoder_kwargs)
     hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:-1])}")
-    selected = labels != IGNORE_INDEX
-    rows = hidden[selected]  # [N, H]: the only rows the head and decoder see
-    targets = labels[selected]
+    if positions is None:
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:-1])}")
+        selected = labels != IGNORE_INDEX
+        rows = hidden[selected]  # [N, H]: the only rows the head and decoder see
+        targets = labels[selected]
+    else:
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
     x = head.transform(rows)
     decoder = head.decoder
-    return fused_linear_cross_entropy(x, decoder.weight, decoder.bias, targets, chunk_size=chunk_size)
+    return fused_linear_cross_entropy(x, decoder.weight, decoder.bias, targets, chunk_size=chunk_size,
+                                      reduction=reduction)

@@ -39,7 +39,25 @@ def slice_batch(batch: dict, start: int, end: int) -> dict:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Copy a host batch to ``device``; to a GPU through pinned memory, so the copy is queued without
+    waiting (a copy from pageable memory synchronises the stream first)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def model_batch(model, batch: dict, device) -> dict:
+    """A host batch, made ready for ``model`` on ``device`` without a host-device sync in the step that uses
+    it: moved through pinned memory, its attention mask in the form that spares HF the check whether it
+    is all ones (``madx_fast.model.inputs.encoder_attention_mask``, decided here from the host copy)."""
+    from ..model.inputs import encoder_attention_mask
+    mask = batch.get("attention_mask")
+    padded = mask is not None and not bool(mask.all())
+    out = to_device(batch, device)
+    if mask is not None:
+        out["attention_mask"] = encoder_attention_mask(model, out["attention_mask"], padded=padded)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -62,6 +80,15 @@ class MlmObjective:
         return {"input_ids": inputs, "attention_mask": mask, "labels": labels}
 
     @staticmethod
+    def prepare(batch: dict) -> dict:
+        """Host side of a (micro-)batch: the masked positions and their targets, so that the step selects
+        the decoder's rows with no host sync (``madx_fast.model.inputs.mlm_positions``)."""
+        from ..model.inputs import mlm_positions
+        positions, targets = mlm_positions(batch["labels"])
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "mlm_positions": positions, "mlm_targets": targets}
+
+    @staticmethod
     def count(batch: dict) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
@@ -71,9 +98,10 @@ class MlmObjective:
 
     @staticmethod
     def loss_sum(model, batch: dict) -> torch.Tensor:
+        """Sum of the masked tokens' losses of a ``prepare``d batch on the device."""
         from ..model import madx_mlm_loss
-        n = (batch["labels"] != IGNORE_INDEX).sum()
-        return madx_mlm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"]) * n
+        return madx_mlm_loss(model, batch["input_ids"], batch["attention_mask"], positions=batch["mlm_positions"],
+                             targets=batch["mlm_targets"], reduction="sum")
 
 
 @torch.no_grad()
@@ -82,14 +110,14 @@ def evaluate_mlm(model, batches: Sequence[dict], device, bf16: bool = False) -> 
     fixed masks so that every evaluation of a run sees the same ones."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in batches:
-        batch = to_device(batch, device)
-        with autocast(torch.device(device), bf16):
-            total += float(MlmObjective.loss_sum(model, batch))
         count += MlmObjective.count(batch)
+        batch = model_batch(model, MlmObjective.prepare(batch), device)
+        with autocast(torch.device(device), bf16):
+            total += MlmObjective.loss_sum(model, batch).double()
     model.train(was_training)
-    loss = total / max(count, 1)
+    loss = float(total) / max(count, 1)
     return {"mlm_loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "masked_tokens": count}
 
 
@@ -137,6 +165,11 @@ class Task:
         raise NotImplementedError
 
     @staticmethod
+    def prepare(batch: dict) -> dict:
+        """Host-side work on a (micro-)batch before it goes to the device (nothing for the tasks)."""
+        return batch
+
+    @staticmethod
     def num_tokens(batch: dict) -> int:
         return int(batch["attention_mask"].sum())
 
@@ -157,8 +190,9 @@ class Task:
         try:
             for i in D.progress(range(0, len(features), batch_size), desc=f"eval {self.name}"):
                 chunk = features[i:i + batch_size]
-                batch = to_device(self.make_batch(chunk), device)
-                batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+                batch = self.make_batch(chunk)
+                batch = model_batch(model, {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")},
+                                    device)
                 with autocast(torch.device(device), bf16):
                     out = model(**batch)
                 yield chunk, out

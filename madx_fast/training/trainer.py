@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from . import artifacts
 from .data import ShuffledStream
-from .tasks import autocast, slice_batch, to_device
+from .tasks import autocast, model_batch, slice_batch
 
 log = logging.getLogger("madx_fast.training")
 
@@ -315,13 +315,11 @@ class Trainer:
         mine = slice_batch(batch, ctx.rank * self.per_process, (ctx.rank + 1) * self.per_process)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for a in range(cfg.grad_accum):
-            micro = to_device(slice_batch(mine, a * self.micro, (a + 1) * self.micro), self.device)
+            micro = self.objective.prepare(slice_batch(mine, a * self.micro, (a + 1) * self.micro))
+            micro = model_batch(self.model, micro, self.device)
             sync = ddp.no_sync() if ddp is not None and a < cfg.grad_accum - 1 else nullcontext()
             with sync:
-                with autocast(self.device, cfg.bf16):
-                    part = runner(micro)
-                (part * (ctx.world / total)).backward()
-            loss_sum += part.detach().double()
+                loss_sum += self._micro_step(runner, micro, ctx.world / total)
         if ctx.enabled:
             dist.all_reduce(loss_sum)
         if cfg.max_grad_norm:
@@ -330,6 +328,14 @@ class Trainer:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return loss_sum / total, tokens
+
+    def _micro_step(self, runner, micro: dict, scale: float) -> torch.Tensor:
+        """Forward and backward of one micro-batch already on the device; returns its loss sum (float64,
+        on the device). Everything here is queued without waiting for the device (tests check it)."""
+        with autocast(self.device, self.config.bf16):
+            part = runner(micro)
+        (part * scale).backward()
+        return part.detach().double()
 
     def _evaluate(self, step: int, state: dict) -> dict:
         metrics = None

@@ -1,0 +1,73 @@
+"""Batch inputs prepared on the host so that a training or inference step never waits for the GPU.
+
+A host-device synchronisation stalls the CPU until every queued kernel has run, so the GPU then idles while
+the CPU queues the next ones. Two come with a plain HF masked-LM / token-classification step:
+
+1. Selecting the masked rows with a boolean index (``hidden[labels != -100]``): the number of rows is data
+   on the device, so PyTorch must read it back before the head and decoder can be queued.
+   ``mlm_positions`` computes the flat positions and targets on the CPU, where the labels are made (padded
+   to a multiple of ``multiple`` rows with target -100, so shapes repeat and compile / CUDA graphs reuse).
+2. HF's SDPA mask preparation checks whether a 2D padding mask is all ones (``torch.all(mask == 1)`` in
+   transformers 4.x, ``padding_mask.all()`` in 5.x) to drop it and let SDPA use flash attention.
+   ``encoder_attention_mask`` answers that question from the CPU copy of the mask instead: a batch without
+   padding passes no mask at all, a padded one passes the mask in a form HF takes as already prepared.
+
+On transformers 4.x a batch without padding still goes through HF's check (the model builds a ones mask
+and tests it): the alternative, a prepared mask, would keep SDPA off its flash kernel, which costs more
+than the one sync at the start of the forward. With transformers >= 5 the step is free of syncs.
+"""
+from __future__ import annotations
+
+import torch
+import transformers
+
+IGNORE_INDEX = -100
+_HF_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+def mlm_positions(labels: torch.Tensor, *, multiple: int = 64,
+                  ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions, targets)`` of the labelled tokens of ``labels [B, L]``: flat indices into ``B * L`` and
+    their labels, padded with position 0 / target ``ignore_index`` up to a multiple of ``multiple``.
+    Call it where the labels are made (on the CPU) and move both to the device with the batch."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [batch, length], got shape {tuple(labels.shape)}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    flat = labels.reshape(-1)
+    positions = (flat != ignore_index).nonzero().squeeze(1)
+    n = positions.numel()
+    size = max(multiple, -(-n // multiple) * multiple)
+    out_pos = torch.zeros(size, dtype=torch.long, device=labels.device)
+    out_tgt = torch.full((size,), ignore_index, dtype=torch.long, device=labels.device)
+    out_pos[:n] = positions
+    out_tgt[:n] = flat[positions]
+    return out_pos, out_tgt
+
+
+def _attention_implementation(model) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded: bool) -> torch.Tensor | None:
+    """The ``attention_mask`` to hand the HF ``model`` for a 2D padding mask ``[B, L]`` (already on the
+    model's device), given ``padded`` = whether any entry is 0, known on the host.
+
+    - no padding, transformers >= 5: ``None`` (SDPA goes straight to flash attention, nothing is checked);
+    - padding, transformers >= 5 with SDPA: a boolean ``[B, 1, L, L]`` view (HF returns a 4D mask as is);
+    - padding, transformers 4.x: a ``[B, L, L]`` view, which HF expands itself without testing it;
+    - otherwise the mask unchanged (other attention kernels, masks that are not 2D).
+    The model computes the same function with either form."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    b, length = attention_mask.shape
+    if _HF_MAJOR >= 5:
+        if not padded:
+            return None
+        if _attention_implementation(model) == "sdpa":
+            return attention_mask.bool()[:, None, None, :].expand(b, 1, length, length)
+        return attention_mask
+    if padded:
+        return attention_mask[:, None, :].expand(b, length, length)
+    return attention_mask
