@@ -22,7 +22,7 @@ import torch
 import transformers
 
 IGNORE_INDEX = -100
-_HF_MAJOR = int(transformers.__version__.split(".")[0])
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 def mlm_positions(labels: torch.Tensor, *, multiple: int = 64,
@@ -62,7 +62,7 @@ def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
     b, length = attention_mask.shape
-    if _HF_MAJOR >= 5:
+    if TRANSFORMERS_MAJOR >= 5:
         if not padded:
             return None
         if _attention_implementation(model) == "sdpa":

@@ -78,14 +78,22 @@ def _check_name(name: str, what: str) -> None:
         raise ValueError(f"{what} {name!r} must be letters, digits and _-@+ (it names an adapter)")
 
 
-def _dtype(name):
+def backbone_dtype_for(name, device=None) -> torch.dtype | None:
+    """The dtype to keep the frozen backbone in (None: leave it float32). ``"auto"`` (the default of the
+    command line and of the stage functions) is bfloat16 on a GPU that has it, float32 elsewhere: the fast
+    path, adapters keep float32 master weights either way. ``device=None`` only checks the name."""
+    if name == "auto":
+        dev = torch.device(device) if device is not None else None
+        if dev is not None and dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
     if name in (None, "", "float32", "fp32", torch.float32):
         return None
     table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if isinstance(name, torch.dtype):
         return name
     if name not in table:
-        raise ValueError(f"backbone dtype {name!r}: choose float32, bfloat16 or float16")
+        raise ValueError(f"backbone dtype {name!r}: choose auto, float32, bfloat16 or float16")
     return table[name]
 
 
@@ -121,7 +129,7 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
                            mlm_probability: float = 0.15,
                            reduction_factor: float = 2, invertible: bool = True,
                            leave_out: Sequence[int] = (), backend: str | None = None,
-                           backbone_dtype: str | None = None, tokenizer: str | None = None,
+                           backbone_dtype: str | None = "auto", tokenizer: str | None = None,
                            resume: bool = False, overwrite: bool = False, export_adapterhub: bool = False) -> dict:
     """Train the language adapter ``lang`` (+ NICE invertible adapter unless ``invertible=False``) of the
     masked-LM model ``model`` on ``train_data`` (a text file, directory or HF dataset; ``{lang}`` expands).
@@ -134,7 +142,7 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
     config.check()
     _check_name(lang, "language")
     artifacts.check_output_dir(output_dir, resume=resume, overwrite=overwrite)
-    dtype = _dtype(backbone_dtype)
+    backbone_dtype_for(backbone_dtype)  # a bad name fails before any work
     ctx = init_distributed(config.device)
     config.check_split(ctx.world)
     device = pick_device(config.device, ctx)
@@ -169,6 +177,7 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
     madx.add_adapter(lang, adapter_cfg)
     madx.set_active(lang)
     madx.train_adapters(lang)
+    dtype = backbone_dtype_for(backbone_dtype, device)
     if dtype is not None:
         madx.cast_backbone(dtype)
     mlm_model.to(device)
@@ -261,7 +270,7 @@ def train_task_adapter(*, task: str, train_data: str, output_dir: str, model: st
                        name: str | None = None, config: TrainConfig | None = None, epochs: float | None = None,
                        max_length: int | None = None, reduction_factor: float = 16,
                        max_train_examples: int | None = None, max_eval_examples: int | None = None,
-                       backend: str | None = None, backbone_dtype: str | None = None,
+                       backend: str | None = None, backbone_dtype: str | None = "auto",
                        tokenizer: str | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """Train a task adapter for ``task`` ("ner", "qa", "copa") stacked on the frozen language adapter in
     ``lang_adapter`` (a bundle or run directory; None trains the task adapter alone: MAD-X -LAD -INV).
@@ -276,7 +285,7 @@ def train_task_adapter(*, task: str, train_data: str, output_dir: str, model: st
     name = name or the_task.name
     _check_name(name, "task adapter name")
     artifacts.check_output_dir(output_dir, resume=resume, overwrite=overwrite)
-    dtype = _dtype(backbone_dtype)
+    backbone_dtype_for(backbone_dtype)  # a bad name fails before any work
 
     lang_path, lang_meta = None, {}
     if lang_adapter:
@@ -342,6 +351,7 @@ def train_task_adapter(*, task: str, train_data: str, output_dir: str, model: st
     for n, p in task_model.named_parameters():
         if n in extra:
             p.requires_grad_(True)
+    dtype = backbone_dtype_for(backbone_dtype, device)
     if dtype is not None:
         madx.cast_backbone(dtype)
     task_model.to(device)

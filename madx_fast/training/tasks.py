@@ -20,6 +20,7 @@ import collections
 import re
 import string
 from contextlib import nullcontext
+from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +29,10 @@ import torch.nn.functional as F
 
 from . import data as D
 from .data import IGNORE_INDEX
+
+
+def _pad_to(rows: torch.Tensor, value: int, length: int) -> torch.Tensor:
+    return F.pad(rows, (0, length - rows.shape[1]), value=value)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -131,6 +136,7 @@ class Task:
     auto_class: str = ""
     main_metric: str = ""
     default_max_length: int = 128
+    graph_outputs: tuple[str, ...] | None = None  # model outputs an evaluation uses (None: no graph replay)
 
     def __init__(self, pad_id: int = 1):
         self.pad_id = pad_id
@@ -180,17 +186,32 @@ class Task:
         raise NotImplementedError
 
     # evaluation -------------------------------------------------------------------------------------------
-    def evaluate(self, model, examples, features, *, batch_size: int, device, bf16: bool = False) -> dict:
+    def evaluate(self, model, examples, features, *, batch_size: int, device, bf16: bool = False,
+                 graphs: bool = False) -> dict:
+        """Metrics of ``model`` on ``examples``; ``graphs=True`` replays the forward from CUDA graphs
+        (``madx_fast.graphs``; every batch padded to the longest feature, so that shapes repeat)."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def _forward_batches(self, model, features, batch_size, device, bf16):
+    def _forward_batches(self, model, features, batch_size, device, bf16, graphs=False):
         was_training = model.training
         model.eval()
+        runner, length = None, None
+        if graphs and self.graph_outputs:
+            from ..graphs import GraphedInference
+            runner = GraphedInference(model, output_key=self.graph_outputs)
+            length = max((len(f["input_ids"]) for f in features), default=0)
         try:
             for i in D.progress(range(0, len(features), batch_size), desc=f"eval {self.name}"):
                 chunk = features[i:i + batch_size]
                 batch = self.make_batch(chunk)
+                if runner is not None:
+                    ids, mask = _pad_to(batch["input_ids"], self.pad_id, length), _pad_to(batch["attention_mask"], 0,
+                                                                                          length)
+                    with autocast(torch.device(device), bf16):
+                        outs = runner(ids, mask)
+                    yield chunk, SimpleNamespace(**dict(zip(self.graph_outputs, outs)))
+                    continue
                 batch = model_batch(model, {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")},
                                     device)
                 with autocast(torch.device(device), bf16):
@@ -203,6 +224,7 @@ class Task:
 class NerTask(Task):
     name, auto_class, main_metric = "ner", "AutoModelForTokenClassification", "f1"
     default_max_length = 128
+    graph_outputs = ("logits",)
 
     def load(self, spec, split, lang=None, max_examples=None, label_names=None):
         examples, names = D.load_ner(spec, split, lang=lang, label_names=label_names, max_examples=max_examples)
@@ -237,10 +259,10 @@ class NerTask(Task):
         return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
 
-    def evaluate(self, model, examples, features, *, batch_size, device, bf16=False):
+    def evaluate(self, model, examples, features, *, batch_size, device, bf16=False, graphs=False):
         names = self.label_names
         preds = []
-        for chunk, out in self._forward_batches(model, features, batch_size, device, bf16):
+        for chunk, out in self._forward_batches(model, features, batch_size, device, bf16, graphs):
             best = out.logits.argmax(-1).cpu()
             for row, f in enumerate(chunk):
                 words = {}
@@ -256,6 +278,7 @@ class NerTask(Task):
 class QaTask(Task):
     name, auto_class, main_metric = "qa", "AutoModelForQuestionAnswering", "f1"
     default_max_length = 384
+    graph_outputs = ("start_logits", "end_logits")
     doc_stride = 128
     n_best, max_answer_length = 20, 30
 
@@ -289,9 +312,9 @@ class QaTask(Task):
         end = F.cross_entropy(out.end_logits.float(), batch["end_positions"], reduction="sum")
         return (start + end) / 2
 
-    def evaluate(self, model, examples, features, *, batch_size, device, bf16=False):
+    def evaluate(self, model, examples, features, *, batch_size, device, bf16=False, graphs=False):
         best: dict[int, tuple[float, str]] = {}
-        for chunk, out in self._forward_batches(model, features, batch_size, device, bf16):
+        for chunk, out in self._forward_batches(model, features, batch_size, device, bf16, graphs):
             starts, ends = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
             for row, f in enumerate(chunk):
                 ex = examples[f["example"]]
@@ -335,7 +358,7 @@ class CopaTask(Task):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
 
-    def evaluate(self, model, examples, features, *, batch_size, device, bf16=False):
+    def evaluate(self, model, examples, features, *, batch_size, device, bf16=False, graphs=False):
         correct = 0
         for chunk, out in self._forward_batches(model, features, batch_size, device, bf16):
             pred = out.logits.argmax(-1).cpu()

@@ -37,15 +37,19 @@ def evaluate_transfer(*, task_adapters: Sequence[str], lang_adapters: dict[str, 
                       eval_data: str, split: str = "test", settings: Sequence[str] = ("target",),
                       system: str = "MAD-X", model: str | None = None, batch_size: int = 32,
                       max_examples: int | None = None, device: str | None = None, bf16: bool = False,
-                      backend: str | None = None, output_dir: str | None = None) -> dict:
+                      backend: str | None = None, backbone_dtype: str | None = "auto",
+                      cuda_graphs: bool = False, output_dir: str | None = None) -> dict:
     """Evaluate every task adapter (bundle or run directory) on every target language's ``eval_data``
     (``{lang}`` expands; e.g. ``"wikiann:{lang}"`` or ``"data/{lang}/ner"``) in every setting.
 
     ``lang_adapters`` maps language -> adapter directory; a task adapter's source language adapter is taken
     from there or, if absent, from the path recorded when the task adapter was trained. Returns
     ``{"records": [...]}`` (one per task adapter x target x setting) and, with ``output_dir``, writes the
-    report there."""
+    report there. ``backbone_dtype`` as in training ("auto": bfloat16 on a GPU, float32 elsewhere);
+    ``cuda_graphs`` replays each evaluation forward from CUDA graphs (NER, QA; ``madx_fast.graphs``)."""
+    from .stages import backbone_dtype_for
     t_start = time.perf_counter()
+    backbone_dtype_for(backbone_dtype)  # a bad name fails before any work
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown or not settings:
         raise ValueError(f"unknown transfer setting(s) {unknown}; choose from {sorted(SETTINGS)}")
@@ -63,10 +67,11 @@ def evaluate_transfer(*, task_adapters: Sequence[str], lang_adapters: dict[str, 
 
     task = get_task(kinds.pop())
     dev = pick_device(device, _single())
+    dtype = backbone_dtype_for(backbone_dtype, dev)
     records = []
     for plan in plans:
         records.extend(_evaluate_plan(plan, task, targets, eval_data, split, system, model, batch_size,
-                                      max_examples, dev, bf16, backend))
+                                      max_examples, dev, bf16, backend, dtype, cuda_graphs))
     result = {"records": records, "system": system, "task": task.name, "targets": list(targets),
               "settings": list(settings), "eval_data": eval_data, "split": split,
               "wall_time_s": time.perf_counter() - t_start}
@@ -139,7 +144,7 @@ def _check_same_base(plans, model):
 
 
 def _evaluate_plan(plan, task, targets, eval_data, split, system, model, batch_size, max_examples, device, bf16,
-                   backend) -> list[dict]:
+                   backend, dtype, graphs) -> list[dict]:
     from ..model import Stack, add_madx
     from .stages import load_model, load_tokenizer
 
@@ -167,6 +172,8 @@ def _evaluate_plan(plan, task, targets, eval_data, split, system, model, batch_s
         if lang == task_name:
             raise ValueError(f"language {lang!r} has the task adapter's name")
         artifacts.load_bundle(madx, path, load_as=lang, fingerprint=fingerprint, model_name=model_name)
+    if dtype is not None:
+        madx.cast_backbone(dtype)
     the_model.to(device)
     memory = PeakMemory(device)
 
@@ -175,7 +182,8 @@ def _evaluate_plan(plan, task, targets, eval_data, split, system, model, batch_s
         examples, features = data[target]
         madx.set_active(Stack(lang, task_name) if lang else task_name)
         t0 = time.perf_counter()
-        metrics = task.evaluate(the_model, examples, features, batch_size=batch_size, device=device, bf16=bf16)
+        metrics = task.evaluate(the_model, examples, features, batch_size=batch_size, device=device, bf16=bf16,
+                                graphs=graphs)
         value = metrics[task.main_metric]
         percent = value if task.name == "qa" else 100.0 * value
         rec = {"system": system, "task": task.name, "task_adapter": plan["path"], "source": plan["source"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from madx_training_helpers import adapter_tensors, build_tiny_base, quiet_config, step_losses, write_small_corpus
 
@@ -26,7 +27,7 @@ def test_triton_and_eager_training_curves_match(tmp_path):
         train_language_adapter(model=base, lang="alpha", train_data=data, output_dir=runs[backend], eval_fraction=0,
                                config=quiet_config(steps=STEPS, batch_size=4, learning_rate=1e-2, warmup_steps=5,
                                                    device=device),
-                               max_length=16, backend=backend)
+                               max_length=16, backend=backend, backbone_dtype="float32")
     eager, triton = step_losses(runs["eager"]), step_losses(runs["triton"])
     assert len(eager) == len(triton) == STEPS
     worst = max(abs(a - b) for a, b in zip(eager, triton))
@@ -37,3 +38,27 @@ def test_triton_and_eager_training_curves_match(tmp_path):
     b = adapter_tensors(os.path.join(runs["triton"], "adapter"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton's interpreter has no bf16)")
+def test_default_fast_path_tracks_eager_as_closely_as_bf16_allows(tmp_path):
+    """The command line's defaults on a GPU (Triton kernels, bfloat16 backbone) against the eager ops on the
+    same bfloat16 backbone: per-step losses no further apart than 3x the distance bf16 itself puts between
+    eager bf16 and eager fp32 (the project's low-precision parity rule), plus 1e-3."""
+    write_small_corpus(str(tmp_path / "corpus"))
+    base = build_tiny_base(str(tmp_path / "base"), str(tmp_path / "corpus"))
+    data = str(tmp_path / "corpus" / "alpha" / "text" / "train.txt")
+    losses = {}
+    for name, backend, dtype in (("fast", None, "auto"), ("eager", "eager", "auto"), ("fp32", "eager", "float32")):
+        run = str(tmp_path / name)
+        train_language_adapter(model=base, lang="alpha", train_data=data, output_dir=run, eval_fraction=0,
+                               config=quiet_config(steps=STEPS, batch_size=4, learning_rate=1e-2, warmup_steps=5,
+                                                   device="cuda"),
+                               max_length=16, backend=backend, backbone_dtype=dtype)
+        losses[name] = step_losses(run)
+    bf16_error = max(abs(a - b) for a, b in zip(losses["eager"], losses["fp32"]))
+    worst = max(abs(a - b) for a, b in zip(losses["fast"], losses["eager"]))
+    assert bf16_error > 0  # the runs really were bf16
+    assert worst <= 3 * bf16_error + 1e-3, f"fast vs eager {worst:.2e}, bf16 vs fp32 {bf16_error:.2e}"
+    assert sum(losses["fast"][STEPS // 2:]) < sum(losses["fast"][:STEPS // 2])

@@ -89,6 +89,16 @@ def test_ner_task_and_transfer(tmp_path, lang_runs, corpus):
     rows = list(csv.reader(open(os.path.join(report, "transfer_matrix.csv"))))
     assert rows[0] == ["row", "alpha", "beta"] and len(rows) == 4
 
+    # replayed from graphs (on the CPU: the same static-buffer bookkeeping, a plain call for the replay),
+    # every batch padded to one length: the same scores
+    graphed = evaluate_transfer(task_adapters=[ner],
+                                lang_adapters={"alpha": lang_runs["alpha"], "beta": lang_runs["beta"]},
+                                targets=["alpha", "beta"], eval_data=os.path.join(corpus, "{lang}", "ner"),
+                                settings=["target", "source", "none"], backend="eager", cuda_graphs=True,
+                                batch_size=5)
+    for r in graphed["records"]:
+        assert r["value"] == pytest.approx(by[(r["target"], r["setting"])]["value"], abs=1e-9)
+
     # the report directory is not overwritten silently
     with pytest.raises(FileExistsError, match="already holds a transfer report"):
         evaluate_transfer(task_adapters=[ner], lang_adapters={"beta": lang_runs["beta"]}, targets=["beta"],
@@ -128,6 +138,9 @@ def test_qa_task(tmp_path, lang_runs):
     res = evaluate_transfer(task_adapters=[run], lang_adapters={"beta": lang_runs["beta"]}, targets=["beta"],
                             eval_data=train, backend="eager")
     assert res["records"][0]["metric"] == "f1" and 0 <= res["records"][0]["value"] <= 100
+    graphed = evaluate_transfer(task_adapters=[run], lang_adapters={"beta": lang_runs["beta"]}, targets=["beta"],
+                                eval_data=train, backend="eager", cuda_graphs=True, batch_size=3)
+    assert graphed["records"][0]["metrics"] == pytest.approx(res["records"][0]["metrics"])
 
 
 def test_copa_task(tmp_path, lang_runs):
@@ -169,6 +182,30 @@ def test_bf16_autocast_runs(tmp_path, tiny_base, corpus):
                                      config=quiet_config(steps=2, bf16=True), max_length=32, backend="eager")
     assert summary["config"]["bf16"] and all(torch.isfinite(torch.tensor(step_losses(run))))
     # master weights stay float32
+    assert all(v.dtype == torch.float32 for v in adapter_tensors(os.path.join(run, "adapter")).values())
+
+
+def test_backbone_dtype_defaults_to_the_fast_path(monkeypatch, tmp_path, tiny_base, corpus):
+    """The command line and the stage functions default to "auto": bfloat16 backbone on a GPU with bf16,
+    float32 on the CPU; an explicit bfloat16 backbone trains on the CPU too, adapters staying float32."""
+    from madx_fast.cli import build_parser
+    from madx_fast.training.stages import backbone_dtype_for
+    args = build_parser().parse_args(["train-lang", "--model", "m", "--lang", "x", "--train-data", "t",
+                                      "--output", "o"])
+    assert args.backbone_dtype == "auto"
+    assert backbone_dtype_for("auto", "cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert backbone_dtype_for("auto", "cuda") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert backbone_dtype_for("auto", "cuda") is None
+    with pytest.raises(ValueError, match="choose auto"):
+        backbone_dtype_for("int8")
+    run = str(tmp_path / "bf16-backbone")
+    summary = train_language_adapter(model=tiny_base, lang="alpha", output_dir=run, eval_fraction=0.1,
+                                     train_data=os.path.join(corpus, "alpha", "text", "train.txt"),
+                                     config=quiet_config(steps=2), max_length=32, backend="eager",
+                                     backbone_dtype="bfloat16")
+    assert summary["backbone_dtype"] == "torch.bfloat16" and all(torch.isfinite(torch.tensor(step_losses(run))))
     assert all(v.dtype == torch.float32 for v in adapter_tensors(os.path.join(run, "adapter")).values())
 
 

@@ -80,8 +80,8 @@ def test_whole_gpu_step_never_syncs(tmp_path, tiny_base, corpus, monkeypatch, st
     if stage == "lang":
         train_language_adapter(model=tiny_base, lang="alpha", output_dir=str(tmp_path / "r"), eval_fraction=0,
                                train_data=os.path.join(corpus, "alpha", "text", "train.txt"), max_length=32,
-                               config=cfg, backbone_dtype="bfloat16")
+                               config=cfg)  # backbone dtype "auto": bfloat16 on the GPU
     else:
         train_task_adapter(task="ner", model=tiny_base, train_data=os.path.join(corpus, "alpha", "ner"),
-                           output_dir=str(tmp_path / "r"), max_length=32, config=cfg, backbone_dtype="bfloat16")
+                           output_dir=str(tmp_path / "r"), max_length=32, config=cfg)
     assert len(steps) == 3
