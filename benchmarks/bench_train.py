@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train.py                 # GPU: XLM-R base architecture, the sizes of performance.md
     python benchmarks/bench_train.py --size tiny     # CPU-friendly (CI keeps it working)
+    python benchmarks/bench_train.py --size base-small --impl eager adapterhub   # XLM-R base, small batches
+    python benchmarks/bench_train.py --profile       # + where each step's time goes, by kind of work
     python benchmarks/bench_train.py --json out.json
 
 Workloads (random weights: speed does not depend on them):
@@ -11,9 +13,15 @@ Workloads (random weights: speed does not depend on them):
 
 Implementations, all at the same adapter configuration:
   fused      madx_fast, fused kernels (Triton on GPU), frozen backbone in bf16 with fp32 adapter weights
-             on a GPU, SDPA attention, MLM decoder only on masked tokens, fused AdamW
+             on a GPU, SDPA attention, MLM decoder only on masked tokens (host-made positions), attention
+             masks prepared on the host (no host-device sync in the step), fused AdamW: the trainer's path
+  graphs     (inference only) the fused model replayed from CUDA graphs (madx_fast.graphs)
   eager      the same madx_fast model with the eager (reference) adapter ops
   adapterhub AdapterHub `adapters` (when importable), its best setting: SDPA + bf16 autocast on a GPU
+
+--profile runs a few more steps of each under torch.profiler and prints, per step, the time of each kind of
+work (GPU kernel time on a GPU, CPU op self time on a CPU) and what is left of the step's wall time (host
+gaps: Python, launches, waiting).
 
 A step is forward + backward + optimizer step; the figure is the median of --iters timed steps after
 --warmup steps (CUDA events on a GPU). Peak memory is torch.cuda.max_memory_allocated over the timed steps.
@@ -38,8 +46,10 @@ SIZES = {
     "tiny": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=128, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1),
 }
+SIZES["base-small"] = SIZES["base"]
 SHAPES = {
     "base": dict(mlm=(64, 256), ner=(32, 128), infer=[(32, 128), (256, 128)]),
+    "base-small": dict(mlm=(4, 128), ner=(4, 128), infer=[(4, 128), (32, 128)]),
     "tiny": dict(mlm=(4, 32), ner=(4, 32), infer=[(4, 32), (16, 32)]),
 }
 NUM_LABELS = 7
@@ -98,6 +108,7 @@ def madx_fast_workloads(size, device, backend, lang_rf):
     from transformers import XLMRobertaForMaskedLM, XLMRobertaForTokenClassification
 
     from madx_fast.model import MadxConfig, Stack, add_madx
+    from madx_fast.model.inputs import encoder_attention_mask, mlm_positions
 
     low = torch.bfloat16 if device.type == "cuda" else None
     vocab = SIZES[size]["vocab_size"]
@@ -111,9 +122,11 @@ def madx_fast_workloads(size, device, backend, lang_rf):
             madx.cast_backbone(low)
         opt = _optimizer(madx.trainable_parameters(), device)
         ids, mask, labels, _ = _batch(vocab, b, l, device)
+        positions, targets = (t.to(device) for t in mlm_positions(labels.cpu()))
+        mask = encoder_attention_mask(model, mask, padded=False)
 
         def step():
-            loss = madx.mlm_loss(ids, mask, labels)
+            loss = madx.mlm_loss(ids, mask, positions=positions, targets=targets)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -134,6 +147,7 @@ def madx_fast_workloads(size, device, backend, lang_rf):
         model, madx = ner_model()
         opt = _optimizer(madx.trainable_parameters(), device)
         ids, mask, _, tags = _batch(vocab, b, l, device)
+        mask = encoder_attention_mask(model, mask, padded=False)
 
         def step():
             loss = model(input_ids=ids, attention_mask=mask, labels=tags).loss
@@ -146,13 +160,25 @@ def madx_fast_workloads(size, device, backend, lang_rf):
         model, _ = ner_model()
         model.eval()
         ids, mask, _, _ = _batch(vocab, b, l, device)
+        mask = encoder_attention_mask(model, mask, padded=False)
 
         def step():
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask).logits
         return step, model
 
-    return dict(mlm=mlm, ner=ner, infer=infer)
+    def infer_graphs(b, l):
+        from madx_fast.graphs import GraphedInference
+        model, _ = ner_model()
+        model.eval()
+        run = GraphedInference(model)
+        ids, mask, _, _ = _batch(vocab, b, l, torch.device("cpu"))  # host batch, as from a collator
+
+        def step():
+            run(ids, mask)
+        return step, model
+
+    return dict(mlm=mlm, ner=ner, infer=infer, infer_graphs=infer_graphs)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -222,8 +248,12 @@ def adapterhub_workloads(size, device, lang_rf):
 
 def implementations(size, device, lang_rf, which):
     impls = {}
-    if "fused" in which:
-        impls["fused"] = madx_fast_workloads(size, device, None, lang_rf)
+    if "fused" in which or "graphs" in which:
+        fused = madx_fast_workloads(size, device, None, lang_rf)
+        if "fused" in which:
+            impls["fused"] = fused
+        if "graphs" in which:
+            impls["graphs"] = dict(infer=fused["infer_graphs"])
     if "eager" in which:
         impls["eager"] = madx_fast_workloads(size, device, "eager", lang_rf)
     if "adapterhub" in which:
@@ -232,6 +262,92 @@ def implementations(size, device, lang_rf, which):
         except Exception as exc:  # not installed, or incompatible with this transformers
             print(f"# adapterhub: not measured ({type(exc).__name__}: {exc})", file=sys.stderr)
     return impls
+
+
+# ------------------------------------------------------------------------------------------------------------
+# where the time goes
+# ------------------------------------------------------------------------------------------------------------
+# (category, regular expression on kernel / op names); the first match wins
+CATEGORIES = [
+    ("autograd engine", r"autograd::engine|backward\d+$"),
+    ("madx_fast kernels/ops", r"madx_fast|adapter|_nice|nice_|tokens_reduce|fused_linear|rows_times"),
+    ("attention", r"flash|fmha|attention|scaled_dot_product|sdpa"),
+    ("softmax / cross-entropy", r"softmax|logsumexp|cross_entropy|nll_loss"),
+    ("GEMM", r"gemm|matmul|\bmm\b|::mm|addmm|bmm|linear|cutlass|xmma|nvjet|cublas|sm90_|sm80_"),
+    ("LayerNorm", r"layer_norm|layernorm"),
+    ("dropout / RNG", r"dropout|bernoulli|philox|rand"),
+    ("optimizer", r"adam|multi_tensor|foreach|optimizer"),
+    ("casts / copies", r"copy|_to_copy|cast|convert|contiguous|::to\b|clone"),
+    ("embedding / index", r"embedding|index|gather|scatter|cumsum"),
+    ("views / allocation", r"::view|::t$|transpose|as_strided|empty|reshape|expand|slice|permute|squeeze|"
+                           r"select|split|chunk|detach|alias|::resize"),
+    ("elementwise / reductions", r"elementwise|vectorized|reduce|::mul|::add|::sub|::div|gelu|relu|tanh|where|"
+                                 r"sqrt|::sum|mean|exp|lerp|addcmul|::all|::any|::ne|::eq|fill|zero"),
+    ("other kernels/ops", r"."),
+]
+
+
+def _categorise(name):
+    import re
+    low = name.lower()
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return cat
+    return CATEGORIES[-1][0]
+
+
+def profile_breakdown(step, device, steps):
+    """Per-step milliseconds of each category: GPU kernel time on a GPU, CPU op self time on a CPU; plus
+    the step's wall time and the part of it no category covers (host gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    totals = {}
+    for evt in prof.key_averages():
+        if device.type == "cuda":
+            us = getattr(evt, "self_device_time_total", None)
+            if us is None:
+                us = getattr(evt, "self_cuda_time_total", 0)
+            if evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+        else:
+            us = evt.self_cpu_time_total
+            if evt.key.startswith("ProfilerStep"):
+                continue
+        if us <= 0:
+            continue
+        cat = _categorise(evt.key)
+        totals[cat] = totals.get(cat, 0.0) + us / 1e3 / steps
+    busy = sum(totals.values())
+    return dict(wall_ms=wall, busy_ms=busy, host_gap_ms=max(wall - busy, 0.0), by_category=totals,
+                measure="GPU kernel time" if device.type == "cuda" else "CPU op self time")
+
+
+def print_breakdowns(rows):
+    cats = [c for c, _ in CATEGORIES]
+    for workload in dict.fromkeys((r["workload"], r["B"], r["L"]) for r in rows):
+        group = [r for r in rows if (r["workload"], r["B"], r["L"]) == workload and "profile" in r]
+        if not group:
+            continue
+        print(f"\n# where a step's time goes: {workload[0]} B={workload[1]} L={workload[2]} "
+              f"(ms per step, {group[0]['profile']['measure']})")
+        print(f"{'':<26}" + "".join(f"{r['impl']:>12}" for r in group))
+        for cat in cats:
+            vals = [r["profile"]["by_category"].get(cat, 0.0) for r in group]
+            if any(v >= 0.005 for v in vals):
+                print(f"{cat:<26}" + "".join(f"{v:>12.2f}" for v in vals))
+        for key, label in (("busy_ms", "sum of the above"), ("host_gap_ms", "host gaps (wall - sum)"),
+                           ("wall_ms", "wall time of a step")):
+            print(f"{label:<26}" + "".join(f"{r['profile'][key]:>12.2f}" for r in group))
 
 
 def run(args):
@@ -265,15 +381,18 @@ def run(args):
     for workload, b, l in cases:
         group = []
         for impl, builders in impls.items():
+            if workload not in builders:
+                continue
             torch.manual_seed(0)
             try:
                 step, model = builders[workload](b, l)
                 ms, peak = _timed(step, device, args.warmup, args.iters)
+                breakdown = profile_breakdown(step, device, args.profile) if args.profile else None
             except torch.cuda.OutOfMemoryError as exc:
                 print(f"# {impl} {workload} B={b} L={l}: out of memory ({exc})", file=sys.stderr)
                 continue
             group.append(dict(workload=workload, B=b, L=l, impl=impl, step_ms=ms, tokens_per_s=b * l / ms * 1e3,
-                              peak_GiB=peak))
+                              peak_GiB=peak, **({"profile": breakdown} if breakdown else {})))
             del step, model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -287,6 +406,8 @@ def run(args):
     for r in rows:
         print(f"{r['workload']:<9}{r['B']:>5}{r['L']:>5}  {r['impl']:<11}{r['step_ms']:>10.2f}"
               f"{r['tokens_per_s']:>12.0f}{r['peak_GiB']:>10.2f}{r['x_vs_adapterhub']:>14.2f}{r['x_vs_eager']:>9.2f}")
+    if args.profile:
+        print_breakdowns(rows)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(device=name, versions=versions, size=size, lang_rf=args.lang_rf, rows=rows), fh, indent=1)
@@ -299,10 +420,12 @@ def main(argv=None):
     p.add_argument("--lang-rf", type=float, default=16,
                    help="language adapter reduction factor (16: AdapterHub's seq_bn_inv default; 2: the paper)")
     p.add_argument("--workloads", nargs="+", default=["mlm", "ner", "infer"], choices=["mlm", "ner", "infer"])
-    p.add_argument("--impl", nargs="+", default=["fused", "eager", "adapterhub"],
-                   choices=["fused", "eager", "adapterhub"])
+    p.add_argument("--impl", nargs="+", default=["fused", "graphs", "eager", "adapterhub"],
+                   choices=["fused", "graphs", "eager", "adapterhub"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile this many steps of each row and print where the time goes")
     p.add_argument("--json", help="also write the rows as JSON here")
     return run(p.parse_args(argv))
 
