@@ -15,7 +15,10 @@ what="${1:-all}"
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; } \
   | tee "$OUT/device.txt"
 python -m pytest tests -q -p no:cacheprovider -x --ignore=tests/training -k "not bench" 2>&1 | tee "$OUT/tests.log" | tail -15
+# the GPU tests of the training stack: no sync in a whole step, the default fast path's curve vs eager
+# (needs the training dependencies: datasets, seqeval, tokenizers)
+python -m pytest tests/training -q -p no:cacheprovider -m gpu 2>&1 | tee "$OUT/tests_training.log" | tail -8
 if [ "$what" = all ]; then
   python benchmarks/bench_ops.py --json "$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench_ops.log"
-  python benchmarks/bench_train.py --json "$OUT/bench_train.json" 2>&1 | tee "$OUT/bench_train.log"
+  python benchmarks/bench_train.py --profile 5 --json "$OUT/bench_train.json" 2>&1 | tee "$OUT/bench_train.log"
 fi
