@@ -20,6 +20,7 @@ so is every mask on transformers 4.x (whose check of an unpadded mask would sync
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import torch
 
@@ -104,17 +105,25 @@ class GraphedInference:
     def _capture(self, entry, device) -> None:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.no_grad():
+        with torch.cuda.stream(side), torch.no_grad(), _autocast_without_cache():
             for _ in range(self.warmup):  # compiles Triton kernels, settles the allocator
                 self._forward(entry)
         torch.cuda.current_stream(device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
+        with torch.no_grad(), _autocast_without_cache(), torch.cuda.graph(graph, pool=self._pool):
             entry.output = self._forward(entry)
         entry.graph = graph
         self.captures += 1
+
+
+def _autocast_without_cache():
+    """Under an enclosing CUDA autocast, the same autocast with its weight-cast cache off: a graph must not
+    keep pointers to cached casts that autocast frees when its region ends (the casts are replayed instead)."""
+    if not torch.is_autocast_enabled("cuda"):
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
 def _model_device(model) -> torch.device:

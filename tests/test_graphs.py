@@ -117,3 +117,22 @@ def test_graphs_are_captured_once_per_shape_on_the_gpu():
     ids, mask = _batch(8, 32, pad_rows=(1,))
     run(ids, mask)
     assert run.captures == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_captured_under_autocast_stays_valid():
+    """A capture inside autocast must not point at autocast's cached weight casts (freed when it exits)."""
+    model, _ = _model("cuda", backend=None)
+    run = GraphedInference(model)
+    ids, mask = _batch(8, 32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        first = run(ids, mask)
+    torch.cuda.empty_cache()
+    junk = [torch.randn(1 << 20, device="cuda") for _ in range(8)]  # reuse freed memory
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        again = run(ids, mask)
+    del junk
+    torch.testing.assert_close(again, first)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(again, _plain(model, ids, mask).float(), rtol=3e-2, atol=3e-2)
