@@ -116,7 +116,7 @@ def test_graphs_are_captured_once_per_shape_on_the_gpu():
         torch.testing.assert_close(run(ids, mask), _plain(model, ids, mask), rtol=2e-2, atol=2e-2)
     assert run.captures == 1
     ids, mask = _batch(8, 32, pad_rows=(1,))
-    torch.testing.assert_close(run(ids, mask)[mask.bool()], _plain(model, ids, mask)[mask.bool().cuda()],
+    torch.testing.assert_close(run(ids, mask)[mask.bool().cuda()], _plain(model, ids, mask)[mask.bool().cuda()],
                                rtol=2e-2, atol=2e-2)
     # a padded batch needs its own graph on transformers 5 (no mask vs a 4D one); 4.x always uses the mask
     assert run.captures == (2 if TRANSFORMERS_MAJOR >= 5 else 1)
