@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-IGNORE_INDEX = -100
+from .mlm_loss import IGNORE_INDEX
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
