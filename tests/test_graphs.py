@@ -8,8 +8,8 @@ import torch
 from transformers import XLMRobertaConfig, XLMRobertaForTokenClassification
 
 from madx_fast.graphs import GraphedInference
-from madx_fast.model.inputs import TRANSFORMERS_MAJOR
 from madx_fast.model import MadxConfig, Stack, add_madx
+from madx_fast.model.inputs import TRANSFORMERS_MAJOR
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

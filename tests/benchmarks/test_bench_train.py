@@ -1,0 +1,41 @@
+"""Keeps benchmarks/bench_train.py working on CPU (tiny XLM-R architecture, every workload and implementation,
+the profile breakdown)."""
+import importlib.util
+import math
+
+from tests.helpers import ROOT
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_train_tiny_table():
+    rows = _bench().main(["--size", "tiny", "--warmup", "1", "--iters", "1"])
+    impls = {r["impl"] for r in rows}
+    assert {"fused", "graphs", "eager"} <= impls
+    assert {(r["workload"], r["B"]) for r in rows} == {("mlm", 4), ("ner", 4), ("infer", 4), ("infer", 16)}
+    assert {r["workload"] for r in rows if r["impl"] == "graphs"} == {"infer"}
+    for r in rows:
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0
+        assert math.isclose(r["tokens_per_s"], r["B"] * r["L"] / r["step_ms"] * 1e3)
+        if r["impl"] == "eager":
+            assert r["x_vs_eager"] == 1.0
+
+
+def test_bench_train_profile_breakdown(capsys):
+    bench = _bench()
+    rows = bench.main(["--size", "tiny", "--warmup", "1", "--iters", "1", "--profile", "1", "--workloads", "ner",
+                       "--impl", "eager"])
+    prof = rows[0]["profile"]
+    assert prof["wall_ms"] > 0 and 0 < prof["busy_ms"] <= prof["wall_ms"] * 1.5
+    cats = prof["by_category"]
+    assert cats["GEMM"] > 0 and cats["optimizer"] > 0 and set(cats) <= {c for c, _ in bench.CATEGORIES}
+    assert "where a step's time goes: ner" in capsys.readouterr().out
+    assert bench._categorise("aten::addmm") == "GEMM"
+    assert bench._categorise("madx_fast::adapter_forward") == "madx_fast kernels/ops"
+    assert bench._categorise("sm90_xmma_gemm_bf16bf16_bf16f32") == "GEMM"
+    assert bench._categorise("pytorch_flash::flash_fwd_kernel") == "attention"

@@ -1,0 +1,91 @@
+"""Shared builders for tests/training: a tiny XLM-R base model with a locally trained tokenizer, small
+synthetic data, and a way to run the ``madx`` command in a subprocess.
+
+The session fixtures built from these (``corpus``, ``tiny_base``, ...) are in tests/training/conftest.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from tests.helpers import ROOT as REPO
+
+ROOT = str(REPO)
+H, LAYERS = 32, 2
+
+
+def build_tiny_base(directory: str, data_dir: str, *, hidden: int = H, layers: int = LAYERS, seed: int = 0,
+                    max_length: int = 64, dropout: float = 0.0) -> str:
+    """Random-init XLM-R masked-LM (hidden 32, 2 layers) + BPE tokenizer trained on the synthetic text.
+    Dropout is off by default so that runs split differently (accumulation, processes) compute the same."""
+    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
+    from madx_fast.training import synthetic
+
+    texts = []
+    for lang in ("alpha", "beta"):
+        with open(os.path.join(data_dir, lang, "text", "train.txt"), encoding="utf-8") as f:
+            texts.extend(f.read().splitlines())
+    tok = synthetic.train_tokenizer(texts, vocab_size=300)
+    config = XLMRobertaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                              num_attention_heads=2, intermediate_size=2 * hidden,
+                              max_position_embeddings=max_length + 2, type_vocab_size=1, layer_norm_eps=1e-5,
+                              pad_token_id=1, bos_token_id=0, eos_token_id=2, hidden_dropout_prob=dropout,
+                              attention_probs_dropout_prob=dropout)
+    torch.manual_seed(seed)
+    model = XLMRobertaForMaskedLM(config)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def write_small_corpus(directory: str) -> dict:
+    from madx_fast.training import synthetic
+    return synthetic.write_corpus(directory, ("alpha", "beta"), text_sentences=400, ner_train=64,
+                                  ner_validation=24, ner_test=24, seed=0)
+
+
+def quiet_config(**overrides):
+    """A TrainConfig for tests: tiny batches, no progress bar, the eager backend on the CPU."""
+    from madx_fast.training import TrainConfig
+    base = dict(steps=6, batch_size=8, learning_rate=1e-3, seed=0, log_every=0, save_every=0, eval_batch_size=16,
+                progress=False, device="cpu")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def env_for_subprocess(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["HF_DATASETS_OFFLINE"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    env.update(extra)
+    return env
+
+
+def madx_command(*args) -> list[str]:
+    return [sys.executable, "-m", "madx_fast.cli", *map(str, args)]
+
+
+def run_madx(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(madx_command(*args), env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"madx {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def step_losses(run_dir: str) -> list[float]:
+    with open(os.path.join(run_dir, "log.jsonl"), encoding="utf-8") as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    return [e["loss"] for e in entries if "loss" in e]
+
+
+def adapter_tensors(bundle_dir: str) -> dict:
+    from safetensors.torch import load_file
+    return load_file(os.path.join(bundle_dir, "madx_adapter.safetensors"))
