@@ -14,16 +14,14 @@ import os
 
 import torch
 
+from .kernels import triton_interpreter_enabled
+
 BACKENDS = ("auto", "eager", "triton", "cuda")
 ENV_VAR = "MADX_FAST_BACKEND"
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says why."""
-
-
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:

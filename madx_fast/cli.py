@@ -212,8 +212,10 @@ def cmd_transfer(a) -> None:
 
 
 def cmd_params(a) -> None:
-    from .training.stages import format_parameter_budget, parameter_budget
-    print(format_parameter_budget(parameter_budget(model=a.model, languages=_csv(a.langs) or ["en"],
+    from .model.params import format_parameter_budget, parameter_budget
+    from .training.stages import load_config
+    config = load_config(a.model) if a.model else None
+    print(format_parameter_budget(parameter_budget(config, model_name=a.model, languages=_csv(a.langs) or ["en"],
                                                    lang_reduction_factor=a.lang_reduction_factor,
                                                    task_reduction_factor=a.task_reduction_factor,
                                                    invertible=not a.no_invertible)))

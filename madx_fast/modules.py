@@ -55,6 +55,13 @@ class BottleneckAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters(init_weights)
 
+    @staticmethod
+    def parameter_shapes(hidden_size: int, bottleneck: int) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every parameter (AdapterHub's names): the one statement of the adapter's size."""
+        h, d = hidden_size, bottleneck
+        return {"adapter_down.0.weight": (d, h), "adapter_down.0.bias": (d,), "adapter_up.weight": (h, d),
+                "adapter_up.bias": (h,)}
+
     def reset_parameters(self, init_weights: str = "bert"):
         down, up = self.adapter_down[0], self.adapter_up
         if init_weights == "bert":
@@ -107,6 +114,14 @@ class InvertibleAdapter(nn.Module):
         self.F = nn.Sequential(nn.Linear(len2, hf), _Activation(self.activation), nn.Linear(hf, len1))
         self.G = nn.Sequential(nn.Linear(len1, hg), _Activation(self.activation), nn.Linear(hg, len2))
         self.reset_parameters()
+
+    @staticmethod
+    def parameter_shapes(hidden_size: int, reduction_factor: float) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every parameter (AdapterHub's names): the one statement of the block's size."""
+        len1, len2 = reference.nice_split(hidden_size)
+        hf, hg = reference.nice_hidden_sizes(hidden_size, reduction_factor)
+        return {"F.0.weight": (hf, len2), "F.0.bias": (hf,), "F.2.weight": (len1, hf), "F.2.bias": (len1,),
+                "G.0.weight": (hg, len1), "G.0.bias": (hg,), "G.2.weight": (len2, hg), "G.2.bias": (len2,)}
 
     def reset_parameters(self):
         for lin in (self.F[0], self.F[2], self.G[0], self.G[2]):

@@ -15,3 +15,9 @@ custom ops in ``madx_fast.ops`` on 2-D inputs ``[N, H]`` (any row/column strides
 ``madx_fast.reference.ACTIVATION_CODES``. Backends never import each other; both are checked against
 ``madx_fast.reference``.
 """
+import os
+
+
+def triton_interpreter_enabled() -> bool:
+    """Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``; how CI checks them)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")

@@ -13,12 +13,12 @@ Layout: ``config.py`` (MadxConfig, AdapterHub config conversion), ``stack.py`` (
 (masked-position-only, chunked fused linear cross-entropy), ``params.py`` (parameter budget command).
 """
 from .config import AdapterConfigError, MadxConfig
-from .controller import AdapterExistsError, MadxAdapters, add_madx
+from .controller import AdapterExistsError, MadxAdapters, add_madx, check_adapter_name
 from .io import AdapterFileError
 from .mlm_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy, madx_mlm_loss
 from .stack import Stack
 
 __all__ = [
     "AdapterConfigError", "AdapterExistsError", "AdapterFileError", "FusedLinearCrossEntropy", "MadxAdapters",
-    "MadxConfig", "Stack", "add_madx", "fused_linear_cross_entropy", "madx_mlm_loss",
+    "MadxConfig", "Stack", "add_madx", "check_adapter_name", "fused_linear_cross_entropy", "madx_mlm_loss",
 ]

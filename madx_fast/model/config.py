@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from .. import reference
+from ..modules import BottleneckAdapter, InvertibleAdapter, bottleneck_size
 
 
 class AdapterConfigError(ValueError):
@@ -251,11 +252,14 @@ class MadxConfig:
                 )
         for i in self.layers(num_layers):
             rf = self.reduction_factor_for(i)
-            if int(hidden_size // rf) < 1:
+            try:
+                bottleneck_size(hidden_size, rf)
+            except ValueError:
                 raise AdapterConfigError(
                     f"reduction_factor {rf} leaves no bottleneck at hidden size {hidden_size} (layer {i})"
-                )
-        if self.inv_adapter is not None and int((hidden_size // 2) // self.inv_adapter_reduction_factor) < 1:
+                ) from None
+        if self.inv_adapter is not None and min(reference.nice_hidden_sizes(
+                hidden_size, self.inv_adapter_reduction_factor)) < 1:
             raise AdapterConfigError(
                 f"inv_adapter_reduction_factor {self.inv_adapter_reduction_factor} leaves no hidden units at "
                 f"hidden size {hidden_size}"
@@ -265,6 +269,24 @@ class MadxConfig:
         """Indices of the layers that get an adapter."""
         skip = set(self.leave_out)
         return [i for i in range(num_layers) if i not in skip]
+
+    def state_shapes(self, hidden_size: int, num_layers: int) -> dict[str, tuple[int, ...]]:
+        """Key -> shape of every weight of an adapter of this config on a model of this size, under the
+        model-independent keys of ``MadxAdapters.adapter_state_dict`` (``layers.{i}.adapter_up.weight``,
+        ``invertible.F.0.weight``, ...). Raises AdapterConfigError when the config does not fit the model."""
+        self.check_fits(hidden_size, num_layers)
+        shapes = {}
+        for i in self.layers(num_layers):
+            d = bottleneck_size(hidden_size, self.reduction_factor_for(i))
+            shapes.update({f"layers.{i}.{k}": s for k, s in BottleneckAdapter.parameter_shapes(hidden_size, d).items()})
+        if self.inv_adapter is not None:
+            inv = InvertibleAdapter.parameter_shapes(hidden_size, self.inv_adapter_reduction_factor)
+            shapes.update({f"invertible.{k}": s for k, s in inv.items()})
+        return shapes
+
+    def num_parameters(self, hidden_size: int, num_layers: int) -> int:
+        """Parameters of an adapter of this config on a model of this size (from ``state_shapes``)."""
+        return sum(math.prod(s) for s in self.state_shapes(hidden_size, num_layers).values())
 
     # ---------------------------------------------------------------------------------------------------
     # serialisation

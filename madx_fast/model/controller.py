@@ -34,6 +34,13 @@ class AdapterExistsError(ValueError):
     """An adapter of that name is already in the model (pass ``overwrite=True`` to replace it)."""
 
 
+def check_adapter_name(name, what: str = "adapter name") -> None:
+    """Adapter names become module names and parts of parameter names: non-empty, no dots, no blanks."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"{what} {name!r} must be a non-empty string without dots or blanks (it names an "
+                         "adapter, and becomes part of parameter names)")
+
+
 def add_madx(model: nn.Module, backend: str | None = None) -> "MadxAdapters":
     """Wire MAD-X into ``model`` in place and return its handle (also available as ``model.madx``).
 
@@ -87,7 +94,7 @@ class MadxAdapters:
         AdapterHub config dict; default ``seq_bn``). An existing adapter of that name is an error unless
         ``overwrite=True``. New adapters are float32 (master weights) on the model's device and trainable."""
         config = MadxConfig.coerce(config)
-        self._check_new_name(name, overwrite)
+        self.check_new_name(name, overwrite)
         layer_adapters, invertible = self._build(name, config)
         self._attach(name, config, layer_adapters, invertible)
         if set_active:
@@ -138,33 +145,14 @@ class MadxAdapters:
                 out[f"invertible.{key}"] = value
         return out
 
-    def expected_shapes(self, config: MadxConfig) -> dict[str, tuple[int, ...]]:
-        """Keys and shapes of ``adapter_state_dict`` for an adapter of this config on this model."""
-        h, n = self.parts.hidden_size, self.parts.num_layers
-        config.check_fits(h, n)
-        shapes = {}
-        for i in config.layers(n):
-            d = int(h // config.reduction_factor_for(i))
-            shapes.update({f"layers.{i}.adapter_down.0.weight": (d, h), f"layers.{i}.adapter_down.0.bias": (d,),
-                           f"layers.{i}.adapter_up.weight": (h, d), f"layers.{i}.adapter_up.bias": (h,)})
-        if config.inv_adapter is not None:
-            len1, len2 = h // 2, h - h // 2
-            hf = int(len2 // config.inv_adapter_reduction_factor)
-            hg = int(len1 // config.inv_adapter_reduction_factor)
-            shapes.update({"invertible.F.0.weight": (hf, len2), "invertible.F.0.bias": (hf,),
-                           "invertible.F.2.weight": (len1, hf), "invertible.F.2.bias": (len1,),
-                           "invertible.G.0.weight": (hg, len1), "invertible.G.0.bias": (hg,),
-                           "invertible.G.2.weight": (len2, hg), "invertible.G.2.bias": (len2,)})
-        return shapes
-
     def install_adapter(self, name: str, config: MadxConfig, state_dict: dict[str, torch.Tensor], *,
                         overwrite: bool = False, source: str = "state dict") -> None:
         """Add adapter ``name`` with the given weights (keys as ``adapter_state_dict``). Every problem (name
         taken, config not fitting the model, missing / unexpected keys, wrong shapes) is raised before the
         model is touched; ``source`` names the file in the messages."""
-        self._check_new_name(name, overwrite)
+        self.check_new_name(name, overwrite)
         try:
-            expected = self.expected_shapes(config)
+            expected = config.state_shapes(self.parts.hidden_size, self.parts.num_layers)
         except AdapterConfigError as exc:
             raise AdapterConfigError(f"{source}: adapter {name!r}: {exc}") from None
         check_state_dict(state_dict, expected, f"{source}: adapter {name!r}")
@@ -350,10 +338,9 @@ class MadxAdapters:
             have = sorted(self.configs) or "none"
             raise KeyError(f"no adapter named {name!r} in the model (adapters: {have})")
 
-    def _check_new_name(self, name: str, overwrite: bool) -> None:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(f"adapter name {name!r} must be a non-empty string without dots or blanks "
-                             "(it becomes part of parameter names)")
+    def check_new_name(self, name: str, overwrite: bool = False) -> None:
+        """Raise unless ``name`` is a valid adapter name that is free (or ``overwrite`` allows replacing it)."""
+        check_adapter_name(name)
         if name in self.configs and not overwrite:
             raise AdapterExistsError(f"an adapter named {name!r} is already in the model; pass overwrite=True "
                                      "to replace it, or load_as=... to load under another name")
@@ -455,4 +442,4 @@ def _cast_inputs_to_float32(module, args, kwargs):
     return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
-__all__ = ["AdapterExistsError", "MadxAdapters", "Stack", "add_madx", "check_state_dict"]
+__all__ = ["AdapterExistsError", "MadxAdapters", "Stack", "add_madx", "check_adapter_name", "check_state_dict"]

@@ -21,8 +21,10 @@ from __future__ import annotations
 import torch
 import transformers
 
-from .mlm_loss import IGNORE_INDEX
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# The label of a position that has no target (padding, special tokens, unmasked or non-first sub-tokens):
+# torch's cross-entropy default, used by HF and AdapterHub alike.
+IGNORE_INDEX = -100
 
 
 def mlm_positions(labels: torch.Tensor, *, multiple: int = 64,

@@ -117,7 +117,7 @@ def _load_own(madx, directory, *, load_as, overwrite, set_active, with_head) -> 
     except AdapterConfigError as exc:
         raise AdapterConfigError(f"{config_path}: {exc}") from None
     name = load_as or meta["name"]
-    madx._check_new_name(name, overwrite)  # before reading the weights: a clear error, nothing touched
+    madx.check_new_name(name, overwrite)  # before reading the weights: a clear error, nothing touched
     weights_path = os.path.join(directory, OWN_WEIGHTS)
     state = _read_safetensors(weights_path, load_file)
     head = None
@@ -201,7 +201,7 @@ def import_adapterhub(madx, directory, *, load_as=None, overwrite=False, set_act
     except AdapterConfigError as exc:
         raise AdapterConfigError(f"{config_path}: adapter {file_name!r}: {exc}") from None
     name = load_as or file_name
-    madx._check_new_name(name, overwrite)
+    madx.check_new_name(name, overwrite)
     weights_path, raw = _read_hub_weights(directory, HUB_SAFE_WEIGHTS, HUB_WEIGHTS)
     state = from_adapterhub_keys(raw, file_name, parts.prefix, weights_path)
     head = None

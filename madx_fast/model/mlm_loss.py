@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .inputs import IGNORE_INDEX
 from .wiring import find_parts
 
-IGNORE_INDEX = -100
 # Default chunk: 2**26 float32 logits (256 MiB) per chunk; 268 rows at V = 250002.
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
 

@@ -1,38 +1,23 @@
-"""Parameter budget of MAD-X on XLM-R base, counted on a model built from a config on the meta device.
+"""Parameter budget of MAD-X: what each language and each task adds to a base model (``madx params``).
 
-    python -m madx_fast.model.params            # XLM-R base (H=768, 12 layers, V=250002)
+    madx params                                   # the XLM-R base architecture, offline
+    madx params --model bert-base-multilingual-cased --langs en,sw
+    python -m madx_fast.model.params              # the same table for XLM-R base
 
-Counts come from the adapters ``add_madx`` actually builds (``numel`` of their parameters), next to the
-closed-form counts below; the paper's Tab. 5 (Pfeiffer et al., 2020) reports 8.25M (3.05%) for full MAD-X,
-7.98M (2.95%) for MAD-X -INV and 0.89M (0.33%) for MAD-X -LAD -INV (task adapter only).
+The base model is built from its config on the meta device (no weights are read). Each count is the
+``numel`` of the modules ``add_madx`` builds, checked against ``MadxConfig.num_parameters`` (the shapes the
+adapter files are validated against); a mismatch is reported, never hidden. The paper's Tab. 5 (Pfeiffer
+et al., 2020) gives, on XLM-R base, 8.25M added parameters per language for full MAD-X (language +
+invertible + task adapter), 7.98M for MAD-X -INV and 0.89M for MAD-X -LAD -INV (task adapter only).
 """
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
 import torch
 
 from .config import MadxConfig
-
-
-def bottleneck_params(hidden: int, reduction_factor: float) -> int:
-    """One layer's adapter: down ``[d, H] + [d]`` and up ``[H, d] + [H]``, ``d = int(H // rf)``."""
-    d = int(hidden // reduction_factor)
-    return 2 * hidden * d + d + hidden
-
-
-def nice_params(hidden: int, reduction_factor: float) -> int:
-    """NICE coupling: F ``H-H//2 -> hf -> H//2`` and G ``H//2 -> hg -> H-H//2``, ``h* = int(in // rf)``."""
-    len1, len2 = hidden // 2, hidden - hidden // 2
-    hf, hg = int(len2 // reduction_factor), int(len1 // reduction_factor)
-    return (len2 * hf + hf + hf * len1 + len1) + (len1 * hg + hg + hg * len2 + len2)
-
-
-def adapter_params_formula(config: MadxConfig, hidden: int, num_layers: int) -> int:
-    total = sum(bottleneck_params(hidden, config.reduction_factor_for(i)) for i in config.layers(num_layers))
-    if config.inv_adapter is not None:
-        total += nice_params(hidden, config.inv_adapter_reduction_factor)
-    return total
 
 
 def xlmr_base_config():
@@ -43,62 +28,75 @@ def xlmr_base_config():
                             layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2)
 
 
-def madx_parameter_table(config=None) -> dict:
-    """Build ``XLMRobertaModel(config)`` on the meta device, add the paper's adapters and count.
+def parameter_budget(config=None, *, languages: Sequence[str] = ("en",), lang_reduction_factor: float = 2,
+                     task_reduction_factor: float = 16, invertible: bool = True, model_name: str | None = None
+                     ) -> dict:
+    """Count what MAD-X adds per language and per task on a model of HF ``config`` (default: XLM-R base).
 
-    Returns ``{"base": n, "rows": [(label, counted, formula), ...]}``: language adapter (rf 2), its NICE
-    adapter (rf 2), both (what each new language adds), the task adapter (rf 16), and the full MAD-X setup
-    as the paper counts it in Tab. 5 (language + invertible + task)."""
-    from transformers import XLMRobertaModel
+    Returns ``{"model", "base_parameters", "hidden_size", "num_layers", "rows": [...]}`` with one row per
+    language (``bottleneck``, ``invertible``, ``total``) and one for the task adapter; each row also has
+    ``expected``, the count its config declares (``MadxConfig.num_parameters``)."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
-    from .controller import add_madx
+    from .controller import add_madx, check_adapter_name
 
-    config = config or xlmr_base_config()
-    with torch.device("meta"):
-        model = XLMRobertaModel(config, add_pooling_layer=False)
-    base = sum(p.numel() for p in model.parameters())
-    madx = add_madx(model)
+    config = config if config is not None else xlmr_base_config()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            base = AutoModel.from_config(config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if "pooler" in base._modules:
+        base.pooler = None  # MAD-X never uses it; count the embeddings and the encoder only
+    n_base = sum(p.numel() for p in base.parameters())
+    madx = add_madx(base)
     h, n = config.hidden_size, config.num_hidden_layers
-    lang_cfg, task_cfg = MadxConfig.language(), MadxConfig.task()
-    madx.add_adapter("lang", lang_cfg)
-    madx.add_adapter("task", task_cfg)
-    madx.add_adapter("lang_v2", MadxConfig.language(leave_out=[n - 1]))
-    lang_bn = sum(p.numel() for m in madx.layer_adapters("lang").values() for p in m.parameters())
-    lang_inv = sum(p.numel() for p in madx.invertible_adapter("lang").parameters())
-    lang = madx.num_parameters("lang")
-    task = madx.num_parameters("task")
-    bn_formula = sum(bottleneck_params(h, lang_cfg.reduction_factor_for(i)) for i in range(n))
-    inv_formula = nice_params(h, lang_cfg.inv_adapter_reduction_factor)
-    rows = [
-        ("language adapter, rf 2, all layers", lang_bn, bn_formula),
-        ("invertible adapter (NICE), rf 2", lang_inv, inv_formula),
-        ("language + invertible (each new language)", lang, adapter_params_formula(lang_cfg, h, n)),
-        (f"  MAD-X 2.0 language + invertible (leave_out [{n - 1}])", madx.num_parameters("lang_v2"),
-         adapter_params_formula(MadxConfig.language(leave_out=[n - 1]), h, n)),
-        ("task adapter, rf 16 (MAD-X -LAD -INV; paper 0.89M)", task, adapter_params_formula(task_cfg, h, n)),
-        ("language + task (MAD-X -INV; paper 7.98M)", lang_bn + task,
-         bn_formula + adapter_params_formula(task_cfg, h, n)),
-        ("language + invertible + task (MAD-X; paper 8.25M)", lang + task,
-         adapter_params_formula(lang_cfg, h, n) + adapter_params_formula(task_cfg, h, n)),
-    ]
-    return {"base": base, "rows": rows, "hidden_size": h, "num_layers": n}
+    rows = []
+    adapters = [(lang, "language", MadxConfig.language(reduction_factor=lang_reduction_factor) if invertible
+                 else MadxConfig.seq_bn(reduction_factor=lang_reduction_factor)) for lang in languages]
+    adapters.append(("task", "task", MadxConfig.task(reduction_factor=task_reduction_factor)))
+    for name, kind, cfg in adapters:
+        check_adapter_name(name, f"{kind} name")
+        madx.add_adapter(name, cfg)
+        inv = madx.invertible_adapter(name)
+        n_inv = sum(p.numel() for p in inv.parameters()) if inv is not None else 0
+        total = madx.num_parameters(name)
+        rows.append({"adapter": name, "kind": kind, "bottleneck": total - n_inv, "invertible": n_inv,
+                     "total": total, "expected": cfg.num_parameters(h, n)})
+    return {"model": model_name or "xlm-roberta-base (architecture, offline)", "base_parameters": n_base,
+            "hidden_size": h, "num_layers": n, "rows": rows}
 
 
-def format_table(table: dict) -> str:
-    base = table["base"]
-    lines = [f"XLM-R base architecture (H={table['hidden_size']}, {table['num_layers']} layers): "
-             f"{base:,} backbone parameters (no LM head), built on the meta device",
-             f"{'component':<58} {'params':>12} {'M':>7} {'% of base':>10}  formula"]
-    for label, counted, formula in table["rows"]:
-        check = "ok" if counted == formula else f"MISMATCH ({formula:,})"
-        lines.append(f"{label:<58} {counted:>12,} {counted / 1e6:>7.2f} {100 * counted / base:>9.2f}%  {check}")
+def format_parameter_budget(budget: dict) -> str:
+    base = budget["base_parameters"]
+    lines = [f"{budget['model']}: H={budget['hidden_size']}, {budget['num_layers']} layers, {base:,} backbone "
+             f"parameters (embeddings + encoder)",
+             f"{'adapter':<14} {'kind':<9} {'bottleneck':>12} {'invertible':>11} {'total':>12} {'% of base':>10}"]
+    for r in budget["rows"]:
+        check = "" if r["total"] == r["expected"] else f"  MISMATCH: the config declares {r['expected']:,}"
+        lines.append(f"{r['adapter']:<14} {r['kind']:<9} {r['bottleneck']:>12,} {r['invertible']:>11,} "
+                     f"{r['total']:>12,} {100 * r['total'] / base:>9.2f}%{check}")
+    langs = [r for r in budget["rows"] if r["kind"] == "language"]
+    task = next(r for r in budget["rows"] if r["kind"] == "task")
+    if langs:
+        lang = langs[0]
+        for label, count in (("MAD-X: language + invertible + task (paper Tab. 5 on XLM-R base: 8.25M)",
+                              lang["total"] + task["total"]),
+                             ("MAD-X -INV: language + task (paper 7.98M)", lang["bottleneck"] + task["total"]),
+                             ("MAD-X -LAD -INV: task only (paper 0.89M)", task["total"])):
+            lines.append(f"{label:<76} {count:>12,} {100 * count / base:>9.2f}%")
+        if len(langs) > 1:
+            lines.append(f"{len(langs)} languages + 1 task: {sum(r['total'] for r in langs) + task['total']:,}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.parse_args(argv)
-    print(format_table(madx_parameter_table()))
+    print(format_parameter_budget(parameter_budget()))
 
 
 if __name__ == "__main__":

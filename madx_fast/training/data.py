@@ -25,9 +25,10 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..model.inputs import IGNORE_INDEX
+
 log = logging.getLogger("madx_fast.training")
 
-IGNORE_INDEX = -100
 TEXT_SUFFIXES = (".txt", ".text", ".raw")
 JSON_SUFFIXES = (".json", ".jsonl")
 CONLL_SUFFIXES = (".conll", ".conllu", ".iob", ".iob2", ".bio", ".tsv")

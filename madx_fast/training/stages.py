@@ -26,6 +26,7 @@ import torch
 from . import artifacts
 from . import data as D
 from .tasks import MlmObjective, Task, evaluate_mlm, get_task
+from ..model.controller import check_adapter_name
 from .trainer import Dist, TrainConfig, Trainer, init_distributed, pick_device, seed_everything
 
 log = logging.getLogger("madx_fast.training")
@@ -70,12 +71,6 @@ def load_model(auto_class: str, name: str, **kwargs):
             return cls.from_pretrained(name, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise OSError(f"cannot load {auto_class}.from_pretrained({name!r}): {type(exc).__name__}: {exc}") from None
-
-
-def _check_name(name: str, what: str) -> None:
-    import re
-    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_\-@+]+$", name):
-        raise ValueError(f"{what} {name!r} must be letters, digits and _-@+ (it names an adapter)")
 
 
 def backbone_dtype_for(name, device=None) -> torch.dtype | None:
@@ -140,7 +135,7 @@ def train_language_adapter(*, model: str, lang: str, train_data: str, output_dir
     t_start = time.perf_counter()
     config = config or TrainConfig(**PAPER_LANG)
     config.check()
-    _check_name(lang, "language")
+    check_adapter_name(lang, "language")
     artifacts.check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     backbone_dtype_for(backbone_dtype)  # a bad name fails before any work
     ctx = init_distributed(config.device)
@@ -283,7 +278,7 @@ def train_task_adapter(*, task: str, train_data: str, output_dir: str, model: st
     config = config or TrainConfig(**PAPER_TASK, steps=1)
     the_task: Task = get_task(task)
     name = name or the_task.name
-    _check_name(name, "task adapter name")
+    check_adapter_name(name, "task adapter name")
     artifacts.check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     backbone_dtype_for(backbone_dtype)  # a bad name fails before any work
 
@@ -295,7 +290,7 @@ def train_task_adapter(*, task: str, train_data: str, output_dir: str, model: st
             raise artifacts.BundleError(f"{lang_path} holds a {lang_meta.get('kind')} adapter, not a language "
                                         "adapter")
         lang = lang or lang_meta.get("language") or lang_meta.get("adapter") or _adapter_name(lang_path)
-        _check_name(lang, "language")
+        check_adapter_name(lang, "language")
         if lang == name:
             raise ValueError(f"the task adapter and the language adapter are both named {name!r}; pass name=...")
     model = model or lang_meta.get("base_model")
@@ -431,65 +426,3 @@ def _has_splits(spec: str, lang: str | None) -> bool:
     except (FileNotFoundError, D.DataError):
         return False
     return True
-
-
-# --------------------------------------------------------------------------------------------------------
-# parameter budget (madx params)
-# --------------------------------------------------------------------------------------------------------
-def parameter_budget(*, model: str | None = None, languages: Sequence[str] = ("en",),
-                     lang_reduction_factor: float = 2, task_reduction_factor: float = 16,
-                     invertible: bool = True) -> dict:
-    """Count what MAD-X adds per language and per task on ``model`` (a name or directory; its config only,
-    built on the meta device; default: the XLM-R base architecture, offline)."""
-    from transformers import AutoConfig, AutoModel
-
-    from ..model import MadxConfig, add_madx
-    from ..model.params import xlmr_base_config
-
-    if model:
-        try:
-            config = AutoConfig.from_pretrained(model)
-        except Exception as exc:  # noqa: BLE001
-            raise OSError(f"cannot load the config of {model!r}: {type(exc).__name__}: {exc}") from None
-    else:
-        config = xlmr_base_config()
-    with torch.device("meta"), _quiet_transformers():
-        base = AutoModel.from_config(config)
-    if "pooler" in base._modules:
-        base.pooler = None  # MAD-X never uses it; count the encoder and embeddings only
-    n_base = sum(p.numel() for p in base.parameters())
-    madx = add_madx(base)
-    rows = []
-    for lang in languages:
-        _check_name(lang, "language")
-        cfg = (MadxConfig.language(reduction_factor=lang_reduction_factor) if invertible
-               else MadxConfig.seq_bn(reduction_factor=lang_reduction_factor))
-        madx.add_adapter(lang, cfg)
-        inv = madx.invertible_adapter(lang)
-        n_inv = sum(p.numel() for p in inv.parameters()) if inv is not None else 0
-        rows.append({"adapter": lang, "kind": "language", "bottleneck": madx.num_parameters(lang) - n_inv,
-                     "invertible": n_inv, "total": madx.num_parameters(lang)})
-    madx.add_adapter("task", MadxConfig.task(reduction_factor=task_reduction_factor))
-    rows.append({"adapter": "task", "kind": "task", "bottleneck": madx.num_parameters("task"), "invertible": 0,
-                 "total": madx.num_parameters("task")})
-    return {"model": model or "xlm-roberta-base (architecture, offline)", "base_parameters": n_base,
-            "hidden_size": config.hidden_size, "num_layers": config.num_hidden_layers, "rows": rows,
-            "lang_reduction_factor": lang_reduction_factor, "task_reduction_factor": task_reduction_factor}
-
-
-def format_parameter_budget(budget: dict) -> str:
-    base = budget["base_parameters"]
-    lines = [f"{budget['model']}: H={budget['hidden_size']}, {budget['num_layers']} layers, {base:,} backbone "
-             f"parameters (embeddings + encoder)",
-             f"{'adapter':<14} {'kind':<9} {'bottleneck':>12} {'invertible':>11} {'total':>12} {'% of base':>10}"]
-    for r in budget["rows"]:
-        lines.append(f"{r['adapter']:<14} {r['kind']:<9} {r['bottleneck']:>12,} {r['invertible']:>11,} "
-                     f"{r['total']:>12,} {100 * r['total'] / base:>9.2f}%")
-    langs = [r for r in budget["rows"] if r["kind"] == "language"]
-    task = next(r for r in budget["rows"] if r["kind"] == "task")
-    if langs:
-        per = langs[0]["total"] + task["total"]
-        lines.append(f"per language with one task (MAD-X, paper Tab. 5: 8.25M on XLM-R base): {per:,} "
-                     f"({100 * per / base:.2f}%); {len(langs)} language(s) + 1 task: "
-                     f"{sum(r['total'] for r in langs) + task['total']:,}")
-    return "\n".join(lines)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
-from .data import IGNORE_INDEX
+from ..model.inputs import IGNORE_INDEX
 
 
 def _pad_to(rows: torch.Tensor, value: int, length: int) -> torch.Tensor:

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+from .. import triton_interpreter_enabled as interpreting  # noqa: F401 (re-exported for the launchers)
 
 
 def pow2_at_least(n: int, floor: int = 16) -> int:
