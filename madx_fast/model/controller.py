@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ..modules import BottleneckAdapter, InvertibleAdapter
+from . import adapter_files
+from .adapter_files import AdapterFileError, check_state_dict
 from .config import AdapterConfigError, MadxConfig
 from .stack import Setup, Stack, normalize_setup, setup_repr
 from .wiring import MadxFFNOutput, MadxState, find_parts, unwire, wire
@@ -205,6 +207,38 @@ class MadxAdapters:
             return {}
         return {n: m for n, m in self.model.named_children() if m is not self.parts.base}
 
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """The task head's weights by model parameter name: the parameters of the modules outside the base
+        model (``classifier``, ``qa_outputs``, ...) and the base model's pooler where it has one (the
+        multiple-choice and BERT sequence-classification heads run on it). A masked-LM head is not a task
+        head (its decoder is tied to the word embeddings; MAD-X keeps it frozen) and a bare encoder has none."""
+        if self.parts.base is self.model or self.parts.is_masked_lm:
+            kind = "a masked-LM head (part of the frozen backbone)" if self.parts.is_masked_lm else "no task head"
+            raise AdapterFileError(f"{type(self.model).__name__} has {kind}; only task heads (token "
+                                   "classification, question answering, multiple choice, ...) are saved and loaded")
+        base_ids = {id(p) for p in self.parts.base.parameters()}
+        pooler = f"{self.parts.prefix}.pooler."
+        return {n: p.detach() for n, p in self.model.named_parameters()
+                if id(p) not in base_ids or n.startswith(pooler)}
+
+    def check_head_state_dict(self, head: dict[str, torch.Tensor], source: str = "head state dict") -> None:
+        """Raise AdapterFileError unless ``head`` fits this model's task head exactly (names, shapes, finite
+        values); the pooler may be absent (heads saved by AdapterHub for HF classes do not include it)."""
+        try:
+            expected = {k: tuple(v.shape) for k, v in self.head_state_dict().items()}
+        except AdapterFileError as exc:
+            raise AdapterFileError(f"{source}: {exc}") from None
+        check_state_dict(head, expected, f"{source}: head of {type(self.model).__name__}",
+                         optional=(f"{self.parts.prefix}.pooler.",))
+
+    def load_head_state_dict(self, head: dict[str, torch.Tensor], source: str = "head state dict") -> None:
+        """Copy ``head`` (checked first, see ``check_head_state_dict``) into the model's task head."""
+        self.check_head_state_dict(head, source)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for key, value in head.items():
+                params[key].copy_(value)
+
     def train_adapters(self, setup: Setup, *, train_head: bool | None = None, train_invertible: bool = True) -> None:
         """Freeze the model except the adapters in ``setup`` (with their invertible adapters unless
         ``train_invertible=False``) and, if ``train_head``, the task head. ``train_head=None`` means True for
@@ -273,35 +307,31 @@ class MadxAdapters:
             module.backend = backend
 
     # ---------------------------------------------------------------------------------------------------
-    # files (see io.py)
+    # files (adapter_files.py)
     # ---------------------------------------------------------------------------------------------------
     def save_adapter(self, directory, name: str, *, overwrite: bool = False, with_head: bool = False) -> None:
         """Save adapter ``name`` in madx_fast's format (madx_adapter.json + madx_adapter.safetensors; with
         ``with_head`` also the task head, madx_head.safetensors)."""
-        from . import io
-        io.save_adapter(self, directory, name, overwrite=overwrite, with_head=with_head)
+        adapter_files.save_adapter(self, directory, name, overwrite=overwrite, with_head=with_head)
 
     def load_adapter(self, directory, *, load_as: str | None = None, overwrite: bool = False,
                      set_active: bool = False, with_head: bool = False) -> str:
         """Load an adapter saved by ``save_adapter`` or by AdapterHub (``save_adapter`` there; detected by
         its adapter_config.json). Returns the adapter's name in the model."""
-        from . import io
-        return io.load_adapter(self, directory, load_as=load_as, overwrite=overwrite, set_active=set_active,
+        return adapter_files.load_adapter(self, directory, load_as=load_as, overwrite=overwrite, set_active=set_active,
                                with_head=with_head)
 
     def export_adapterhub(self, directory, name: str, *, safetensors: bool = False, with_head: bool = False,
                           overwrite: bool = False) -> None:
         """Write adapter ``name`` in AdapterHub's format (adapter_config.json + pytorch_adapter.bin, or
         adapter.safetensors), loadable with ``adapters``' ``model.load_adapter(directory)``."""
-        from . import io
-        io.export_adapterhub(self, directory, name, safetensors=safetensors, with_head=with_head,
+        adapter_files.export_adapterhub(self, directory, name, safetensors=safetensors, with_head=with_head,
                              overwrite=overwrite)
 
     def import_adapterhub(self, directory, *, load_as: str | None = None, overwrite: bool = False,
                           set_active: bool = False, with_head: bool = False) -> str:
         """Load an adapter written by AdapterHub's ``save_adapter``; returns its name in the model."""
-        from . import io
-        return io.import_adapterhub(self, directory, load_as=load_as, overwrite=overwrite, set_active=set_active,
+        return adapter_files.import_adapterhub(self, directory, load_as=load_as, overwrite=overwrite, set_active=set_active,
                                     with_head=with_head)
 
     # ---------------------------------------------------------------------------------------------------
@@ -385,30 +415,6 @@ class MadxAdapters:
         self.configs[name] = config
 
 
-def check_state_dict(state_dict: dict, expected: dict[str, tuple], where: str) -> None:
-    """Raise AdapterFileError listing missing keys, unexpected keys and wrong shapes (in that order)."""
-    from .io import AdapterFileError
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_some(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_some(unexpected)}")
-    for key in sorted(set(expected) & set(state_dict)):
-        t = state_dict[key]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            problems.append(f"{key} is not a floating-point tensor")
-        elif tuple(t.shape) != tuple(expected[key]):
-            problems.append(f"{key} has shape {tuple(t.shape)}, the model needs {tuple(expected[key])}")
-    if problems:
-        raise AdapterFileError(f"{where}: " + "; ".join(problems))
-
-
-def _some(keys, n=6):
-    return keys if len(keys) <= n else keys[:n] + [f"... ({len(keys) - n} more)"]
-
-
 def _module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -442,4 +448,4 @@ def _cast_inputs_to_float32(module, args, kwargs):
     return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
-__all__ = ["AdapterExistsError", "MadxAdapters", "Stack", "add_madx", "check_adapter_name", "check_state_dict"]
+__all__ = ["AdapterExistsError", "MadxAdapters", "Stack", "add_madx", "check_adapter_name"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertForTokenClassification, XLMRobertaForMaskedLM, XLMRobertaForTokenClassification
 
 from madx_fast.model import AdapterConfigError, AdapterExistsError, AdapterFileError, MadxConfig, Stack, add_madx
-from madx_fast.model import io as madx_io
+from madx_fast.model import adapter_files
 from tests.helpers.models import import_adapterhub, max_diff, padded_batch, randomize, tiny_config
 
 
@@ -325,4 +325,4 @@ def test_bad_files_are_named(tmp_path):
     empty.mkdir()
     with pytest.raises(AdapterFileError, match="no madx_adapter.json"):
         madx.load_adapter(empty)
-    assert madx_io.HUB_WEIGHTS == "pytorch_adapter.bin"
+    assert adapter_files.HUB_WEIGHTS == "pytorch_adapter.bin"
