@@ -18,118 +18,23 @@ import logging
 import os
 import sys
 
+from .training.settings import csv_list
+
 log = logging.getLogger("madx_fast.training")
 
 
-def _loop_args(p: argparse.ArgumentParser, *, steps, batch, lr, save_every=500) -> None:
-    g = p.add_argument_group("training loop")
-    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    g.add_argument("--batch-size", type=int, default=batch,
-                   help=f"global batch: all processes and accumulation steps together (default {batch})")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps, then linear decay to 0")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
-    g.add_argument("--backbone-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="keep the frozen backbone in this dtype; adapters stay float32 (default auto: bfloat16 "
-                        "on a GPU, float32 on the CPU)")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
-    g.add_argument("--eval-batch-size", type=int, default=64)
-    g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (0: at the end)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --output from its last checkpoint (starts fresh if there is none)")
-    g.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --output")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    g.add_argument("--backend", default=None, choices=["auto", "eager", "triton", "cuda"],
-                   help="adapter kernels (default: triton on CUDA, eager on CPU)")
-    g.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-
-
-def _train_config(a):
-    from .training import TrainConfig
-    return TrainConfig(steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr, warmup_steps=a.warmup_steps,
-                       weight_decay=a.weight_decay, grad_accum=a.grad_accum, max_grad_norm=a.max_grad_norm or None,
-                       bf16=a.bf16, seed=a.seed, log_every=a.log_every, eval_every=a.eval_every,
-                       save_every=a.save_every, eval_batch_size=a.eval_batch_size, progress=not a.no_progress,
-                       device=a.device)
-
-
-def _csv(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .training.settings import LanguageAdapterSettings, TaskAdapterSettings, TransferSettings, add_arguments
+
     parser = argparse.ArgumentParser(prog="madx", description="MAD-X adapters: train, transfer, count, demo.")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train-lang", help="stage 1: a language adapter (+ invertible adapter) by masked-LM")
-    p.add_argument("--model", required=True, help="HF masked-LM model name or directory (e.g. xlm-roberta-base)")
-    p.add_argument("--lang", required=True, help="language code; also the adapter's name")
-    p.add_argument("--train-data", required=True,
-                   help="text file, directory of text files, or HF dataset 'name[:config]'; {lang} expands")
-    p.add_argument("--eval-data", default=None, help="held-out text (default: the last --eval-fraction of it)")
-    p.add_argument("--eval-fraction", type=float, default=0.01)
-    p.add_argument("--train-split", default="train", help="split of an HF dataset --train-data")
-    p.add_argument("--eval-split", default="validation", help="split of an HF dataset --eval-data")
-    p.add_argument("--output", required=True, help="run directory")
-    p.add_argument("--max-length", type=int, default=None, help="block length (default 256, or the model's limit)")
-    p.add_argument("--mlm-probability", type=float, default=0.15)
-    p.add_argument("--reduction-factor", type=float, default=2)
-    p.add_argument("--no-invertible", action="store_true", help="no NICE invertible adapter (MAD-X -INV)")
-    p.add_argument("--leave-out", type=int, nargs="*", default=[], help="layers without an adapter")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--max-texts", type=int, default=None, help="read at most this many texts (streams datasets)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer name or directory (default: --model)")
-    p.add_argument("--export-adapterhub", action="store_true", help="also write <output>/adapterhub")
-    _loop_args(p, steps=250_000, batch=64, lr=1e-4)
-
-    p = sub.add_parser("train-task", help="stage 2: a task adapter on a frozen language adapter")
-    p.add_argument("--task", required=True, help="ner (WikiANN format), qa (SQuAD format), copa (COPA/XCOPA)")
-    p.add_argument("--train-data", required=True, help="file, directory with split files, or HF dataset")
-    p.add_argument("--validation-data", default=None,
-                   help="default: the validation split of --train-data when it is a dataset or directory")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--validation-split", default="validation")
-    p.add_argument("--lang-adapter", default=None,
-                   help="the source language adapter (run or adapter directory); omit for MAD-X -LAD -INV")
-    p.add_argument("--lang", default=None, help="source language (default: the language adapter's)")
-    p.add_argument("--model", default=None, help="base model (default: the one the language adapter was trained on)")
-    p.add_argument("--output", required=True, help="run directory")
-    p.add_argument("--name", default=None, help="task adapter name (default: the task)")
-    p.add_argument("--labels", default=None, help="NER label names in id order, comma-separated")
-    p.add_argument("--epochs", type=float, default=None, help="sets --steps to epochs x batches per epoch")
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--reduction-factor", type=float, default=16)
-    p.add_argument("--max-train-examples", type=int, default=None)
-    p.add_argument("--max-eval-examples", type=int, default=None)
-    p.add_argument("--tokenizer", default=None)
-    _loop_args(p, steps=1000, batch=16, lr=1e-4)
-
-    p = sub.add_parser("transfer", help="stage 3: zero-shot transfer matrix (swap the language adapter)")
-    p.add_argument("--task-adapter", nargs="+", required=True, help="task adapter run or bundle directories")
-    p.add_argument("--lang-adapter", nargs="*", default=[], metavar="LANG=DIR",
-                   help="language adapters, e.g. sw=runs/lang-sw")
-    p.add_argument("--targets", required=True, help="comma-separated target languages")
-    p.add_argument("--eval-data", required=True, help="evaluation data spec with {lang}, e.g. wikiann:{lang}")
-    p.add_argument("--split", default="test")
-    p.add_argument("--settings", default="target", help="comma-separated: target, source, none")
-    p.add_argument("--system", default="MAD-X", help="name of this system in the report")
-    p.add_argument("--model", default=None, help="base model (default: the one the adapters were trained on)")
-    p.add_argument("--output", required=True, help="directory for the CSV / JSON / PNG report")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--backbone-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="keep the frozen backbone in this dtype (default auto: bfloat16 on a GPU, float32 on CPU)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay each evaluation forward from CUDA graphs (NER, QA): less host time per batch")
-    p.add_argument("--backend", default=None, choices=["auto", "eager", "triton", "cuda"])
+    add_arguments(sub.add_parser("train-lang", help="stage 1: a language adapter (+ invertible adapter) by "
+                                 "masked-LM"), LanguageAdapterSettings)
+    add_arguments(sub.add_parser("train-task", help="stage 2: a task adapter on a frozen language adapter"),
+                  TaskAdapterSettings)
+    add_arguments(sub.add_parser("transfer", help="stage 3: zero-shot transfer matrix (swap the language "
+                                 "adapter)"), TransferSettings)
 
     p = sub.add_parser("params", help="parameter counts per language and task (MAD-X budget)")
     p.add_argument("--model", default=None, help="model name or directory (default: XLM-R base, offline)")
@@ -168,61 +73,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train_lang(a) -> None:
-    from .training import train_language_adapter
-    train_language_adapter(model=a.model, lang=a.lang, train_data=a.train_data, output_dir=a.output,
-                           config=_train_config(a), eval_data=a.eval_data, eval_fraction=a.eval_fraction,
-                           train_split=a.train_split, eval_split=a.eval_split,
-                           text_column=a.text_column, max_texts=a.max_texts, max_length=a.max_length,
-                           mlm_probability=a.mlm_probability, reduction_factor=a.reduction_factor,
-                           invertible=not a.no_invertible, leave_out=a.leave_out, backend=a.backend,
-                           backbone_dtype=a.backbone_dtype, tokenizer=a.tokenizer, resume=a.resume,
-                           overwrite=a.overwrite, export_adapterhub=a.export_adapterhub)
+    from .training import LanguageAdapterSettings, train_language_adapter
+    from .training.settings import from_args
+    train_language_adapter(from_args(LanguageAdapterSettings, a))
 
 
 def cmd_train_task(a) -> None:
-    from .training import train_task_adapter
-    train_task_adapter(task=a.task, train_data=a.train_data, output_dir=a.output, model=a.model,
-                       lang_adapter=a.lang_adapter, lang=a.lang, validation_data=a.validation_data,
-                       train_split=a.train_split, validation_split=a.validation_split,
-                       labels=_csv(a.labels) or None, name=a.name, config=_train_config(a), epochs=a.epochs,
-                       max_length=a.max_length, reduction_factor=a.reduction_factor,
-                       max_train_examples=a.max_train_examples, max_eval_examples=a.max_eval_examples,
-                       backend=a.backend, backbone_dtype=a.backbone_dtype, tokenizer=a.tokenizer,
-                       resume=a.resume, overwrite=a.overwrite)
+    from .training import TaskAdapterSettings, train_task_adapter
+    from .training.settings import from_args
+    train_task_adapter(from_args(TaskAdapterSettings, a))
 
 
 def cmd_transfer(a) -> None:
-    from .training import evaluate_transfer
+    from .training import TransferSettings, evaluate_transfer
+    from .training.settings import from_args
     from .training.transfer import format_table
-    langs = {}
-    for item in a.lang_adapter:
-        lang, sep, path = item.partition("=")
-        if not sep or not lang or not path:
-            raise ValueError(f"--lang-adapter takes LANG=DIR, got {item!r}")
-        if lang in langs:
-            raise ValueError(f"--lang-adapter names {lang!r} twice")
-        langs[lang] = path
-    result = evaluate_transfer(task_adapters=a.task_adapter, lang_adapters=langs, targets=_csv(a.targets),
-                               eval_data=a.eval_data, split=a.split, settings=_csv(a.settings), system=a.system,
-                               model=a.model, batch_size=a.batch_size, max_examples=a.max_examples,
-                               device=a.device, bf16=a.bf16, backend=a.backend, backbone_dtype=a.backbone_dtype,
-                               cuda_graphs=a.cuda_graphs, output_dir=a.output)
+    result = evaluate_transfer(from_args(TransferSettings, a))
     print(format_table(result["records"]))
-    print(f"report written to {a.output} ({result['wall_time_s']:.1f} s)")
+    print(f"report written to {a.output_dir} ({result['wall_time_s']:.1f} s)" if a.output_dir else
+          f"({result['wall_time_s']:.1f} s)")
 
 
 def cmd_params(a) -> None:
     from .model.params import format_parameter_budget, parameter_budget
-    from .training.stages import load_config
+    from .training.setup import load_config
     config = load_config(a.model) if a.model else None
-    print(format_parameter_budget(parameter_budget(config, model_name=a.model, languages=_csv(a.langs) or ["en"],
+    print(format_parameter_budget(parameter_budget(config, model_name=a.model, languages=csv_list(a.langs) or ["en"],
                                                    lang_reduction_factor=a.lang_reduction_factor,
                                                    task_reduction_factor=a.task_reduction_factor,
                                                    invertible=not a.no_invertible)))
 
 
 def cmd_demo(a) -> None:
-    from .training.demo import DemoConfig, real_model_config, run_demo
+    from .demo import DemoConfig, real_model_config, run_demo
     if (a.text_data or a.ner_data) and not (a.sources and a.targets):
         raise ValueError("with --text-data / --ner-data, name the languages: --sources en --targets en,sw")
     common = dict(output_dir=a.output_dir, overwrite=a.overwrite, text_data=a.text_data,
@@ -231,9 +114,9 @@ def cmd_demo(a) -> None:
                   bf16=a.bf16, backend=a.backend, progress=not a.no_progress)
     cfg = real_model_config(a.model, **common) if a.model else DemoConfig(**common)
     if a.sources:
-        cfg.sources = _csv(a.sources)
+        cfg.sources = csv_list(a.sources)
     if a.targets:
-        cfg.targets = _csv(a.targets)
+        cfg.targets = csv_list(a.targets)
     for arg, attr in (("pretrain_steps", "pretrain_steps"), ("lang_steps", "lang_steps"),
                       ("task_epochs", "task_epochs"), ("batch_size", "batch_size"),
                       ("task_batch_size", "task_batch_size"), ("max_length", "max_length"),
@@ -274,7 +157,9 @@ def main(argv=None) -> int:
     _setup_logging(args.quiet)
     from .model import AdapterConfigError, AdapterExistsError, AdapterFileError
     from .training import BundleError, DataError
-    expected = (FileNotFoundError, FileExistsError, NotADirectoryError, DataError, BundleError, AdapterFileError,
+    from .training.checkpoint import CheckpointError
+    expected = (FileNotFoundError, FileExistsError, NotADirectoryError, DataError, BundleError, CheckpointError,
+                AdapterFileError,
                 AdapterConfigError, AdapterExistsError, ValueError, KeyError, OSError)
     try:
         COMMANDS[args.command](args)
@@ -289,17 +174,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        _shutdown_distributed()
+        from .training.distributed import shutdown_distributed
+        shutdown_distributed()
     return 0
-
-
-def _shutdown_distributed() -> None:
-    try:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - best effort at exit
-        pass
 
 
 if __name__ == "__main__":

@@ -93,6 +93,13 @@ class AdapterInfo:
 # own format
 # --------------------------------------------------------------------------------------------------------
 def save_adapter(madx, directory, name: str, *, overwrite: bool = False, with_head: bool = False) -> None:
+    _write_adapter_directory(directory, lambda tmp: write_adapter_files(madx, tmp, name, with_head=with_head),
+                             overwrite=overwrite, what=f"adapter {name!r}")
+
+
+def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = False) -> None:
+    """The files of adapter ``name`` in madx_fast's format, into the (new, empty) ``directory``; used inside
+    an atomic directory write (``save_adapter``, run bundles)."""
     from safetensors.torch import save_file
 
     if name not in madx.configs:
@@ -112,14 +119,10 @@ def save_adapter(madx, directory, name: str, *, overwrite: bool = False, with_he
                                            "labels": _label_names(model.config)},
         "madx_fast_version": _version(),
     }
-
-    def build(tmp):
-        save_file(weights, os.path.join(tmp, OWN_WEIGHTS), metadata={"format": "pt"})
-        if head is not None:
-            save_file(head, os.path.join(tmp, OWN_HEAD_WEIGHTS), metadata={"format": "pt"})
-        atomic.dump_json(meta, os.path.join(tmp, OWN_CONFIG))
-
-    _write_adapter_directory(directory, build, overwrite=overwrite, what=f"adapter {name!r}")
+    save_file(weights, os.path.join(directory, OWN_WEIGHTS), metadata={"format": "pt"})
+    if head is not None:
+        save_file(head, os.path.join(directory, OWN_HEAD_WEIGHTS), metadata={"format": "pt"})
+    atomic.dump_json(meta, os.path.join(directory, OWN_CONFIG))  # last: the config marks a complete adapter
 
 
 def load_adapter(madx, directory, *, load_as=None, overwrite=False, set_active=False, with_head=False) -> str:

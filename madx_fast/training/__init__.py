@@ -1,19 +1,23 @@
 """MAD-X training: language adapters by masked-LM, task adapters on a frozen language adapter, zero-shot
-transfer by swapping the language adapter, and the embedded demo (docs/training.md).
+transfer by swapping the language adapter (docs/training.md).
 
     from madx_fast.training import TrainConfig, train_language_adapter, train_task_adapter, evaluate_transfer
 
-Layout: ``data.py`` (text, WikiANN / SQuAD / COPA data, MLM masking, the seeded example stream),
-``tasks.py`` (objectives, heads, metrics), ``trainer.py`` (the loop: schedule, accumulation, bf16,
-checkpoints, resume, DDP), ``artifacts.py`` (run directories, adapter bundles, atomic writes),
-``stages.py`` (stages 1 and 2), ``transfer.py`` (stage 3: the zero-shot matrix), ``synthetic.py`` and
-``demo.py`` (the offline demo). The ``madx`` command (``madx_fast/cli.py``) is a thin layer over these.
+Reading order: ``settings.py`` (every setting of every stage, once: Python arguments, CLI flags, run.json
+keys) -> ``language.py`` / ``task.py`` / ``transfer.py`` (stages 1, 2, 3) -> ``setup.py`` (models, tokenizers,
+devices, dtypes) and ``tasks/`` (``mlm``, ``ner``, ``qa``, ``copa``: read -> encode -> collate -> loss ->
+metrics) -> ``trainer.py`` (the loop) with ``checkpoint.py``, ``distributed.py``, ``progress.py``,
+``batches.py``; ``runs.py`` (run directories and bundles) and ``data.py`` (data specs, generic readers).
+The ``madx`` command (``madx_fast/cli.py``) is a thin layer over these; the demo is ``madx_fast.demo``.
 """
-from .artifacts import BundleError
 from .data import DataError
-from .stages import train_language_adapter, train_task_adapter
-from .trainer import TrainConfig, Trainer, read_log
+from .language import train_language_adapter
+from .runs import BundleError
+from .settings import LanguageAdapterSettings, TaskAdapterSettings, TrainConfig, TransferSettings
+from .task import train_task_adapter
+from .trainer import Trainer, read_log
 from .transfer import evaluate_transfer, write_transfer_report
 
-__all__ = ["BundleError", "DataError", "TrainConfig", "Trainer", "evaluate_transfer", "read_log",
-           "train_language_adapter", "train_task_adapter", "write_transfer_report"]
+__all__ = ["BundleError", "DataError", "LanguageAdapterSettings", "TaskAdapterSettings", "TrainConfig",
+           "TransferSettings", "Trainer", "evaluate_transfer", "read_log", "train_language_adapter",
+           "train_task_adapter", "write_transfer_report"]

@@ -8,9 +8,12 @@ For a task adapter trained in ``Stack(source, task)`` and each target language, 
     "source"   Stack(source, task)   the source language adapter left in place
     "none"     task adapter alone    no language adapter at evaluation time
 
-A task adapter trained without a language adapter (MAD-X -LAD -INV) is evaluated alone ("none") on every
-target. MAD-X -INV is a system whose language adapters were trained with ``invertible=False``: evaluate it
-with its own task and language adapters and a ``system`` name, and merge the records into one report.
+A task adapter is a run directory or bundle of ``madx train-task``, or any adapter directory saved with its
+head: ``madx.save_adapter(dir, name, with_head=True)``, or an AdapterHub directory (``save_adapter`` there,
+static or flex head). Its task, label names and base model come from the bundle's run record or, for a plain
+adapter directory, from its files (head class, label names, base model name). A task adapter trained without
+a language adapter (MAD-X -LAD -INV) is evaluated alone ("none") on every target; a plain adapter directory
+does not record its source language, so its "source" setting needs the run record.
 
 Metrics: seqeval F1 (NER), SQuAD F1 / EM (QA), accuracy (COPA); the report's cells are the main metric in
 percent. Everything (adapters, metadata, labels, data of every target) is checked before evaluating.
@@ -24,177 +27,159 @@ import os
 import time
 from typing import Sequence
 
-from . import artifacts
-from .tasks import get_task
-from .trainer import PeakMemory, pick_device
+from .. import atomic
+from ..model import Stack
+from ..model.adapter_files import read_adapter_info
+from . import runs, setup
+from .settings import TransferSettings
+from .tasks import make_task, task_class, task_for_head
+from .trainer import PeakMemory
 
 log = logging.getLogger("madx_fast.training")
 
 SETTINGS = {"target": "Stack(target, task)", "source": "Stack(source, task)", "none": "task adapter alone"}
 
 
-def evaluate_transfer(*, task_adapters: Sequence[str], lang_adapters: dict[str, str], targets: Sequence[str],
-                      eval_data: str, split: str = "test", settings: Sequence[str] = ("target",),
-                      system: str = "MAD-X", model: str | None = None, batch_size: int = 32,
-                      max_examples: int | None = None, device: str | None = None, bf16: bool = False,
-                      backend: str | None = None, backbone_dtype: str | None = "auto",
-                      cuda_graphs: bool = False, output_dir: str | None = None) -> dict:
-    """Evaluate every task adapter (bundle or run directory) on every target language's ``eval_data``
-    (``{lang}`` expands; e.g. ``"wikiann:{lang}"`` or ``"data/{lang}/ner"``) in every setting.
-
-    ``lang_adapters`` maps language -> adapter directory; a task adapter's source language adapter is taken
-    from there or, if absent, from the path recorded when the task adapter was trained. Returns
-    ``{"records": [...]}`` (one per task adapter x target x setting) and, with ``output_dir``, writes the
-    report there. ``backbone_dtype`` as in training ("auto": bfloat16 on a GPU, float32 elsewhere);
-    ``cuda_graphs`` replays each evaluation forward from CUDA graphs (NER, QA; ``madx_fast.graphs``)."""
-    from .stages import backbone_dtype_for
+def evaluate_transfer(settings: TransferSettings | None = None, /, **kwargs) -> dict:
+    """Evaluate every task adapter on every target language's ``eval_data`` (``{lang}`` expands; e.g.
+    ``"wikiann:{lang}"`` or ``"data/{lang}/ner"``) in every setting (a ``TransferSettings``, or its fields as
+    keywords). Returns ``{"records": [...]}`` (one per task adapter x target x setting) and, with
+    ``output_dir``, writes the report there."""
+    s = TransferSettings.build(settings, **kwargs)
     t_start = time.perf_counter()
-    backbone_dtype_for(backbone_dtype)  # a bad name fails before any work
-    unknown = [s for s in settings if s not in SETTINGS]
-    if unknown or not settings:
-        raise ValueError(f"unknown transfer setting(s) {unknown}; choose from {sorted(SETTINGS)}")
-    if not targets:
-        raise ValueError("no target languages")
-    if output_dir:
-        _check_report_dir(output_dir)
-    plans = [_plan(path, lang_adapters, targets, settings) for path in task_adapters]
-    if not plans:
-        raise ValueError("no task adapters to evaluate")
-    kinds = {p["meta"]["task"] for p in plans}
-    if len(kinds) > 1:
-        raise ValueError(f"task adapters of different tasks {sorted(kinds)} cannot share one transfer matrix")
-    _check_same_base(plans, model)
-
-    task = get_task(kinds.pop())
-    dev = pick_device(device, _single())
-    dtype = backbone_dtype_for(backbone_dtype, dev)
+    if s.output_dir:
+        _check_report_dir(s.output_dir)
+    plans = [_plan(path, s) for path in s.task_adapters]
+    tasks = {p["task"] for p in plans}
+    if len(tasks) > 1:
+        raise ValueError(f"task adapters of different tasks {sorted(tasks)} cannot share one transfer matrix")
+    _check_same_base(plans)
+    device = setup.pick_device(s.device)
     records = []
     for plan in plans:
-        records.extend(_evaluate_plan(plan, task, targets, eval_data, split, system, model, batch_size,
-                                      max_examples, dev, bf16, backend, dtype, cuda_graphs))
-    result = {"records": records, "system": system, "task": task.name, "targets": list(targets),
-              "settings": list(settings), "eval_data": eval_data, "split": split,
+        records.extend(_evaluate_plan(plan, s, device))
+    result = {"records": records, "system": s.system, "task": tasks.pop(), "targets": list(s.targets),
+              "settings": list(s.settings), "eval_data": s.eval_data, "split": s.split,
               "wall_time_s": time.perf_counter() - t_start}
-    if output_dir:
-        write_transfer_report(records, output_dir)
+    if s.output_dir:
+        write_transfer_report(records, s.output_dir)
     return result
 
 
-def _single():
-    from .trainer import Dist
-    return Dist()
-
-
-def _plan(path: str, lang_adapters: dict, targets, settings) -> dict:
+def _plan(path: str, s: TransferSettings) -> dict:
     """Resolve one task adapter and the language adapters its evaluation needs; metadata checks only."""
-    bundle = artifacts.find_bundle(path, prefer=("best", "last"))
-    meta = artifacts.read_bundle_meta(bundle)
-    if meta.get("kind") != "task":
-        raise artifacts.BundleError(f"{bundle} is not a task adapter trained by madx_fast (no task metadata in "
-                                    f"{artifacts.RUN_META})")
-    if not meta.get("has_head"):
-        raise artifacts.BundleError(f"{bundle} has no task head")
-    source = meta.get("language")
-    needed: dict[str, str] = {}
-    runs, seen = [], set()
-    for target in targets:
-        for setting in settings:
-            if not source:  # trained without a language adapter: evaluated alone
+    bundle = runs.find_bundle(path, prefer=("best", "last"))
+    meta = runs.read_bundle_meta(bundle)
+    info = read_adapter_info(bundle)
+    if meta.get("stage") not in (None, "task"):
+        raise runs.BundleError(f"{bundle} holds a {meta['stage']} adapter, not a task adapter")
+    if info.head is None:
+        raise runs.BundleError(f"{bundle} has no task head (save it with save_adapter(..., with_head=True))")
+    task = meta.get("task") or task_for_head(info.head.model_class)
+    if task is None:
+        raise runs.BundleError(f"{bundle}: a head of {info.head.model_class} is not one of the tasks "
+                               "madx_fast evaluates (token classification, question answering, multiple choice)")
+    labels = info.head.labels or meta.get("labels")
+    if task_class(task).name == "ner" and not labels:
+        raise runs.BundleError(f"{bundle}: the head records no label names, which NER evaluation needs")
+    base_model = s.model or meta.get("base_model") or info.base_model
+    if not base_model:
+        raise ValueError(f"{bundle} does not record its base model: pass model=... (--model)")
+    source = meta.get("language") if meta else None
+    runs_, needed, seen = [], {}, set()
+    for target in s.targets:
+        for setting in s.settings:
+            if meta and not source:  # trained without a language adapter: evaluated alone
                 setting = "none"
+            if setting == "source" and not meta:
+                raise ValueError(f"{bundle} does not record the source language it was trained on (no "
+                                 f"{runs.RUN_META}): the 'source' setting needs a run bundle of madx train-task")
             lang = {"target": target, "source": source, "none": None}[setting]
             if (target, setting) not in seen:
                 seen.add((target, setting))
-                runs.append((target, setting, lang))
+                runs_.append((target, setting, lang))
                 if lang:
                     needed[lang] = ""
     for lang in needed:
-        where = lang_adapters.get(lang)
+        where = s.lang_adapters.get(lang)
         if where is None and lang == source and meta.get("language_adapter"):
             where = meta["language_adapter"]["path"]
         if where is None:
-            given = ", ".join(sorted(lang_adapters)) or "none"
+            given = ", ".join(sorted(s.lang_adapters)) or "none"
             raise ValueError(f"no language adapter for {lang!r} (given: {given}); pass one for every target "
                              "language, e.g. --lang-adapter sw=runs/lang-sw")
-        found = artifacts.find_bundle(where, prefer=("adapter",))
-        lmeta = artifacts.read_bundle_meta(found)
-        if lmeta.get("kind") not in (None, "language"):
-            raise artifacts.BundleError(f"{found} (for {lang!r}) holds a {lmeta.get('kind')} adapter, not a "
-                                        "language adapter")
+        found = runs.find_bundle(where, prefer=("adapter",))
+        if runs.read_bundle_meta(found).get("stage") not in (None, "language"):
+            raise runs.BundleError(f"{found} (for {lang!r}) holds a task adapter, not a language adapter")
         needed[lang] = found
-    if source and "source" in settings and meta.get("language_adapter"):
+    if source and "source" in s.settings and meta.get("language_adapter"):
         want = meta["language_adapter"].get("weights_sha256")
-        have = artifacts.read_bundle_meta(needed[source]).get("weights_sha256") if source in needed else None
+        have = runs.read_bundle_meta(needed[source]).get("weights_sha256") if source in needed else None
         if want and have and want != have:
             log.warning("the %r language adapter in %s is not the one %s was trained with (weights differ)",
                         source, needed[source], bundle)
-    label = source or meta.get("source_language") or "-"
-    return {"path": bundle, "meta": meta, "source": label, "runs": runs, "lang_paths": needed}
+    return {"path": bundle, "meta": meta, "task": task_class(task).name, "labels": labels, "base_model": base_model,
+            "auto_class": info.head.model_class, "source": source or meta.get("source_language") or "-",
+            "runs": runs_, "lang_paths": needed}
 
 
-def _check_same_base(plans, model):
+def _check_same_base(plans):
     prints = {}
     for plan in plans:
         prints[plan["path"]] = plan["meta"].get("base_fingerprint")
-        for lang, path in plan["lang_paths"].items():
-            prints[path] = artifacts.read_bundle_meta(path).get("base_fingerprint")
+        for path in plan["lang_paths"].values():
+            prints[path] = runs.read_bundle_meta(path).get("base_fingerprint")
     distinct = {v for v in prints.values() if v}
     if len(distinct) > 1:
         listing = "; ".join(f"{p}: {v}" for p, v in prints.items() if v)
-        raise artifacts.BundleError(f"these adapters were trained on different base models ({listing})")
+        raise runs.BundleError(f"these adapters were trained on different base models ({listing})")
 
 
-def _evaluate_plan(plan, task, targets, eval_data, split, system, model, batch_size, max_examples, device, bf16,
-                   backend, dtype, graphs) -> list[dict]:
-    from ..model import Stack, add_madx
-    from .stages import load_model, load_tokenizer
+def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
+    tok = setup.load_tokenizer(plan["base_model"])
+    task = make_task(plan["task"], pad_id=tok.pad_token_id, labels=plan["labels"])
+    max_length = plan["meta"].get("max_length") or task.default_max_length
+    data = {}  # every target's data, checked against the head, before any evaluation
+    for target in s.targets:
+        examples = type(task).read(s.eval_data, s.split, lang=target, max_examples=s.max_examples,
+                                   labels=plan["labels"]).examples
+        task.check_fits(examples, f"{s.eval_data} ({target}, {s.split})")
+        data[target] = (examples, task.encode(examples, tok, max_length, train=False))
 
-    meta = plan["meta"]
-    model_name = model or meta.get("base_model")
-    labels = meta.get("labels")
-    tok = load_tokenizer(model_name)
-    task.pad_id = tok.pad_token_id
-    max_length = meta.get("max_length") or task.default_max_length
-    head_kwargs = task.head_kwargs(labels)  # (also tells the task its label names)
-    # every target's data, checked against the head, before any evaluation
-    data = {}
-    for target in targets:
-        examples = task.load(eval_data, split, target, max_examples, labels)
-        if labels is not None:
-            task.check_fits(examples, labels, f"{eval_data} ({target}, {split})")
-        data[target] = (examples, task.encode_eval(examples, tok, max_length))
-
-    the_model = load_model(meta.get("auto_class") or task.auto_class, model_name, **head_kwargs)
-    fingerprint = artifacts.base_fingerprint(the_model)
-    madx = add_madx(the_model, backend=backend)
-    task_name, _ = artifacts.load_bundle(madx, plan["path"], fingerprint=fingerprint, model_name=model_name)
-    artifacts.load_head(the_model, plan["path"])
+    model, madx, fingerprint = setup.wired_model(_auto_class(plan, task), plan["base_model"], s.backend,
+                                                 **task.head_kwargs())
+    task_name, _ = runs.load_bundle(madx, plan["path"], fingerprint=fingerprint, model_name=plan["base_model"],
+                                    with_head=True)
     for lang, path in plan["lang_paths"].items():
         if lang == task_name:
             raise ValueError(f"language {lang!r} has the task adapter's name")
-        artifacts.load_bundle(madx, path, load_as=lang, fingerprint=fingerprint, model_name=model_name)
-    if dtype is not None:
-        madx.cast_backbone(dtype)
-    the_model.to(device)
+        runs.load_bundle(madx, path, load_as=lang, fingerprint=fingerprint, model_name=plan["base_model"])
+    setup.place(model, madx, s.backbone_dtype, device)
     memory = PeakMemory(device)
-
     records = []
     for target, setting, lang in plan["runs"]:
         examples, features = data[target]
         madx.set_active(Stack(lang, task_name) if lang else task_name)
         t0 = time.perf_counter()
-        metrics = task.evaluate(the_model, examples, features, batch_size=batch_size, device=device, bf16=bf16,
-                                graphs=graphs)
+        metrics = task.evaluate(model, examples, features, batch_size=s.batch_size, device=device, bf16=s.bf16,
+                                graphs=s.cuda_graphs)
         value = metrics[task.main_metric]
         percent = value if task.name == "qa" else 100.0 * value
-        rec = {"system": system, "task": task.name, "task_adapter": plan["path"], "source": plan["source"],
+        rec = {"system": s.system, "task": task.name, "task_adapter": plan["path"], "source": plan["source"],
                "target": target, "setting": setting, "language_adapter": lang, "metric": task.main_metric,
-               "value": percent, "metrics": metrics, "eval_time_s": time.perf_counter() - t0,
-               **memory.read()}
+               "value": percent, "metrics": metrics, "eval_time_s": time.perf_counter() - t0, **memory.read()}
         records.append(rec)
-        log.info("%s | %s | source %s -> target %s: %s %.2f", system, SETTINGS[setting], rec["source"], target,
+        log.info("%s | %s | source %s -> target %s: %s %.2f", s.system, SETTINGS[setting], rec["source"], target,
                  task.main_metric, percent)
-    del the_model
+    del model
     return records
+
+
+def _auto_class(plan: dict, task) -> str:
+    """The HF class to build: the head's own class when the adapter records one (so that its parameter
+    names match), else the task's Auto class."""
+    cls = plan.get("auto_class")
+    return cls if cls and cls.startswith(("XLMRoberta", "Roberta", "Bert")) else task.auto_class
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -242,12 +227,9 @@ def format_table(records: Sequence[dict]) -> str:
 
 def write_transfer_report(records: Sequence[dict], output_dir: str, title: str | None = None) -> dict[str, str]:
     """``transfer_results.json`` (every record), ``transfer_results.csv`` (one row per record),
-    ``transfer_matrix.csv`` (rows x targets) and ``transfer_heatmap.png``; each written atomically."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {name: os.path.join(output_dir, name) for name in REPORT_FILES}
+    ``transfer_matrix.csv`` (rows x targets) and ``transfer_heatmap.png``, written as one directory update
+    (a reader sees the whole report or none of it; other files in ``output_dir`` are kept)."""
     rows, cols, cells = matrix(records)
-    artifacts.atomic_write_json(paths["transfer_results.json"],
-                                {"records": list(records), "matrix": {"rows": rows, "columns": cols, "cells": cells}})
     long = io.StringIO()
     writer = csv.writer(long)
     extra = sorted({k for r in records for k, v in r["metrics"].items() if isinstance(v, (int, float))})
@@ -256,24 +238,24 @@ def write_transfer_report(records: Sequence[dict], output_dir: str, title: str |
     for r in records:
         writer.writerow([r["system"], r["task"], r["source"], r["target"], r["setting"], r["language_adapter"] or "",
                          r["metric"], f"{r['value']:.4f}"] + [r["metrics"].get(k, "") for k in extra])
-    _write_text(paths["transfer_results.csv"], long.getvalue())
     wide = io.StringIO()
     writer = csv.writer(wide)
     writer.writerow(["row"] + cols)
     for label, row in zip(rows, cells):
         writer.writerow([label] + ["" if v is None else f"{v:.4f}" for v in row])
-    _write_text(paths["transfer_matrix.csv"], wide.getvalue())
     metric = records[0]["metric"] if records else ""
-    plot_heatmap(rows, cols, cells, paths["transfer_heatmap.png"],
-                 title or f"zero-shot transfer, {records[0]['task'] if records else ''} {metric} (%)")
-    return paths
+    title = title or f"zero-shot transfer, {records[0]['task'] if records else ''} {metric} (%)"
 
+    def build(tmp):
+        atomic.dump_json({"records": list(records), "matrix": {"rows": rows, "columns": cols, "cells": cells}},
+                         os.path.join(tmp, "transfer_results.json"), default=runs.json_default)
+        for name, text in (("transfer_results.csv", long.getvalue()), ("transfer_matrix.csv", wide.getvalue())):
+            with open(os.path.join(tmp, name), "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+        plot_heatmap(rows, cols, cells, os.path.join(tmp, "transfer_heatmap.png"), title)
 
-def _write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-    artifacts.atomic_write_bytes(path, write)
+    atomic.replace_directory(output_dir, build, owned=REPORT_FILES)
+    return {name: os.path.join(output_dir, name) for name in REPORT_FILES}
 
 
 def plot_heatmap(rows, cols, cells, path: str, title: str) -> None:
@@ -297,11 +279,8 @@ def plot_heatmap(rows, cols, cells, path: str, title: str) -> None:
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-
-    def write(tmp):
-        fig.savefig(tmp, dpi=120, format="png")
     try:
-        artifacts.atomic_write_bytes(path, write)
+        fig.savefig(path, dpi=120, format="png")
     finally:
         plt.close(fig)
 

@@ -23,7 +23,7 @@ def build_tiny_base(directory: str, data_dir: str, *, hidden: int = H, layers: i
     Dropout is off by default so that runs split differently (accumulation, processes) compute the same."""
     from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 
-    from madx_fast.training import synthetic
+    from madx_fast.demo import synthetic
 
     texts = []
     for lang in ("alpha", "beta"):
@@ -43,7 +43,7 @@ def build_tiny_base(directory: str, data_dir: str, *, hidden: int = H, layers: i
 
 
 def write_small_corpus(directory: str) -> dict:
-    from madx_fast.training import synthetic
+    from madx_fast.demo import synthetic
     return synthetic.write_corpus(directory, ("alpha", "beta"), text_sentences=400, ner_train=64,
                                   ner_validation=24, ner_test=24, seed=0)
 

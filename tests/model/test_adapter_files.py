@@ -10,8 +10,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertForTokenClassification, XLMRobertaForMaskedLM, XLMRobertaForTokenClassification
 
-from madx_fast.model import AdapterConfigError, AdapterExistsError, AdapterFileError, MadxConfig, Stack, add_madx
-from madx_fast.model import adapter_files
+from madx_fast.model import (
+    AdapterConfigError,
+    AdapterExistsError,
+    AdapterFileError,
+    MadxConfig,
+    Stack,
+    adapter_files,
+    add_madx,
+)
 from tests.helpers.models import import_adapterhub, max_diff, padded_batch, randomize, tiny_config
 
 

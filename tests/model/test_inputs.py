@@ -15,7 +15,7 @@ from transformers import (
 
 from madx_fast.model import MadxConfig, Stack, add_madx, madx_mlm_loss
 from madx_fast.model.inputs import encoder_attention_mask, mlm_positions
-from madx_fast.sync_check import HostReads
+from madx_fast.testing.sync_check import HostReads
 from tests.helpers.models import max_diff, mlm_labels, padded_batch, randomize, tiny_config
 
 HF5 = int(transformers.__version__.split(".")[0]) >= 5

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from madx_fast.training import data as D
+from madx_fast.training.tasks import copa, mlm, ner, qa
+from madx_fast.training.trainer import ShuffledStream
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +62,11 @@ def test_read_texts_from_a_hf_dataset(tmp_path):
 
 
 def test_pack_blocks():
-    ids, mask = D.pack_blocks([[5, 6, 7], [8], [], [9, 10]], max_length=6, bos_id=0, eos_id=2, pad_id=1)
+    ids, mask = mlm.pack_blocks([[5, 6, 7], [8], [], [9, 10]], max_length=6, bos_id=0, eos_id=2, pad_id=1)
     # stream 5 6 7 </s> 8 </s> 9 10, cut into pieces of 4, each wrapped in <s> ... </s>
     assert ids.tolist() == [[0, 5, 6, 7, 2, 2], [0, 8, 2, 9, 10, 2]]
     assert mask.tolist() == [[1] * 6] * 2
-    ids, mask = D.pack_blocks([[5, 6, 7, 8, 9]], max_length=5, bos_id=0, eos_id=2, pad_id=1)
+    ids, mask = mlm.pack_blocks([[5, 6, 7, 8, 9]], max_length=5, bos_id=0, eos_id=2, pad_id=1)
     assert ids.tolist() == [[0, 5, 6, 7, 2], [0, 8, 9, 2, 1]] and mask[1].tolist() == [1, 1, 1, 1, 0]
 
 
@@ -75,7 +77,7 @@ def test_mask_tokens_80_10_10():
     mask = torch.ones_like(ids)
     mask[:, 100:] = 0
     ids[:, 100:] = 1
-    inputs, labels = D.mask_tokens(ids, mask, (0, 1, 2, 3, 4), 4, 1000, g)
+    inputs, labels = mlm.mask_tokens(ids, mask, (0, 1, 2, 3, 4), 4, 1000, g)
     sel = labels != -100
     assert not sel[:, 0].any() and not sel[:, 100:].any()  # specials and padding never selected
     rate = sel.sum().item() / (400 * 98)
@@ -91,32 +93,32 @@ def test_mask_tokens_80_10_10():
     assert torch.equal(inputs[~sel], ids[~sel])
     # a function of the generator state alone
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    a = D.mask_tokens(ids, mask, (0, 1, 2), 4, 1000, g1)
-    b = D.mask_tokens(ids, mask, (0, 1, 2), 4, 1000, g2)
+    a = mlm.mask_tokens(ids, mask, (0, 1, 2), 4, 1000, g1)
+    b = mlm.mask_tokens(ids, mask, (0, 1, 2), 4, 1000, g2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_shuffled_stream_state():
-    s = D.ShuffledStream(10, seed=3)
+    s = ShuffledStream(10, seed=3)
     first = s.take(7)
     state = s.state_dict()
     rest = s.take(25)
-    t = D.ShuffledStream(10, seed=3)
+    t = ShuffledStream(10, seed=3)
     t.load_state_dict(state)
     assert t.take(25) == rest
     assert sorted(first + rest[:3]) == list(range(10))  # every example once per epoch
     assert rest[3:13] != first + rest[:3]  # a new order in the next epoch
     with pytest.raises(D.DataError, match="seed"):
-        D.ShuffledStream(10, seed=4).load_state_dict(state)
+        ShuffledStream(10, seed=4).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------------
 def test_ner_json_conll_and_first_subtoken_alignment(tmp_path, tok):
     (tmp_path / "a.jsonl").write_text(json.dumps({"tokens": ["Ana", "Kovacsalot", "visited", "Marlow"],
                                                   "ner_tags": ["B-PER", "I-PER", "O", "B-LOC"]}) + "\n")
-    examples, labels = D.load_ner(str(tmp_path / "a.jsonl"), "train")
+    examples, labels = ner.read_ner(str(tmp_path / "a.jsonl"), "train")
     assert labels == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]  # BIO completed for every type
-    (feat,) = D.encode_ner(examples, tok, labels, 32)
+    (feat,) = ner.encode_ner(examples, tok, labels, 32)
     word_ids, lab = feat["word_ids"], feat["labels"]
     assert word_ids[0] is None and lab[0] == -100
     for pos, w in enumerate(word_ids):
@@ -130,20 +132,20 @@ def test_ner_json_conll_and_first_subtoken_alignment(tmp_path, tok):
     assert len([w for w in word_ids if w == 1]) > 1  # the long word really was split
 
     (tmp_path / "b.conll").write_text("-DOCSTART- O\n\nsw:Ana B-PER\nsw:yuko O\nsw:Nairobi B-LOC\n\nsw:Sawa O\n")
-    examples, labels = D.load_ner(str(tmp_path / "b.conll"), "train")
+    examples, labels = ner.read_ner(str(tmp_path / "b.conll"), "train")
     assert [e.tokens for e in examples] == [["Ana", "yuko", "Nairobi"], ["Sawa"]]
 
     # integer tags are read with WikiANN's names
     (tmp_path / "c.jsonl").write_text(json.dumps({"tokens": ["Ana", "x"], "ner_tags": [1, 0]}) + "\n")
-    examples, labels = D.load_ner(str(tmp_path / "c.jsonl"), "train")
-    assert labels == list(D.WIKIANN_LABELS) and examples[0].tags == ["B-PER", "O"]
+    examples, labels = ner.read_ner(str(tmp_path / "c.jsonl"), "train")
+    assert labels == list(ner.WIKIANN_LABELS) and examples[0].tags == ["B-PER", "O"]
     with pytest.raises(D.DataError, match="not among the head's labels"):
-        D.encode_ner(examples, tok, ["O", "B-LOC"], 32)
+        ner.encode_ner(examples, tok, ["O", "B-LOC"], 32)
 
 
 def test_ner_split_files_in_a_directory(corpus):
-    train, _ = D.load_ner(os.path.join(corpus, "alpha", "ner"), "train")
-    val, _ = D.load_ner(os.path.join(corpus, "alpha", "ner"), "validation")
+    train, _ = ner.read_ner(os.path.join(corpus, "alpha", "ner"), "train")
+    val, _ = ner.read_ner(os.path.join(corpus, "alpha", "ner"), "validation")
     assert len(train) == 64 and len(val) == 24
 
 
@@ -156,7 +158,7 @@ def test_ner_from_a_hf_dataset_with_classlabels(tmp_path):
     ds = datasets.Dataset.from_dict({"tokens": [["Ana", "in", "Marlow"]], "ner_tags": [[1, 0, 5]]}, features=features)
     (tmp_path / "wikiann_like").mkdir()
     ds.to_parquet(str(tmp_path / "wikiann_like" / "validation.parquet"))
-    examples, labels = D.load_ner("hf:" + str(tmp_path / "wikiann_like"), "validation")
+    examples, labels = ner.read_ner("hf:" + str(tmp_path / "wikiann_like"), "validation")
     assert labels == names and examples[0].tags == ["B-PER", "O", "B-LOC"]
 
 
@@ -165,30 +167,30 @@ def test_squad_windows_point_at_the_answer(tmp_path, tok):
     rec = {"id": "q1", "question": "Where did Boris meet Greta ?", "context": ctx,
            "answers": {"text": ["Velden"], "answer_start": [ctx.index("Velden")]}}
     (tmp_path / "qa.jsonl").write_text(json.dumps(rec) + "\n")
-    examples = D.load_squad(str(tmp_path / "qa.jsonl"), "validation")
-    feats = D.encode_qa_train(examples, tok, max_length=40, doc_stride=8)
+    examples = qa.read_squad(str(tmp_path / "qa.jsonl"), "validation")
+    feats = qa.encode_qa_train(examples, tok, max_length=40, doc_stride=8)
     assert len(feats) > 1  # the context did not fit one window
     with_answer = [f for f in feats if f["start_positions"] > 0]
     assert with_answer
     for f in with_answer:
         text = tok.decode(f["input_ids"][f["start_positions"]:f["end_positions"] + 1]).strip()
         assert text == "Velden"
-    evals = D.encode_qa_eval(examples, tok, max_length=40, doc_stride=8)
+    evals = qa.encode_qa_eval(examples, tok, max_length=40, doc_stride=8)
     assert all(f["offsets"][0] is None for f in evals)  # question/special positions are not answers
     bad = dict(rec, answers={"text": ["Velden"], "answer_start": [len(ctx)]})
     (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
     with pytest.raises(D.DataError, match="outside its context"):
-        D.load_squad(str(tmp_path / "bad.jsonl"), "train")
+        qa.read_squad(str(tmp_path / "bad.jsonl"), "train")
     with pytest.raises(D.DataError, match="raise --max-length"):
-        D.encode_qa_train(examples, tok, max_length=12, doc_stride=8)
+        qa.encode_qa_train(examples, tok, max_length=12, doc_stride=8)
 
 
 def test_copa(tmp_path, tok):
     rec = {"premise": "The man fell.", "choice1": "He slipped.", "choice2": "He sang.", "question": "cause", "label": 0}
     (tmp_path / "copa.jsonl").write_text(json.dumps(rec) + "\n")
-    (ex,) = D.load_copa(str(tmp_path / "copa.jsonl"), "test")
-    (feat,) = D.encode_copa([ex], tok, 32)
+    (ex,) = copa.read_copa(str(tmp_path / "copa.jsonl"), "test")
+    (feat,) = copa.encode_copa([ex], tok, 32)
     assert len(feat["choice_ids"]) == 2 and feat["label"] == 0
     (tmp_path / "bad.jsonl").write_text(json.dumps(dict(rec, label=2)) + "\n")
     with pytest.raises(D.DataError, match="does not fit a 2-choice head"):
-        D.load_copa(str(tmp_path / "bad.jsonl"), "test")
+        copa.read_copa(str(tmp_path / "bad.jsonl"), "test")

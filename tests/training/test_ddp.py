@@ -26,10 +26,10 @@ def _assert_same(dir_a, dir_b, bundle):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
-    head = os.path.join(dir_a, bundle, "task_head.safetensors")
+    head = os.path.join(dir_a, bundle, "madx_head.safetensors")
     if os.path.exists(head):
         from safetensors.torch import load_file
-        ha, hb = load_file(head), load_file(os.path.join(dir_b, bundle, "task_head.safetensors"))
+        ha, hb = load_file(head), load_file(os.path.join(dir_b, bundle, "madx_head.safetensors"))
         for k in ha:
             torch.testing.assert_close(ha[k], hb[k], rtol=1e-5, atol=1e-5, msg=k)
     la, lb = step_losses(dir_a), step_losses(dir_b)

@@ -137,6 +137,6 @@ def test_bad_loop_settings(capsys, tmp_path, tiny_base, corpus):
     common = ["train-lang", "--model", tiny_base, "--lang", "alpha", "--output", tmp_path / "o", "--train-data",
               os.path.join(corpus, "alpha", "text", "train.txt"), "--backend", "eager"]
     _fails(capsys, *common, "--batch-size", 6, "--grad-accum", 4, match="must split evenly")
-    _fails(capsys, *common, "--steps", 0, match="steps must be >= 1")
+    _fails(capsys, *common, "--steps", 0, match="steps must be an integer >= 1")
     _fails(capsys, *common.__getitem__(slice(0, 4)), "bad name!", *common[5:], match="without dots or blanks")
     assert not (tmp_path / "o").exists()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from madx_fast.training.tasks import accuracy, best_span, ner_scores, normalize_answer, squad_scores
+from madx_fast.training.tasks.copa import accuracy
+from madx_fast.training.tasks.ner import ner_scores
+from madx_fast.training.tasks.qa import best_span, normalize_answer, squad_scores
 from madx_fast.training.trainer import linear_schedule
 
 

@@ -41,7 +41,7 @@ def test_language_adapter_run(lang_runs, tiny_base):
     assert [e["step"] for e in entries if "eval" in e] == [3, 6]
     assert len(step_losses(run)) == 6
     meta = json.load(open(os.path.join(run, "adapter", "madx_run.json")))
-    assert meta["kind"] == "language" and meta["language"] == "alpha" and meta["base_model"] == tiny_base
+    assert meta["stage"] == "language" and meta["language"] == "alpha" and meta["base_model"] == tiny_base
     # the backbone did not move: a fresh model + the adapter reproduce the held-out loss
     from transformers import AutoModelForMaskedLM
 
@@ -62,7 +62,7 @@ def test_ner_task_and_transfer(tmp_path, lang_runs, corpus):
     assert summary["labels"][0] == "O" and len(summary["labels"]) == 7
     for sub in ("best", "last"):
         meta = json.load(open(os.path.join(ner, sub, "madx_run.json")))
-        assert meta["kind"] == "task" and meta["has_head"] and meta["language"] == "alpha"
+        assert meta["stage"] == "task" and os.path.isfile(os.path.join(ner, sub, "madx_head.safetensors")) and meta["language"] == "alpha"
     # the language adapter stayed frozen: task training never rewrote it
     assert "madx_adapter.safetensors" in os.listdir(os.path.join(ner, "best"))
 
@@ -157,7 +157,7 @@ def test_copa_task(tmp_path, lang_runs):
     assert 0 <= summary["final_eval"]["accuracy"] <= 1
     # the pooler (Linear(H, H) + tanh of the multiple-choice head) is trained and saved with the head
     from safetensors.torch import load_file
-    head = load_file(os.path.join(run, "best", "task_head.safetensors"))
+    head = load_file(os.path.join(run, "best", "madx_head.safetensors"))
     assert any("pooler" in k for k in head) and "classifier.weight" in head
 
 
@@ -189,7 +189,7 @@ def test_backbone_dtype_defaults_to_the_fast_path(monkeypatch, tmp_path, tiny_ba
     """The command line and the stage functions default to "auto": bfloat16 backbone on a GPU with bf16,
     float32 on the CPU; an explicit bfloat16 backbone trains on the CPU too, adapters staying float32."""
     from madx_fast.cli import build_parser
-    from madx_fast.training.stages import backbone_dtype_for
+    from madx_fast.training.setup import backbone_dtype_for
     args = build_parser().parse_args(["train-lang", "--model", "m", "--lang", "x", "--train-data", "t",
                                       "--output", "o"])
     assert args.backbone_dtype == "auto"
@@ -221,7 +221,7 @@ def test_params_command(capsys, tiny_base):
 
 def test_demo_plumbing(tmp_path):
     """The demo's pipeline with every stage cut to a few steps (the full demo is timed by scripts/time_demo.sh)."""
-    from madx_fast.training.demo import DemoConfig, run_demo
+    from madx_fast.demo import DemoConfig, run_demo
     out = tmp_path / "demo"
     cfg = DemoConfig(output_dir=str(out), sources=["alpha"], targets=["alpha", "beta"], hidden_size=32, num_layers=1,
                      vocab_size=200, max_length=32, pretrain_steps=2, lang_steps=2, task_epochs=0.05, batch_size=8,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from madx_fast.sync_check import HostReads
+from madx_fast.testing.sync_check import HostReads
 from madx_fast.training import train_language_adapter, train_task_adapter
 from madx_fast.training.trainer import Trainer
 from tests.helpers.runs import quiet_config

@@ -35,8 +35,10 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import artifacts, synthetic
-from .trainer import TrainConfig
+from .. import atomic
+from ..training import runs as run_files
+from ..training.settings import TrainConfig
+from . import synthetic
 
 log = logging.getLogger("madx_fast.training")
 
@@ -123,8 +125,8 @@ def _clear_demo_outputs(directory: str) -> None:
 
 def run_demo(cfg: DemoConfig | None = None) -> dict:
     """Run the pipeline; returns (and writes to ``<out>/demo_summary.json``) everything it measured."""
-    from .stages import train_language_adapter, train_task_adapter
-    from .transfer import evaluate_transfer, format_table, write_transfer_report
+    from ..training import evaluate_transfer, train_language_adapter, train_task_adapter
+    from ..training.transfer import format_table, write_transfer_report
 
     cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
@@ -243,7 +245,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
 
     summary = {"config": asdict(cfg), "base_model": base, "runs": runs, "transfer": records,
                "report": report, "timings_s": timings}
-    artifacts.atomic_write_json(os.path.join(out, DEMO_MARKER), summary)
+    run_files.write_json(os.path.join(out, DEMO_MARKER), summary)
     print()
     print(format_runs(runs))
     print()
@@ -327,7 +329,7 @@ def _base_model(cfg: DemoConfig, paths, languages, out: str):
     summary = pretrain_base(texts, target, cfg, os.path.join(out, "base-pretraining"))
     if cfg.use_cache:
         try:
-            artifacts.swap_directory(lambda tmp: shutil.copytree(target, tmp, dirs_exist_ok=True), cached)
+            atomic.replace_directory(cached, lambda tmp: shutil.copytree(target, tmp, dirs_exist_ok=True))
             log.info("cached the base model in %s (delete it, or pass --no-cache, to pretrain again)", cached)
         except OSError as exc:  # a read-only home is no reason to fail the demo
             log.warning("could not cache the base model in %s: %s", cached, exc)
@@ -339,16 +341,15 @@ def pretrain_base(texts, target: str, cfg: DemoConfig, run_dir: str) -> dict:
     import torch
     from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 
-    from . import data as D
-    from .tasks import MlmObjective
-    from .trainer import Trainer, seed_everything
+    from ..training.tasks.mlm import MlmObjective, mlm_data_from_texts
+    from ..training.trainer import Trainer, seed_everything
 
     t0 = time.perf_counter()
     tok = synthetic.train_tokenizer(texts, cfg.vocab_size)
     rng = __import__("random").Random(cfg.seed)
     shuffled = list(texts)
     rng.shuffle(shuffled)  # mix the languages within blocks
-    mlm = D.mlm_data_from_texts(tok, shuffled, cfg.max_length)
+    mlm = mlm_data_from_texts(tok, shuffled, cfg.max_length)
     h = cfg.hidden_size
     config = XLMRobertaConfig(vocab_size=len(tok), hidden_size=h, num_hidden_layers=cfg.num_layers,
                               num_attention_heads=max(1, h // 32), intermediate_size=4 * h,
@@ -371,7 +372,7 @@ def pretrain_base(texts, target: str, cfg: DemoConfig, run_dir: str) -> dict:
     def build(tmp):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    artifacts.swap_directory(build, target)
+    atomic.replace_directory(target, build)
     return {"run": "base model pretraining (full MLM)", "stage": "pretrain", "adapter": None,
             "adapter_parameters": None, "base_parameters": n_params, "steps": cfg.pretrain_steps,
             "train_time_s": result["train_time_s"], "wall_time_s": time.perf_counter() - t0,

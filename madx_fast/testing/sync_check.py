@@ -1,6 +1,6 @@
 """Find the places where a step reads tensor data back to the host (each one a host-device sync on a GPU).
 
-    from madx_fast.sync_check import HostReads
+    from madx_fast.testing.sync_check import HostReads
     with HostReads() as reads:
         loss = step(batch); loss.backward()
     print(reads.report())        # one line per read: the op and the line of Python that asked for it

@@ -1,0 +1,101 @@
+"""Progress output: a bar on a terminal, plain lines in a log.
+
+A batch job's stderr (or ``madx demo > log 2>&1``) is a file: a redrawn bar would fill it with thousands of
+frames. So ``StepProgress`` draws a tqdm bar only when its stream is a terminal; otherwise it writes one line
+``step 1200/250000  loss 2.3411  lr 9.95e-05  41.3k tok/s  ETA 1:42:10`` at most every ``interval`` seconds
+(and for the last step). ``progress(iterable, desc)`` wraps long loops (tokenisation, evaluation) the same
+way: a bar on a terminal, nothing otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger("madx_fast.training")
+
+
+def is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress(iterable, desc: str, min_items: int = 20):
+    """A tqdm bar over a long loop when stderr is a terminal; the iterable itself otherwise."""
+    try:
+        n = len(iterable)
+    except TypeError:
+        n = None
+    if (n is not None and n < min_items) or not is_terminal(sys.stderr):
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+class StepProgress:
+    """Training steps: ``update(step, loss=..., lr=..., tokens=...)`` after each step (loss and lr when they
+    are known on the host, i.e. at logging steps); ``close()`` at the end. ``enabled=False`` (``--no-progress``,
+    or a process other than rank 0) prints nothing itself; the trainer then logs lines at ``log_every``."""
+
+    def __init__(self, total: int, start: int = 0, *, enabled: bool = True, stream=None, interval: float = 10.0):
+        self.total, self.start, self.interval = total, start, interval
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.bar = None
+        if enabled and is_terminal(self.stream):
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            file=self.stream)
+        self.t0 = time.perf_counter()
+        self.last_line = -float("inf")
+        self.tokens = 0
+        self.loss = self.lr = None
+
+    @property
+    def draws_bar(self) -> bool:
+        return self.bar is not None
+
+    def update(self, step: int, *, loss: float | None = None, lr: float | None = None, tokens: int = 0) -> None:
+        self.tokens += tokens
+        if loss is not None:
+            self.loss, self.lr = loss, lr
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            return
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last_line < self.interval and step < self.total:
+            return
+        self.last_line = now
+        self.stream.write(self.line(step, now) + "\n")
+        self.stream.flush()
+
+    def line(self, step: int, now: float | None = None) -> str:
+        now = time.perf_counter() if now is None else now
+        elapsed = max(now - self.t0, 1e-9)
+        done = step - self.start
+        parts = [f"step {step}/{self.total}"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}  lr {self.lr:.2e}")
+        if self.tokens:
+            rate = self.tokens / elapsed
+            parts.append(f"{rate / 1e3:.1f}k tok/s" if rate >= 1e3 else f"{rate:.0f} tok/s")
+        if done > 0 and step < self.total:
+            parts.append(f"ETA {_clock((self.total - step) * elapsed / done)}")
+        return "[madx] " + "  ".join(parts)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"

@@ -1,0 +1,345 @@
+"""Every setting of every stage, defined once: a dataclass per stage that is the Python function's argument,
+generates the ``madx`` command's flags, and is recorded in ``run.json`` under the same names.
+
+    TrainConfig                 the training loop (steps, batch, lr, schedule, precision, checkpoints, device)
+    LanguageAdapterSettings     stage 1, ``train_language_adapter`` / ``madx train-lang``
+    TaskAdapterSettings         stage 2, ``train_task_adapter`` / ``madx train-task``
+    TransferSettings            stage 3, ``evaluate_transfer`` / ``madx transfer``
+
+A field's flag is ``--`` + its name with dashes, unless its metadata says otherwise (``flag``); ``help``,
+``choices``, ``nargs`` and a ``parse`` function for the command-line string come from the metadata too.
+Fields without a flag (``cli=False``) exist for Python callers only. ``check()`` validates what can be
+validated without reading anything (it runs before any file or model is touched).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..model.controller import check_adapter_name
+
+BACKENDS = ("auto", "eager", "triton", "cuda")
+BACKBONE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def opt(default=dataclasses.MISSING, *, help: str = "", flag: str | None = None, cli: bool = True,  # noqa: A002
+        parse: Callable[[str], Any] | None = None, choices=None, nargs=None, metavar=None, default_factory=None):
+    """A settings field with its command-line flag."""
+    meta = {"help": help, "flag": flag, "cli": cli, "parse": parse, "choices": choices, "nargs": nargs,
+            "metavar": metavar}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def csv_list(text: str) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _number(name: str, value, *, minimum=None, above=None, below=None, integer=False) -> None:
+    """A finite number in range, or a ValueError naming the setting."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (minimum is None or value >= minimum) and (above is None or value > above)
+    ok = ok and (below is None or value < below)
+    if not ok:
+        rng = " and ".join(s for s in (f">= {minimum}" if minimum is not None else "",
+                                       f"> {above}" if above is not None else "",
+                                       f"< {below}" if below is not None else "") if s)
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name} must be {kind}{' ' + rng if rng else ''}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# the training loop
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Loop settings. ``batch_size`` is the global batch (all processes and accumulation steps together)."""
+
+    steps: int = opt(1000, help="optimizer steps")
+    batch_size: int = opt(64, help="global batch: all processes and accumulation steps together")
+    learning_rate: float = opt(1e-4, flag="--lr", help="peak learning rate")
+    warmup_steps: int = opt(0, help="linear warm-up steps, then linear decay to 0")
+    weight_decay: float = opt(0.0, help="AdamW weight decay")
+    grad_accum: int = opt(1, help="gradient accumulation steps per optimizer step")
+    max_grad_norm: float | None = opt(1.0, help="gradient clipping by global norm (0: off)",
+                                      parse=lambda s: float(s) or None)
+    bf16: bool = opt(False, help="bfloat16 autocast for the forward pass (with --backbone-dtype float32)")
+    seed: int = opt(42, help="seed of the data order, masks, dropout and initialisation")
+    log_every: int = opt(10, help="log the loss every N steps (0: every step)")
+    eval_every: int = opt(0, help="evaluate every N steps (0: only at the end)")
+    save_every: int = opt(500, help="checkpoint every N steps (0: only at the end)")
+    eval_batch_size: int = opt(64, help="batch size of evaluations")
+    progress: bool = opt(True, flag="--no-progress", help="log lines instead of a progress bar")
+    device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
+            _number(name, getattr(self, name), minimum=1, integer=True)
+        for name in ("warmup_steps", "log_every", "eval_every", "save_every"):
+            _number(name, getattr(self, name), minimum=0, integer=True)
+        _number("learning_rate", self.learning_rate, above=0)
+        _number("weight_decay", self.weight_decay, minimum=0)
+        if self.max_grad_norm is not None:
+            _number("max_grad_norm", self.max_grad_norm, above=0)
+
+    def check_split(self, world: int) -> None:
+        """The global batch must split evenly over ``world`` processes x ``grad_accum`` micro-batches."""
+        per_process = self.batch_size / world
+        if per_process != int(per_process) or int(per_process) % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must split evenly over {world} process(es) x "
+                             f"{self.grad_accum} accumulation step(s)")
+
+    def identity(self) -> dict:
+        """Settings that must not change when a run is resumed."""
+        keys = ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "bf16",
+                "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+# The paper's settings (Pfeiffer et al., 2020). Stage 1: 250k steps, batch 64, lr 1e-4, 15% masking.
+PAPER_LANG_LOOP = dict(steps=250_000, batch_size=64, learning_rate=1e-4)
+# Stage 2 (NER on WikiANN): 100 epochs, batch 16, lr 1e-4.
+PAPER_TASK_LOOP = dict(steps=1000, batch_size=16, learning_rate=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the stages
+# --------------------------------------------------------------------------------------------------------
+class _StageSettings:
+    """What every stage's settings share: building from keywords, checks, flags, the run.json record."""
+
+    @classmethod
+    def build(cls, given=None, /, **kwargs):
+        """``given`` settings, or settings made from keyword arguments (the stage functions take either)."""
+        if given is not None and kwargs:
+            raise TypeError(f"pass either a {cls.__name__} or keyword arguments, not both")
+        if given is None:
+            given = cls(**kwargs)
+        elif not isinstance(given, cls):
+            raise TypeError(f"expected {cls.__name__}, got {type(given).__name__}")
+        given.check()
+        return given
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        loop = getattr(self, "config", None)
+        if loop is not None:
+            loop.check()
+        if getattr(self, "backbone_dtype", "auto") not in BACKBONE_DTYPES:
+            raise ValueError(f"backbone dtype {self.backbone_dtype!r}: choose one of {', '.join(BACKBONE_DTYPES)}")
+        if getattr(self, "backend", None) not in (None,) + BACKENDS:
+            raise ValueError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass
+class LanguageAdapterSettings(_StageSettings):
+    """Stage 1: a language adapter (+ NICE invertible adapter) trained by masked-LM on the language's text."""
+
+    model: str = opt(help="HF masked-LM model name or directory (e.g. xlm-roberta-base)")
+    lang: str = opt(help="language code; also the adapter's name")
+    train_data: str = opt(help="text file, directory of text files, or HF dataset 'name[:config]'; {lang} expands")
+    output_dir: str = opt(flag="--output", help="run directory")
+    eval_data: str | None = opt(None, help="held-out text (default: the last --eval-fraction of the training text)")
+    eval_fraction: float = opt(0.01, help="share of the training text held out when there is no --eval-data")
+    train_split: str = opt("train", help="split of an HF dataset --train-data")
+    eval_split: str = opt("validation", help="split of an HF dataset --eval-data")
+    max_length: int | None = opt(None, help="block length (default 256, or the model's limit)")
+    mlm_probability: float = opt(0.15, help="share of tokens masked (80%% <mask>, 10%% random, 10%% kept)")
+    reduction_factor: float = opt(2, help="bottleneck = hidden size // reduction factor (paper: 2)")
+    invertible: bool = opt(True, flag="--no-invertible", help="no NICE invertible adapter (MAD-X -INV)")
+    leave_out: list[int] = opt(default_factory=list, nargs="*", parse=int, help="layers without an adapter")
+    text_column: str = opt("text", help="text field of JSON records and HF datasets")
+    max_texts: int | None = opt(None, help="read at most this many texts (streams HF datasets)")
+    tokenizer: str | None = opt(None, help="tokenizer name or directory (default: --model)")
+    export_adapterhub: bool = opt(False, help="also write <output>/adapterhub in AdapterHub's format")
+    backbone_dtype: str = opt("auto", choices=BACKBONE_DTYPES,
+                              help="frozen backbone dtype; adapters stay float32 (auto: bfloat16 on a GPU)")
+    backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
+    resume: bool = opt(False, help="continue the run in --output from its last checkpoint (fresh if none)")
+    overwrite: bool = opt(False, help="replace an earlier run's outputs in --output")
+    max_eval_blocks: int = opt(512, cli=False)
+    config: TrainConfig = opt(default_factory=lambda: TrainConfig(**PAPER_LANG_LOOP), cli=False)
+
+    def check(self) -> None:
+        super().check()
+        for name in ("model", "lang", "train_data", "output_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        check_adapter_name(self.lang, "language")
+        _number("eval_fraction", self.eval_fraction, minimum=0, below=1)
+        _number("mlm_probability", self.mlm_probability, above=0, below=1)
+        _number("reduction_factor", self.reduction_factor, above=0)
+        if self.max_length is not None:
+            _number("max_length", self.max_length, minimum=3, integer=True)
+
+
+@dataclass
+class TaskAdapterSettings(_StageSettings):
+    """Stage 2: a task adapter (NER, QA, COPA) trained in Stack(source language, task) with the language adapter
+    frozen, plus the task head; the best checkpoint on validation is kept."""
+
+    task: str = opt(help="ner (WikiANN format), qa (SQuAD format), copa (COPA/XCOPA)")
+    train_data: str = opt(help="file, directory with split files, or HF dataset")
+    output_dir: str = opt(flag="--output", help="run directory")
+    model: str | None = opt(None, help="base model (default: the one the language adapter was trained on)")
+    lang_adapter: str | None = opt(None, help="the source language adapter (run or adapter directory); omit for "
+                                              "MAD-X -LAD -INV")
+    lang: str | None = opt(None, help="source language (default: the language adapter's)")
+    validation_data: str | None = opt(None, help="default: the validation split of --train-data when it is a "
+                                                 "dataset or directory")
+    train_split: str = opt("train", help="split of --train-data")
+    validation_split: str = opt("validation", help="split of --validation-data")
+    labels: list[str] | None = opt(None, parse=csv_list, help="NER label names in id order, comma-separated")
+    name: str | None = opt(None, help="task adapter name (default: the task)")
+    epochs: float | None = opt(None, help="sets --steps to epochs x batches per epoch")
+    max_length: int | None = opt(None, help="sequence length (default: the task's, or the model's limit)")
+    reduction_factor: float = opt(16, help="bottleneck = hidden size // reduction factor (paper: 16)")
+    max_train_examples: int | None = opt(None, help="use at most this many training examples")
+    max_eval_examples: int | None = opt(None, help="use at most this many validation examples")
+    tokenizer: str | None = opt(None, help="tokenizer name or directory (default: the model's)")
+    backbone_dtype: str = opt("auto", choices=BACKBONE_DTYPES,
+                              help="frozen backbone dtype; adapters and head stay float32 (auto: bfloat16 on a GPU)")
+    backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
+    resume: bool = opt(False, help="continue the run in --output from its last checkpoint (fresh if none)")
+    overwrite: bool = opt(False, help="replace an earlier run's outputs in --output")
+    config: TrainConfig = opt(default_factory=lambda: TrainConfig(**PAPER_TASK_LOOP), cli=False)
+
+    def check(self) -> None:
+        super().check()
+        for name in ("task", "train_data", "output_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        for name, what in ((self.name, "task adapter name"), (self.lang, "language")):
+            if name is not None:
+                check_adapter_name(name, what)
+        _number("reduction_factor", self.reduction_factor, above=0)
+        if self.epochs is not None:
+            _number("epochs", self.epochs, above=0)
+        if self.max_length is not None:
+            _number("max_length", self.max_length, minimum=3, integer=True)
+        for name in ("max_train_examples", "max_eval_examples"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name), minimum=1, integer=True)
+
+
+def _lang_adapter_map(items) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        lang, sep, path = item.partition("=")
+        if not sep or not lang or not path:
+            raise ValueError(f"--lang-adapter takes LANG=DIR, got {item!r}")
+        if lang in out:
+            raise ValueError(f"--lang-adapter names {lang!r} twice")
+        out[lang] = path
+    return out
+
+
+@dataclass
+class TransferSettings(_StageSettings):
+    """Stage 3: the zero-shot transfer matrix, task adapters x target languages x settings."""
+
+    task_adapters: list[str] = opt(flag="--task-adapter", nargs="+", help="task adapter run, bundle or adapter "
+                                   "directories (madx_fast or AdapterHub format, saved with their head)")
+    targets: list[str] = opt(parse=csv_list, help="comma-separated target languages")
+    eval_data: str = opt(help="evaluation data spec with {lang}, e.g. wikiann:{lang}")
+    output_dir: str | None = opt(None, flag="--output", help="directory for the CSV / JSON / PNG report")
+    lang_adapters: dict[str, str] = opt(default_factory=dict, flag="--lang-adapter", nargs="*", metavar="LANG=DIR",
+                                        help="language adapters, e.g. sw=runs/lang-sw")
+    split: str = opt("test", help="split of the evaluation data")
+    settings: list[str] = opt(default_factory=lambda: ["target"], parse=csv_list,
+                              help="comma-separated: target, source, none")
+    system: str = opt("MAD-X", help="name of this system in the report")
+    model: str | None = opt(None, help="base model (default: the one the adapters were trained on)")
+    batch_size: int = opt(32, help="evaluation batch size")
+    max_examples: int | None = opt(None, help="evaluate at most this many examples per target")
+    device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    bf16: bool = opt(False, help="bfloat16 autocast (with --backbone-dtype float32)")
+    backbone_dtype: str = opt("auto", choices=BACKBONE_DTYPES,
+                              help="frozen backbone dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
+    cuda_graphs: bool = opt(False, help="replay each evaluation forward from CUDA graphs (NER, QA)")
+    backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
+
+    def check(self) -> None:
+        super().check()
+        if not self.task_adapters:
+            raise ValueError("no task adapters to evaluate")
+        if not self.targets:
+            raise ValueError("no target languages")
+        if not self.eval_data:
+            raise ValueError("eval_data is required")
+        from .transfer import SETTINGS
+        unknown = [s for s in self.settings if s not in SETTINGS]
+        if unknown or not self.settings:
+            raise ValueError(f"unknown transfer setting(s) {unknown}; choose from {sorted(SETTINGS)}")
+        _number("batch_size", self.batch_size, minimum=1, integer=True)
+        for lang in list(self.lang_adapters) + list(self.targets):
+            check_adapter_name(lang, "language")
+
+
+# --------------------------------------------------------------------------------------------------------
+# command-line flags
+# --------------------------------------------------------------------------------------------------------
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_arguments(parser, cls) -> None:
+    """Add a flag for every CLI field of ``cls``, and, for a stage that trains (a ``config`` field), for every
+    TrainConfig field in a "training loop" group showing that stage's defaults."""
+    _add_fields(parser, cls, None)
+    loop = next((f for f in dataclasses.fields(cls) if f.name == "config"), None)
+    if loop is not None:
+        _add_fields(parser.add_argument_group("training loop"), TrainConfig, loop.default_factory())
+
+
+def _add_fields(parser, cls, defaults) -> None:
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        default = getattr(defaults, f.name) if defaults is not None else (
+            f.default if f.default is not dataclasses.MISSING else
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kwargs = {"dest": f.name, "help": meta.get("help", "")}
+        if isinstance(default, bool):
+            kwargs["action"] = "store_false" if default else "store_true"
+        else:
+            kwargs["type"] = meta.get("parse") or _scalar_type(f)
+            for key in ("choices", "nargs", "metavar"):
+                if meta.get(key) is not None:
+                    kwargs[key] = meta[key]
+            if f.name == "lang_adapters":
+                kwargs["type"] = str
+        if required:
+            kwargs["required"] = True
+        elif not isinstance(default, bool) and default not in (None, [], {}):
+            kwargs["help"] += f" (default {default})"
+        kwargs["default"] = None if required else default
+        parser.add_argument(_flag(f), **kwargs)
+
+
+def _scalar_type(f: dataclasses.Field):
+    hint = str(f.type)
+    if hint.startswith("int"):
+        return int
+    if hint.startswith("float"):
+        return float
+    return str
+
+
+def from_args(cls, args):
+    """The settings object of ``cls`` from parsed arguments (``add_arguments``'s flags)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if f.metadata.get("cli", True) and hasattr(args, f.name)}
+    if cls is TransferSettings:
+        values["lang_adapters"] = _lang_adapter_map(values.get("lang_adapters") or [])
+    if any(f.name == "config" for f in dataclasses.fields(cls)):
+        values["config"] = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return cls(**values)

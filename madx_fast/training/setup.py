@@ -1,0 +1,175 @@
+"""Models, tokenizers, devices and dtypes: how every stage (and transfer) sets up the model it works on.
+
+    tok = load_tokenizer(name, need_mask=True)            # a fast tokenizer, checked
+    max_length = max_length_for(name, requested, default) # within the model's position table
+    model, madx, fingerprint = wired_model("AutoModelForMaskedLM", name, backend)
+    dtype = place(model, madx, "auto", device)            # bf16 backbone on a GPU, fp32 adapters; .to(device)
+
+The *base fingerprint* hashes a fixed sample of every backbone weight (taken before any cast): an adapter
+trained on one base model is refused on another of the same shape (a different checkpoint), before any work.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import torch
+
+from ..model import add_madx
+from ..model.wiring import find_parts
+from .data import DataError
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' "newly initialized weights" notices (madx_fast logs what it builds itself)."""
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load_tokenizer(name: str, *, need_mask: bool = False):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - a missing model dir / hub id / file all mean the same here
+        raise OSError(f"cannot load the tokenizer of {name!r}: {type(exc).__name__}: {exc}") from None
+    check_tokenizer(tok, need_mask=need_mask)
+    return tok
+
+
+def check_tokenizer(tokenizer, need_mask: bool = False) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; madx_fast needs one for "
+                        "word alignment and answer offsets")
+    if tokenizer.pad_token_id is None:
+        raise DataError("the tokenizer has no pad token")
+    if need_mask and tokenizer.mask_token_id is None:
+        raise DataError("the tokenizer has no mask token, so it cannot be used for masked-LM training")
+    if bos_id(tokenizer) is None or eos_id(tokenizer) is None:
+        raise DataError("the tokenizer has no <s>/</s> (or [CLS]/[SEP]) tokens")
+
+
+def bos_id(tok) -> int:
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+
+
+def eos_id(tok) -> int:
+    return tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001
+        raise OSError(f"cannot load the config of {name!r}: {type(exc).__name__}: {exc}") from None
+
+
+def load_model(auto_class: str, name: str, **kwargs):
+    import transformers
+    cls = getattr(transformers, auto_class)
+    try:
+        with quiet_transformers():
+            return cls.from_pretrained(name, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise OSError(f"cannot load {auto_class}.from_pretrained({name!r}): {type(exc).__name__}: {exc}") from None
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence a BERT / XLM-R config can embed (RoBERTa positions start after the pad index)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
+def max_length_for(model: str, requested: int | None, default: int) -> int:
+    """``requested``, or ``default`` capped at the model's positions; a longer request is refused up front
+    (it would fail deep in the embeddings)."""
+    limit = position_limit(load_config(model))
+    if requested is None:
+        return min(default, limit or default)
+    if limit is not None and requested > limit:
+        raise ValueError(f"max_length {requested} is longer than the model's {limit} positions")
+    return requested
+
+
+def backbone_dtype_for(name, device=None) -> torch.dtype | None:
+    """The dtype to keep the frozen backbone in (None: leave it float32). ``"auto"`` is bfloat16 on a GPU that
+    has it, float32 elsewhere: the fast path; adapters keep float32 master weights either way. ``device=None``
+    only checks the name."""
+    if name == "auto":
+        dev = torch.device(device) if device is not None else None
+        if dev is not None and dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if name in (None, "", "float32", "fp32", torch.float32):
+        return None
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in table:
+        raise ValueError(f"backbone dtype {name!r}: choose auto, float32, bfloat16 or float16")
+    return table[name]
+
+
+@torch.no_grad()
+def base_fingerprint(model) -> str:
+    """sha256 over name, shape and a strided sample (<= 4096 values, as float32) of every backbone parameter
+    (embeddings and encoder; adapters and the pooler excluded). Compute it before casting the backbone."""
+    base = find_parts(model).base
+    h = hashlib.sha256()
+    for name, p in sorted(base.named_parameters()):
+        if "adapters." in name or name.startswith("pooler."):
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32)
+        h.update(name.encode())
+        h.update(repr(tuple(p.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def wired_model(auto_class: str, name: str, backend: str | None, **kwargs):
+    """``(model, madx, base fingerprint)``: the HF model from ``name`` with MAD-X wired in."""
+    model = load_model(auto_class, name, **kwargs)
+    fingerprint = base_fingerprint(model)
+    return model, add_madx(model, backend=backend), fingerprint
+
+
+def place(model, madx, backbone_dtype: str, device: torch.device) -> torch.dtype | None:
+    """Cast the frozen backbone (adapters and task head stay float32) and move the model to ``device``;
+    returns the backbone dtype (None: float32)."""
+    dtype = backbone_dtype_for(backbone_dtype, device)
+    if dtype is not None:
+        madx.cast_backbone(dtype)
+    model.to(device)
+    return dtype
+
+
+def pick_device(requested: str | None, local_rank: int = 0) -> torch.device:
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {requested!r} asked for, but CUDA is not available here")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+        return device
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def param_counts(madx, names) -> dict:
+    """``base_parameters`` and, per adapter, ``adapter_parameters[name]`` and its percent of the base."""
+    adapter_ids = {id(p) for n in madx.configs for p in madx.adapter_parameters(n)}
+    base = sum(p.numel() for p in madx.parts.base.parameters() if id(p) not in adapter_ids)
+    out = {"base_parameters": base}
+    for n in names:
+        k = madx.num_parameters(n)
+        out[f"adapter_parameters[{n}]"] = k
+        out[f"adapter_percent_of_base[{n}]"] = 100.0 * k / base
+    return out
