@@ -72,51 +72,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train_lang(a) -> None:
+def cmd_train_lang(args) -> None:
     from .training import LanguageAdapterSettings, train_language_adapter
     from .training.settings import from_args
-    train_language_adapter(from_args(LanguageAdapterSettings, a))
+    train_language_adapter(from_args(LanguageAdapterSettings, args))
 
 
-def cmd_train_task(a) -> None:
+def cmd_train_task(args) -> None:
     from .training import TaskAdapterSettings, train_task_adapter
     from .training.settings import from_args
-    train_task_adapter(from_args(TaskAdapterSettings, a))
+    train_task_adapter(from_args(TaskAdapterSettings, args))
 
 
-def cmd_transfer(a) -> None:
+def cmd_transfer(args) -> None:
     from .training import TransferSettings, evaluate_transfer
     from .training.settings import from_args
     from .training.transfer import format_table
-    result = evaluate_transfer(from_args(TransferSettings, a))
+    result = evaluate_transfer(from_args(TransferSettings, args))
     print(format_table(result["records"]))
-    print(f"report written to {a.output_dir} ({result['wall_time_s']:.1f} s)" if a.output_dir else
+    print(f"report written to {args.output_dir} ({result['wall_time_s']:.1f} s)" if args.output_dir else
           f"({result['wall_time_s']:.1f} s)")
 
 
-def cmd_params(a) -> None:
+def cmd_params(args) -> None:
     from .model.params import format_parameter_budget, parameter_budget
     from .training.setup import load_config
-    config = load_config(a.model) if a.model else None
-    print(format_parameter_budget(parameter_budget(config, model_name=a.model, languages=csv_list(a.langs) or ["en"],
-                                                   lang_reduction_factor=a.lang_reduction_factor,
-                                                   task_reduction_factor=a.task_reduction_factor,
-                                                   invertible=not a.no_invertible)))
+    config = load_config(args.model) if args.model else None
+    print(format_parameter_budget(parameter_budget(config, model_name=args.model, languages=csv_list(args.langs) or ["en"],
+                                                   lang_reduction_factor=args.lang_reduction_factor,
+                                                   task_reduction_factor=args.task_reduction_factor,
+                                                   invertible=not args.no_invertible)))
 
 
-def cmd_demo(a) -> None:
+def cmd_demo(args) -> None:
     from .demo import DemoConfig, real_model_config, run_demo
-    if (a.text_data or a.ner_data) and not (a.sources and a.targets):
+    if (args.text_data or args.ner_data) and not (args.sources and args.targets):
         raise ValueError("with --text-data / --ner-data, name the languages: --sources en --targets en,sw")
-    common = dict(output_dir=a.output_dir, overwrite=a.overwrite, text_data=a.text_data,
-                  text_eval_data=a.text_eval_data, ner_data=a.ner_data, max_texts=a.max_texts,
-                  ablations=not a.no_ablations, use_cache=not a.no_cache, cache_dir=a.cache_dir, device=a.device,
-                  bf16=a.bf16, backend=a.backend, progress=not a.no_progress)
-    cfg = real_model_config(a.model, **common) if a.model else DemoConfig(**common)
-    if a.sources:
-        cfg.sources = csv_list(a.sources)
-    if a.targets:
-        cfg.targets = csv_list(a.targets)
+    common = dict(output_dir=args.output_dir, overwrite=args.overwrite, text_data=args.text_data,
+                  text_eval_data=args.text_eval_data, ner_data=args.ner_data, max_texts=args.max_texts,
+                  ablations=not args.no_ablations, use_cache=not args.no_cache, cache_dir=args.cache_dir, device=args.device,
+                  bf16=args.bf16, backend=args.backend, progress=not args.no_progress)
+    cfg = real_model_config(args.model, **common) if args.model else DemoConfig(**common)
+    if args.sources:
+        cfg.sources = csv_list(args.sources)
+    if args.targets:
+        cfg.targets = csv_list(args.targets)
     for arg, attr in (("pretrain_steps", "pretrain_steps"), ("lang_steps", "lang_steps"),
                       ("task_epochs", "task_epochs"), ("batch_size", "batch_size"),
                       ("task_batch_size", "task_batch_size"), ("max_length", "max_length"),

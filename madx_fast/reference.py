@@ -2,7 +2,7 @@
 
 Nothing here is fast; everything here is plain torch ops, so autograd derives the gradients that the
 fused backends must reproduce. The math follows MAD-X as AdapterHub's `adapters` implements it
-(``shared/docs/madx-spec.md``):
+(docs/spec.md):
 
 * bottleneck adapter:  ``y = r + s * (W_up · act(W_down · x + b_down) + b_up)``
 * NICE coupling, with ``x = [x1, x2]`` split at ``H // 2``:

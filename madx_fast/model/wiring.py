@@ -39,7 +39,7 @@ class MadxState:
 
 
 def pfeiffer_adapter_stack(f: torch.Tensor, a: torch.Tensor, layer_norm: nn.Module, adapters) -> torch.Tensor:
-    """MAD-X ("Pfeiffer") placement at the FFN output, for a stack of adapters (madx-spec.md):
+    """MAD-X ("Pfeiffer") placement at the FFN output, for a stack of adapters (docs/spec.md):
 
         y0 = f;   y_k = y_{k-1} + A_k(LN(y_{k-1} + a));   out = LN(y_K + a)
 

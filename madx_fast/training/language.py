@@ -28,9 +28,9 @@ def train_language_adapter(settings: LanguageAdapterSettings | None = None, /, *
     s = LanguageAdapterSettings.build(settings, **kwargs)
     t_start = time.perf_counter()
     runs.check_output_dir(s.output_dir, resume=s.resume, overwrite=s.overwrite)
-    ctx = init_distributed(s.config.device)
-    s.config.check_split(ctx.world)
-    device = setup.pick_device(s.config.device, ctx.local_rank)
+    procs = init_distributed(s.config.device)
+    s.config.check_split(procs.world)
+    device = setup.pick_device(s.config.device, procs.local_rank)
 
     tok = setup.load_tokenizer(s.tokenizer or s.model, need_mask=True)
     max_length = setup.max_length_for(s.model, s.max_length, default=256)  # the paper's 256, if it fits
@@ -47,7 +47,7 @@ def train_language_adapter(settings: LanguageAdapterSettings | None = None, /, *
     madx.add_adapter(s.lang, adapter_config, set_active=True)
     madx.train_adapters(s.lang)
     dtype = setup.place(model, madx, s.backbone_dtype, device)
-    runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite, main=ctx.main)
+    runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite, main=procs.main)
 
     record = {"stage": "language", "language": s.lang, "adapter": s.lang, "base_model": s.model,
               "base_fingerprint": fingerprint, "adapter_config": adapter_config.to_dict(), "max_length": max_length,
@@ -63,11 +63,11 @@ def train_language_adapter(settings: LanguageAdapterSettings | None = None, /, *
              f"{counts[f'adapter_parameters[{s.lang}]']:,}", counts[f"adapter_percent_of_base[{s.lang}]"],
              s.config.steps, s.config.batch_size)
     trainer = Trainer(model, mlm.MlmObjective(train, s.mlm_probability), range(len(train)), s.config, s.output_dir,
-                      evaluate=evaluate, identity=_identity(record), ctx=ctx, device=device)
+                      evaluate=evaluate, identity=_identity(record), procs=procs, device=device)
     result = trainer.run(resume=s.resume)
 
     summary = {**record, "settings": s.to_dict(), "config": s.to_dict()["config"], **counts, **result}
-    if ctx.main:
+    if procs.main:
         runs.write_bundle(madx, os.path.join(s.output_dir, "adapter"), s.lang,
                           dict(record, invertible=s.invertible, steps=s.config.steps, final_eval=result["final_eval"]))
         if s.export_adapterhub:
@@ -76,7 +76,7 @@ def train_language_adapter(settings: LanguageAdapterSettings | None = None, /, *
         runs.write_json(os.path.join(s.output_dir, runs.RUN_SUMMARY), summary)
         log.info("language adapter %r written to %s (train %.1fs, peak memory %.0f MB)", s.lang,
                  os.path.join(s.output_dir, "adapter"), result["train_time_s"], result["peak_memory_mb"])
-    ctx.barrier()
+    procs.barrier()
     return summary
 
 

@@ -33,9 +33,9 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
     name = s.name or task_class(s.task).name
     lang_path, lang, base_model = _language_adapter(s, name)
     runs.check_output_dir(s.output_dir, resume=s.resume, overwrite=s.overwrite, inputs=[lang_path])
-    ctx = init_distributed(s.config.device)
-    s.config.check_split(ctx.world)
-    device = setup.pick_device(s.config.device, ctx.local_rank)
+    procs = init_distributed(s.config.device)
+    s.config.check_split(procs.world)
+    device = setup.pick_device(s.config.device, procs.local_rank)
 
     tok = setup.load_tokenizer(s.tokenizer or base_model)
     train, labels = _read(s, lang)
@@ -60,7 +60,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
         if n in set(task.extra_trainable(model)):
             p.requires_grad_(True)
     dtype = setup.place(model, madx, s.backbone_dtype, device)
-    runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite, main=ctx.main)
+    runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite, main=procs.main)
 
     record = _record(s, task, name, lang, lang_path, base_model, fingerprint, madx, max_length, len(features), dtype)
     save = lambda sub, step, metrics: runs.write_bundle(  # noqa: E731
@@ -74,13 +74,13 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
              f"{counts[f'adapter_parameters[{name}]']:,}", f"{counts['head_parameters']:,}", loop.steps,
              loop.batch_size)
     trainer = Trainer(model, task, features, loop, s.output_dir, evaluate=evaluate, main_metric=task.main_metric,
-                      on_best=lambda step, metrics: save("best", step, metrics), identity=_identity(record), ctx=ctx,
+                      on_best=lambda step, metrics: save("best", step, metrics), identity=_identity(record), procs=procs,
                       device=device)
     result = trainer.run(resume=s.resume)
 
     summary = {**record, "settings": s.to_dict(), "config": dataclasses.asdict(loop), "epochs": s.epochs,
                **counts, **result}
-    if ctx.main:
+    if procs.main:
         save("last", loop.steps, result["final_eval"])
         if not val_features:
             save("best", loop.steps, None)
@@ -90,7 +90,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
         log.info("task adapter %r written to %s%s (train %.1fs, peak memory %.0f MB)", name, s.output_dir,
                  f"; best {best['metric']} {best['value']:.4g} at step {best['step']}" if best else "",
                  result["train_time_s"], result["peak_memory_mb"])
-    ctx.barrier()
+    procs.barrier()
     return summary
 
 

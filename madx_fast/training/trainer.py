@@ -141,17 +141,17 @@ class Trainer:
     def __init__(self, model, objective: Objective, items: Sequence, config: TrainConfig, output_dir: str, *,
                  evaluate: Callable[[], dict] | None = None, main_metric: str | None = None,
                  greater_is_better: bool = True, on_best: Callable[[int, dict], None] | None = None,
-                 identity: dict | None = None, ctx: Dist | None = None, device: torch.device | None = None):
+                 identity: dict | None = None, procs: Dist | None = None, device: torch.device | None = None):
         config.check()
         self.model, self.objective, self.items, self.config = model, objective, items, config
         self.output_dir = output_dir
         self.evaluate_fn, self.main_metric, self.greater = evaluate, main_metric, greater_is_better
         self.on_best = on_best
         self.identity = dict(identity or {}, **config.identity())
-        self.ctx = ctx or Dist()
-        self.device = device or pick_device(config.device, self.ctx.local_rank)
-        config.check_split(self.ctx.world)
-        self.per_process = config.batch_size // self.ctx.world
+        self.procs = procs or Dist()
+        self.device = device or pick_device(config.device, self.procs.local_rank)
+        config.check_split(self.procs.world)
+        self.per_process = config.batch_size // self.procs.world
         self.micro = self.per_process // config.grad_accum
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
@@ -161,13 +161,13 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
-        cfg, ctx = self.config, self.ctx
-        seed_everything(cfg.seed + ctx.rank)  # dropout streams differ per process
+        cfg, procs = self.config, self.procs
+        seed_everything(cfg.seed + procs.rank)  # dropout streams differ per process
         stream = ShuffledStream(len(self.items), cfg.seed)
         mask_gen = torch.Generator().manual_seed(cfg.seed + 7919)  # same on every process
-        fused = self.device.type == "cuda" and all(p.is_cuda and p.dtype == torch.float32 for _, p in self.params)
+        fused_adamw = self.device.type == "cuda" and all(p.is_cuda and p.dtype == torch.float32 for _, p in self.params)
         optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay, fused=fused or None)
+                                      weight_decay=cfg.weight_decay, fused=fused_adamw or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.warmup_steps, cfg.steps))
         state = {"step": 0, "history": [], "best": None, "elapsed": 0.0, "tokens": 0}
         if resume and os.path.isfile(self.checkpoint_path):
@@ -175,13 +175,13 @@ class Trainer:
             log.info("resumed from %s at step %d of %d", self.checkpoint_path, state["step"], cfg.steps)
         elif resume:
             log.info("no checkpoint in %s: starting the run from step 0", self.output_dir)
-        if ctx.main:
+        if procs.main:
             atomic.write_file(self.log_path, lambda p: _write_log(p, state["history"]))
-        ctx.barrier()
+        procs.barrier()
 
         module = _LossModule(self.model, self.objective)
         ddp = None
-        if ctx.enabled:
+        if procs.enabled:
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
             ddp = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
@@ -190,7 +190,7 @@ class Trainer:
         memory = PeakMemory(self.device)
         segment_start = time.perf_counter()
         history, step = state["history"], state["step"]
-        progress = StepProgress(cfg.steps, step, enabled=cfg.progress and ctx.main)
+        progress = StepProgress(cfg.steps, step, enabled=cfg.progress and procs.main)
         pending: list[tuple[dict, torch.Tensor]] = []  # losses still on the device (no host sync per step)
 
         def flush():
@@ -214,7 +214,7 @@ class Trainer:
                     flush()
                 last = history[-1] if logged else {}
                 progress.update(step, loss=last.get("loss"), lr=last.get("lr"), tokens=tokens)
-                if logged and not progress.enabled and ctx.main:
+                if logged and not progress.enabled and procs.main:
                     log.info("step %d/%d  loss %.4f  lr %.3e", step, cfg.steps, last["loss"], last["lr"])
                 if evaluate:
                     metrics = self._evaluate(step, state)
@@ -231,26 +231,26 @@ class Trainer:
         return {"steps": cfg.steps, "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
                 "final_eval": evals[-1] if evals else None, "best": state["best"],
                 "train_time_s": state["elapsed"], "train_tokens": state["tokens"],
-                "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "world_size": ctx.world,
+                "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "world_size": procs.world,
                 "device": str(self.device), **memory.read()}
 
     # ---------------------------------------------------------------------------------------------------
     def _step(self, runner, ddp, stream, mask_gen, optimizer, scheduler) -> tuple[torch.Tensor, int]:
         """One optimizer step; returns the global mean loss (a device scalar) and the tokens it saw."""
-        cfg, ctx = self.config, self.ctx
+        cfg, procs = self.config, self.procs
         indices = stream.take(cfg.batch_size)
         batch = self.objective.make_batch([self.items[i] for i in indices], mask_gen)
         total = max(self.objective.count(batch), 1)
         tokens = self.objective.num_tokens(batch)
-        mine = slice_batch(batch, ctx.rank * self.per_process, (ctx.rank + 1) * self.per_process)
+        mine = slice_batch(batch, procs.rank * self.per_process, (procs.rank + 1) * self.per_process)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for a in range(cfg.grad_accum):
             micro = self.objective.prepare(slice_batch(mine, a * self.micro, (a + 1) * self.micro))
             micro = model_batch(self.model, micro, self.device)
             sync = ddp.no_sync() if ddp is not None and a < cfg.grad_accum - 1 else nullcontext()
             with sync:
-                loss_sum += self._micro_step(runner, micro, ctx.world / total)
-        if ctx.enabled:
+                loss_sum += self._micro_step(runner, micro, procs.world / total)
+        if procs.enabled:
             dist.all_reduce(loss_sum)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm)
@@ -269,12 +269,12 @@ class Trainer:
 
     def _evaluate(self, step: int, state: dict) -> dict:
         metrics = None
-        if self.ctx.main:
+        if self.procs.main:
             t0 = time.perf_counter()
             metrics = dict(self.evaluate_fn())
             metrics["eval_time_s"] = time.perf_counter() - t0
             log.info("step %d eval: %s", step, _fmt(metrics))
-        if self.ctx.enabled:
+        if self.procs.enabled:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
             metrics = box[0]
@@ -284,30 +284,30 @@ class Trainer:
             better = best is None or (value > best["value"] if self.greater else value < best["value"])
             if better:
                 state["best"] = {"step": step, "value": value, "metric": self.main_metric}
-                if self.ctx.main and self.on_best:
+                if self.procs.main and self.on_best:
                     self.on_best(step, metrics)
-                self.ctx.barrier()
+                self.procs.barrier()
         return metrics
 
     def _append_log(self, entry: dict) -> None:
-        if self.ctx.main:
+        if self.procs.main:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(_json_line(entry))
 
     # ---------------------------------------------------------------------------------------------------
     def _save_checkpoint(self, state, optimizer, scheduler, stream, mask_gen) -> None:
         rngs = [rng_state()]
-        if self.ctx.enabled:
-            rngs = [None] * self.ctx.world
+        if self.procs.enabled:
+            rngs = [None] * self.procs.world
             dist.all_gather_object(rngs, rng_state())
-        if self.ctx.main:
+        if self.procs.main:
             write_checkpoint(self.checkpoint_path, {
                 "identity": self.identity, "step": state["step"], "history": state["history"],
                 "best": state["best"], "elapsed": state["elapsed"], "tokens": state["tokens"],
-                "world_size": self.ctx.world, "trainable": {n: p.detach().to("cpu").clone() for n, p in self.params},
+                "world_size": self.procs.world, "trainable": {n: p.detach().to("cpu").clone() for n, p in self.params},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "stream": stream.state_dict(), "mask_generator": mask_gen.get_state(), "rng": rngs})
-        self.ctx.barrier()
+        self.procs.barrier()
 
     def _load_checkpoint(self, optimizer, scheduler, stream, mask_gen) -> dict:
         ckpt = read_checkpoint(self.checkpoint_path)
@@ -320,10 +320,10 @@ class Trainer:
                 p.copy_(ckpt["trainable"][n])
         mask_gen.set_state(ckpt["mask_generator"])
         rngs = ckpt["rng"]
-        if len(rngs) != self.ctx.world:
+        if len(rngs) != self.procs.world:
             log.warning("the checkpoint was written by %d process(es), this run has %d: the data order and masks "
-                        "continue exactly, the dropout random streams do not", len(rngs), self.ctx.world)
-        set_rng_state(rngs[self.ctx.rank % len(rngs)])
+                        "continue exactly, the dropout random streams do not", len(rngs), self.procs.world)
+        set_rng_state(rngs[self.procs.rank % len(rngs)])
         return {k: ckpt.get(k, default) for k, default in (("step", 0), ("history", []), ("best", None),
                                                           ("elapsed", 0.0), ("tokens", 0))}
 

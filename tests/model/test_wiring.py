@@ -1,4 +1,4 @@
-"""MAD-X wiring on HF models, checked against madx-spec.md directly (no ``adapters`` needed: these tests
+"""MAD-X wiring on HF models, checked against docs/spec.md's formulas directly (no ``adapters`` needed: these tests
 also run with transformers 5.x): placement formulas, the active setup, freezing, dtypes, SDPA."""
 from __future__ import annotations
 

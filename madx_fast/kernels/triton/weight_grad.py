@@ -3,7 +3,8 @@
 ``A: [N, M]``, ``B: [N, K]`` (any strides), ``C: [M, K]`` fp32. Programs tile (M, K) and split the tokens
 into ranges; each writes an fp32 partial that the launcher sums (no atomics: the same inputs give the same
 bits). ``ACT`` applies an activation to B on load, so callers pass pre-activations instead of storing
-activations. Used by the NICE backward for its four weight matrices and biases.
+activations. Used by the NICE backward (its four weight matrices and biases) and by the wide-bottleneck
+adapter backward (``dW_up = s dy^T act(z)``, ``dW_down = dz^T x`` and the bias sums; adapter.py).
 """
 from __future__ import annotations
 

@@ -1,0 +1,66 @@
+"""The ``madx`` command's flags are generated from the stage settings: every setting has its flag, the
+defaults are the settings' defaults, and parsed flags give the same settings object a Python caller builds."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from madx_fast.cli import build_parser, main
+from madx_fast.training import LanguageAdapterSettings, TaskAdapterSettings, TrainConfig, TransferSettings
+from madx_fast.training.settings import from_args
+
+REQUIRED = {
+    "train-lang": ["--model", "m", "--lang", "sw", "--train-data", "d.txt", "--output", "o"],
+    "train-task": ["--task", "ner", "--train-data", "d", "--output", "o"],
+    "transfer": ["--task-adapter", "t", "--targets", "sw,qu", "--eval-data", "e"],
+}
+SETTINGS = {"train-lang": LanguageAdapterSettings, "train-task": TaskAdapterSettings, "transfer": TransferSettings}
+
+
+def _flags(parser, command):
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {opt: action for action in sub._actions for opt in action.option_strings}
+
+
+@pytest.mark.parametrize("command", sorted(SETTINGS))
+def test_every_setting_has_a_flag_and_defaults_match(command):
+    parser = build_parser()
+    flags = _flags(parser, command)
+    cls = SETTINGS[command]
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+    if any(f.name == "config" for f in dataclasses.fields(cls)):
+        fields += list(dataclasses.fields(TrainConfig))
+    dests = {a.dest for a in flags.values()}
+    assert {f.name for f in fields} <= dests, {f.name for f in fields} - dests
+    parsed = from_args(cls, parser.parse_args([command, *REQUIRED[command]]))
+    # what a Python caller gets with the same required values
+    values = {"train-lang": dict(model="m", lang="sw", train_data="d.txt", output_dir="o"),
+              "train-task": dict(task="ner", train_data="d", output_dir="o"),
+              "transfer": dict(task_adapters=["t"], targets=["sw", "qu"], eval_data="e")}[command]
+    assert parsed == cls(**values)
+
+
+def test_flags_map_to_settings_names_and_types():
+    parser = build_parser()
+    args = parser.parse_args(["train-task", *REQUIRED["train-task"], "--labels", "O,B-PER,I-PER", "--lr", "3e-4",
+                              "--max-grad-norm", "0", "--no-progress", "--epochs", "2.5", "--steps", "7"])
+    s = from_args(TaskAdapterSettings, args)
+    assert s.labels == ["O", "B-PER", "I-PER"] and s.config.learning_rate == 3e-4 and s.config.steps == 7
+    assert s.config.max_grad_norm is None and s.config.progress is False and s.epochs == 2.5
+    args = parser.parse_args(["train-lang", *REQUIRED["train-lang"], "--no-invertible", "--leave-out", "11", "10"])
+    s = from_args(LanguageAdapterSettings, args)
+    assert s.invertible is False and s.leave_out == [11, 10]
+    assert s.config.steps == 250_000 and s.config.batch_size == 64  # the paper's stage-1 defaults
+    args = parser.parse_args(["transfer", *REQUIRED["transfer"], "--lang-adapter", "sw=a", "qu=b"])
+    assert from_args(TransferSettings, args).lang_adapters == {"sw": "a", "qu": "b"}
+
+
+def test_bad_values_are_refused_before_work(capsys, tmp_path):
+    for extra, match in ((["--lang-adapter", "sw"], "LANG=DIR"), (["--settings", "target,sideways"], "sideways"),
+                         (["--batch-size", "0"], "batch_size must be")):
+        assert main(["transfer", *REQUIRED["transfer"], "--output", str(tmp_path / "r"), *extra]) == 2
+        assert match in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):
+        main(["train-lang", *REQUIRED["train-lang"], "--no-such-flag"])
