@@ -56,6 +56,7 @@ except ImportError as exc:  # the optional dependency
     ) from exc
 
 from . import ops, reference
+from .backends import BACKENDS
 from .model.mlm_loss import IGNORE_INDEX, fused_linear_cross_entropy
 from .model.wiring import SUPPORTED_MODEL_TYPES, find_parts
 
@@ -106,13 +107,16 @@ def patch_adapterhub(model: nn.Module, *, backend: str | None = None,
     Calling it again on a patched model updates the options and returns a fresh report.
     """
     _check_model(model)
-    name = (backend or "auto").lower()
-    if name not in ops_backends():
-        raise ValueError(f"unknown backend {backend!r}; choose one of {ops_backends()}")
+    if (backend or "auto").lower() not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     patch = model.__dict__.get(_ATTR)
     if patch is None:
         patch = _Patch()
-        _install(model, patch)
+        try:
+            _install(model, patch)
+        except BaseException:
+            _undo(patch)  # a model the patch cannot take is left as it was
+            raise
         model.__dict__[_ATTR] = patch
     patch.backend = backend
     patch.keep_mlm_logits = bool(keep_mlm_logits)
@@ -128,18 +132,8 @@ def unpatch_adapterhub(model: nn.Module) -> bool:
     patch = model.__dict__.pop(_ATTR, None)
     if patch is None:
         return False
-    for module, attr, previous in reversed(patch.undo):
-        if previous is _MISSING:
-            module.__dict__.pop(attr, None)
-        else:
-            module.__dict__[attr] = previous
-    patch.undo.clear()
+    _undo(patch)
     return True
-
-
-def ops_backends() -> tuple[str, ...]:
-    from .backends import BACKENDS
-    return BACKENDS
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -171,7 +165,7 @@ class _Patch:
 
 
 class _Override:
-    """An instance attribute standing in for a method: calls ``impl(module, original, *args, **kwargs)``.
+    """An instance attribute standing in for a method: calls ``impl(module, original, patch, *args, **kwargs)``.
 
     ``__wrapped__`` makes ``inspect.signature`` report the original's signature (HF's Trainer reads the model's
     forward signature to pick the batch columns). A plain object rather than a closure, so that
@@ -183,6 +177,15 @@ class _Override:
 
     def __call__(self, *args, **kwargs):
         return self.impl(self.module, self.original, self.patch, *args, **kwargs)
+
+
+def _undo(patch: _Patch):
+    for module, attr, previous in reversed(patch.undo):
+        if previous is _MISSING:
+            module.__dict__.pop(attr, None)
+        else:
+            module.__dict__[attr] = previous
+    patch.undo.clear()
 
 
 def _override(module: nn.Module, attr: str, impl, patch: _Patch):
