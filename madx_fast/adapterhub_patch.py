@@ -367,16 +367,17 @@ def _compute_dtype(x, residual):
         low = torch.get_autocast_dtype(device)
         if residual.dtype == low:
             return low
-    return torch.promote_types(x.dtype, residual.dtype)
+    return x.dtype if x.dtype == residual.dtype else torch.promote_types(x.dtype, residual.dtype)
 
 
 def _adapter_forward(adapter, act, x, residual, backend):
     """``residual + dropout(scaling * (W_up act(W_down x + b_down) + b_up))``: ``Adapter.forward``'s output."""
     down, up = adapter.adapter_down[0], adapter.adapter_up
     dtype = _compute_dtype(x, residual)
-    same = residual is x
-    x = x.to(dtype)
-    residual = x if same else residual.to(dtype)
+    if x.dtype != dtype or residual.dtype != dtype:
+        same = residual is x
+        x = x.to(dtype)
+        residual = x if same else residual.to(dtype)
     kw = dict(scaling=adapter.scaling, activation=act, backend=backend)
     if adapter.dropout.training and adapter.dropout.p > 0:
         # the dropout mask falls between the scaled up projection and the residual add: the fused op gives
