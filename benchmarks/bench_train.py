@@ -1,4 +1,5 @@
-"""End-to-end MAD-X step benchmark: madx_fast fused vs madx_fast eager vs AdapterHub `adapters`, in one run.
+"""End-to-end MAD-X step benchmark: madx_fast fused vs madx_fast eager vs AdapterHub `adapters` (as is, and
+with madx_fast.patch_adapterhub), in one run.
 
     python benchmarks/bench_train.py                 # GPU: XLM-R base architecture, the sizes of performance.md
     python benchmarks/bench_train.py --size tiny     # CPU-friendly (CI keeps it working)
@@ -18,6 +19,8 @@ Implementations, all at the same adapter configuration:
   graphs     (inference only) the fused model replayed from CUDA graphs (madx_fast.graphs)
   eager      the same madx_fast model with the eager (reference) adapter ops
   adapterhub AdapterHub `adapters` (when importable), its best setting: SDPA + bf16 autocast on a GPU
+  hub+patch  the same AdapterHub models and steps after madx_fast.patch_adapterhub(model): its bottleneck and
+             NICE adapters on madx_fast's fused ops, the MLM decoder + loss at the labelled positions only
 
 --profile runs a few more steps of each under torch.profiler and prints, per step, the time of each kind of
 work (GPU kernel time on a GPU, CPU op self time on a CPU) and what is left of the step's wall time (host
@@ -184,7 +187,8 @@ def madx_fast_workloads(size, device, backend, lang_rf):
 # ------------------------------------------------------------------------------------------------------------
 # AdapterHub `adapters`
 # ------------------------------------------------------------------------------------------------------------
-def adapterhub_workloads(size, device, lang_rf):
+def adapterhub_workloads(size, device, lang_rf, patched=False):
+    """AdapterHub's models and steps; ``patched``: after ``madx_fast.patch_adapterhub`` (nothing else changes)."""
     import adapters
     from adapters import SeqBnConfig, SeqBnInvConfig, Stack
     from transformers import XLMRobertaForMaskedLM, XLMRobertaForTokenClassification
@@ -195,12 +199,19 @@ def adapterhub_workloads(size, device, lang_rf):
     def ctx():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
 
+    def patch(model):
+        if patched:
+            import madx_fast
+            report = madx_fast.patch_adapterhub(model)
+            assert report.fully_patched, str(report)
+        return model
+
     def mlm(b, l):
         model = XLMRobertaForMaskedLM(_config(size, "sdpa"))
         adapters.init(model)
         model.add_adapter("en", config=SeqBnInvConfig(reduction_factor=lang_rf))
         model.train_adapter("en")
-        model.to(device)
+        patch(model.to(device))
         opt = _optimizer([p for p in model.parameters() if p.requires_grad], device)
         ids, mask, labels, _ = _batch(vocab, b, l, device)
 
@@ -219,7 +230,7 @@ def adapterhub_workloads(size, device, lang_rf):
         model.add_adapter("ner", config=SeqBnConfig())
         model.train_adapter("ner")
         model.active_adapters = Stack("en", "ner")
-        return model.to(device)
+        return patch(model.to(device))
 
     def ner(b, l):
         model = ner_model()
@@ -256,11 +267,12 @@ def implementations(size, device, lang_rf, which):
             impls["graphs"] = dict(infer=fused["infer_graphs"])
     if "eager" in which:
         impls["eager"] = madx_fast_workloads(size, device, "eager", lang_rf)
-    if "adapterhub" in which:
-        try:
-            impls["adapterhub"] = adapterhub_workloads(size, device, lang_rf)
-        except Exception as exc:  # not installed, or incompatible with this transformers
-            print(f"# adapterhub: not measured ({type(exc).__name__}: {exc})", file=sys.stderr)
+    for impl, patched in (("adapterhub", False), ("hub+patch", True)):
+        if impl in which:
+            try:
+                impls[impl] = adapterhub_workloads(size, device, lang_rf, patched=patched)
+            except Exception as exc:  # not installed, or incompatible with this transformers
+                print(f"# {impl}: not measured ({type(exc).__name__}: {exc})", file=sys.stderr)
     return impls
 
 
@@ -420,8 +432,8 @@ def main(argv=None):
     p.add_argument("--lang-rf", type=float, default=16,
                    help="language adapter reduction factor (16: AdapterHub's seq_bn_inv default; 2: the paper)")
     p.add_argument("--workloads", nargs="+", default=["mlm", "ner", "infer"], choices=["mlm", "ner", "infer"])
-    p.add_argument("--impl", nargs="+", default=["fused", "graphs", "eager", "adapterhub"],
-                   choices=["fused", "graphs", "eager", "adapterhub"])
+    p.add_argument("--impl", nargs="+", default=["fused", "graphs", "eager", "adapterhub", "hub+patch"],
+                   choices=["fused", "graphs", "eager", "adapterhub", "hub+patch"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",

@@ -7,5 +7,19 @@ from .ops import bottleneck_adapter, nice_forward, nice_inverse
 __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError", "BottleneckAdapter", "InvertibleAdapter", "bottleneck_adapter", "nice_forward",
-    "nice_inverse", "ops", "reference", "resolve_backend",
+    "nice_inverse", "ops", "patch_adapterhub", "reference", "resolve_backend", "unpatch_adapterhub",
 ]
+
+
+def patch_adapterhub(model, **options):
+    """Run an AdapterHub (`adapters`) model's bottleneck adapters, NICE adapters and masked-LM loss on madx_fast's
+    fused ops; see ``madx_fast.adapterhub_patch.patch_adapterhub`` for the options. Needs the optional
+    dependency: ``pip install 'madx_fast[adapterhub]'`` (imported here on first use, not by ``import madx_fast``)."""
+    from .adapterhub_patch import patch_adapterhub as patch
+    return patch(model, **options)
+
+
+def unpatch_adapterhub(model):
+    """Undo ``patch_adapterhub``; see ``madx_fast.adapterhub_patch.unpatch_adapterhub``."""
+    from .adapterhub_patch import unpatch_adapterhub as unpatch
+    return unpatch(model)

@@ -13,10 +13,23 @@ def _bench():
     return mod
 
 
+def _adapterhub_usable():
+    try:
+        import adapters
+        adapters.XLMRobertaAdapterModel  # noqa: B018 (imports lazily)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def test_bench_train_tiny_table():
     rows = _bench().main(["--size", "tiny", "--warmup", "1", "--iters", "1"])
     impls = {r["impl"] for r in rows}
     assert {"fused", "graphs", "eager"} <= impls
+    if _adapterhub_usable():  # AdapterHub as is and patched, in the same run, for every workload
+        for impl in ("adapterhub", "hub+patch"):
+            assert {(r["workload"], r["B"]) for r in rows if r["impl"] == impl} == {
+                ("mlm", 4), ("ner", 4), ("infer", 4), ("infer", 16)}
     assert {(r["workload"], r["B"]) for r in rows} == {("mlm", 4), ("ner", 4), ("infer", 4), ("infer", 16)}
     assert {r["workload"] for r in rows if r["impl"] == "graphs"} == {"infer"}
     for r in rows:
