@@ -57,7 +57,8 @@ except ImportError as exc:  # the optional dependency
 
 from . import ops, reference
 from .backends import BACKENDS
-from .model.mlm_loss import IGNORE_INDEX, fused_linear_cross_entropy
+from .model.inputs import IGNORE_INDEX
+from .model.mlm_loss import fused_linear_cross_entropy
 from .model.wiring import SUPPORTED_MODEL_TYPES, find_parts
 
 logger = logging.getLogger(__name__)
