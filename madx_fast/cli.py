@@ -9,7 +9,8 @@
 
 Data-parallel training: ``torchrun --nproc_per_node N -m madx_fast.cli train-lang ...`` (same arguments;
 ``--batch-size`` stays the global batch). Every command checks its inputs before it starts working and
-exits with status 2 and a one-line reason when one is wrong.
+exits with status 2 and a one-line reason when one is wrong; a run that diverges (non-finite loss) stops with
+status 1 without writing outputs from the diverged state.
 """
 from __future__ import annotations
 
@@ -121,8 +122,8 @@ def cmd_demo(args) -> None:
                       ("task_epochs", "task_epochs"), ("batch_size", "batch_size"),
                       ("task_batch_size", "task_batch_size"), ("max_length", "max_length"),
                       ("seed", "seed")):
-        if getattr(a, arg) is not None:
-            setattr(cfg, attr, getattr(a, arg))
+        if getattr(args, arg) is not None:
+            setattr(cfg, attr, getattr(args, arg))
     run_demo(cfg)
 
 
@@ -158,11 +159,16 @@ def main(argv=None) -> int:
     from .model import AdapterConfigError, AdapterExistsError, AdapterFileError
     from .training import BundleError, DataError
     from .training.checkpoint import CheckpointError
+    from .training.trainer import TrainingDiverged
     expected = (FileNotFoundError, FileExistsError, NotADirectoryError, DataError, BundleError, CheckpointError,
-                AdapterFileError,
-                AdapterConfigError, AdapterExistsError, ValueError, KeyError, OSError)
+                AdapterFileError, AdapterConfigError, AdapterExistsError, ValueError, KeyError, OSError)
     try:
         COMMANDS[args.command](args)
+    except TrainingDiverged as exc:  # the inputs were fine; the run failed
+        if os.environ.get("MADX_DEBUG"):
+            raise
+        print(f"madx {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except expected as exc:
         if os.environ.get("MADX_DEBUG"):
             raise

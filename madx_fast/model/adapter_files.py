@@ -30,6 +30,7 @@ an earlier save never survive an overwrite.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -120,8 +121,11 @@ def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = Fa
         "madx_fast_version": _version(),
     }
     save_file(weights, os.path.join(directory, OWN_WEIGHTS), metadata={"format": "pt"})
+    meta["weights_sha256"] = sha256_file(os.path.join(directory, OWN_WEIGHTS))
     if head is not None:
         save_file(head, os.path.join(directory, OWN_HEAD_WEIGHTS), metadata={"format": "pt"})
+        meta["head"]["sha256"] = sha256_file(os.path.join(directory, OWN_HEAD_WEIGHTS))
+    meta["checksum"] = _meta_checksum(meta)
     atomic.dump_json(meta, os.path.join(directory, OWN_CONFIG))  # last: the config marks a complete adapter
 
 
@@ -141,6 +145,9 @@ def load_adapter(madx, directory, *, load_as=None, overwrite=False, set_active=F
 def _read_own_meta(directory) -> tuple[str, dict, MadxConfig]:
     config_path = os.path.join(directory, OWN_CONFIG)
     meta = read_json(config_path)
+    if "checksum" in meta and meta["checksum"] != _meta_checksum(meta):
+        raise AdapterFileError(f"{config_path}: the file was changed or damaged after it was saved (its checksum "
+                               "does not match its content)")
     if meta.get("format") != OWN_FORMAT:
         raise AdapterFileError(f"{config_path}: 'format' is {meta.get('format')!r}, expected {OWN_FORMAT!r}")
     if meta.get("format_version") != OWN_FORMAT_VERSION:
@@ -168,17 +175,21 @@ def _load_own(madx, directory, *, load_as, overwrite, set_active, with_head) -> 
     name = load_as or meta["name"]
     madx.check_new_name(name, overwrite)  # before reading the weights: a clear error, nothing touched
     weights_path = os.path.join(directory, OWN_WEIGHTS)
+    _check_sha256(weights_path, meta.get("weights_sha256"))
     state = read_safetensors(weights_path)
-    head = read_own_head(directory) if with_head else None
+    head = read_own_head(directory, meta) if with_head else None
     return _install(madx, name, config, state, head, weights_path, overwrite=overwrite, set_active=set_active)
 
 
-def read_own_head(directory) -> tuple[str, dict]:
-    """``(path, head weights)`` of an adapter directory in madx_fast's format (or a run bundle of 0.1)."""
+def read_own_head(directory, meta: dict | None = None) -> tuple[str, dict, bool]:
+    """``(path, head weights, pooler optional)`` of an adapter directory in madx_fast's format (or a run bundle
+    of 0.1). Heads saved by this version list every parameter, the pooler included; older ones may lack it."""
+    head_meta = (meta or {}).get("head") or {}
     for fname in (OWN_HEAD_WEIGHTS, LEGACY_BUNDLE_HEAD_WEIGHTS):
         path = os.path.join(directory, fname)
         if os.path.isfile(path):
-            return path, read_safetensors(path)
+            _check_sha256(path, head_meta.get("sha256") if fname == OWN_HEAD_WEIGHTS else None)
+            return path, read_safetensors(path), "sha256" not in head_meta
     raise AdapterFileError(f"{directory}: no task head saved with this adapter ({OWN_HEAD_WEIGHTS} missing; save "
                            "it with save_adapter(..., with_head=True))")
 
@@ -284,10 +295,11 @@ _INV_KEY = re.compile(
 def _install(madx, name, config, state, head, source, *, overwrite, set_active) -> str:
     """The last step of every load, once everything was read: check the head too, then change the model."""
     if head is not None:
-        madx.check_head_state_dict(head[1], head[0])
+        path, weights, pooler_optional = head
+        madx.check_head_state_dict(weights, path, pooler_optional=pooler_optional)
     madx.install_adapter(name, config, state, overwrite=overwrite, source=source)
     if head is not None:
-        madx.load_head_state_dict(head[1], head[0])
+        madx.load_head_state_dict(weights, path, pooler_optional=pooler_optional)
     if set_active:
         madx.set_active(name)
     return name
@@ -376,8 +388,8 @@ def _flex_head_key(config: dict) -> tuple:
     return (config.get("head_type"), layers, bool(config.get("use_pooler", False)), activation)
 
 
-def read_hub_head(directory, prefix: str) -> tuple[str, dict]:
-    """``(path, head weights by HF parameter name)`` of an AdapterHub adapter directory: a static head as
+def read_hub_head(directory, prefix: str) -> tuple[str, dict, bool]:
+    """``(path, head weights by HF parameter name, pooler optional)`` of an AdapterHub adapter directory: a static head as
     saved from an HF class, or a flex head (``heads.<name>.<i>.*``) mapped to the matching HF class's names."""
     info = _hub_head_info(directory)
     path, raw = read_hub_weights(directory, HUB_SAFE_HEAD_WEIGHTS, HUB_HEAD_WEIGHTS)
@@ -385,7 +397,7 @@ def read_hub_head(directory, prefix: str) -> tuple[str, dict]:
         os.path.join(directory, HUB_HEAD_CONFIG)) else {}
     flex = meta.get("config")
     if not isinstance(flex, dict):
-        return path, raw
+        return path, raw, True  # AdapterHub saves a static head without the base model's pooler
     _, modules = _FLEX_HEADS[_flex_head_key(flex)]  # (_hub_head_info refused the heads not in the table)
     out, unknown = {}, []
     for key, value in raw.items():
@@ -396,7 +408,7 @@ def read_hub_head(directory, prefix: str) -> tuple[str, dict]:
         out[f"{modules[int(m.group(1))].format(base=prefix)}.{m.group(2)}"] = value
     if unknown:
         raise AdapterFileError(f"{path}: unexpected keys {unknown[:5]} for a {info.model_class} head")
-    return path, out
+    return path, out, "{base}.pooler.dense" not in modules.values()
 
 
 def _hub_head_info(directory) -> HeadInfo:
@@ -524,6 +536,26 @@ def read_safetensors(path) -> dict:
         return load_file(path, device="cpu")
     except Exception as exc:  # noqa: BLE001 - any parse problem is a bad file
         raise AdapterFileError(f"{path}: cannot read safetensors ({type(exc).__name__}: {exc})") from None
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_sha256(path, want: str | None) -> None:
+    if want and os.path.isfile(path) and sha256_file(path) != want:
+        raise AdapterFileError(f"{path}: the file was changed or damaged after it was saved (its sha256 differs "
+                               f"from the one recorded in {OWN_CONFIG})")
+
+
+def _meta_checksum(meta: dict) -> str:
+    """sha256 of the config's own content (every entry but the checksum, canonical JSON)."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _label_names(config) -> list[str] | None:

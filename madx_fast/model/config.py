@@ -192,9 +192,10 @@ class MadxConfig:
             reference.canonical_activation(self.non_linearity)
         except ValueError as exc:
             raise AdapterConfigError(f"non_linearity: {exc}") from None
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
             raise AdapterConfigError(
-                f"scaling must be a number, got {self.scaling!r} (learned or per-channel scaling is not supported)"
+                f"scaling must be a finite number, got {self.scaling!r} (learned or per-channel scaling is not "
+                "supported)"
             )
         self.scaling = float(self.scaling)
         if self.init_weights not in INIT_METHODS:

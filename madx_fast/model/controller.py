@@ -221,19 +221,22 @@ class MadxAdapters:
         return {n: p.detach() for n, p in self.model.named_parameters()
                 if id(p) not in base_ids or n.startswith(pooler)}
 
-    def check_head_state_dict(self, head: dict[str, torch.Tensor], source: str = "head state dict") -> None:
+    def check_head_state_dict(self, head: dict[str, torch.Tensor], source: str = "head state dict", *,
+                              pooler_optional: bool = False) -> None:
         """Raise AdapterFileError unless ``head`` fits this model's task head exactly (names, shapes, finite
-        values); the pooler may be absent (heads saved by AdapterHub for HF classes do not include it)."""
+        values). ``pooler_optional``: the base model's pooler may be absent (AdapterHub saves heads of HF
+        classes without it; the model then keeps its own)."""
         try:
             expected = {k: tuple(v.shape) for k, v in self.head_state_dict().items()}
         except AdapterFileError as exc:
             raise AdapterFileError(f"{source}: {exc}") from None
         check_state_dict(head, expected, f"{source}: head of {type(self.model).__name__}",
-                         optional=(f"{self.parts.prefix}.pooler.",))
+                         optional=(f"{self.parts.prefix}.pooler.",) if pooler_optional else ())
 
-    def load_head_state_dict(self, head: dict[str, torch.Tensor], source: str = "head state dict") -> None:
+    def load_head_state_dict(self, head: dict[str, torch.Tensor], source: str = "head state dict", *,
+                             pooler_optional: bool = False) -> None:
         """Copy ``head`` (checked first, see ``check_head_state_dict``) into the model's task head."""
-        self.check_head_state_dict(head, source)
+        self.check_head_state_dict(head, source, pooler_optional=pooler_optional)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for key, value in head.items():

@@ -9,6 +9,7 @@ identity, parameter names, shapes, dtypes, finite values) before anything in mem
 """
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
@@ -57,7 +58,37 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_checkpoint(path: str, ckpt: dict) -> None:
-    atomic.write_file(path, lambda tmp: torch.save(dict(ckpt, format=FORMAT, version=VERSION), tmp))
+    ckpt = dict(ckpt, format=FORMAT, version=VERSION)
+    ckpt["digest"] = _digest(ckpt)
+    atomic.write_file(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def _digest(ckpt: dict) -> str:
+    """sha256 over every value of the checkpoint (tensors by dtype, shape and bytes), so that a changed or
+    damaged file is recognised even where it still unpickles."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=repr):
+                feed(k)
+                feed(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[" if isinstance(x, list) else b"(")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed({k: v for k, v in ckpt.items() if k != "digest"})
+    return h.hexdigest()
 
 
 def read_checkpoint(path: str) -> dict:
@@ -72,6 +103,9 @@ def read_checkpoint(path: str) -> dict:
                               "and tensors)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a madx_fast training checkpoint")
+    if "digest" in ckpt and ckpt["digest"] != _digest(ckpt):
+        raise CheckpointError(f"{path}: the checkpoint was changed or damaged after it was written (its content "
+                              "does not match its digest)")
     for key in ("identity", "step", "history", "trainable", "optimizer", "scheduler", "stream", "mask_generator",
                 "rng"):
         if key not in ckpt:

@@ -113,10 +113,26 @@ def task_file(source: Source, split: str) -> str:
     return split_file(source.path, split) if os.path.isdir(source.path) else source.path
 
 
+def text_lines(path: str):
+    """The lines of a UTF-8 text file (without their newline), read lazily; a line that is not UTF-8 is a
+    DataError naming the file and the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start} of the line: {exc.reason}); "
+                                "convert the file to UTF-8") from None
+            yield line.rstrip("\r\n")
+
+
+def read_text_file(path: str) -> str:
+    return "\n".join(text_lines(path))
+
+
 def read_json_records(path: str) -> list[dict]:
     """A JSON list, a JSON-lines file, or ``{"data": [...]}``."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text_file(path)
     stripped = text.lstrip()
     if not stripped:
         raise DataError(f"{path}: the file is empty")
@@ -172,8 +188,7 @@ def read_texts(spec: str, *, lang: str | None = None, split: str = "train", text
                         raise DataError(f"{path}: a record has no {text_column!r} field (fields: {sorted(rec)})")
                     texts.append(str(rec[text_column]))
             else:
-                with open(path, encoding="utf-8") as f:
-                    texts.extend(line.rstrip("\n") for line in f)
+                texts.extend(text_lines(path))
             if max_texts and len([t for t in texts if t.strip()]) >= max_texts:
                 break
     else:

@@ -32,7 +32,7 @@ def train_language_adapter(settings: LanguageAdapterSettings | None = None, /, *
     s.config.check_split(procs.world)
     device = setup.pick_device(s.config.device, procs.local_rank)
 
-    tok = setup.load_tokenizer(s.tokenizer or s.model, need_mask=True)
+    tok = setup.load_tokenizer(s.tokenizer or s.model, need_mask=True, model=s.model)
     max_length = setup.max_length_for(s.model, s.max_length, default=256)  # the paper's 256, if it fits
     texts, eval_texts = _texts(s)
     train = mlm.mlm_data_from_texts(tok, texts, max_length)

@@ -82,6 +82,8 @@ def check_output_dir(directory: str, *, resume: bool, overwrite: bool, inputs=()
     if not os.path.isdir(directory):
         return
     existing = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(directory, name))]
+    if existing == [LOG_FILE]:
+        existing = []  # only the log of a run that failed before its first checkpoint: nothing to lose
     if existing and not (resume or overwrite):
         raise FileExistsError(
             f"output directory {directory!r} already holds a run ({', '.join(existing)}); pass --resume to "

@@ -73,13 +73,15 @@ class TrainConfig:
     eval_every: int = opt(0, help="evaluate every N steps (0: only at the end)")
     save_every: int = opt(500, help="checkpoint every N steps (0: only at the end)")
     eval_batch_size: int = opt(64, help="batch size of evaluations")
-    progress: bool = opt(True, flag="--no-progress", help="log lines instead of a progress bar")
+    skip_nonfinite: int = opt(0, help="skip up to N optimizer steps whose loss or gradients are not finite before "
+                                      "stopping the run (0: stop at the first)")
+    progress: bool = opt(True, flag="--no-progress", help="no progress bar or progress lines (log lines instead)")
     device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
             _number(name, getattr(self, name), minimum=1, integer=True)
-        for name in ("warmup_steps", "log_every", "eval_every", "save_every"):
+        for name in ("warmup_steps", "log_every", "eval_every", "save_every", "skip_nonfinite"):
             _number(name, getattr(self, name), minimum=0, integer=True)
         _number("learning_rate", self.learning_rate, above=0)
         _number("weight_decay", self.weight_decay, minimum=0)

@@ -32,13 +32,20 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def load_tokenizer(name: str, *, need_mask: bool = False):
+def load_tokenizer(name: str, *, need_mask: bool = False, model: str | None = None):
+    """The fast tokenizer ``name``, checked; with ``model``, also that every token id has a row in the model's
+    embedding matrix (a larger tokenizer would fail deep in the embeddings)."""
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001 - a missing model dir / hub id / file all mean the same here
         raise OSError(f"cannot load the tokenizer of {name!r}: {type(exc).__name__}: {exc}") from None
     check_tokenizer(tok, need_mask=need_mask)
+    if model is not None:
+        vocab = getattr(load_config(model), "vocab_size", None)
+        if vocab is not None and len(tok) > vocab:
+            raise DataError(f"the tokenizer {name!r} has {len(tok)} tokens but the model {model!r} embeds only "
+                            f"{vocab}: they do not belong together (pass the model's own tokenizer)")
     return tok
 
 

@@ -37,7 +37,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
     s.config.check_split(procs.world)
     device = setup.pick_device(s.config.device, procs.local_rank)
 
-    tok = setup.load_tokenizer(s.tokenizer or base_model)
+    tok = setup.load_tokenizer(s.tokenizer or base_model, model=base_model)
     train, labels = _read(s, lang)
     task = make_task(s.task, pad_id=tok.pad_token_id, labels=labels)
     max_length = setup.max_length_for(base_model, s.max_length, default=task.default_max_length)

@@ -8,6 +8,13 @@ SUM of loss terms divided by the number of terms in the whole global batch (time
 DistributedDataParallel's gradient averaging divides out), so one process, accumulation, and W processes
 all compute the gradient of the same global mean. Then: gradient clipping, AdamW, linear warm-up / decay.
 
+A step whose loss or gradients are not finite changes nothing: the optimizer skips it on the device (fused
+AdamW's ``found_inf``, no host sync). The trainer counts such steps and stops the run with
+``TrainingDiverged`` once more than ``skip_nonfinite`` have happened (0 by default: at the first), before it
+writes a checkpoint or outputs from the diverged state. With a float16 backbone the loss is scaled
+dynamically (``torch.amp.GradScaler``): a step whose scaled gradients overflow is skipped and the scale
+lowered, as mixed-precision trainers do; only a non-finite loss counts as divergence there.
+
 Checkpoints (``checkpoint.py``; every ``save_every`` steps and at the end) let ``resume=True`` continue the
 same run: same data order, same masks, same dropout, so the resumed per-step losses equal those of an
 uninterrupted run. Launch with ``torchrun --nproc_per_node N`` for data parallelism (gloo on CPU, NCCL on GPU).
@@ -40,6 +47,10 @@ from .setup import pick_device
 from .tasks import Objective
 
 log = logging.getLogger("madx_fast.training")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stopped being finite (more often than ``skip_nonfinite`` allows)."""
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -158,6 +169,8 @@ class Trainer:
             raise ValueError("nothing to train: no parameter of the model requires grad")
         self.checkpoint_path = os.path.join(output_dir, CHECKPOINT)
         self.log_path = os.path.join(output_dir, LOG_FILE)
+        # float16 activations (a float16 backbone) need their gradients scaled up to stay representable
+        self.scale_loss = any(p.dtype == torch.float16 for p in model.parameters())
 
     # ---------------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -165,13 +178,14 @@ class Trainer:
         seed_everything(cfg.seed + procs.rank)  # dropout streams differ per process
         stream = ShuffledStream(len(self.items), cfg.seed)
         mask_gen = torch.Generator().manual_seed(cfg.seed + 7919)  # same on every process
-        fused_adamw = self.device.type == "cuda" and all(p.is_cuda and p.dtype == torch.float32 for _, p in self.params)
+        # fused AdamW (CPU and CUDA): one kernel per step, and it can skip a step on the device (found_inf)
         optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay, fused=fused_adamw or None)
+                                      weight_decay=cfg.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.warmup_steps, cfg.steps))
-        state = {"step": 0, "history": [], "best": None, "elapsed": 0.0, "tokens": 0}
+        scaler = torch.amp.GradScaler(self.device.type) if self.scale_loss else None
+        state = {"step": 0, "history": [], "best": None, "elapsed": 0.0, "tokens": 0, "nonfinite": 0}
         if resume and os.path.isfile(self.checkpoint_path):
-            state = self._load_checkpoint(optimizer, scheduler, stream, mask_gen)
+            state = self._load_checkpoint(optimizer, scheduler, stream, mask_gen, scaler)
             log.info("resumed from %s at step %d of %d", self.checkpoint_path, state["step"], cfg.steps)
         elif resume:
             log.info("no checkpoint in %s: starting the run from step 0", self.output_dir)
@@ -191,22 +205,28 @@ class Trainer:
         segment_start = time.perf_counter()
         history, step = state["history"], state["step"]
         progress = StepProgress(cfg.steps, step, enabled=cfg.progress and procs.main)
-        pending: list[tuple[dict, torch.Tensor]] = []  # losses still on the device (no host sync per step)
+        pending: list[tuple[dict, torch.Tensor, torch.Tensor]] = []  # still on the device (no host sync per step)
 
         def flush():
-            for entry, loss_t in pending:
+            for entry, loss_t, bad_t in pending:
                 entry["loss"] = float(loss_t)
+                if bool(bad_t):
+                    entry["skipped"] = True
+                    state["nonfinite"] += 1
                 history.append(entry)
                 self._append_log(entry)
             pending.clear()
+            if state["nonfinite"] > cfg.skip_nonfinite:
+                self._diverged(history, state)
 
         try:
             while step < cfg.steps:
                 step += 1
-                loss_t, tokens = self._step(runner, ddp, stream, mask_gen, optimizer, scheduler)
+                loss_t, bad_t, tokens = self._step(runner, ddp, stream, mask_gen, optimizer, scheduler, scaler)
                 state["tokens"] += tokens
                 # the learning rate this step used (the schedule has already moved on to the next one)
-                pending.append(({"step": step, "lr": cfg.learning_rate * scheduler.lr_lambdas[0](step - 1)}, loss_t))
+                pending.append(({"step": step, "lr": cfg.learning_rate * scheduler.lr_lambdas[0](step - 1)}, loss_t,
+                                bad_t))
                 evaluate = self.evaluate_fn and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
                 save = step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
                 logged = cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps)
@@ -223,7 +243,7 @@ class Trainer:
                 if save:
                     state.update(step=step, elapsed=state["elapsed"] + time.perf_counter() - segment_start)
                     segment_start = time.perf_counter()
-                    self._save_checkpoint(state, optimizer, scheduler, stream, mask_gen)
+                    self._save_checkpoint(state, optimizer, scheduler, stream, mask_gen, scaler)
         finally:
             progress.close()
         state["elapsed"] += time.perf_counter() - segment_start
@@ -232,11 +252,13 @@ class Trainer:
                 "final_eval": evals[-1] if evals else None, "best": state["best"],
                 "train_time_s": state["elapsed"], "train_tokens": state["tokens"],
                 "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "world_size": procs.world,
+                "nonfinite_steps": state["nonfinite"], "loss_scale": scaler.get_scale() if scaler else None,
                 "device": str(self.device), **memory.read()}
 
     # ---------------------------------------------------------------------------------------------------
-    def _step(self, runner, ddp, stream, mask_gen, optimizer, scheduler) -> tuple[torch.Tensor, int]:
-        """One optimizer step; returns the global mean loss (a device scalar) and the tokens it saw."""
+    def _step(self, runner, ddp, stream, mask_gen, optimizer, scheduler, scaler):
+        """One optimizer step; returns the global mean loss and whether the step was skipped as non-finite
+        (both device scalars) and the tokens it saw."""
         cfg, procs = self.config, self.procs
         indices = stream.take(cfg.batch_size)
         batch = self.objective.make_batch([self.items[i] for i in indices], mask_gen)
@@ -249,23 +271,54 @@ class Trainer:
             micro = model_batch(self.model, micro, self.device)
             sync = ddp.no_sync() if ddp is not None and a < cfg.grad_accum - 1 else nullcontext()
             with sync:
-                loss_sum += self._micro_step(runner, micro, procs.world / total)
+                loss_sum += self._micro_step(runner, micro, procs.world / total, scaler)
         if procs.enabled:
             dist.all_reduce(loss_sum)
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm)
-        optimizer.step()
+        bad = self._optimizer_step(optimizer, scaler, loss_sum)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss_sum / total, tokens
+        return loss_sum / total, bad, tokens
 
-    def _micro_step(self, runner, micro: dict, scale: float) -> torch.Tensor:
+    def _optimizer_step(self, optimizer, scaler, loss_sum: torch.Tensor) -> torch.Tensor:
+        """Clip and step, all on the device. Returns the device flag "this step counts as non-finite": a
+        non-finite loss, or (without loss scaling) non-finite gradients; such a step leaves the weights and
+        the optimizer state as they were."""
+        params = [p for _, p in self.params]
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # overflowing gradients make scaler.step skip and lower the scale
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, self.config.max_grad_norm, norm)
+        bad_loss = ~torch.isfinite(loss_sum)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+            return bad_loss
+        bad = bad_loss | ~torch.isfinite(norm)
+        optimizer.grad_scale, optimizer.found_inf = None, bad.to(torch.float32)  # fused AdamW skips on found_inf
+        optimizer.step()
+        return bad
+
+    def _micro_step(self, runner, micro: dict, scale: float, scaler=None) -> torch.Tensor:
         """Forward and backward of one micro-batch already on the device; returns its loss sum (float64,
         on the device). Everything here is queued without waiting for the device (tests check it)."""
         with autocast(self.device, self.config.bf16):
             part = runner(micro)
-        (part * scale).backward()
+        scaled = part * scale
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return part.detach().double()
+
+    def _diverged(self, history: list, state: dict) -> None:
+        bad = [h for h in history if h.get("skipped")]
+        first = bad[0]
+        saved = f"the last checkpoint ({self.checkpoint_path}, step {state['step']}) is from before it" \
+            if state["step"] and os.path.isfile(self.checkpoint_path) else "no checkpoint was written"
+        raise TrainingDiverged(
+            f"training diverged: step {first['step']} had a non-finite loss ({first['loss']}) or gradients "
+            f"({len(bad)} such step(s), at most {self.config.skip_nonfinite} allowed by --skip-nonfinite); the run "
+            f"stopped without writing outputs and {saved}. Lower the learning rate (now "
+            f"{self.config.learning_rate:g}), or check the data and the backbone dtype")
 
     def _evaluate(self, step: int, state: dict) -> dict:
         metrics = None
@@ -295,7 +348,7 @@ class Trainer:
                 f.write(_json_line(entry))
 
     # ---------------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, state, optimizer, scheduler, stream, mask_gen) -> None:
+    def _save_checkpoint(self, state, optimizer, scheduler, stream, mask_gen, scaler) -> None:
         rngs = [rng_state()]
         if self.procs.enabled:
             rngs = [None] * self.procs.world
@@ -306,10 +359,11 @@ class Trainer:
                 "best": state["best"], "elapsed": state["elapsed"], "tokens": state["tokens"],
                 "world_size": self.procs.world, "trainable": {n: p.detach().to("cpu").clone() for n, p in self.params},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "stream": stream.state_dict(), "mask_generator": mask_gen.get_state(), "rng": rngs})
+                "stream": stream.state_dict(), "mask_generator": mask_gen.get_state(), "rng": rngs,
+                "nonfinite": state["nonfinite"], "scaler": scaler.state_dict() if scaler is not None else None})
         self.procs.barrier()
 
-    def _load_checkpoint(self, optimizer, scheduler, stream, mask_gen) -> dict:
+    def _load_checkpoint(self, optimizer, scheduler, stream, mask_gen, scaler) -> dict:
         ckpt = read_checkpoint(self.checkpoint_path)
         check_checkpoint(self.checkpoint_path, ckpt, self.identity, self.params)
         stream.load_state_dict(ckpt["stream"])  # checks size and seed before anything else changes
@@ -319,13 +373,15 @@ class Trainer:
             for n, p in self.params:
                 p.copy_(ckpt["trainable"][n])
         mask_gen.set_state(ckpt["mask_generator"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         rngs = ckpt["rng"]
         if len(rngs) != self.procs.world:
             log.warning("the checkpoint was written by %d process(es), this run has %d: the data order and masks "
                         "continue exactly, the dropout random streams do not", len(rngs), self.procs.world)
         set_rng_state(rngs[self.procs.rank % len(rngs)])
         return {k: ckpt.get(k, default) for k, default in (("step", 0), ("history", []), ("best", None),
-                                                          ("elapsed", 0.0), ("tokens", 0))}
+                                                          ("elapsed", 0.0), ("tokens", 0), ("nonfinite", 0))}
 
 
 def _json_line(entry: dict) -> str:
@@ -348,5 +404,5 @@ def read_log(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-__all__ = ["PeakMemory", "ShuffledStream", "TrainConfig", "Trainer", "linear_schedule", "read_log",
-           "seed_everything"]
+__all__ = ["PeakMemory", "ShuffledStream", "TrainConfig", "Trainer", "TrainingDiverged", "linear_schedule",
+           "read_log", "seed_everything"]

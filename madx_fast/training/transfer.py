@@ -136,7 +136,7 @@ def _check_same_base(plans):
 
 
 def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
-    tok = setup.load_tokenizer(plan["base_model"])
+    tok = setup.load_tokenizer(plan["base_model"], model=plan["base_model"])
     task = make_task(plan["task"], pad_id=tok.pad_token_id, labels=plan["labels"])
     max_length = plan["meta"].get("max_length") or task.default_max_length
     data = {}  # every target's data, checked against the head, before any evaluation

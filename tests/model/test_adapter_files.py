@@ -103,10 +103,13 @@ def test_own_format_refuses_files_that_do_not_fit(tmp_path):
     deep.madx.save_adapter(tmp_path / "deep", "en")
     refused(tmp_path / "deep", AdapterFileError, "num_hidden_layers=3")
 
-    def variant(name, edit_meta=None, edit_weights=None):
+    def variant(name, edit_meta=None, edit_weights=None, keep_checksums=False):
+        """A copy edited by hand (without the integrity checksums, as files of earlier versions have)."""
         d = tmp_path / name
         d.mkdir()
         meta = json.loads((tmp_path / "en" / "madx_adapter.json").read_text())
+        if not keep_checksums:
+            meta.pop("checksum"), meta.pop("weights_sha256")
         weights = load_file(str(tmp_path / "en" / "madx_adapter.safetensors"))
         if edit_meta:
             edit_meta(meta)
@@ -117,6 +120,11 @@ def test_own_format_refuses_files_that_do_not_fit(tmp_path):
         return d
 
     refused(variant("opt", edit_meta=lambda m: m["config"].update(magic=1)), AdapterConfigError, "magic")
+    # with the checksums a saved file carries, any edit is caught first
+    refused(variant("edited", edit_meta=lambda m: m["config"].update(scaling=2.0), keep_checksums=True),
+            AdapterFileError, "changed or damaged")
+    refused(variant("reweighted", edit_weights=lambda w: w["layers.0.adapter_up.bias"].add_(1), keep_checksums=True),
+            AdapterFileError, "changed or damaged")
     refused(variant("act", edit_meta=lambda m: m["config"].update(non_linearity="wiggle")), AdapterConfigError,
             "wiggle")
     refused(variant("miss", edit_weights=lambda w: w.pop("invertible.G.2.bias")), AdapterFileError,

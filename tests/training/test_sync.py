@@ -19,17 +19,22 @@ HF5 = int(transformers.__version__.split(".")[0]) >= 5
 
 @pytest.fixture
 def micro_step_reads(monkeypatch):
-    """The host reads of every micro-step of the runs the test starts, a list per micro-step."""
+    """The host reads of every micro-step, and of every optimizer step (clipping, the non-finite check, the
+    update), of the runs the test starts: a list per call."""
     seen = []
-    inner = Trainer._micro_step
 
-    def spied(self, runner, micro, scale):
-        with HostReads() as reads:
-            out = inner(self, runner, micro, scale)
-        seen.append(reads.reads)
-        return out
+    def spy(name):
+        inner = getattr(Trainer, name)
 
-    monkeypatch.setattr(Trainer, "_micro_step", spied)
+        def spied(self, *args):
+            with HostReads() as reads:
+                out = inner(self, *args)
+            seen.append(reads.reads)
+            return out
+        monkeypatch.setattr(Trainer, name, spied)
+
+    spy("_micro_step")
+    spy("_optimizer_step")
     return seen
 
 

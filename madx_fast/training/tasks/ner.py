@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from ...model.inputs import IGNORE_INDEX
 from ..batches import forward_batches, pad_rows
-from ..data import JSON_SUFFIXES, DataError, load_hf_dataset, read_json_records, resolve_spec, task_file
+from ..data import (JSON_SUFFIXES, DataError, load_hf_dataset, read_json_records, resolve_spec, task_file,
+                    text_lines)
 from ..setup import check_tokenizer
 from . import TaskData
 
@@ -96,26 +97,25 @@ def _tag_names(tags, names, where) -> list[str]:
 def _read_conll(path: str) -> list[NerExample]:
     examples, tokens, tags = [], [], []
     prefix = None
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("-DOCSTART-"):
-                if tokens:
-                    examples.append(NerExample(tokens, tags))
-                    tokens, tags = [], []
-                continue
-            cols = line.split()
-            if len(cols) < 2:
-                raise DataError(f"{path}:{lineno}: expected 'token ... tag', got {line!r}")
-            tok = cols[0]
-            # WikiANN's original files prefix every token with its language ("sw:Nairobi").
-            if prefix is None:
-                head, sep, _ = tok.partition(":")
-                prefix = head + ":" if sep and head.isalpha() and head.islower() and len(head) <= 3 else ""
-            if prefix and tok.startswith(prefix) and len(tok) > len(prefix):
-                tok = tok[len(prefix):]
-            tokens.append(tok)
-            tags.append(cols[-1])
+    for lineno, line in enumerate(text_lines(path), 1):
+        line = line.strip()
+        if not line or line.startswith("-DOCSTART-"):
+            if tokens:
+                examples.append(NerExample(tokens, tags))
+                tokens, tags = [], []
+            continue
+        cols = line.split()
+        if len(cols) < 2:
+            raise DataError(f"{path}:{lineno}: expected 'token ... tag', got {line!r}")
+        tok = cols[0]
+        # WikiANN's original files prefix every token with its language ("sw:Nairobi").
+        if prefix is None:
+            head, sep, _ = tok.partition(":")
+            prefix = head + ":" if sep and head.isalpha() and head.islower() and len(head) <= 3 else ""
+        if prefix and tok.startswith(prefix) and len(tok) > len(prefix):
+            tok = tok[len(prefix):]
+        tokens.append(tok)
+        tags.append(cols[-1])
     if tokens:
         examples.append(NerExample(tokens, tags))
     return examples
