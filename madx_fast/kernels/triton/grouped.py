@@ -70,6 +70,7 @@ def _grouped_linear_kernel(
     scaling,
     EPI: tl.constexpr, A_ACT: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ROW_MULTIPLE: tl.constexpr,
 ):
     # Token blocks never cross a sequence row: ROWS * cdiv(L, BLOCK_M) of them, in the grouped launch order
     # of _linear_kernel (GROUP_M token blocks share each column block while it is in L2).
@@ -83,12 +84,19 @@ def _grouped_linear_kernel(
     pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
     pid_n = (pid % (GROUP_M * grid_n)) // size_m
 
-    row = pid_m // blocks_per_row
-    pos = (pid_m - row * blocks_per_row) * BLOCK_M + tl.arange(0, BLOCK_M)
-    tokens = row.to(tl.int64) * L + pos
+    if ROW_MULTIPLE:
+        # L is a multiple of BLOCK_M: the flat block index gives the tokens (and the compiler their alignment).
+        tokens = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row = (pid_m * BLOCK_M) // L
+        tmask = tokens < ROWS * L
+    else:
+        row = pid_m // blocks_per_row
+        pos = (pid_m - row * blocks_per_row) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tokens = row.to(tl.int64) * L + pos
+        tmask = pos < L
     g = _row_group(GROUPS, row, NUM_GROUPS)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    linear_tile(A, W + g * stride_wg, BIAS + g * stride_bg, OUT, Z, R, tokens, pos < L, cols, cols < N, K,
+    linear_tile(A, W + g * stride_wg, BIAS + g * stride_bg, OUT, Z, R, tokens, tmask, cols, cols < N, K,
                 stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, stride_zm, stride_zn,
                 stride_rm, stride_rn, scaling,
                 EPI, A_ACT, HAS_R, ACT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -232,7 +240,7 @@ def grouped_linear(a, w, w_strides, n, epilogue, groups, *, bias=None, residual=
         float(scaling),
         EPI=epilogue, A_ACT=bool(a_activation), HAS_R=residual is not None, ACT=activation,
         DOT_PREC=dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-        num_warps=warps, num_stages=stages,
+        ROW_MULTIPLE=length % bm == 0, num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -257,8 +265,10 @@ def grouped_tokens_reduce(a, b, segments, num_groups, length, activation=0, with
         return torch.zeros((num_groups, m, k), **f32), torch.zeros((num_groups, m), **f32)
     order, seg = segments
     big = interpreting()
-    bn = 128 if big else 64
-    tile = 128 if big else (32 if a.dtype == torch.float32 else 64)
+    fp32 = a.dtype == torch.float32
+    # fp32 (IEEE products on FMA units): 32-token steps; with 64, ptxas spills the gathered tiles (sm_90).
+    bn = 128 if big else (32 if fp32 else 64)
+    tile = 128 if big else (32 if fp32 else 64)
     bm = min(pow2_at_least(m), tile)
     bk = min(pow2_at_least(k), 256 if big else tile)
     tiles = triton.cdiv(m, bm) * triton.cdiv(k, bk)
