@@ -69,6 +69,7 @@ ADAPTER_CASES = [
     (5, 7, 96, 40, 3, [2, 0, 2, 1, 2]),
     (4, 19, 64, 160, 4, [3, 1, 1, 3]),        # wide bottleneck, groups 0 and 2 absent
     (6, 1, 48, 8, 2, [1, 0, 0, 1, 1, 0]),      # one token per row (per-token groups)
+    (3, 16, 72, 24, 2, [1, 0, 1]),             # rows a multiple of the token block (the flat-index path)
 ]
 
 
