@@ -44,7 +44,7 @@ class MadxState:
         self.row_groups: torch.Tensor | None = None
 
 
-def layer_adapters(adapters: nn.ModuleDict, state: MadxState, layer: int) -> list:
+def active_layer_adapters(adapters: nn.ModuleDict, state: MadxState, layer: int) -> list:
     """The adapters one layer applies, in stack order: callables ``(x, residual) -> y``."""
     out = []
     for entry in state.active:
@@ -104,7 +104,7 @@ class MadxFFNOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         f = self.dropout(self.dense(hidden_states))
-        adapters = layer_adapters(self.adapters, self._madx, self.layer_idx)
+        adapters = active_layer_adapters(self.adapters, self._madx, self.layer_idx)
         return pfeiffer_adapter_stack(f, input_tensor, self.LayerNorm, adapters)
 
     def extra_repr(self):
