@@ -286,3 +286,22 @@ def test_grouped_ops_compile_fullgraph_without_recompiling_per_mix():
         torch.testing.assert_close(compiled(x, groups), f(x, groups), rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_grouped_launchers_and_reference_read_nothing_back_to_the_host():
+    """No host read (a host-device sync on a GPU) in the launchers (the device-side sort for the weight
+    reductions included) nor in the eager reference: the ids stay device data."""
+    from madx_fast.kernels.triton import grouped
+    from madx_fast.sync_check import HostReads
+
+    x, wd, bd, wu, bu, _ = adapter_inputs(4, 5, 32, 12, 3, torch.float32, seed=10)
+    xn, *w = nice_inputs(4, 5, 32, 3, torch.float32, seed=10)
+    groups = groups_of([2, 0, 2, 1])
+    with HostReads(raise_on_read=True):
+        x2 = x.view(-1, 32)
+        y, z = grouped.grouped_adapter_forward(x2, None, groups, wd, bd, wu, bu, 1.0, 1)
+        grouped.grouped_adapter_backward(y, x2, z, groups, wd, wu, 1.0, 1, True, True)
+        out = grouped.grouped_nice_coupling(xn.view(-1, 32), groups, w, 1, True)
+        grouped.grouped_nice_coupling_backward(out, out, None, groups, w, 1, True, True)
+        reference.grouped_bottleneck_adapter_reference(x, None, groups, wd, bd, wu, bu)
+        reference.grouped_nice_reference(xn, groups, *w)
