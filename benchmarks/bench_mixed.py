@@ -19,9 +19,10 @@ kernels. Every workload is an eval forward (no grad) over the same B x L tokens:
 Implementations: ``graphs`` replays each forward from CUDA graphs (``madx_fast.graphs.GraphedInference``: one
 graph for the mixed batch whatever its mix, one per language for the loop); ``eager`` calls the model. On a
 CPU only ``eager`` runs, through the Triton interpreter unless ``TRITON_INTERPRET=0`` (the times then measure
-the interpreter, not the kernels; ``--backend eager`` runs the eager reference ops instead). Figures: median of --iters timed runs after --warmup (CUDA events on a GPU),
-tokens/s, and the ratios mixed/loop (target on a GPU: >= 2) and mixed/single (target: >= 0.85), measured side
-by side in this process. The script also prints how far the mixed outputs are from the loop's.
+the interpreter, not the kernels; ``--backend eager`` runs the eager reference ops instead). Figures: median of
+--iters timed runs after --warmup (CUDA events on a GPU), tokens/s, and the ratios mixed/loop (target on a GPU:
+>= 2) and mixed/single (target: >= 0.85), measured side by side in this process. The script also prints how far
+the mixed outputs are from the loop's.
 """
 from __future__ import annotations
 
