@@ -111,18 +111,22 @@ def workloads(model, madx, languages, ids, mask, langs, impl, device):
 
     mixed_setup = Stack(PerRow(*languages), "ner")
     by_lang = [torch.nonzero(langs == i).squeeze(1) for i in range(len(languages))]
+
+    def activate(setup):  # (set_active checks a PerRow's adapters: done once, not per timed call)
+        if madx.active != setup:
+            madx.set_active(setup)
     if impl == "graphs":
         runner = GraphedInference(model, max_graphs=len(languages) + 2)
         full = (ids, mask)  # host tensors, as a collator makes them: the runner copies them in
 
         def forward(setup, x, m, row_langs=None):
-            madx.set_active(setup)
+            activate(setup)
             return runner(x, m, languages=row_langs)
     else:
         full = (ids.to(device), mask.to(device))  # moved once: the eager figures time the forwards only
 
         def forward(setup, x, m, row_langs=None):
-            madx.set_active(setup)
+            activate(setup)
             with torch.no_grad():
                 if row_langs is None:
                     return model(input_ids=x, attention_mask=m).logits
