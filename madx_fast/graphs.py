@@ -4,13 +4,15 @@ of a repeated shape, without the Python and kernel-launch cost of each layer.
     from madx_fast.graphs import GraphedInference
     run = GraphedInference(model)              # model.eval(); on the GPU it will be on
     logits = run(input_ids, attention_mask)    # host (CPU) tensors from the collator, or device tensors
+    logits = run(input_ids, attention_mask, languages=["sw", "en", ...])   # a Stack(PerRow(...), task) setup
 
 At batch 32 x 128 tokens an XLM-R base forward is ~1-2 ms of GPU arithmetic but several ms of Python and
 launches; a graph replays all of the forward's kernels with one launch. One graph is captured per input
 shape, active adapter setup and set of parameter storages (so ``set_active``, ``load_adapter``,
 ``cast_backbone`` or ``.to()`` never replay a stale graph); at most ``max_graphs`` are kept (least recently
 used dropped). The inputs are copied into the graph's static buffers; the output is copied out, so a
-result stays valid after the next call.
+result stays valid after the next call. With a per-row setup (``Stack(PerRow("en", "sw", ...), task)``) the
+row -> language ids are one more input buffer of the graph: one graph per shape serves every mix of languages.
 
 On a CPU the same bookkeeping runs with a plain call in place of the replay (tests check it there).
 Masks: host inputs tell on the host whether the batch has padding, so the forward makes no host-device
@@ -24,12 +26,14 @@ from contextlib import nullcontext
 
 import torch
 
+from .model import per_row
 from .model.inputs import TRANSFORMERS_MAJOR, encoder_attention_mask
+from .model.stack import per_row_entry
 
 
 class _Entry:
-    def __init__(self, ids, mask, padded):
-        self.ids, self.mask, self.padded = ids, mask, padded
+    def __init__(self, ids, mask, padded, languages=None):
+        self.ids, self.mask, self.padded, self.languages = ids, mask, padded, languages
         self.graph = None
         self.output = None
 
@@ -48,7 +52,9 @@ class GraphedInference:
         self.captures = 0  # graphs captured so far (a count for tests and logs)
 
     # ---------------------------------------------------------------------------------------------------
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, languages=None):
+        """``languages``: each row's language for a ``PerRow`` setup (names, ids, or a tensor of ids; see
+        ``MadxAdapters.row_languages``); default: those set with ``madx.set_row_languages`` / ``row_languages``."""
         model = self.model
         if model.training:
             raise ValueError("GraphedInference replays an eval forward: call model.eval() first")
@@ -65,14 +71,17 @@ class GraphedInference:
         else:
             padded = True  # a device mask is not read back: the padded form is right for any mask
         padded = padded or TRANSFORMERS_MAJOR < 5
+        row_ids = _row_ids(model, languages, input_ids.shape[0])
         key = (tuple(input_ids.shape), padded, _setup_key(model), _storage_key(model))
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._new_entry(key, input_ids, attention_mask, padded, device)
+            entry = self._new_entry(key, input_ids, attention_mask, padded, device, row_ids)
         else:
             self._entries.move_to_end(key)
         _copy_in(entry.ids, input_ids)
         _copy_in(entry.mask, attention_mask)
+        if row_ids is not None:
+            _copy_in(entry.languages, row_ids)
         with torch.no_grad():
             if entry.graph is not None:
                 entry.graph.replay()
@@ -84,15 +93,23 @@ class GraphedInference:
     # ---------------------------------------------------------------------------------------------------
     def _forward(self, entry):
         mask = encoder_attention_mask(self.model, entry.mask, padded=entry.padded)
-        result = self.model(input_ids=entry.ids, attention_mask=mask)
+        if entry.languages is None:
+            result = self.model(input_ids=entry.ids, attention_mask=mask)
+        else:
+            with self.model.madx.row_languages(entry.languages):  # a device buffer: no host read, no copy
+                result = self.model(input_ids=entry.ids, attention_mask=mask)
         if isinstance(self.output_key, tuple):
             return tuple(result[k] for k in self.output_key)
         return result[self.output_key]
 
-    def _new_entry(self, key, input_ids, attention_mask, padded, device) -> _Entry:
+    def _new_entry(self, key, input_ids, attention_mask, padded, device, row_ids) -> _Entry:
         ids = torch.empty(input_ids.shape, dtype=torch.long, device=device)
         mask = torch.ones(input_ids.shape, dtype=torch.long, device=device)
-        entry = _Entry(ids, mask, padded)
+        languages = None
+        if row_ids is not None:
+            languages = torch.zeros(input_ids.shape[:1], dtype=torch.long, device=device)
+            _copy_in(languages, row_ids)
+        entry = _Entry(ids, mask, padded, languages)
         _copy_in(ids, input_ids)
         _copy_in(mask, attention_mask)
         if device.type == "cuda":
@@ -139,6 +156,32 @@ def _copy_in(static: torch.Tensor, value: torch.Tensor | None) -> None:
     if static.device.type == "cuda" and value.device.type == "cpu":
         value = value.pin_memory()
     static.copy_(value, non_blocking=True)
+
+
+def _row_ids(model, languages, batch: int):
+    """The row -> language ids of this call (host or device tensor), or None for a setup without a PerRow."""
+    madx = getattr(model, "madx", None)
+    if madx is None:
+        if languages is not None:
+            raise ValueError("languages= needs a MAD-X model with a PerRow setup (madx_fast.model.add_madx)")
+        return None
+    active = madx.state.active
+    if per_row_entry(active) is None:
+        if languages is not None:
+            raise ValueError(f"languages= given, but the active setup {madx.active!r} has no PerRow")
+        return None
+    if languages is not None:
+        row_ids = per_row.row_group_ids(active, languages)
+    elif madx.state.row_groups is not None:
+        row_ids = madx.state.row_groups
+    elif per_row.needs_row_languages(active):
+        raise ValueError(f"the active setup {madx.active!r} runs each row in its own language: pass "
+                         "languages=[...] (one per row)")
+    else:
+        row_ids = torch.zeros(batch, dtype=torch.long)  # a PerRow of one language
+    if row_ids.shape[0] != batch:
+        raise ValueError(f"languages has {row_ids.shape[0]} entries, but the batch has {batch} rows")
+    return row_ids
 
 
 def _setup_key(model):

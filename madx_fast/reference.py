@@ -82,8 +82,13 @@ def bottleneck_adapter_reference(
 ) -> torch.Tensor:
     """``residual + scaling * (W_up act(W_down x + b_down) + b_up)``; ``residual=None`` means ``x``."""
     r = x if residual is None else residual
+    return r + _bottleneck_delta(x, w_down, b_down, w_up, b_up, scaling, activation_name)
+
+
+def _bottleneck_delta(x, w_down, b_down, w_up, b_up, scaling, activation_name):
+    """``scaling * (W_up act(W_down x + b_down) + b_up)``: the adapter's contribution, without the residual."""
     h = activation(_linear(x, w_down, b_down), activation_name)
-    return r + _linear(h, w_up, b_up) * scaling
+    return _linear(h, w_up, b_up) * scaling
 
 
 def _mlp(z, w1, b1, w2, b2, activation_name):
@@ -117,6 +122,60 @@ def nice_inverse_reference(y, f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2, ac
     x2 = y2 - _mlp(y1, g_w1, g_b1, g_w2, g_b2, activation_name)
     x1 = y1 - _mlp(x2, f_w1, f_b1, f_w2, f_b2, activation_name)
     return torch.cat([x1, x2], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-row (grouped) adapters: row b of a batch runs the adapter of group ``groups[b]``.
+# --------------------------------------------------------------------------------------------------------
+def _row_mask(groups: torch.Tensor, g: int, like: torch.Tensor) -> torch.Tensor:
+    """``groups == g`` shaped to broadcast over ``like`` = [B, ..., H]."""
+    return (groups == g).view(groups.shape[0], *([1] * (like.dim() - 1)))
+
+
+def _per_group(x, groups, num_groups, fn):
+    """``out[b] = fn(g, x masked to the rows of group g)[b]`` with ``g = groups[b]``: each group's function runs
+    on the batch with every other group's rows zeroed, and only its own rows are kept (``torch.where`` selects,
+    it never multiplies: a NaN or Inf that one group's weights or rows produce never reaches another group's
+    rows, in the output or in any gradient). Rows whose id is outside ``[0, G)`` come out as zeros."""
+    out = torch.zeros_like(x)
+    for g in range(num_groups):
+        m = _row_mask(groups, g, x)
+        out = torch.where(m, fn(g, torch.where(m, x, torch.zeros_like(x))), out)
+    return out
+
+
+def grouped_bottleneck_adapter_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    groups: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    scaling: float = 1.0,
+    activation_name: str = "relu",
+) -> torch.Tensor:
+    """Per-row bottleneck adapter: row ``b`` of ``x [B, ..., H]`` is ``bottleneck_adapter_reference`` with the
+    weights of group ``groups[b]``, from weights stacked over groups: ``w_down [G, d, H]``, ``b_down [G, d]``,
+    ``w_up [G, H, d]``, ``b_up [G, H]``. ``residual=None`` means ``x``. Computes every group on the whole batch
+    (G times the work of one adapter): a specification, not a fast path."""
+    r = x if residual is None else residual
+
+    def delta(g, xg):
+        return _bottleneck_delta(xg, w_down[g], None if b_down is None else b_down[g], w_up[g],
+                                 None if b_up is None else b_up[g], scaling, activation_name)
+    return r + _per_group(x, groups, w_down.shape[0], delta)
+
+
+def grouped_nice_reference(x, groups, f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2, activation_name="relu",
+                           inverse=False):
+    """Per-row NICE coupling: row ``b`` of ``x [B, ..., H]`` through ``nice_forward_reference`` (or
+    ``nice_inverse_reference``) with the weights of group ``groups[b]``; each weight stacked over groups
+    (``f_w1 [G, hf, H - H//2]``, ``f_b1 [G, hf]``, ...)."""
+    weights = (f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2)
+    fn = nice_inverse_reference if inverse else nice_forward_reference
+    return _per_group(x, groups, f_w1.shape[0],
+                      lambda g, xg: fn(xg, *(w[g] for w in weights), activation_name=activation_name))
 
 
 def init_linear_bert(weight: torch.Tensor, bias: torch.Tensor | None, std: float = 0.02) -> None:

@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one call on a lent CUDA machine (its image has torch, triton, transformers,
 # pytest and hypothesis; nothing is installed): the GPU-only tests first (bf16, the CUDA backend, the fused
 # model paths), then the benchmarks. Logs and JSON go to $OUT (default ./gpu_out).
-#   bash scripts/gpu_session.sh            # tests + op benchmark + training-step benchmark
+#   bash scripts/gpu_session.sh            # tests + op, training-step and mixed-language benchmarks
 #   bash scripts/gpu_session.sh tests      # only the tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +21,5 @@ python -m pytest tests/training -q -p no:cacheprovider -m gpu 2>&1 | tee "$OUT/t
 if [ "$what" = all ]; then
   python benchmarks/bench_ops.py --json "$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench_ops.log"
   python benchmarks/bench_train.py --profile 5 --json "$OUT/bench_train.json" 2>&1 | tee "$OUT/bench_train.log"
+  python benchmarks/bench_mixed.py --json "$OUT/bench_mixed.json" 2>&1 | tee "$OUT/bench_mixed.log"
 fi

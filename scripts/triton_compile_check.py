@@ -7,6 +7,7 @@ ahead of time for sm_90 (H100/H200) and reads the cubin's registers, stack (spil
 with the cuobjdump that ships with Triton:
 
     python scripts/triton_compile_check.py              # the CI set: bf16 and fp32, H=768, d 48 and 384
+                                                        # (+ grouped per-row kernels: bf16, 8 groups, L=128, d=384)
     python scripts/triton_compile_check.py --full       # every dtype, d in {4, 48, 192, 384}, all activations
     python scripts/triton_compile_check.py --arch 80    # another target (sm_80)
 
@@ -27,7 +28,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from madx_fast.kernels.triton import adapter, linear, nice, weight_grad  # noqa: E402
+from madx_fast.kernels.triton import adapter, grouped, linear, nice, weight_grad  # noqa: E402
 from madx_fast.reference import ACTIVATION_CODES  # noqa: E402
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
@@ -94,7 +95,9 @@ def record_launches(full: bool):
     label = lambda: current["label"]  # noqa: E731
     for module, names in ((adapter, ["_adapter_fwd_kernel", "_adapter_bwd_da_kernel", "_adapter_bwd_dx_dw_kernel"]),
                           (nice, ["_nice_fwd_kernel", "_nice_bwd_kernel"]), (weight_grad, ["_tn_kernel"]),
-                          (linear, ["_linear_kernel"])):
+                          (linear, ["_linear_kernel"]),
+                          (grouped, ["_grouped_linear_kernel", "_grouped_tn_kernel", "_grouped_nice_fwd_kernel",
+                                     "_grouped_nice_bwd_kernel"])):
         for name in names:
             setattr(module, name, _Recorder(getattr(module, name), log, label))
     # (the launchers call fused_linear / tokens_reduce, which look the patched kernels up as module globals)
@@ -120,7 +123,44 @@ def record_launches(full: bool):
             out = nice.nice_coupling(x, w, ACTIVATION_CODES["relu"], inverse)
             for inp in (None, x):
                 nice.nice_coupling_backward(out, out, inp, w, ACTIVATION_CODES["relu"], inverse)
+        if full or dt == torch.bfloat16:  # the CI set: the GPU inference dtype (keeps CI time small)
+            _record_grouped(dt, current, full)
     return log
+
+
+def _record_grouped(dt, current, full):
+    """The grouped (per-row) kernels: 8 languages, rows of L=128 tokens (--full: also L=9, short rows and small
+    blocks, every epilogue, activation and direction). The CI set compiles each grouped kernel once per
+    variant that is new code (the tile code is shared with the single-adapter kernels compiled above)."""
+    meta = torch.device("meta")
+    g, h = 8, 768
+    relu = ACTIVATION_CODES["relu"]
+    lengths = [128, 9] if full else [128]
+    bottlenecks = [48, 384] if full else [384]
+    activations = sorted(set(ACTIVATION_CODES.values())) if full else [relu]
+    shapes = [(g, 192, 384), (g, 192), (g, 384, 192), (g, 384)] * 2
+    for length in lengths:
+        rows = 256 if length == 128 else 1024
+        groups = torch.empty(rows, device=meta, dtype=torch.int64)
+        x = torch.empty(rows * length, h, device=meta, dtype=dt)
+        for d in bottlenecks:
+            for act in activations:
+                current["label"] = f"grouped G={g} L={length} d={d} {str(dt)[6:]} act={act}"
+                wd, bd = torch.empty(g, d, h, device=meta), torch.empty(g, d, device=meta)
+                wu, bu = torch.empty(g, h, d, device=meta), torch.empty(g, h, device=meta)
+                _, z = grouped.grouped_adapter_forward(x, x, groups, wd, bd, wu, bu, 1.0, act)
+                if full:
+                    grouped.grouped_adapter_backward(x, x, z, groups, wd, wu, 1.0, act, True, True, splits=2)
+                else:  # the per-group weight reduction, with and without the activation on load
+                    segments = grouped.row_segments(groups, g)
+                    grouped.grouped_tokens_reduce(x, z, segments, g, length, act, splits=2)
+                    grouped.grouped_tokens_reduce(z, x, segments, g, length, splits=2)
+        w = [torch.empty(s, device=meta) for s in shapes]
+        for inverse in (False, True) if full else (False,):
+            current["label"] = f"grouped G={g} L={length} {'inverse' if inverse else 'forward'} {str(dt)[6:]}"
+            out = grouped.grouped_nice_coupling(x, groups, w, relu, inverse)
+            for inp in (None, x) if full else (None,):
+                grouped.grouped_nice_coupling_backward(out, out, inp, groups, w, relu, inverse, full, splits=2)
 
 
 def main(argv=None):

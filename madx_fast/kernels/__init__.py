@@ -11,6 +11,18 @@ custom ops in ``madx_fast.ops`` on 2-D inputs ``[N, H]`` (any row/column strides
         -> (d_inp, df_w1, df_b1, df_w2, df_b2, dg_w1, dg_b1, dg_w2, dg_b2) weight grads float32;
         inp=None rebuilds the input from `out` by inverting the coupling.
 
+Grouped (per-row) launchers, Triton only (the CUDA backend has none): ``x: [B*L, H]`` is B sequence rows of
+L tokens, ``groups: [B]`` int32/int64 ids on the device, weights stacked over groups ``[G, ...]``:
+
+    grouped_adapter_forward(x, residual_or_None, groups, w_down, b_down, w_up, b_up, scaling, activation)
+        -> (y, z) as adapter_forward
+    grouped_adapter_backward(dy, x, z, groups, w_down, w_up, scaling, activation, residual_is_input,
+                             weight_grads: bool) -> (dx, dw_down [G, d, H], db_down, dw_up, db_up) float32
+    grouped_nice_coupling(x, groups, weights, activation, inverse) -> out
+    grouped_nice_coupling_backward(dout, out, inp_or_None, groups, weights, activation, inverse, weight_grads)
+        -> (d_inp, 8 weight grads [G, ...] float32)
+    (weight_grads=False: only the input gradient is computed; the weight grads are empty tensors)
+
 ``weights`` = (f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2); activation codes in
 ``madx_fast.reference.ACTIVATION_CODES``. Backends never import each other; both are checked against
 ``madx_fast.reference``.

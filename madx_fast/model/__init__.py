@@ -9,16 +9,17 @@
 
 Layout: ``config.py`` (MadxConfig, AdapterHub config conversion), ``stack.py`` (active setup),
 ``wiring.py`` (the modules that replace HF's FFN output, embedding dropout and MLM-head LayerNorm),
-``controller.py`` (``add_madx`` and the ``MadxAdapters`` handle), ``adapter_files.py`` (files), ``mlm_loss.py``
+``per_row.py`` (many languages in one batch: ``PerRow``), ``controller.py`` (``add_madx`` and the
+``MadxAdapters`` handle), ``adapter_files.py`` (files), ``mlm_loss.py``
 (masked-position-only, chunked fused linear cross-entropy), ``params.py`` (parameter budget command).
 """
 from .config import AdapterConfigError, MadxConfig
 from .controller import AdapterExistsError, MadxAdapters, add_madx, check_adapter_name
 from .adapter_files import AdapterFileError
 from .mlm_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy, madx_mlm_loss
-from .stack import Stack
+from .stack import PerRow, Stack
 
 __all__ = [
     "AdapterConfigError", "AdapterExistsError", "AdapterFileError", "FusedLinearCrossEntropy", "MadxAdapters",
-    "MadxConfig", "Stack", "add_madx", "check_adapter_name", "fused_linear_cross_entropy", "madx_mlm_loss",
+    "MadxConfig", "PerRow", "Stack", "add_madx", "check_adapter_name", "fused_linear_cross_entropy", "madx_mlm_loss",
 ]

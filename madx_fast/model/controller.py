@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from ..modules import BottleneckAdapter, InvertibleAdapter
-from . import adapter_files
+from . import adapter_files, per_row
 from .adapter_files import AdapterFileError, check_state_dict
 from .config import AdapterConfigError, MadxConfig
-from .stack import Setup, Stack, normalize_setup, setup_repr
+from .stack import PerRow, Setup, Stack, adapter_names, normalize_setup, setup_repr, without_adapter
 from .wiring import MadxFFNOutput, MadxState, find_parts, unwire, wire
 
 _NAME_RE = re.compile(r"^[^.\s]+$")  # it becomes a module name: no dots, no blanks
@@ -111,7 +111,7 @@ class MadxAdapters:
         if name in self.state.invertible:
             del self.state.invertible[name]
         del self.configs[name]
-        self.state.active = tuple(n for n in self.state.active if n != name)
+        self.state.active = without_adapter(self.state.active, name)
 
     def layer_adapters(self, name: str) -> dict[int, BottleneckAdapter]:
         """Layer index -> BottleneckAdapter of adapter ``name``."""
@@ -182,10 +182,14 @@ class MadxAdapters:
 
     def set_active(self, setup: Setup) -> None:
         """Activate ``setup``: an adapter name, ``Stack(lang, task)`` (or a list of names), or None for the
-        plain model. Takes effect on the next forward; switch at any time (e.g. swap the language)."""
+        plain model. Takes effect on the next forward; switch at any time (e.g. swap the language).
+        ``Stack(PerRow("en", "sw"), task)`` runs each row of a batch in its own language (``row_languages``)."""
         names = normalize_setup(setup)
-        for n in names:
+        for n in adapter_names(names):
             self._require(n)
+        for entry in names:
+            if isinstance(entry, PerRow):  # many languages in one batch: see per_row.py
+                per_row.check_compatible(self, entry)
         self.state.active = names
 
     @contextlib.contextmanager
@@ -197,6 +201,24 @@ class MadxAdapters:
             yield self
         finally:
             self.state.active = previous
+
+    def set_row_languages(self, languages) -> None:
+        """Each row's language for the next forwards of a ``PerRow`` setup (``None`` clears it): adapter names
+        (one per row), group ids (positions in the PerRow) in a list or host tensor, or a device tensor of ids
+        (used as is, never read back). See ``row_languages`` and docs/model_api.md."""
+        self.state.row_groups = None if languages is None else per_row.row_group_ids(
+            self.state.active, languages, _module_device(self.parts.embeddings))
+
+    @contextlib.contextmanager
+    def row_languages(self, languages):
+        """``with madx.row_languages(["sw", "en", "qu"]): model(**batch)`` runs a ``Stack(PerRow(...), task)``
+        setup with each row in its own language; yields the row ids (a device tensor)."""
+        previous = self.state.row_groups
+        self.set_row_languages(languages)
+        try:
+            yield self.state.row_groups
+        finally:
+            self.state.row_groups = previous
 
     # ---------------------------------------------------------------------------------------------------
     # training setup
@@ -247,7 +269,7 @@ class MadxAdapters:
         ``train_invertible=False``) and, if ``train_head``, the task head. ``train_head=None`` means True for
         task models and False for masked-LM models (MAD-X trains language adapters with the embeddings,
         the MLM head and the tied decoder frozen). Does not change the active setup."""
-        names = normalize_setup(setup)
+        names = adapter_names(normalize_setup(setup))
         for n in names:
             self._require(n)
         if train_head is None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .inputs import IGNORE_INDEX
+from .per_row import select_rows
 from .wiring import find_parts
 
 # Default chunk: 2**26 float32 logits (256 MiB) per chunk; 268 rows at V = 250002.
@@ -159,7 +160,17 @@ def madx_mlm_loss(model, input_ids=None, attention_mask=None, labels=None, *, po
         targets = labels[selected]
     else:
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-    x = head.transform(rows)
+    if madx is not None and madx.state.row_groups is not None:
+        # Per-row languages (a PerRow setup): each decoded position takes its sequence row's language for the
+        # NICE inverse in the head.
+        batch_row = selected.nonzero()[:, 0] if positions is None else positions // hidden.shape[1]
+        previous = select_rows(madx.state, batch_row)
+        try:
+            x = head.transform(rows)
+        finally:
+            madx.state.row_groups = previous
+    else:
+        x = head.transform(rows)
     decoder = head.decoder
     return fused_linear_cross_entropy(x, decoder.weight, decoder.bias, targets, chunk_size=chunk_size,
                                       reduction=reduction)

@@ -14,7 +14,8 @@ Three places, found by attribute (the same in transformers 4.57 and 5.x):
 
 The invertible adapters live in ``{prefix}.invertible_adapters.{name}`` (a ModuleDict on the base model),
 again AdapterHub's key names. All replaced modules share one ``MadxState`` (a plain object, not a module)
-holding the active setup as a tuple of names.
+holding the active setup as a tuple of names (and at most one ``PerRow`` of per-row adapters, run by
+``per_row.py`` with the row -> adapter ids of ``MadxState.row_groups``).
 """
 from __future__ import annotations
 
@@ -26,16 +27,48 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import per_row
+from .stack import PerRow
+
 SUPPORTED_MODEL_TYPES = ("xlm-roberta", "roberta", "bert")
 
 
 class MadxState:
-    """What every wired module reads on each forward: the active setup (a tuple of adapter names, first =
-    the one whose invertible adapter runs) and the invertible adapters (owned by the base model)."""
+    """What every wired module reads on each forward: the active setup (a tuple of adapter names or a
+    ``PerRow``, first = the one whose invertible adapter runs), the invertible adapters (owned by the base
+    model) and, for a PerRow setup, the group id of each row of the batch (a device tensor, or None)."""
 
     def __init__(self, invertible: nn.ModuleDict):
-        self.active: tuple[str, ...] = ()
+        self.active: tuple[str | PerRow, ...] = ()
         self.invertible = invertible
+        self.row_groups: torch.Tensor | None = None
+
+
+def active_layer_adapters(adapters: nn.ModuleDict, state: MadxState, layer: int) -> list:
+    """The adapters one layer applies, in stack order: callables ``(x, residual) -> y``."""
+    out = []
+    for entry in state.active:
+        if isinstance(entry, PerRow):
+            adapter = per_row.layer_adapter(adapters, entry, state, layer)
+            if adapter is not None:
+                out.append(adapter)
+        elif entry in adapters:
+            out.append(adapters[entry])
+    return out
+
+
+def first_invertible(state: MadxState, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """The invertible adapter (or its inverse) of the first adapter of the setup, if it has one."""
+    active = state.active
+    if not active:
+        return x
+    first = active[0]
+    if isinstance(first, PerRow):
+        return per_row.invertible(state, first, x, inverse)
+    if first in state.invertible:
+        inv = state.invertible[first]
+        return inv.inverse(x) if inverse else inv(x)
+    return x
 
 
 def pfeiffer_adapter_stack(f: torch.Tensor, a: torch.Tensor, layer_norm: nn.Module, adapters) -> torch.Tensor:
@@ -71,7 +104,7 @@ class MadxFFNOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         f = self.dropout(self.dense(hidden_states))
-        adapters = [self.adapters[n] for n in self._madx.active if n in self.adapters]
+        adapters = active_layer_adapters(self.adapters, self._madx, self.layer_idx)
         return pfeiffer_adapter_stack(f, input_tensor, self.LayerNorm, adapters)
 
     def extra_repr(self):
@@ -88,11 +121,7 @@ class DropoutThenInvertible(nn.Dropout):
         self.train(original.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = super().forward(x)
-        active = self._madx.active
-        if active and active[0] in self._madx.invertible:
-            x = self._madx.invertible[active[0]](x)
-        return x
+        return first_invertible(self._madx, super().forward(x), inverse=False)
 
 
 class LayerNormThenInverse(nn.LayerNorm):
@@ -109,11 +138,7 @@ class LayerNormThenInverse(nn.LayerNorm):
         self.train(original.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = super().forward(x)
-        active = self._madx.active
-        if active and active[0] in self._madx.invertible:
-            x = self._madx.invertible[active[0]].inverse(x)
-        return x
+        return first_invertible(self._madx, super().forward(x), inverse=True)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -24,7 +24,10 @@ adapters = import_adapterhub(module_level=True)
 from adapters.composition import Fuse, Parallel  # noqa: E402
 from adapters.composition import Stack as HubStack  # noqa: E402
 from transformers import (  # noqa: E402
-    BertForMaskedLM, BertForTokenClassification, XLMRobertaForMaskedLM, XLMRobertaForTokenClassification,
+    BertForMaskedLM,
+    BertForTokenClassification,
+    XLMRobertaForMaskedLM,
+    XLMRobertaForTokenClassification,
 )
 
 import madx_fast  # noqa: E402

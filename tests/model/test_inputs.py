@@ -1,6 +1,6 @@
 """Host-prepared inputs: masked positions for the MLM decoder and the attention mask in the form HF does not
 test, both giving the same function as the plain inputs, and a forward + backward that reads nothing back
-from the device (checked on the CPU with madx_fast.sync_check.HostReads)."""
+from the device (checked on the CPU with madx_fast.testing.sync_check.HostReads)."""
 from __future__ import annotations
 
 import pytest

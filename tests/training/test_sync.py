@@ -1,5 +1,5 @@
 """A training step queues its device work without waiting for it: no op in a micro-step's forward and
-backward reads device data back to the host (madx_fast.sync_check.HostReads, on any device), and on a GPU
+backward reads device data back to the host (madx_fast.testing.sync_check.HostReads, on any device), and on a GPU
 the whole optimizer step runs under torch.cuda.set_sync_debug_mode("error")."""
 from __future__ import annotations
 

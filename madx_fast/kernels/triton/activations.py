@@ -6,10 +6,13 @@ caller has already rounded to the activation dtype, as the eager reference does.
 import triton
 import triton.language as tl
 
-_SQRT1_2 = 0.7071067811865476  # 1/sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi)
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_TANH_C = 0.044715
+# Globals read inside @triton.jit functions must be tl.constexpr: the interpreter accepts plain floats, the GPU
+# compiler refuses them ("Cannot access global variable ... from within @jit'ed function"). Keep a tensor on
+# the left of each product with one (the interpreter cannot multiply a constexpr by a tensor).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_TANH_C = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -25,7 +28,7 @@ def apply_activation(z, ACT: tl.constexpr):
     elif ACT == 2:  # gelu (erf)
         out = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
     elif ACT == 3:  # gelu (tanh approximation)
-        out = 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)))
+        out = 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI))
     elif ACT == 4:  # silu
         out = z * tl.sigmoid(z)
     elif ACT == 5:  # tanh
@@ -45,8 +48,8 @@ def activation_grad(z, ACT: tl.constexpr):
     elif ACT == 2:
         out = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
     elif ACT == 3:
-        t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z))
-        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
+        t = _tanh((z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI)
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + z * z * (3.0 * _GELU_TANH_C))
     elif ACT == 4:
         s = tl.sigmoid(z)
         out = s * (1.0 + z * (1.0 - s))

@@ -28,28 +28,16 @@ EPI_BIAS, EPI_RESIDUAL, EPI_DACT, EPI_ADD = 0, 1, 2, 3
 
 
 @triton.jit
-def _linear_kernel(
-    A, W, BIAS, OUT, Z, R,
-    M, N, K,
+def linear_tile(
+    A, W, BIAS, OUT, Z, R, rows, rmask, cols, cmask, K,
     stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, stride_zm, stride_zn, stride_rm, stride_rn,
     scaling,
     EPI: tl.constexpr, A_ACT: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M row blocks share each column block while it is in L2.
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
-
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cmask = cols < N
+    """One ``[BLOCK_M, BLOCK_N]`` output tile ``epilogue(act?(A[rows]) @ W[cols]^T)``: ``rows`` (int64) and
+    ``cols`` are the tile's token and output-column indices. Shared by ``_linear_kernel`` and the grouped
+    (per-row weights) kernel in ``grouped.py``, which differ only in how a program finds its tile."""
     dt = OUT.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -78,6 +66,33 @@ def _linear_kernel(
             out += tl.load(R + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=m2, other=0.0).to(
                 tl.float32)
     tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_on, out.to(dt), mask=m2)
+
+
+@triton.jit
+def _linear_kernel(
+    A, W, BIAS, OUT, Z, R,
+    M, N, K,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, stride_zm, stride_zn, stride_rm, stride_rn,
+    scaling,
+    EPI: tl.constexpr, A_ACT: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row blocks share each column block while it is in L2.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    linear_tile(A, W, BIAS, OUT, Z, R, rows, rows < M, cols, cols < N, K,
+                stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, stride_zm, stride_zn,
+                stride_rm, stride_rn, scaling,
+                EPI, A_ACT, HAS_R, ACT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def fused_linear(a, w, w_strides, n, epilogue, *, bias=None, residual=None, z=None, scaling=1.0, activation=0,

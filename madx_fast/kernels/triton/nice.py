@@ -57,7 +57,20 @@ def _nice_fwd_kernel(
 ):
     pid = tl.program_id(0)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < N
+    nice_fwd_block(X, OUT, WA1, BA1, WA2, BA2, WB1, BB1, WB2, BB2, rows, rows < N,
+                   IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT, stride_xm, stride_xh, stride_om, stride_oh,
+                   ACT, INVERSE, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HA, BLOCK_HB)
+
+
+@triton.jit
+def nice_fwd_block(
+    X, OUT, WA1, BA1, WA2, BA2, WB1, BB1, WB2, BB2, rows, rmask,
+    IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
+    stride_xm, stride_xh, stride_om, stride_oh,
+    ACT: tl.constexpr, INVERSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_HB: tl.constexpr,
+):
+    """The coupling of one token block (``rows`` int64, ``rmask``); shared with the grouped kernel."""
     dt = X.dtype.element_ty
     sign = -1.0 if INVERSE else 1.0
     ha = tl.arange(0, BLOCK_HA)
@@ -109,10 +122,24 @@ def _nice_bwd_kernel(
     ACT: tl.constexpr, INVERSE: tl.constexpr, HAS_INP: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_HB: tl.constexpr,
 ):
-    # DOUT, OUT, DINP are contiguous [N, IN_A + OUT_A]; SRC is [N, IN_A] (written only when not HAS_INP).
     pid = tl.program_id(0)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < N
+    nice_bwd_block(DOUT, OUT, INP, DINP, SRC, ZA, ZB, DZA, DZB, WA1, BA1, WA2, WB1, BB1, WB2, BB2,
+                   rows, rows < N, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT, stride_inm, stride_inh,
+                   ACT, INVERSE, HAS_INP, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HA, BLOCK_HB)
+
+
+@triton.jit
+def nice_bwd_block(
+    DOUT, OUT, INP, DINP, SRC, ZA, ZB, DZA, DZB,
+    WA1, BA1, WA2, WB1, BB1, WB2, BB2, rows, rmask,
+    IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
+    stride_inm, stride_inh,
+    ACT: tl.constexpr, INVERSE: tl.constexpr, HAS_INP: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_HB: tl.constexpr,
+):
+    """The backward of one token block; shared with the grouped kernel. DOUT, OUT, DINP are contiguous
+    [N, IN_A + OUT_A]; SRC is [N, IN_A] (written only when not HAS_INP)."""
     H = IN_A + OUT_A
     dt = DOUT.dtype.element_ty
     sign = -1.0 if INVERSE else 1.0

@@ -1,0 +1,409 @@
+"""Grouped (per-row) adapters in Triton: every sequence row of a batch runs the adapter of its own group (its
+language), all groups in one launch per product.
+
+Layout. ``x: [B*L, H]`` holds ``B`` sequence rows of ``L`` tokens each, a row's tokens contiguous; ``groups:
+[B]`` (int32/int64, on the device) gives each row's group in ``[0, G)``; weights are stacked over groups:
+``w_down [G, d, H]``, ``b_down [G, d]``, ``w_up [G, H, d]``, ``b_up [G, H]``, NICE ``f_w1 [G, hf, H - H//2]``...
+
+Forward and input gradients: a program never crosses a sequence row. Programs are indexed by (row, token
+block of the row[, output-column block]); each reads its row's group id once and offsets its weight pointers
+by ``group * stride``, then runs the same tile code as the single-adapter kernels (``linear.linear_tile``,
+``nice.nice_fwd_block``, ``nice.nice_bwd_block``). Grid sizes depend on shapes only (B, L, H, d, G), never on
+the group ids, and nothing reads the ids on the host: the launches are CUDA-graph capturable, and a graph
+captured once serves every mix of languages. Token blocks are sized to the row length (``BLOCK_M <=
+next_pow2(L)``), so padding lanes cost little when L is not a multiple of the block.
+
+Bottleneck adapter, any bottleneck width: the GEMM route of ``adapter.py`` (two tiled GEMMs with the
+adapter's work fused into prologue and epilogues), grouped:
+
+    z  = x W_down[g]^T + b_down[g]                 (EPI_BIAS)
+    y  = r + s (act(z) W_up[g]^T + b_up[g])        (A_ACT on load, EPI_RESIDUAL)
+    da = s (dy W_up[g]) act'(z)                    (EPI_DACT)
+    dx = da W_down[g] (+ dy when r is x)           (EPI_ADD)
+
+Three passes over N x H data in forward, as the single-adapter kernels. (The single-kernel fused forward of
+narrow adapters, d <= 128, is not replicated per row: MAD-X language adapters are d = 384 at H = 768, the GEMM
+route's regime, and the task adapter stacked above them is shared and runs on the single-adapter kernels.)
+
+Weight gradients are per-group token reductions ``C[g] = A_g^T act(B_g)``, ``colsum(A_g)`` over the tokens
+of the rows of group g (``grouped_tokens_reduce``). The rows are sorted by group on the device (a stable
+argsort; segment starts by counting ids below each group, no host read). Program (M tile, K tile, g * S + s)
+reduces split s of group g's sorted rows (S splits per group, chosen from shapes so about two waves of
+programs run) into an fp32 partial ``[G, S, M, K]``; the partials are summed over S afterwards. Deterministic
+(no atomics), an empty group gives zeros, and a group never reads another group's rows: a NaN or Inf in one
+group's rows or weights stays in that group's outputs and gradients.
+
+Derivations: per row, these are the single-adapter formulas of ``adapter.py`` and ``nice.py`` with that row's
+group's weights; a weight's gradient is the sum of its rows' contributions, i.e. the reduction over exactly
+the tokens of the rows of its group.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import NUM_STAGES, dot_precision, interpreting, pow2_at_least, sm_count
+from .activations import apply_activation
+from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, linear_tile
+from .nice import _config as _nice_config
+from .nice import _layout as _nice_layout
+from .nice import nice_bwd_block, nice_fwd_block
+
+# Upper bound on the fp32 partials of one grouped reduction (G * S * M * K elements): 128 MiB.
+PARTIAL_BUDGET = 1 << 25
+
+
+@triton.jit
+def _row_group(GROUPS, row, NUM_GROUPS):
+    """The group of a sequence row, clamped into [0, G) so that a bad id can never address memory outside
+    the stacked weights (ids are checked on the host where they are host data)."""
+    g = tl.load(GROUPS + row).to(tl.int64)
+    return tl.minimum(tl.maximum(g, 0), NUM_GROUPS - 1)
+
+
+@triton.jit
+def _grouped_linear_kernel(
+    A, W, BIAS, OUT, Z, R, GROUPS,
+    ROWS, L, N, K, NUM_GROUPS, stride_wg, stride_bg,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, stride_zm, stride_zn, stride_rm, stride_rn,
+    scaling,
+    EPI: tl.constexpr, A_ACT: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ROW_MULTIPLE: tl.constexpr,
+):
+    # Token blocks never cross a sequence row: ROWS * cdiv(L, BLOCK_M) of them, in the grouped launch order
+    # of _linear_kernel (GROUP_M token blocks share each column block while it is in L2).
+    pid = tl.program_id(0)
+    blocks_per_row = tl.cdiv(L, BLOCK_M)
+    grid_m = ROWS * blocks_per_row
+    grid_n = tl.cdiv(N, BLOCK_N)
+    band = pid // (GROUP_M * grid_n)
+    first_m = band * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+
+    if ROW_MULTIPLE:
+        # L is a multiple of BLOCK_M: the flat block index gives the tokens (and the compiler their alignment).
+        tokens = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row = (pid_m * BLOCK_M) // L
+        tmask = tokens < ROWS * L
+    else:
+        row = pid_m // blocks_per_row
+        pos = (pid_m - row * blocks_per_row) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tokens = row.to(tl.int64) * L + pos
+        tmask = pos < L
+    g = _row_group(GROUPS, row, NUM_GROUPS)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    linear_tile(A, W + g * stride_wg, BIAS + g * stride_bg, OUT, Z, R, tokens, tmask, cols, cols < N, K,
+                stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, stride_zm, stride_zn,
+                stride_rm, stride_rn, scaling,
+                EPI, A_ACT, HAS_R, ACT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _grouped_tn_kernel(
+    A, B, ORDER, SEG, C_PART, S_PART,
+    L, M, K, SPLITS,
+    stride_an, stride_am, stride_bn, stride_bk,
+    ACT: tl.constexpr, WITH_SUM: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Program (pid_m, pid_k, g * SPLITS + s): split s of the rows of group g, which are the sorted rows
+    # ORDER[SEG[g]:SEG[g+1]]; its tokens are gathered through ORDER (t-th token of the split: sorted row
+    # r0 + t // L, position t % L).
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_gs = tl.program_id(2)
+    g = pid_gs // SPLITS
+    s = pid_gs - g * SPLITS
+    lo = tl.load(SEG + g)
+    hi = tl.load(SEG + g + 1)
+    per = tl.cdiv(hi - lo, SPLITS)
+    r0 = lo + s * per
+    r1 = tl.minimum(r0 + per, hi)
+    n_tok = tl.maximum(r1 - r0, 0) * L
+
+    mc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    kc = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mmask = mc < M
+    kmask = kc < K
+    dt = A.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t0 in range(0, n_tok, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        tmask = t < n_tok
+        row = tl.load(ORDER + r0 + t // L, mask=tmask, other=0).to(tl.int64)
+        tok = row * L + t % L
+        a = tl.load(A + tok[:, None] * stride_an + mc[None, :] * stride_am,
+                    mask=tmask[:, None] & mmask[None, :], other=0.0)
+        bmask = tmask[:, None] & kmask[None, :]
+        b = tl.load(B + tok[:, None] * stride_bn + kc[None, :] * stride_bk, mask=bmask, other=0.0)
+        if ACT != 0:
+            b = tl.where(bmask, apply_activation(b.to(tl.float32), ACT), 0.0).to(dt)
+        acc = tl.dot(tl.trans(a), b.to(dt), acc, input_precision=DOT_PREC)
+        if WITH_SUM:
+            colsum += tl.sum(a.to(tl.float32), axis=0)
+    part = pid_gs.to(tl.int64)
+    tl.store(C_PART + part * M * K + mc[:, None] * K + kc[None, :], acc, mask=mmask[:, None] & kmask[None, :])
+    if WITH_SUM:
+        if pid_k == 0:
+            tl.store(S_PART + part * M + mc, colsum, mask=mmask)
+
+
+@triton.jit
+def _grouped_nice_fwd_kernel(
+    X, OUT, WA1, BA1, WA2, BA2, WB1, BB1, WB2, BB2, GROUPS,
+    L, NUM_GROUPS, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
+    stride_xm, stride_xh, stride_om, stride_oh,
+    ACT: tl.constexpr, INVERSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_HB: tl.constexpr,
+):
+    # Grid (row, token block of the row). The stacked weights are contiguous: a group's slice is one matrix.
+    row = tl.program_id(0)
+    pos = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = _row_group(GROUPS, row, NUM_GROUPS)
+    nice_fwd_block(X, OUT, WA1 + g * HA * IN_A, BA1 + g * HA, WA2 + g * OUT_A * HA, BA2 + g * OUT_A,
+                   WB1 + g * HB * OUT_A, BB1 + g * HB, WB2 + g * IN_A * HB, BB2 + g * IN_A,
+                   row.to(tl.int64) * L + pos, pos < L,
+                   IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT, stride_xm, stride_xh, stride_om, stride_oh,
+                   ACT, INVERSE, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HA, BLOCK_HB)
+
+
+@triton.jit
+def _grouped_nice_bwd_kernel(
+    DOUT, OUT, INP, DINP, SRC, ZA, ZB, DZA, DZB,
+    WA1, BA1, WA2, WB1, BB1, WB2, BB2, GROUPS,
+    L, NUM_GROUPS, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
+    stride_inm, stride_inh,
+    ACT: tl.constexpr, INVERSE: tl.constexpr, HAS_INP: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_HB: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pos = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = _row_group(GROUPS, row, NUM_GROUPS)
+    nice_bwd_block(DOUT, OUT, INP, DINP, SRC, ZA, ZB, DZA, DZB,
+                   WA1 + g * HA * IN_A, BA1 + g * HA, WA2 + g * OUT_A * HA,
+                   WB1 + g * HB * OUT_A, BB1 + g * HB, WB2 + g * IN_A * HB, BB2 + g * IN_A,
+                   row.to(tl.int64) * L + pos, pos < L, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
+                   stride_inm, stride_inh,
+                   ACT, INVERSE, HAS_INP, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HA, BLOCK_HB)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------
+def row_length(n_tokens: int, groups: torch.Tensor) -> int:
+    """Tokens per sequence row: ``N = B * L`` (the op layer checks that B divides N)."""
+    rows = groups.shape[0]
+    return n_tokens // rows if rows else 0
+
+
+def _row_block(length: int, cap: int) -> int:
+    """Token block of a row-aligned program: at most the padded row length, so short rows waste little."""
+    return min(cap, pow2_at_least(length))
+
+
+def grouped_linear(a, w, w_strides, n, epilogue, groups, *, bias=None, residual=None, z=None, scaling=1.0,
+                   activation=0, a_activation=False):
+    """``epilogue(act?(a) @ W[g]^T)`` per sequence row as ``[M, n]`` in a's dtype: ``a: [M, K]`` with
+    ``M = B * L``, ``w: [G, ...]`` contiguous (``W[g][n, k]`` at ``w[g] + n * w_strides[0] + k * w_strides[1]``),
+    ``bias: [G, n]``; the epilogues are ``linear.py``'s."""
+    m, k = a.shape
+    out = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    if m == 0:
+        return out
+    rows = groups.shape[0]
+    length = row_length(m, groups)
+    if interpreting():
+        bm, bn, bk, warps, stages = 128, 128, 128, 4, NUM_STAGES
+    elif a.dtype == torch.float32:
+        bm, bn, bk, warps, stages = 64, 64, 32, 4, NUM_STAGES
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    bm = _row_block(length, bm)
+    bn = min(bn, pow2_at_least(n))
+    bk = min(bk, pow2_at_least(k))
+    if bm * bn <= 64 * 64:  # small tiles (short rows, narrow outputs); 128 x 64 keeps 8 warps (4 spill)
+        warps = 4
+    dummy = out
+    r = residual if residual is not None else dummy
+    zz = z if z is not None else dummy
+    grid = (rows * triton.cdiv(length, bm) * triton.cdiv(n, bn),)
+    _grouped_linear_kernel[grid](
+        a, w, bias if bias is not None else dummy, out, zz, r, groups,
+        rows, length, n, k, w.shape[0], w.stride(0), bias.stride(0) if bias is not None else 0,
+        a.stride(0), a.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1),
+        zz.stride(0), zz.stride(1), r.stride(0), r.stride(1),
+        float(scaling),
+        EPI=epilogue, A_ACT=bool(a_activation), HAS_R=residual is not None, ACT=activation,
+        DOT_PREC=dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        ROW_MULTIPLE=length % bm == 0, num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def row_segments(groups: torch.Tensor, num_groups: int):
+    """Rows sorted by group, on the device: ``(order [B], seg [G + 1])`` with the rows of group g at
+    ``order[seg[g]:seg[g + 1]]``. ``seg[g]`` counts the ids below g: no host read, no atomics."""
+    order = torch.argsort(groups, stable=True)
+    bounds = torch.arange(num_groups + 1, device=groups.device, dtype=groups.dtype)
+    seg = (groups[None, :] < bounds[:, None]).sum(1)
+    return order, seg
+
+
+def grouped_tokens_reduce(a, b, segments, num_groups, length, activation=0, with_sum=True, *, splits=None):
+    """Per group ``g``: ``(A_g^T act(B_g), A_g.sum(0))`` in fp32 over the tokens of the rows of group g, as
+    ``[G, M, K]`` and ``[G, M]``. ``a: [B*L, M]``, ``b: [B*L, K]`` (any strides), ``segments`` from
+    ``row_segments``."""
+    n, m = a.shape
+    k = b.shape[1]
+    f32 = dict(dtype=torch.float32, device=a.device)
+    if n == 0:
+        return torch.zeros((num_groups, m, k), **f32), torch.zeros((num_groups, m), **f32)
+    order, seg = segments
+    big = interpreting()
+    fp32 = a.dtype == torch.float32
+    # fp32 (IEEE products on FMA units): 32-token steps; with 64, ptxas spills the gathered tiles (sm_90).
+    bn = 128 if big else (32 if fp32 else 64)
+    tile = 128 if big else (32 if fp32 else 64)
+    bm = min(pow2_at_least(m), tile)
+    bk = min(pow2_at_least(k), 256 if big else tile)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(k, bk)
+    if splits is None:
+        splits = triton.cdiv(2 * sm_count(a.device), tiles)  # ~2 waves even when one group has every row
+        splits = min(splits, order.shape[0], max(1, PARTIAL_BUDGET // (num_groups * m * k)))
+    splits = max(1, int(splits))
+    c_part = torch.empty((num_groups * splits, m, k), **f32)
+    s_part = torch.empty((num_groups * splits, m), **f32)
+    _grouped_tn_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk), num_groups * splits)](
+        a, b, order, seg, c_part, s_part, length, m, k, splits,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        ACT=activation, WITH_SUM=with_sum, DOT_PREC=dot_precision(a.dtype),
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=4, num_stages=NUM_STAGES,
+    )
+    return c_part.view(num_groups, splits, m, k).sum(1), s_part.view(num_groups, splits, m).sum(1)
+
+
+def _no_weight_grads(device, count):
+    """Placeholders for skipped weight gradients (distinct tensors: a custom op's outputs may not alias)."""
+    return tuple(torch.empty((0,), dtype=torch.float32, device=device) for _ in range(count))
+
+
+def grouped_adapter_forward(x, residual, groups, w_down, b_down, w_up, b_up, scaling, activation):
+    """``(y [N, H], z [N, d])``: row ``b`` of ``x: [B*L, H]`` through the adapter of group ``groups[b]``."""
+    n, h = x.shape
+    d = w_down.shape[1]
+    if n == 0:
+        return torch.empty((0, h), dtype=x.dtype, device=x.device), torch.empty((0, d), dtype=x.dtype,
+                                                                                device=x.device)
+    r = x if residual is None else residual
+    # Weights in the activation dtype once per call (as the single-adapter launchers do).
+    wd, bd, wu, bu = (t.to(x.dtype).contiguous() for t in (w_down, b_down, w_up, b_up))
+    z = grouped_linear(x, wd, (h, 1), d, EPI_BIAS, groups, bias=bd)
+    y = grouped_linear(z, wu, (d, 1), h, EPI_RESIDUAL, groups, bias=bu, residual=r, scaling=scaling,
+                       activation=activation, a_activation=True)
+    return y, z
+
+
+def grouped_adapter_backward(dy, x, z, groups, w_down, w_up, scaling, activation, residual_is_input,
+                             weight_grads, *, splits=None):
+    """``(dx, dw_down [G, d, H], db_down [G, d], dw_up [G, H, d], db_up [G, H])``, weight grads fp32; with
+    ``weight_grads=False`` only dx (the weight grads come back as empty tensors)."""
+    n, h = x.shape
+    num_groups, d = w_down.shape[0], w_down.shape[1]
+    if n == 0:
+        f32 = dict(dtype=torch.float32, device=x.device)
+        dx = torch.empty((0, h), dtype=x.dtype, device=x.device)
+        if not weight_grads:
+            return (dx,) + _no_weight_grads(x.device, 4)
+        return (dx, torch.zeros((num_groups, d, h), **f32), torch.zeros((num_groups, d), **f32),
+                torch.zeros((num_groups, h, d), **f32), torch.zeros((num_groups, h), **f32))
+    wd, wu = w_down.to(x.dtype).contiguous(), w_up.to(x.dtype).contiguous()
+    da = grouped_linear(dy, wu, (1, d), d, EPI_DACT, groups, z=z, scaling=scaling, activation=activation)
+    dx = grouped_linear(da, wd, (1, h), h, EPI_ADD, groups, residual=dy if residual_is_input else None)
+    if not weight_grads:
+        return (dx,) + _no_weight_grads(x.device, 4)
+    segments = row_segments(groups, num_groups)
+    length = row_length(n, groups)
+    dwu, dbu = grouped_tokens_reduce(dy, z, segments, num_groups, length, activation, splits=splits)
+    dwd, dbd = grouped_tokens_reduce(da, x, segments, num_groups, length, splits=splits)
+    return dx, dwd, dbd, scaling * dwu, scaling * dbu
+
+
+def _nice_dims(weights):
+    """``(in_a, out_a, ha, hb)`` from stacked stage weights ``wa1 [G, HA, IN_A]``, ``wa2 [G, OUT_A, HA]``,
+    ``wb1 [G, HB, OUT_A]``."""
+    wa1, _, wa2, _, wb1 = weights[:5]
+    return wa1.shape[2], wa2.shape[1], wa1.shape[1], wb1.shape[1]
+
+
+def grouped_nice_coupling(x, groups, weights, activation, inverse, *, block_m=None, block_k=None):
+    """NICE forward (``inverse=False``) or inverse, row ``b`` of ``x: [B*L, H]`` with group ``groups[b]``'s
+    weights (each stacked ``[G, ...]``)."""
+    n, h = x.shape
+    out = torch.empty((n, h), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = _nice_layout(h, weights, inverse, x.dtype)
+    in_a, out_a, ha, hb = _nice_dims((wa1, ba1, wa2, ba2, wb1))
+    length = row_length(n, groups)
+    bm, bk, bha, bhb, launch = _nice_config(ha, hb, x.dtype, block_m, block_k)
+    bm = _row_block(length, bm)
+    _grouped_nice_fwd_kernel[(groups.shape[0], triton.cdiv(length, bm))](
+        x, out, wa1, ba1, wa2, ba2, wb1, bb1, wb2, bb2, groups,
+        length, wa1.shape[0], in_a, out_a, ha, hb, off_src, off_tgt,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(x.dtype),
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_HA=bha, BLOCK_HB=bhb, **launch,
+    )
+    return out
+
+
+def grouped_nice_coupling_backward(dout, out, inp, groups, weights, activation, inverse, weight_grads, *,
+                                   block_m=None, block_k=None, splits=None):
+    """``(d_inp, df_w1, df_b1, df_w2, df_b2, dg_w1, dg_b1, dg_w2, dg_b2)``, weight grads fp32 ``[G, ...]`` (empty
+    tensors with ``weight_grads=False``). ``inp=None`` rebuilds the input from ``out``."""
+    n, h = out.shape
+    dev, dt = out.device, out.dtype
+    num_groups = weights[0].shape[0]
+    dout, out = dout.contiguous(), out.contiguous()
+    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = _nice_layout(h, weights, inverse, dt)
+    in_a, out_a, ha, hb = _nice_dims((wa1, ba1, wa2, ba2, wb1))
+    length = row_length(n, groups)
+    bm, bk, bha, bhb, launch = _nice_config(ha, hb, dt, block_m, block_k)
+    bm = _row_block(length, bm)
+    dinp = torch.empty((n, h), dtype=dt, device=dev)
+    za = torch.empty((n, ha), dtype=dt, device=dev)
+    zb = torch.empty((n, hb), dtype=dt, device=dev)
+    dza = torch.empty_like(za)
+    dzb = torch.empty_like(zb)
+    src = torch.empty((n, in_a), dtype=dt, device=dev) if inp is None else None
+    if n > 0:
+        src_arg = inp if inp is not None else dinp  # a placeholder pointer when unused
+        _grouped_nice_bwd_kernel[(groups.shape[0], triton.cdiv(length, bm))](
+            dout, out, src_arg, dinp, src if src is not None else dinp, za, zb, dza, dzb,
+            wa1, ba1, wa2, wb1, bb1, wb2, bb2, groups,
+            length, num_groups, in_a, out_a, ha, hb, off_src, off_tgt,
+            src_arg.stride(0), src_arg.stride(1),
+            ACT=activation, INVERSE=bool(inverse), HAS_INP=inp is not None, DOT_PREC=dot_precision(dt),
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_HA=bha, BLOCK_HB=bhb, **launch,
+        )
+    if not weight_grads:
+        return (dinp,) + _no_weight_grads(dev, 8)
+    sign = -1.0 if inverse else 1.0
+    src_a = inp[:, off_src:off_src + in_a] if inp is not None else src
+    segments = row_segments(groups, num_groups)
+
+    def reduce(a, b, act=0):
+        return grouped_tokens_reduce(a, b, segments, num_groups, length, act, splits=splits)
+    d_wb2, d_bb2 = reduce(dout[:, off_src:off_src + in_a], zb, activation)
+    d_wb1, d_bb1 = reduce(dzb, out[:, off_tgt:off_tgt + out_a])
+    d_wa2, d_ba2 = reduce(dinp[:, off_tgt:off_tgt + out_a], za, activation)
+    d_wa1, d_ba1 = reduce(dza, src_a)
+    grads_a = (d_wa1, d_ba1, sign * d_wa2, sign * d_ba2)
+    grads_b = (d_wb1, d_bb1, sign * d_wb2, sign * d_bb2)
+    f_grads, g_grads = (grads_b, grads_a) if inverse else (grads_a, grads_b)
+    return (dinp, *f_grads, *g_grads)
