@@ -13,9 +13,9 @@ Layout: ``config.py`` (MadxConfig, AdapterHub config conversion), ``stack.py`` (
 ``MadxAdapters`` handle), ``adapter_files.py`` (files), ``mlm_loss.py``
 (masked-position-only, chunked fused linear cross-entropy), ``params.py`` (parameter budget command).
 """
+from .adapter_files import AdapterFileError
 from .config import AdapterConfigError, MadxConfig
 from .controller import AdapterExistsError, MadxAdapters, add_madx, check_adapter_name
-from .adapter_files import AdapterFileError
 from .mlm_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy, madx_mlm_loss
 from .stack import PerRow, Stack
 

@@ -517,14 +517,15 @@ def _write_adapter_directory(directory, build, *, overwrite: bool, what: str) ->
     atomic.replace_directory(directory, build, owned=ADAPTER_FILES)
 
 
-def read_json(path) -> dict:
+def read_json(path, error: type[Exception] = AdapterFileError) -> dict:
+    """A JSON object from ``path``; anything else is an ``error`` naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{path}: not valid JSON ({exc})") from None
+        raise error(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise AdapterFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

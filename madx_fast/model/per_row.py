@@ -29,6 +29,7 @@ from .. import ops, reference
 from ..backends import resolve_backend
 from .stack import PerRow, per_row_entry
 
+
 # --------------------------------------------------------------------------------------------------------
 # Row languages -> group ids
 # --------------------------------------------------------------------------------------------------------

@@ -22,8 +22,15 @@ import os
 import shutil
 
 from .. import atomic
-from ..model.adapter_files import (ADAPTER_FILES, HUB_CONFIG, OWN_CONFIG, OWN_WEIGHTS, read_adapter_info,
-                                   write_adapter_files)
+from ..model.adapter_files import (
+    ADAPTER_FILES,
+    HUB_CONFIG,
+    OWN_CONFIG,
+    OWN_WEIGHTS,
+    read_adapter_info,
+    write_adapter_files,
+)
+from ..model.adapter_files import read_json as read_json_object
 
 RUN_META = "madx_run.json"
 RUN_SUMMARY = "run.json"
@@ -50,15 +57,7 @@ def write_json(path: str, obj) -> None:
 
 
 def read_json(path: str) -> dict:
-    import json
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, error=BundleError)
 
 
 # --------------------------------------------------------------------------------------------------------

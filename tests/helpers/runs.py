@@ -89,3 +89,15 @@ def step_losses(run_dir: str) -> list[float]:
 def adapter_tensors(bundle_dir: str) -> dict:
     from safetensors.torch import load_file
     return load_file(os.path.join(bundle_dir, "madx_adapter.safetensors"))
+
+
+def snapshot(directory) -> dict:
+    """path -> sha256 of every file under ``directory`` (to prove a refused command changed nothing)."""
+    import hashlib
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, directory)] = hashlib.sha256(fh.read()).hexdigest()
+    return out

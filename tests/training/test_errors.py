@@ -3,7 +3,6 @@ languages / adapters / tasks, labels that do not fit the head, adapters trained 
 directories holding an earlier run."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -11,17 +10,7 @@ import pytest
 
 from madx_fast.cli import main
 from madx_fast.training import train_language_adapter, train_task_adapter
-from tests.helpers.runs import build_tiny_base, quiet_config
-
-
-def _snapshot(directory):
-    """path -> sha256 of every file under ``directory``."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, directory)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
+from tests.helpers.runs import build_tiny_base, quiet_config, snapshot
 
 
 def _fails(capsys, *args, match):
@@ -114,7 +103,7 @@ def test_adapter_trained_for_another_model(capsys, tmp_path, runs, tiny_base_oth
 
 
 def test_existing_run_is_never_replaced_by_accident(capsys, tmp_path, runs, corpus, tiny_base):
-    before = _snapshot(runs["lang"])
+    before = snapshot(runs["lang"])
     args = ["train-lang", "--model", tiny_base, "--lang", "alpha", "--output", runs["lang"], "--steps", 2,
             "--batch-size", 8, "--max-length", 32, "--backend", "eager", "--no-progress"]
     _fails(capsys, *args, "--train-data", os.path.join(corpus, "alpha", "text", "train.txt"),
@@ -123,7 +112,7 @@ def test_existing_run_is_never_replaced_by_accident(capsys, tmp_path, runs, corp
     _fails(capsys, *args, "--overwrite", "--train-data", tmp_path / "missing.txt", match="does not exist")
     _fails(capsys, *args, "--overwrite", "--train-data", os.path.join(corpus, "alpha", "text", "train.txt"),
            "--max-length", 500, match="longer than the model's")
-    assert _snapshot(runs["lang"]) == before
+    assert snapshot(runs["lang"]) == before
     # a user's file in the output directory of a new run is left alone
     mine = tmp_path / "fresh"
     mine.mkdir()

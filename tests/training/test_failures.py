@@ -3,7 +3,6 @@ settings, divergence, inputs that are also outputs, heads and bundles that do no
 be read. Every case: a clear error before anything changes, and whatever the user had is still there."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -25,16 +24,7 @@ from madx_fast.training import (
     train_task_adapter,
 )
 from madx_fast.training.trainer import TrainingDiverged
-from tests.helpers.runs import build_tiny_base, quiet_config, step_losses
-
-
-def _snapshot(directory):
-    out = {}
-    for root, _, files in os.walk(directory):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, directory)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
+from tests.helpers.runs import build_tiny_base, quiet_config, snapshot, step_losses
 
 
 def _cli(capsys, *args):
@@ -74,11 +64,11 @@ def test_resume_never_runs_code_from_a_checkpoint(capsys, tmp_path, lang_run, ti
     marker = tmp_path / "pwned"
     with open(run / "checkpoint.pt", "wb") as f:
         pickle.dump({"format": "madx_fast.checkpoint", "payload": _Exploit(marker)}, f)
-    before = _snapshot(run)
+    before = snapshot(run)
     code, err = _cli(capsys, *_lang_args(tiny_base, corpus, run, "--resume"))
     assert code == 2 and "cannot read the checkpoint" in err, err
     assert not marker.exists()
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_damaged_or_mismatched_checkpoints_are_refused_whole(capsys, tmp_path, lang_run, tiny_base, corpus):
@@ -97,11 +87,11 @@ def test_damaged_or_mismatched_checkpoints_are_refused_whole(capsys, tmp_path, l
         if label != "bit flip":
             c.pop("digest")  # as if written without one: the content checks must catch it
         torch.save(c, run / "checkpoint.pt")
-        before = _snapshot(run)
+        before = snapshot(run)
         code, err = _cli(capsys, *_lang_args(tiny_base, corpus, run, "--resume"))
         want = {"bit flip": "changed or damaged", "wrong shape": "this run's parameter is", "nan": "NaN"}[label]
         assert code == 2 and want in err, (label, err)
-        assert _snapshot(run) == before
+        assert snapshot(run) == before
     # a truncated file
     run = tmp_path / "truncated"
     shutil.copytree(lang_run, run)
@@ -115,10 +105,10 @@ def test_changed_backbone_dtype_or_backend_on_resume_is_refused(capsys, tmp_path
     for extra, backend, key in ((["--backbone-dtype", "bfloat16"], "eager", "backbone_dtype"), ([], "triton", "backend")):
         run = tmp_path / key
         shutil.copytree(lang_run, run)
-        before = _snapshot(run)
+        before = snapshot(run)
         code, err = _cli(capsys, *_lang_args(tiny_base, corpus, run, "--resume", *extra, backend=backend))
         assert code == 2 and "other settings" in err and key in err, err
-        assert _snapshot(run) == before
+        assert snapshot(run) == before
 
 
 def test_a_checkpoint_of_madx_fast_0_1_resumes(tmp_path, tiny_base, corpus):
@@ -244,11 +234,11 @@ def test_float16_backbone_trains_with_dynamic_loss_scaling(tmp_path, tiny_base, 
 def test_a_command_never_overwrites_its_own_input(capsys, tmp_path, lang_run, corpus):
     run = tmp_path / "L"
     shutil.copytree(lang_run, run)
-    before = _snapshot(run)
+    before = snapshot(run)
     code, err = _cli(capsys, "train-task", "--task", "ner", "--lang-adapter", run, "--train-data",
                      os.path.join(corpus, "alpha", "ner"), "--output", run, "--overwrite", "--backend", "eager")
     assert code == 2 and "is an input of this run" in err, err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 def test_a_refused_bundle_changes_nothing_in_the_model(tmp_path, lang_run, tiny_base, tiny_base_other, corpus):

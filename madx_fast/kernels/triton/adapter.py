@@ -30,8 +30,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (NUM_STAGES, chunk_width, dot_precision, interpreting, num_warps_for,
-                      pow2_at_least, rows_per_program, splits_for, tile_budget)
+from ._launch import (
+    NUM_STAGES,
+    chunk_width,
+    dot_precision,
+    interpreting,
+    num_warps_for,
+    pow2_at_least,
+    rows_per_program,
+    splits_for,
+    tile_budget,
+)
 from .activations import activation_grad, apply_activation
 from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, fused_linear
 from .tiles import rows_times_weight_t
