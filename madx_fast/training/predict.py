@@ -228,12 +228,15 @@ class Predictor:
         plan = resolve_task_adapter(s.task_adapter, s.model)
         lang_paths = {lang: resolve_language_adapter(lang, where) for lang, where in s.lang_adapters.items()}
         check_same_base([plan["path"], *lang_paths.values()])
+        if plan["meta"] and not plan["meta"].get("language"):
+            log.warning("%s was trained without a language adapter (MAD-X -LAD -INV); here it runs stacked on the "
+                        "lines' language adapters", plan["path"])
         self.device = setup.pick_device(s.device)
         tokenizer = setup.load_tokenizer(plan["base_model"], model=plan["base_model"])
         self.task = make_task(plan["task"], pad_id=tokenizer.pad_token_id, labels=plan["labels"])
         self.max_length = setup.max_length_for(plan["base_model"], s.max_length,
                                                plan["meta"].get("max_length") or self.task.default_max_length)
-        self.lines = LINE_FORMATS[self.task.name](self.task, tokenizer, self.max_length)
+        self.format = LINE_FORMATS[self.task.name](self.task, tokenizer, self.max_length)
         self.model, self.madx, self.task_name = load_task_model(plan, self.task, lang_paths, s.backend,
                                                                 s.backbone_dtype, self.device)
         self.languages = PerRow(*lang_paths)
@@ -270,7 +273,7 @@ class Predictor:
             bar.close()
 
     def _chunk(self, chunk, report: "Predictions", source: str, bar: LineProgress) -> list[dict]:
-        heads: list[dict | None] = [None] * len(chunk)   # {"line", "id"} of every non-blank line
+        heads: list[dict | None] = [None] * len(chunk)  # {"line", "id", "lang"} of every non-blank line
         errors: dict[int, str] = {}
         todo, examples, groups = [], [], []
         for pos, (number, item) in enumerate(chunk):
@@ -280,7 +283,7 @@ class Predictor:
                     continue
                 heads[pos] = {"line": number, **({"id": rec["id"]} if "id" in rec else {})}
                 lang = self._language(rec)
-                examples.append(self.lines.parse(rec))
+                examples.append(self.format.parse(rec))
                 todo.append(pos)
                 groups.append(self.languages.index(lang))
                 heads[pos]["lang"] = lang
@@ -326,7 +329,7 @@ class Predictor:
         """Features per example; when the chunk cannot be encoded as a whole (e.g. a QA question too long for
         a window), each example alone, so that only the bad ones fail (as LineErrors)."""
         try:
-            return self.lines.encode(examples)
+            return self.format.encode(examples)
         except ValueError as exc:  # DataError is one
             if len(examples) == 1:
                 return [LineError(str(exc))]
@@ -340,22 +343,22 @@ class Predictor:
         features = self._encode(examples)
         units = [(i, k, f) for i, fs in enumerate(features) if not isinstance(fs, LineError)
                  for k, f in enumerate(fs)]
-        units.sort(key=lambda u: -max(len(r) for r in self.lines.rows(u[2])))
+        units.sort(key=lambda u: -max(len(r) for r in self.format.rows(u[2])))
         read: list = [None if isinstance(fs, LineError) else [None] * len(fs) for fs in features]
         size = self.settings.batch_size
         for start in range(0, len(units), size):
             batch = units[start:start + size]
             feats = [f for _, _, f in batch]
-            for (i, k, _), value in zip(batch, self.lines.read(self._forward(feats, [groups[i] for i, _, _ in batch]),
-                                                               feats)):
+            outputs = self._forward(feats, [groups[i] for i, _, _ in batch])
+            for (i, k, _), value in zip(batch, self.format.read(outputs, feats)):
                 read[i][k] = value
-        return [fs if isinstance(fs, LineError) else self.lines.result(ex, r)
+        return [fs if isinstance(fs, LineError) else self.format.result(ex, r)
                 for ex, fs, r in zip(examples, features, read)]
 
     @torch.no_grad()
     def _forward(self, features: list[dict], groups: list[int]) -> list[torch.Tensor]:
         """The model's ``output_keys`` for one batch: each feature's rows in its language (group id)."""
-        rows = [r for f in features for r in self.lines.rows(f)]
+        rows = [r for f in features for r in self.format.rows(f)]
         per = len(rows) // len(features)  # COPA: a row per choice
         languages = torch.tensor([g for g in groups for _ in range(per)], dtype=torch.long)
         ids = pad_rows(rows, self.task.pad_id)
@@ -368,7 +371,7 @@ class Predictor:
             inputs = model_batch(self.model, {"input_ids": ids, "attention_mask": mask}, self.device)
             with self.madx.row_languages(languages):
                 out = self.model(**inputs)
-        return [out[k] for k in self.lines.output_keys]
+        return [out[k] for k in self.format.output_keys]
 
     def _replay(self, ids, mask, languages):
         """CUDA-graph replay: the batch padded to ``batch_size`` rows and the next of a few lengths, so that a

@@ -258,10 +258,14 @@ def test_mixed_qa_stream_equals_each_line_alone(adapters, tiny_base, corpus):
     sentences = [" ".join(s) for s in _ner_sentences(corpus, 6)]
     records = [{"lang": LANGS[k % 3], "question": sentences[k].split()[0] + " ?",
                 "context": " ".join(sentences[k:k + (4 if k == 2 else 1)])} for k in range(len(sentences) - 3)]
-    lines = records[:2] + [{"lang": "alpha", "question": "x"}] + records[2:]
-    out = list(predict_stream(lines, task_adapter=adapters["qa"], lang_adapters=_langs(adapters), max_length=32,
-                              batch_size=3, **COMMON))
-    assert [r["line"] for r in out] == [1, 2] + list(range(4, len(lines) + 1))
+    too_long = {"lang": "beta", "question": " ".join(sentences[:3]), "context": sentences[0]}  # no room for context
+    lines = records[:2] + [{"lang": "alpha", "question": "x"}] + records[2:] + [too_long]
+    predictions = predict_stream(lines, task_adapter=adapters["qa"], lang_adapters=_langs(adapters), max_length=32,
+                                 batch_size=3, **COMMON)
+    out = list(predictions)
+    assert [r["line"] for r in out] == [1, 2] + list(range(4, len(lines)))
+    assert [(n, m.split(" leaves")[0]) for n, m in predictions.first_errors] == \
+        [(3, "no 'context' field (fields: lang, question)"), (len(lines), "max_length 32")]
     windows_seen = 0
     for r, rec in zip(out, records):
         windows = encode_qa_eval([QaExample("", rec["question"], rec["context"])], alone.tok, 32, 8)
