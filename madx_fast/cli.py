@@ -4,13 +4,16 @@
     madx train-task  --task ner --lang-adapter runs/lang-en --train-data wikiann:en --output runs/ner-en
     madx transfer    --task-adapter runs/ner-en --lang-adapter sw=runs/lang-sw --targets sw \\
                      --eval-data wikiann:{lang} --output runs/transfer
+    madx predict     --task-adapter runs/ner-en --lang-adapter sw=runs/lang-sw qu=runs/lang-qu \\
+                     --input lines.jsonl --output predictions.jsonl
     madx params      [--model NAME] [--langs en,sw]
     madx demo        (offline, CPU, a few minutes)
 
 Data-parallel training: ``torchrun --nproc_per_node N -m madx_fast.cli train-lang ...`` (same arguments;
 ``--batch-size`` stays the global batch). Every command checks its inputs before it starts working and
 exits with status 2 and a one-line reason when one is wrong; a run that diverges (non-finite loss) stops with
-status 1 without writing outputs from the diverged state.
+status 1 without writing outputs from the diverged state. ``madx predict`` exits with status 3 when it
+finished but left lines unpredicted (malformed, or in a language without an adapter; each reported on stderr).
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ log = logging.getLogger("madx_fast.training")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training.settings import LanguageAdapterSettings, TaskAdapterSettings, TransferSettings, add_arguments
+    from .training.settings import (LanguageAdapterSettings, PredictSettings, TaskAdapterSettings, TransferSettings,
+                                    add_arguments)
 
-    parser = argparse.ArgumentParser(prog="madx", description="MAD-X adapters: train, transfer, count, demo.")
+    parser = argparse.ArgumentParser(prog="madx", description="MAD-X adapters: train, transfer, predict, count, demo.")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
     add_arguments(sub.add_parser("train-lang", help="stage 1: a language adapter (+ invertible adapter) by "
@@ -36,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                   TaskAdapterSettings)
     add_arguments(sub.add_parser("transfer", help="stage 3: zero-shot transfer matrix (swap the language "
                                  "adapter)"), TransferSettings)
+    add_arguments(sub.add_parser("predict", help="label JSON lines of many languages in mixed batches (a language "
+                                 "adapter per line under one task adapter)"), PredictSettings)
 
     p = sub.add_parser("params", help="parameter counts per language and task (MAD-X budget)")
     p.add_argument("--model", default=None, help="model name or directory (default: XLM-R base, offline)")
@@ -95,6 +101,24 @@ def cmd_transfer(args) -> None:
           f"({result['wall_time_s']:.1f} s)")
 
 
+# ``madx predict`` finished, but some lines were not predicted (each reported on stderr with its number).
+EXIT_LINES_NOT_PREDICTED = 3
+
+
+def cmd_predict(args) -> int:
+    from .training.predict import predict
+    from .training.settings import PredictSettings, from_args
+    summary = predict(from_args(PredictSettings, args))
+    bad = summary["errors"]
+    numbers = ", ".join(str(e["line"]) for e in summary["first_errors"][:10])
+    more = ", ..." if bad > 10 else ""
+    log.info("predict: %d lines, %d predicted, %d not predicted%s in %.1f s (%.0f lines/s)", summary["lines"],
+             summary["predicted"], bad, f" ({'line' if bad == 1 else 'lines'} {numbers}{more})" if bad else "",
+             summary["wall_time_s"],
+             summary["lines_per_s"])
+    return EXIT_LINES_NOT_PREDICTED if bad else 0
+
+
 def cmd_params(args) -> None:
     from .model.params import format_parameter_budget, parameter_budget
     from .training.setup import load_config
@@ -128,7 +152,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train-lang": cmd_train_lang, "train-task": cmd_train_task, "transfer": cmd_transfer,
-            "params": cmd_params, "demo": cmd_demo}
+            "predict": cmd_predict, "params": cmd_params, "demo": cmd_demo}
 
 
 class _ProgressAwareHandler(logging.StreamHandler):
@@ -163,7 +187,7 @@ def main(argv=None) -> int:
     expected = (FileNotFoundError, FileExistsError, NotADirectoryError, DataError, BundleError, CheckpointError,
                 AdapterFileError, AdapterConfigError, AdapterExistsError, ValueError, KeyError, OSError)
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except TrainingDiverged as exc:  # the inputs were fine; the run failed
         if os.environ.get("MADX_DEBUG"):
             raise
@@ -176,13 +200,14 @@ def main(argv=None) -> int:
         print(f"madx {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"madx {args.command}: interrupted (with --save-every, --resume continues from the last checkpoint)",
-              file=sys.stderr)
+        hint = " (with --save-every, --resume continues from the last checkpoint)" if args.command.startswith(
+            "train") else ""
+        print(f"madx {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     finally:
         from .training.distributed import shutdown_distributed
         shutdown_distributed()
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -7,17 +7,19 @@ Reading order: ``settings.py`` (every setting of every stage, once: Python argum
 keys) -> ``language.py`` / ``task.py`` / ``transfer.py`` (stages 1, 2, 3) -> ``setup.py`` (models, tokenizers,
 devices, dtypes) and ``tasks/`` (``mlm``, ``ner``, ``qa``, ``copa``: read -> encode -> collate -> loss ->
 metrics) -> ``trainer.py`` (the loop) with ``checkpoint.py``, ``distributed.py``, ``progress.py``,
-``batches.py``; ``runs.py`` (run directories and bundles) and ``data.py`` (data specs, generic readers).
+``batches.py``; ``runs.py`` (run directories and bundles) and ``data.py`` (data specs, generic readers);
+``predict.py`` (mixed-language inference on JSON lines, with the stage-3 adapter resolution of ``transfer.py``).
 The ``madx`` command (``madx_fast/cli.py``) is a thin layer over these; the demo is ``madx_fast.demo``.
 """
 from .data import DataError
 from .language import train_language_adapter
 from .runs import BundleError
-from .settings import LanguageAdapterSettings, TaskAdapterSettings, TrainConfig, TransferSettings
+from .predict import predict_stream
+from .settings import LanguageAdapterSettings, PredictSettings, TaskAdapterSettings, TrainConfig, TransferSettings
 from .task import train_task_adapter
 from .trainer import Trainer, read_log
 from .transfer import evaluate_transfer, write_transfer_report
 
-__all__ = ["BundleError", "DataError", "LanguageAdapterSettings", "TaskAdapterSettings", "TrainConfig",
-           "TransferSettings", "Trainer", "evaluate_transfer", "read_log", "train_language_adapter",
-           "train_task_adapter", "write_transfer_report"]
+__all__ = ["BundleError", "DataError", "LanguageAdapterSettings", "PredictSettings", "TaskAdapterSettings",
+           "TrainConfig", "TransferSettings", "Trainer", "evaluate_transfer", "predict_stream", "read_log",
+           "train_language_adapter", "train_task_adapter", "write_transfer_report"]

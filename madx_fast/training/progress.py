@@ -4,7 +4,8 @@ A batch job's stderr (or ``madx demo > log 2>&1``) is a file: a redrawn bar woul
 frames. So ``StepProgress`` draws a tqdm bar only when its stream is a terminal; otherwise it writes one line
 ``step 1200/250000  loss 2.3411  lr 9.95e-05  41.3k tok/s  ETA 1:42:10`` at most every ``interval`` seconds
 (and for the last step). ``progress(iterable, desc)`` wraps long loops (tokenisation, evaluation) the same
-way: a bar on a terminal, nothing otherwise.
+way: a bar on a terminal, nothing otherwise. ``LineProgress`` counts the lines of a stream (``madx predict``):
+a bar on a terminal, ``[madx] predict: 12000/50000 lines  3 skipped  850 lines/s  ETA 0:00:45`` otherwise.
 """
 from __future__ import annotations
 
@@ -88,6 +89,54 @@ class StepProgress:
         if done > 0 and step < self.total:
             parts.append(f"ETA {_clock((self.total - step) * elapsed / done)}")
         return "[madx] " + "  ".join(parts)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class LineProgress:
+    """Lines of a stream (total unknown for a pipe): ``update(lines, errors)`` after each chunk, ``close()`` at
+    the end. A bar on a terminal; otherwise a line at most every ``interval`` seconds; nothing if disabled."""
+
+    def __init__(self, total: int | None = None, *, enabled: bool = True, stream=None, interval: float = 10.0,
+                 desc: str = "predict", errors: str = "skipped"):
+        self.total, self.interval, self.desc, self.errors_word = total, interval, desc, errors
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.bar = None
+        if enabled and is_terminal(self.stream):
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="line", dynamic_ncols=True, file=self.stream)
+        self.t0 = time.perf_counter()
+        self.last_line = self.t0
+        self.lines = self.errors = 0
+
+    def update(self, lines: int, errors: int = 0) -> None:
+        self.lines += lines
+        self.errors += errors
+        if self.bar is not None:
+            self.bar.update(lines)
+            if self.errors:
+                self.bar.set_postfix({self.errors_word: self.errors})
+            return
+        now = time.perf_counter()
+        if not self.enabled or now - self.last_line < self.interval:
+            return
+        self.last_line = now
+        self.stream.write(self.line(now) + "\n")
+        self.stream.flush()
+
+    def line(self, now: float | None = None) -> str:
+        now = time.perf_counter() if now is None else now
+        elapsed = max(now - self.t0, 1e-9)
+        parts = [f"{self.lines}/{self.total} lines" if self.total else f"{self.lines} lines"]
+        if self.errors:
+            parts.append(f"{self.errors} {self.errors_word}")
+        parts.append(f"{self.lines / elapsed:.0f} lines/s")
+        if self.total and 0 < self.lines < self.total:
+            parts.append(f"ETA {_clock((self.total - self.lines) * elapsed / self.lines)}")
+        return f"[madx] {self.desc}: " + "  ".join(parts)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -5,6 +5,7 @@ generates the ``madx`` command's flags, and is recorded in ``run.json`` under th
     LanguageAdapterSettings     stage 1, ``train_language_adapter`` / ``madx train-lang``
     TaskAdapterSettings         stage 2, ``train_task_adapter`` / ``madx train-task``
     TransferSettings            stage 3, ``evaluate_transfer`` / ``madx transfer``
+    PredictSettings             mixed-language inference on JSONL, ``predict`` / ``madx predict``
 
 A field's flag is ``--`` + its name with dashes, unless its metadata says otherwise (``flag``); ``help``,
 ``choices``, ``nargs`` and a ``parse`` function for the command-line string come from the metadata too.
@@ -284,6 +285,58 @@ class TransferSettings(_StageSettings):
             check_adapter_name(lang, "language")
 
 
+ON_ERROR = ("skip", "record", "fail")
+
+
+@dataclass
+class PredictSettings(_StageSettings):
+    """Inference on a JSONL stream in mixed-language batches: each line's language adapter (``lang``) stacked
+    under one task adapter, ``Stack(PerRow(...), task)`` (docs/training.md, "Predict")."""
+
+    task_adapter: str = opt(help="task adapter run, bundle or adapter directory (madx_fast or AdapterHub format, "
+                                 "saved with its head)")
+    lang_adapters: dict[str, str] = opt(flag="--lang-adapter", nargs="+", metavar="LANG=DIR",
+                                        help="a language adapter per value of the lines' 'lang' field, e.g. "
+                                             "sw=runs/lang-sw qu=runs/lang-qu")
+    input: str = opt("-", help="JSONL input file, or - for stdin")
+    output: str | None = opt(None, help="JSONL output file, written atomically (default: stdout)")
+    on_error: str = opt("skip", choices=ON_ERROR, help="a malformed line or one in a language without an adapter: "
+                        "skip it (reported on stderr), write an error record in its place, or fail")
+    model: str | None = opt(None, help="base model (default: the one the adapters were trained on)")
+    batch_size: int = opt(32, help="examples per forward: a NER or QA window each (long inputs have several), a COPA "
+                                   "line (with both choices)")
+    chunk_lines: int = opt(1024, help="lines read, predicted and written at a time: bounds memory; rows are "
+                                      "sorted by length within a chunk")
+    max_length: int | None = opt(None, help="tokens per row (default: the task adapter's, or the task's, within "
+                                            "the model's limit); longer inputs are windowed (NER, QA) or cut (COPA)")
+    device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    bf16: bool = opt(False, help="bfloat16 autocast (with --backbone-dtype float32)")
+    backbone_dtype: str = opt("auto", choices=BACKBONE_DTYPES,
+                              help="frozen backbone dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
+    cuda_graphs: bool = opt(False, help="replay each forward from CUDA graphs (NER, QA; batches padded to a few "
+                                        "fixed shapes)")
+    backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
+    progress: bool = opt(True, flag="--no-progress", help="no progress bar or progress lines")
+
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.task_adapter, str) or not self.task_adapter:
+            raise ValueError("task_adapter is required")
+        if not isinstance(self.lang_adapters, dict) or not self.lang_adapters:
+            raise ValueError("no language adapters: pass one per language of the input, e.g. "
+                             "--lang-adapter sw=runs/lang-sw")
+        for lang in self.lang_adapters:
+            check_adapter_name(lang, "language")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error {self.on_error!r}: choose one of {', '.join(ON_ERROR)}")
+        for name in ("batch_size", "chunk_lines"):
+            _number(name, getattr(self, name), minimum=1, integer=True)
+        if self.max_length is not None:
+            _number("max_length", self.max_length, minimum=3, integer=True)
+        if not isinstance(self.input, str) or not self.input:
+            raise ValueError("input is required (a file, or - for stdin)")
+
+
 # --------------------------------------------------------------------------------------------------------
 # command-line flags
 # --------------------------------------------------------------------------------------------------------
@@ -340,8 +393,8 @@ def from_args(cls, args):
     """The settings object of ``cls`` from parsed arguments (``add_arguments``'s flags)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
               if f.metadata.get("cli", True) and hasattr(args, f.name)}
-    if cls is TransferSettings:
-        values["lang_adapters"] = _lang_adapter_map(values.get("lang_adapters") or [])
+    if "lang_adapters" in values:
+        values["lang_adapters"] = _lang_adapter_map(values["lang_adapters"] or [])
     if any(f.name == "config" for f in dataclasses.fields(cls)):
         values["config"] = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     return cls(**values)

@@ -53,7 +53,7 @@ def evaluate_transfer(settings: TransferSettings | None = None, /, **kwargs) -> 
     tasks = {p["task"] for p in plans}
     if len(tasks) > 1:
         raise ValueError(f"task adapters of different tasks {sorted(tasks)} cannot share one transfer matrix")
-    _check_same_base(plans)
+    check_same_base([path for p in plans for path in [p["path"], *p["lang_paths"].values()]])
     device = setup.pick_device(s.device)
     records = []
     for plan in plans:
@@ -66,8 +66,10 @@ def evaluate_transfer(settings: TransferSettings | None = None, /, **kwargs) -> 
     return result
 
 
-def _plan(path: str, s: TransferSettings) -> dict:
-    """Resolve one task adapter and the language adapters its evaluation needs; metadata checks only."""
+def resolve_task_adapter(path: str, model: str | None = None) -> dict:
+    """A task adapter (run directory, bundle, ``save_adapter(with_head=True)`` directory or AdapterHub directory
+    with its head) resolved to ``{"path": bundle, "meta": run record or {}, "task", "labels", "base_model",
+    "auto_class": the head's HF class}``; ``model`` overrides the recorded base model. Metadata checks only."""
     bundle = runs.find_bundle(path, prefer=("best", "last"))
     meta = runs.read_bundle_meta(bundle)
     info = read_adapter_info(bundle)
@@ -82,9 +84,25 @@ def _plan(path: str, s: TransferSettings) -> dict:
     labels = info.head.labels or meta.get("labels")
     if task_class(task).name == "ner" and not labels:
         raise runs.BundleError(f"{bundle}: the head records no label names, which NER evaluation needs")
-    base_model = s.model or meta.get("base_model") or info.base_model
+    base_model = model or meta.get("base_model") or info.base_model
     if not base_model:
         raise ValueError(f"{bundle} does not record its base model: pass model=... (--model)")
+    return {"path": bundle, "meta": meta, "task": task_class(task).name, "labels": labels, "base_model": base_model,
+            "auto_class": info.head.model_class}
+
+
+def resolve_language_adapter(lang: str, where: str) -> str:
+    """The bundle of language ``lang``'s adapter from a run directory, bundle or adapter directory ``where``."""
+    found = runs.find_bundle(where, prefer=("adapter",))
+    if runs.read_bundle_meta(found).get("stage") not in (None, "language"):
+        raise runs.BundleError(f"{found} (for {lang!r}) holds a task adapter, not a language adapter")
+    return found
+
+
+def _plan(path: str, s: TransferSettings) -> dict:
+    """Resolve one task adapter and the language adapters its evaluation needs; metadata checks only."""
+    plan = resolve_task_adapter(path, s.model)
+    bundle, meta = plan["path"], plan["meta"]
     source = meta.get("language") if meta else None
     runs_, needed, seen = [], {}, set()
     for target in s.targets:
@@ -108,27 +126,19 @@ def _plan(path: str, s: TransferSettings) -> dict:
             given = ", ".join(sorted(s.lang_adapters)) or "none"
             raise ValueError(f"no language adapter for {lang!r} (given: {given}); pass one for every target "
                              "language, e.g. --lang-adapter sw=runs/lang-sw")
-        found = runs.find_bundle(where, prefer=("adapter",))
-        if runs.read_bundle_meta(found).get("stage") not in (None, "language"):
-            raise runs.BundleError(f"{found} (for {lang!r}) holds a task adapter, not a language adapter")
-        needed[lang] = found
+        needed[lang] = resolve_language_adapter(lang, where)
     if source and "source" in s.settings and meta.get("language_adapter"):
         want = meta["language_adapter"].get("weights_sha256")
         have = runs.read_bundle_meta(needed[source]).get("weights_sha256") if source in needed else None
         if want and have and want != have:
             log.warning("the %r language adapter in %s is not the one %s was trained with (weights differ)",
                         source, needed[source], bundle)
-    return {"path": bundle, "meta": meta, "task": task_class(task).name, "labels": labels, "base_model": base_model,
-            "auto_class": info.head.model_class, "source": source or meta.get("source_language") or "-",
-            "runs": runs_, "lang_paths": needed}
+    return dict(plan, source=source or meta.get("source_language") or "-", runs=runs_, lang_paths=needed)
 
 
-def _check_same_base(plans):
-    prints = {}
-    for plan in plans:
-        prints[plan["path"]] = plan["meta"].get("base_fingerprint")
-        for path in plan["lang_paths"].values():
-            prints[path] = runs.read_bundle_meta(path).get("base_fingerprint")
+def check_same_base(paths) -> None:
+    """Refuse adapter bundles whose run records name different base models (by weights fingerprint)."""
+    prints = {path: runs.read_bundle_meta(path).get("base_fingerprint") for path in paths}
     distinct = {v for v in prints.values() if v}
     if len(distinct) > 1:
         listing = "; ".join(f"{p}: {v}" for p, v in prints.items() if v)
@@ -146,15 +156,7 @@ def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
         task.check_fits(examples, f"{s.eval_data} ({target}, {s.split})")
         data[target] = (examples, task.encode(examples, tok, max_length, train=False))
 
-    model, madx, fingerprint = setup.wired_model(_auto_class(plan, task), plan["base_model"], s.backend,
-                                                 **task.head_kwargs())
-    task_name, _ = runs.load_bundle(madx, plan["path"], fingerprint=fingerprint, model_name=plan["base_model"],
-                                    with_head=True)
-    for lang, path in plan["lang_paths"].items():
-        if lang == task_name:
-            raise ValueError(f"language {lang!r} has the task adapter's name")
-        runs.load_bundle(madx, path, load_as=lang, fingerprint=fingerprint, model_name=plan["base_model"])
-    setup.place(model, madx, s.backbone_dtype, device)
+    model, madx, task_name = load_task_model(plan, task, plan["lang_paths"], s.backend, s.backbone_dtype, device)
     memory = PeakMemory(device)
     records = []
     for target, setting, lang in plan["runs"]:
@@ -173,6 +175,22 @@ def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
                  task.main_metric, percent)
     del model
     return records
+
+
+def load_task_model(plan: dict, task, lang_paths: dict[str, str], backend, backbone_dtype, device):
+    """``(model, madx, task adapter name)``: the base model of a ``resolve_task_adapter`` plan with the task
+    adapter and its head, and every language adapter of ``lang_paths`` (loaded as its language), checked
+    against the base model's fingerprint, cast and placed on ``device``."""
+    model, madx, fingerprint = setup.wired_model(_auto_class(plan, task), plan["base_model"], backend,
+                                                 **task.head_kwargs())
+    task_name, _ = runs.load_bundle(madx, plan["path"], fingerprint=fingerprint, model_name=plan["base_model"],
+                                    with_head=True)
+    for lang, path in lang_paths.items():
+        if lang == task_name:
+            raise ValueError(f"language {lang!r} has the task adapter's name")
+        runs.load_bundle(madx, path, load_as=lang, fingerprint=fingerprint, model_name=plan["base_model"])
+    setup.place(model, madx, backbone_dtype, device)
+    return model, madx, task_name
 
 
 def _auto_class(plan: dict, task) -> str:
@@ -285,4 +303,5 @@ def plot_heatmap(rows, cols, cells, path: str, title: str) -> None:
         plt.close(fig)
 
 
-__all__ = ["SETTINGS", "evaluate_transfer", "format_table", "matrix", "write_transfer_report"]
+__all__ = ["SETTINGS", "check_same_base", "evaluate_transfer", "format_table", "load_task_model", "matrix",
+           "resolve_language_adapter", "resolve_task_adapter", "write_transfer_report"]

@@ -232,9 +232,16 @@ def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
 def best_span(start_logits, end_logits, offsets, context: str, n_best: int = 20, max_answer_length: int = 30):
     """The highest ``start + end`` score over spans inside the context with ``start <= end`` and at most
     ``max_answer_length`` tokens (HF ``run_qa``'s post-processing); ``(score, answer text)``."""
+    score, start, end = best_span_chars(start_logits, end_logits, offsets, n_best, max_answer_length)
+    return score, ("" if start is None else context[start:end])
+
+
+def best_span_chars(start_logits, end_logits, offsets, n_best: int = 20, max_answer_length: int = 30):
+    """``best_span``'s answer as ``(score, start, end)`` character offsets into the context;
+    ``(-inf, None, None)`` when the window holds no valid span."""
     starts = np.argsort(start_logits)[::-1][:n_best]
     ends = np.argsort(end_logits)[::-1][:n_best]
-    best = (-np.inf, "")
+    best = (-np.inf, None, None)
     for s in starts:
         if s >= len(offsets) or offsets[s] is None:
             continue
@@ -243,5 +250,5 @@ def best_span(start_logits, end_logits, offsets, context: str, n_best: int = 20,
                 continue
             score = float(start_logits[s] + end_logits[e])
             if score > best[0]:
-                best = (score, context[offsets[s][0]:offsets[e][1]])
+                best = (score, offsets[s][0], offsets[e][1])
     return best
