@@ -2,7 +2,9 @@
 
 ``backend=None`` or ``"auto"`` means the default: the ``MADX_FAST_BACKEND`` environment variable when it is
 set, otherwise Triton for CUDA tensors and eager for CPU tensors (Triton on CPU tensors only when its
-interpreter is on, ``TRITON_INTERPRET=1``, which is how CI checks the kernels without a GPU).
+interpreter is on, ``TRITON_INTERPRET=1``, which is how CI checks the kernels without a GPU). The
+interpreter's bfloat16 arithmetic is broken (results off by orders of magnitude), so bfloat16 tensors on
+the Triton backend without a GPU are refused (``BackendDtypeError``) rather than computed wrongly.
 
 Every fused backend is a module exposing the same four launchers (see ``madx_fast/kernels/triton``):
 ``adapter_forward``, ``adapter_backward``, ``nice_coupling``, ``nice_coupling_backward``.
@@ -20,6 +22,10 @@ ENV_VAR = "MADX_FAST_BACKEND"
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says why."""
+
+
+class BackendDtypeError(BackendUnavailableError, ValueError):
+    """The backend cannot compute in the tensors' dtype here (also a ValueError: the dtype is what to change)."""
 
 
 def triton_interpreter_enabled() -> bool:
@@ -51,6 +57,17 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             raise BackendUnavailableError(f"backend 'cuda' needs CUDA tensors (got tensors on {device})")
         kernel_module("cuda")  # raises with the reason when the extension cannot be built or loaded
     return choice
+
+
+def check_backend_dtype(name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse what a resolved backend would compute wrongly: bfloat16 on Triton's CPU interpreter."""
+    if name == "triton" and device.type != "cuda" and dtype == torch.bfloat16:
+        raise BackendDtypeError(
+            f"backend 'triton' cannot compute bfloat16 on the {device.type.upper()}: Triton's CPU interpreter "
+            "(TRITON_INTERPRET=1) gets bfloat16 arithmetic wrong (results off by orders of magnitude). Use "
+            "float32 or float16 there (madx: --backbone-dtype float32 and no --bf16), backend='eager' for "
+            "bfloat16 on the CPU, or a CUDA GPU, where the Triton kernels compute bfloat16 correctly"
+        )
 
 
 _MODULES = {"triton": "madx_fast.kernels.triton", "cuda": "madx_fast.kernels.cuda"}
