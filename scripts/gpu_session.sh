@@ -188,18 +188,24 @@ summarize_d() {
 }
 
 # ---- e: with what is left -----------------------------------------------------------------------------------
+# the CUDA backend's GPU tests: test_cuda_backend.py's test_gpu_* (not its CPU-emulator tests) and the
+# backend="cuda" cases of the shared suites
+E1_TESTS="tests/test_cuda_backend.py tests/test_adapter_ops.py tests/test_nice_ops.py tests/test_nan_propagation.py \
+-k 'test_gpu_ or (cuda and not emulated and not test_cuda_backend)' -q -p no:cacheprovider -ra"
+export E1_TESTS
 phase_e1() {
   while [ ! -f "$WORK/cuda_build.rc" ]; do sleep 2; done
-  cat "$WORK/logs/cuda_build.log" | tail -5
+  tail -5 "$WORK/logs/cuda_build.log"
   if [ "$(cat "$WORK/cuda_build.rc")" != 0 ]; then
     echo "CUDA backend unavailable (see cuda_build.log)"
-    [ "$MODE" = rehearsal ] && grep -q "CPU-only" "$WORK/logs/cuda_build.log" && exit 0  # expected without a GPU
+    if [ "$MODE" = rehearsal ] && grep -q "CPU-only" "$WORK/logs/cuda_build.log"; then  # expected without a GPU
+      eval PYTHONPATH="\$BASE_PATH" "\$PY" -m pytest $E1_TESTS --collect-only | tail -1  # the GPU selection collects
+      exit $?
+    fi
     exit 1
   fi
   local rc=0
-  PYTHONPATH="$BASE_PATH" "$PY" -m pytest tests/test_cuda_backend.py tests/test_adapter_ops.py tests/test_nice_ops.py \
-    tests/test_nan_propagation.py -k cuda -q -p no:cacheprovider -ra -n 4 --timeout 200 \
-    --junitxml="$WORK/logs/e1.xml" || rc=1
+  eval PYTHONPATH="\$BASE_PATH" "\$PY" -m pytest $E1_TESTS -n 4 --timeout 200 --junitxml="\$WORK/logs/e1.xml" || rc=1
   PYTHONPATH="$BASE_PATH" "$PY" benchmarks/bench_ops.py --backends eager cuda --dtypes bfloat16 --tokens 65536 \
     --json "$WORK/json/bench_ops_cuda.json" || rc=1
   return $rc
@@ -210,7 +216,8 @@ phase_e2() {
   if [ "$MODE" = gpu ]; then
     in_set training "$PY" -m pytest tests/training -m gpu -q -p no:cacheprovider -ra --timeout 300 \
       --junitxml="$WORK/logs/e2.xml"
-  else  # no GPU tests run here: the training set's packages in use (HF datasets loading, seqeval metrics)
+  else  # no GPU tests run here: the GPU selection collects; the training set's packages in use
+    in_set training "$PY" -m pytest tests/training -m gpu -q -p no:cacheprovider --collect-only | tail -1
     in_set training "$PY" -m pytest tests/training/test_training_data.py tests/training/test_training_metrics.py \
       -q -p no:cacheprovider -ra -k "hf or seqeval or squad or f1" --timeout 300 --junitxml="$WORK/logs/e2.xml"
   fi
