@@ -142,8 +142,9 @@ start_cuda_build() {
 }
 
 # ---- b: GPU correctness --------------------------------------------------------------------------------
-# CUDA-backend tests (ids with "cuda") need the extension (phase e1); the compile check is a CPU job.
-B_ARGS="tests -q -p no:cacheprovider -ra --durations=10 --ignore=tests/training --ignore=tests/test_cuda_backend.py \
+# CUDA-backend tests (ids with "cuda") need the extension (phase e1); the compile check is a CPU job. Test
+# phases print one line per test (-v): a phase cut by its timeout still shows what passed and failed.
+B_ARGS="tests -v -p no:cacheprovider -ra --durations=10 --ignore=tests/training --ignore=tests/test_cuda_backend.py \
 --ignore=tests/test_triton_compile.py --ignore=tests/test_bench_ops.py --ignore=tests/test_bench_train.py \
 --ignore=tests/test_gpu_session_rehearsal.py"
 export B_ARGS
@@ -157,7 +158,11 @@ phase_b() {
       -q -p no:cacheprovider -ra -k "not cuda" -n "$XDIST" --timeout 150 --junitxml="$WORK/logs/b.xml"
   fi
 }
-summarize_b() { grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)|collected|error" "$WORK/logs/b.log" | tail -25 >> "$OUT/summary.txt" || true; }
+summarize_b() {  # the failures and the totals (or, when cut short, the count of lines per outcome so far)
+  grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)|collected" "$WORK/logs/b.log" | tail -25 >> "$OUT/summary.txt" || true
+  grep -oE " (PASSED|FAILED|ERROR|SKIPPED) " "$WORK/logs/b.log" | sort | uniq -c | tr '\n' ' ' >> "$OUT/summary.txt"
+  echo >> "$OUT/summary.txt"
+}
 
 # ---- c: op benchmark ---------------------------------------------------------------------------------------
 phase_c() {
@@ -173,10 +178,10 @@ summarize_c() { table_of "$WORK/logs/c.log" "op " >> "$OUT/summary.txt"; grep -E
 
 # ---- d: training-step benchmark vs AdapterHub ---------------------------------------------------------------
 phase_d() {
-  local size="" rc=0
-  [ "$MODE" = gpu ] && size="--profile 3" || size="--size tiny --warmup 1 --iters 1 --profile 1"
+  local size="" impl="fused graphs eager adapterhub" rc=0
+  [ "$MODE" = gpu ] && size="--profile 3" || { size="--size tiny --warmup 1 --iters 1 --profile 1"; impl="fused adapterhub"; }
   for w in mlm ner infer; do
-    in_set adapterhub "$PY" benchmarks/bench_train.py --workloads "$w" --impl fused graphs eager adapterhub $size \
+    in_set adapterhub "$PY" benchmarks/bench_train.py --workloads "$w" --impl $impl $size \
       --json "$WORK/json/bench_train_$w.json" || rc=1
     grep -q "adapterhub" "$WORK/json/bench_train_$w.json" 2>/dev/null || { echo "no AdapterHub row for $w"; rc=1; }
   done
@@ -191,7 +196,7 @@ summarize_d() {
 # the CUDA backend's GPU tests: test_cuda_backend.py's test_gpu_* (not its CPU-emulator tests) and the
 # backend="cuda" cases of the shared suites
 E1_TESTS="tests/test_cuda_backend.py tests/test_adapter_ops.py tests/test_nice_ops.py tests/test_nan_propagation.py \
--k 'test_gpu_ or (cuda and not emulated and not test_cuda_backend)' -q -p no:cacheprovider -ra"
+-k 'test_gpu_ or (cuda and not emulated and not test_cuda_backend)' -v -p no:cacheprovider -ra"
 export E1_TESTS
 phase_e1() {
   while [ ! -f "$WORK/cuda_build.rc" ]; do sleep 2; done
@@ -214,7 +219,7 @@ summarize_e1() { grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)|unavailable" "
 
 phase_e2() {
   if [ "$MODE" = gpu ]; then
-    in_set training "$PY" -m pytest tests/training -m gpu -q -p no:cacheprovider -ra --timeout 300 \
+    in_set training "$PY" -m pytest tests/training -m gpu -v -p no:cacheprovider -ra --timeout 300 \
       --junitxml="$WORK/logs/e2.xml"
   else  # no GPU tests run here: the GPU selection collects; the training set's packages in use
     in_set training "$PY" -m pytest tests/training -m gpu -q -p no:cacheprovider --collect-only | tail -1
