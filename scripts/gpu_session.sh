@@ -41,12 +41,15 @@ OUT="$(cd "$OUT" && pwd)"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/madx_gpu_session.XXXXXX")"
 SITE="$WORK/site"
 mkdir -p "$WORK/logs" "$WORK/json" "$SITE"
+trap 'rm -rf "$WORK"' EXIT        # everything in it is in the archive by then
 : > "$OUT/summary.txt"
+: > "$OUT/session.log"
 exec > >(tee -a "$OUT/session.log") 2>&1
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 BASE_PATH="$REPO${STANDIN:+:$STANDIN}"
-export PYTHONUNBUFFERED=1 MODE REPO WORK SITE PY WHEELS BASE_PATH OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+export PYTHONUNBUFFERED=1 MODE REPO WORK SITE PY WHEELS BASE_PATH
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$([ "$MODE" = gpu ] && echo 4 || echo 2)}"
 export TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "$MODE" = gpu ]; then
   unset TRITON_INTERPRET
@@ -57,7 +60,7 @@ else
   export TRITON_INTERPRET=1 XDIST=2
 fi
 FAILED=0
-echo "# madx_fast GPU session ($MODE), budget ${BUDGET} s, started $(date -u +%FT%TZ); logs in $WORK"
+echo "# madx_fast GPU session ($MODE), budget ${BUDGET} s, started $(date -u +%FT%TZ); results in $OUT"
 
 summary() { printf '%s\n' "$@" >> "$OUT/summary.txt"; }
 pack() {  # every log and JSON so far, replaced atomically
