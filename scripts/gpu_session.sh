@@ -155,8 +155,13 @@ phase_b() {
   if [ "$MODE" = gpu ]; then
     PYTHONPATH="$BASE_PATH" "$PY" -m pytest $B_ARGS -k "not cuda" -n "$XDIST" --timeout 150 \
       --junitxml="$WORK/logs/b.xml"
-  else  # the same selection is collected; a few tests run with the same plugins
-    PYTHONPATH="$BASE_PATH" "$PY" -m pytest $B_ARGS -k "not cuda" --collect-only | tail -1
+  else  # the GPU selection is collected and checked; a few tests run with the same plugins
+    PYTHONPATH="$BASE_PATH" "$PY" -m pytest $B_ARGS -k "not cuda" --collect-only -qq > "$WORK/logs/b_selection.txt"
+    tail -1 "$WORK/logs/b_selection.txt"
+    # what phase b must never run on the GPU machine (moved test files would otherwise slip in): the compile
+    # check and this rehearsal (CPU jobs, PyPI), the CUDA-backend and training tests (phase e)
+    if grep -E "test_triton_compile|test_gpu_session_rehearsal|test_cuda_backend|tests/training/|test_bench_" \
+         "$WORK/logs/b_selection.txt"; then echo "phase b's selection holds tests it must leave out"; exit 1; fi
     PYTHONPATH="$BASE_PATH" "$PY" -m pytest tests/test_bf16_interpreter_refusal.py tests/test_triton_interpreter_support.py \
       -q -p no:cacheprovider -ra -k "not cuda" -n "$XDIST" --timeout 150 --junitxml="$WORK/logs/b.xml"
   fi
