@@ -3,15 +3,22 @@
     python benchmarks/bench_ops.py                 # the full table on a GPU (H=768, d 48/384, 8k/64k tokens)
     python benchmarks/bench_ops.py --quick         # tiny sizes; also runs on CPU via the Triton interpreter
     python benchmarks/bench_ops.py --json out.json
+    python benchmarks/bench_ops.py --backends eager triton --dtypes bfloat16 --tokens 65536   # a subset
 
 Every figure is a median (triton.testing.do_bench on CUDA, wall clock on CPU) on fresh random inputs,
 printed next to its ratio to eager measured in the same process. "floor" is the fraction of the
 memory-bandwidth floor reached: bytes that must move (each N x H tensor read or written once) over the
 device-to-device copy bandwidth measured at the start of the run.
+
+A case that fails (a backend that cannot run it, out of memory) is reported on stderr and left out of the
+table; the other cases still run. "compile" is torch.compile of the eager reference; its backward-only
+timing replays one graph (retain_graph=True), which torch's donated buffers forbid, so it is compiled with
+them off.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -63,9 +70,11 @@ def peak_memory(fn, device):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def available_backends(device):
-    names = ["eager", "compile"]
+def available_backends(device, wanted):
+    names = [b for b in ("eager", "compile") if b in wanted]
     for b in BACKENDS_FUSED:
+        if b not in wanted:
+            continue
         try:
             from madx_fast.backends import resolve_backend
             resolve_backend(b, device)
@@ -117,6 +126,19 @@ def nice_case(n, h, dtype, device, inverse):
 
 
 def measure(make, inputs, dy, backend, device, reps):
+    with _compile_settings(backend):
+        return _measure(make, inputs, dy, backend, device, reps)
+
+
+def _compile_settings(backend):
+    """torch.compile without donated buffers: the backward-only timing calls backward with retain_graph=True,
+    which a backward compiled with donated buffers refuses ("non-empty donated buffers ...")."""
+    if backend != "compile":
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
+def _measure(make, inputs, dy, backend, device, reps):
     fwd = make(backend)
     out = fwd()
 
@@ -148,9 +170,12 @@ def run(args):
     else:
         h, ds, tokens = 768, (48, 384), (8192, 65536)
         dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
-    backends = available_backends(device)
-    if device.type != "cuda":
-        backends = [b for b in backends if b != "compile"]  # inductor on CPU measures C++ codegen, not kernels
+    tokens = tuple(args.tokens) if args.tokens else tokens
+    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else dtypes
+    wanted = set(args.backends or ("eager", "compile") + BACKENDS_FUSED)
+    if device.type != "cuda" and not args.backends:
+        wanted.discard("compile")  # inductor on CPU measures C++ codegen, not kernels
+    backends = available_backends(device, wanted)
     rows = []
     cases = []
     for dtype in dtypes:
@@ -162,9 +187,16 @@ def run(args):
                 label = "nice inverse" if inverse else "nice forward"
                 cases.append((label, n, dtype, nice_case(n, h, dtype, device, inverse)))
     for label, n, dtype, (make, inputs, dy, bytes_fwd) in cases:
-        base = None
+        base = (float("nan"),) * 3
         for backend in backends:
-            t_fwd, t_bwd, t_fb, mem = measure(make, inputs, dy, backend, device, args.reps)
+            try:
+                t_fwd, t_bwd, t_fb, mem = measure(make, inputs, dy, backend, device, args.reps)
+            except Exception as exc:  # one failing case must not cost the rest of the table
+                print(f"# {label} {n} tokens {str(dtype)[6:]} {backend}: failed ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:300] if str(exc) else ''})", file=sys.stderr, flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             if backend == "eager":
                 base = (t_fwd, t_bwd, t_fb)
             floor = (bytes_fwd / bw * 1e3) / t_fwd if bw else float("nan")
@@ -190,6 +222,11 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU-friendly)")
     p.add_argument("--reps", type=int, default=5, help="repetitions per timing on CPU")
     p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--backends", nargs="+", choices=["eager", "compile", *BACKENDS_FUSED],
+                   help="measure only these (default: every one that can run here; eager gives the ratios)")
+    p.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 and float32 on a GPU, float32 on CPU")
+    p.add_argument("--tokens", nargs="+", type=int, help="token counts (default 8192 65536; --quick 256)")
     return run(p.parse_args(argv))
 
 

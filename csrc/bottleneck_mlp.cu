@@ -101,7 +101,7 @@ struct ScaledBiasResidualStore {  // out = base + scale * (acc + bias[n])
 };
 
 template <typename T>
-struct ActivationGradStore {  // dz = scale * acc * act'(z)
+struct ActivationGradStore {  // dz = (scale * acc) * act'(z), torch's NaN/Inf rules
   const T* z;
   int64_t ld_z;
   int act;
@@ -109,7 +109,7 @@ struct ActivationGradStore {  // dz = scale * acc * act'(z)
   T* dz;
   int64_t ld_dz;
   __device__ __forceinline__ void operator()(int64_t m, int64_t n, int64_t, float acc) const {
-    dz[m * ld_dz + n] = from_f32<T>(scale * acc * activation_grad(act, to_f32(z[m * ld_z + n])));
+    dz[m * ld_dz + n] = from_f32<T>(activation_backward(act, scale * acc, to_f32(z[m * ld_z + n])));
   }
 };
 

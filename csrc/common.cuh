@@ -49,6 +49,8 @@ MADX_DEVICE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 // Activations: codes as in madx_fast.reference.ACTIVATION_CODES. The formulas follow PyTorch's own
 // kernels (F.gelu exact / approximate="tanh", F.silu, F.leaky_relu(0.01)). NaN propagates through every
 // branch (relu(NaN) = NaN as in torch), which also keeps poisoned memory visible in the emulator tests.
+// The backward (activation_backward) follows torch's autograd for NaN/Inf too: relu and leaky relu select
+// rather than multiply, the identity passes the gradient through, the smooth ones multiply by act'(z).
 // ---------------------------------------------------------------------------------------------------
 enum Activation : int {
   kIdentity = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kTanh = 5, kLeakyRelu = 6,
@@ -73,10 +75,9 @@ MADX_DEVICE float activation_forward(int act, float z) {
   }
 }
 
-// d act(z) / dz
+// d act(z) / dz of the smooth activations (relu, leaky relu and identity: see activation_backward)
 MADX_DEVICE float activation_grad(int act, float z) {
   switch (act) {
-    case kRelu: return z > 0.f ? 1.f : (z != z ? z : 0.f);
     case kGelu: {
       const float cdf = 0.5f * (1.f + erff(z * kInvSqrt2));
       const float pdf = expf(-0.5f * z * z) * kInvSqrt2Pi;
@@ -95,8 +96,19 @@ MADX_DEVICE float activation_grad(int act, float z) {
       const float t = tanhf(z);
       return 1.f - t * t;
     }
-    case kLeakyRelu: return z > 0.f ? 1.f : (z != z ? z : kLeakySlope);
     default: return 1.f;
+  }
+}
+
+// g * act'(z) as torch's autograd computes it: relu is threshold_backward(g, relu(z), 0) = (relu(z) <= 0 ?
+// 0 : g), so a NaN z passes g through and z <= 0 gives 0 even for an Inf or NaN g; leaky relu is
+// (z > 0 ? g : g * slope); the identity is g; the others g * act'(z) (Inf * 0 = NaN as in torch).
+MADX_DEVICE float activation_backward(int act, float g, float z) {
+  switch (act) {
+    case kIdentity: return g;
+    case kRelu: return z <= 0.f ? 0.f : g;
+    case kLeakyRelu: return z > 0.f ? g : g * kLeakySlope;
+    default: return g * activation_grad(act, z);
   }
 }
 

@@ -22,7 +22,8 @@
 // where "MLP backward(g)" is grad_preact + grad_input of that MLP with scale s, and its weight gradients
 // are the grad_*_weights steps with the same g. MLP_A's condition in[:, tB] is read from `inp` or, when
 // inp is None, rebuilt from the output: in[:, tB] = out[:, tB] - s MLP_B(out[:, tA]) (one up step on the
-// z_B that the backward needs anyway).
+// z_B that the backward needs anyway). A row whose output holds Inf/NaN cannot be rebuilt: its z_a and dz_a
+// are set to NaN, so MLP_A's weight gradients and d in[:, tB] are NaN there, never a wrong finite value.
 #include "ops.h"
 
 #include <ATen/ATen.h>
@@ -338,6 +339,13 @@ std::vector<at::Tensor> nice_coupling_backward(const at::Tensor& dout_in, const 
   }
   at::Tensor z_a = buffers.empty({n, a.hidden}, out.options());
   mlp_down_forward(kind, ctx.stream, a.shape(n), cview(cond_a), a.w1->data_ptr(), a.b1->data_ptr(), view(z_a));
+  // Where the output held Inf/NaN the rebuilt condition is lost (x + Inf - Inf): such a row's z_a and dz_a
+  // become NaN, so everything that depends on in[:, tB] is NaN rather than a wrong finite number.
+  at::Tensor lost_rows;
+  if (!inp_in.has_value()) {
+    lost_rows = at::isfinite(cond_a).all(1, /*keepdim=*/true).logical_not();
+    z_a.masked_fill_(lost_rows, NAN);
+  }
 
   // Step B backward: upstream dout[:, tB]; writes d_inp[:, tA] = dout[:, tA] + MLP_B input gradient.
   at::Tensor dz_b = buffers.empty({n, b.hidden}, out.options());
@@ -354,6 +362,7 @@ std::vector<at::Tensor> nice_coupling_backward(const at::Tensor& dout_in, const 
   at::Tensor dz_a = buffers.empty({n, a.hidden}, out.options());
   mlp_grad_preact(kind, ctx.stream, a.shape(n), cview(d_inp, a.target0), a.w2->data_ptr(), cview(z_a), act, s,
                   view(dz_a));
+  if (lost_rows.defined()) dz_a.masked_fill_(lost_rows, NAN);
   mlp_grad_input(kind, ctx.stream, a.shape(n), cview(dz_a), a.w1->data_ptr(), cview(dout, a.cond0),
                  view(d_inp, a.cond0));
   mlp_grad_up_weights(kind, ctx.stream, a.shape(n), cview(d_inp, a.target0), cview(z_a), act, s,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .backends import BackendUnavailableError, kernel_module, resolve_backend
+from .backends import BackendUnavailableError, check_backend_dtype, kernel_module, resolve_backend
 
 LIB = "madx_fast"
 
@@ -209,6 +209,7 @@ def bottleneck_adapter(
     _check_adapter_inputs(x, residual, w_down, b_down, w_up, b_up)
     act = reference.canonical_activation(activation)
     name = resolve_backend(backend, x.device)
+    check_backend_dtype(name, x.device, x.dtype)
     if residual is x:
         residual = None
     if name == "eager":
@@ -305,6 +306,7 @@ def _nice(x, weights, activation, backend, inverse, recompute):
     _check_nice_inputs(x, weights)
     act = reference.canonical_activation(activation)
     name = resolve_backend(backend, x.device)
+    check_backend_dtype(name, x.device, x.dtype)
     if name == "eager":
         fn = reference.nice_inverse_reference if inverse else reference.nice_forward_reference
         return fn(x, *weights, activation_name=act)

@@ -1,21 +1,48 @@
 """Compile every Triton kernel for a GPU target on a machine without a GPU, and report its resources.
 
 The Triton interpreter (how CI runs the kernels) never lowers them to GPU code, so an error that only the
-real compiler sees (a type it rejects, a shape tl.dot refuses) would pass CI. This script runs the
-launchers on `meta` tensors with the kernels replaced by recorders, then compiles each recorded launch
-ahead of time for sm_90 (H100/H200) and reads the cubin's registers, stack (spills) and shared memory
-with the cuobjdump that ships with Triton:
+real compiler sees (a type it rejects, a global it refuses, a shape tl.dot refuses, too much shared memory)
+would pass CI. This script runs the launchers on `meta` tensors with the kernels replaced by recorders,
+then compiles each distinct recorded launch ahead of time for sm_90 (H100/H200) and reads the cubin's
+registers, stack (spills) and shared memory with the cuobjdump that ships with Triton:
 
-    python scripts/triton_compile_check.py              # the CI set: bf16 and fp32, H=768, d 48 and 384
-                                                        # (+ grouped per-row kernels: bf16, 8 groups, L=128, d=384)
-    python scripts/triton_compile_check.py --full       # every dtype, d in {4, 48, 192, 384}, all activations
+    python scripts/triton_compile_check.py              # quick set: bf16 and fp32, d 48 and 384, relu
+    python scripts/triton_compile_check.py --full       # every code path and configuration (what CI runs)
+    python scripts/triton_compile_check.py --all        # every specialization the library can launch
+    python scripts/triton_compile_check.py --full --jobs 2    # across 2 processes (default: all cores)
     python scripts/triton_compile_check.py --arch 80    # another target (sm_80)
 
-It exits non-zero when a kernel fails to compile, or when one spills more than --max-stack bytes.
+What varies a kernel at compile time: its flags (activation, separate residual or not, GEMM epilogue, NICE
+direction, input saved or rebuilt), the storage dtype (bf16, fp16, fp32; fp32 also with TF32 products when
+torch's allow_tf32 is on) and the block configuration (from the bottleneck width d and the NICE hidden
+width). The activations compute in float32 whatever the storage dtype (every kernel converts before
+calling them), so activation code and dtype-dependent code (loads, casts, tl.dot) do not interact.
+``--full`` therefore crosses them instead of multiplying them out:
+
+* every activation on every route in bf16: the one-kernel adapter (d=48), the GEMM route (d=384, all
+  epilogues and weight-gradient reductions), NICE (hidden width 192) with the input saved or rebuilt;
+* every dtype, and fp32 with TF32, on every route with relu, NICE in both directions;
+* every block configuration with relu in bf16 and fp32 (fp16 tiles are bf16's): d=4 and d=96 (bottleneck
+  tiles 16 and 128 beside d=48's 64), NICE hidden width 16.
+
+The grouped (per-row language) kernels of ``grouped.py`` are recorded for 8 languages with rows of 128
+tokens: the quick set in bf16 with relu, ``--full`` also every activation (bf16), fp16 and fp32, short rows
+(9 tokens: blocks cut at row ends) and d=48; ``--all`` every combination.
+
+``--all`` multiplies everything out (also d=24 and 192, every activation in every dtype, block
+configuration and direction): about 1000 specializations, a quarter of an hour on 2 cores, against about
+170 and a minute or two for ``--full``. Launches that compile to the same specialization are compiled once.
+
+It exits non-zero when a kernel fails to compile, needs more shared memory than the target has, or spills
+more than --max-stack bytes.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import importlib
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -47,6 +74,11 @@ class _Recorder:
         def record(*args, **kwargs):
             self.log.append((self.fn, self.label(), args, kwargs))
         return record
+
+
+def _unwrapped(kernel):
+    """The JITFunction, also where this process has put a recorder in its place."""
+    return kernel.fn if isinstance(kernel, _Recorder) else kernel
 
 
 def _signature(fn, args, kwargs):
@@ -88,8 +120,47 @@ def _resources(cubin: bytes) -> dict:
     return fields
 
 
-def record_launches(full: bool):
-    """Run the launchers on meta tensors for the problem sizes that matter; return the recorded launches."""
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _problems(mode: str):
+    """(kind, dtype, size, activation, tf32, NICE directions) of every launcher call to record: "quick",
+    "full" or "all" (see the module doc)."""
+    relu, bf16, fp16, fp32 = ACTIVATION_CODES["relu"], torch.bfloat16, torch.float16, torch.float32
+    every = sorted(set(ACTIVATION_CODES.values()))
+    both = (False, True)
+    if mode == "quick":
+        for dt in (bf16, fp32):
+            yield from [("adapter", dt, 48, relu, False, None), ("adapter", dt, 384, relu, False, None),
+                        ("nice", dt, 768, relu, False, both)]
+    elif mode == "full":
+        for act in every:  # every activation on every route, in bf16
+            yield from [("adapter", bf16, 48, act, False, None), ("adapter", bf16, 384, act, False, None),
+                        ("nice", bf16, 768, act, False, (False,))]
+        for dt, tf32 in ((bf16, False), (fp16, False), (fp32, False), (fp32, True)):  # every dtype, relu
+            yield from [("adapter", dt, 48, relu, tf32, None), ("adapter", dt, 384, relu, tf32, None),
+                        ("nice", dt, 768, relu, tf32, both)]
+        for dt in (bf16, fp32):  # the other block configurations
+            yield from [("adapter", dt, 4, relu, False, None), ("adapter", dt, 96, relu, False, None),
+                        ("nice", dt, 64, relu, False, (False,))]
+    else:
+        for dt, tf32 in ((bf16, False), (fp16, False), (fp32, False), (fp32, True)):
+            for act in every:
+                for d in (4, 24, 48, 96, 192, 384):
+                    yield "adapter", dt, d, act, tf32, None
+                for h in (64, 768):
+                    yield "nice", dt, h, act, tf32, both
+
+
+def record_launches(mode: str):
+    """Run the launchers on meta tensors for the problems of ``_problems``; return the recorded launches."""
     log = []
     current = {"label": ""}
     label = lambda: current["label"]  # noqa: E731
@@ -99,108 +170,149 @@ def record_launches(full: bool):
                           (grouped, ["_grouped_linear_kernel", "_grouped_tn_kernel", "_grouped_nice_fwd_kernel",
                                      "_grouped_nice_bwd_kernel"])):
         for name in names:
-            setattr(module, name, _Recorder(getattr(module, name), log, label))
+            kernel = getattr(module, name)
+            setattr(module, name, _Recorder(_unwrapped(kernel), log, label))
     # (the launchers call fused_linear / tokens_reduce, which look the patched kernels up as module globals)
     meta = torch.device("meta")
-    n, h = 65536, 768
-    dtypes = [torch.bfloat16, torch.float16, torch.float32] if full else [torch.bfloat16, torch.float32]
-    bottlenecks = [4, 48, 192, 384] if full else [48, 384]
-    activations = sorted(set(ACTIVATION_CODES.values())) if full else [ACTIVATION_CODES["relu"]]
-    for dt in dtypes:
-        for d in bottlenecks:
-            for act in activations:
-                current["label"] = f"H={h} d={d} {str(dt)[6:]} act={act}"
+    n = 65536
+    for kind, dt, size, act, tf32, inverses in _problems(mode):
+        tag = f"{str(dt)[6:]}{' tf32' if tf32 else ''} act={act}"
+        with _tf32(tf32):
+            if kind == "adapter":
+                h, d = 768, size
                 x = torch.empty(n, h, device=meta, dtype=dt)
                 wd, bd = torch.empty(d, h, device=meta), torch.empty(d, device=meta)
                 wu, bu = torch.empty(h, d, device=meta), torch.empty(h, device=meta)
-                _, z = adapter.adapter_forward(x, x if d != 48 else None, wd, bd, wu, bu, 1.0, act)
-                adapter.adapter_backward(x, x, z, wd, wu, 1.0, act, d == 48)
-        for inverse in (False, True):
-            current["label"] = f"H={h} {'inverse' if inverse else 'forward'} {str(dt)[6:]}"
-            x = torch.empty(n, h, device=meta, dtype=dt)
-            shapes = [(192, 384), (192,), (384, 192), (384,)] * 2
-            w = [torch.empty(s, device=meta) for s in shapes]
-            out = nice.nice_coupling(x, w, ACTIVATION_CODES["relu"], inverse)
-            for inp in (None, x):
-                nice.nice_coupling_backward(out, out, inp, w, ACTIVATION_CODES["relu"], inverse)
-        if full or dt == torch.bfloat16:  # the CI set: the GPU inference dtype (keeps CI time small)
-            _record_grouped(dt, current, full)
+                for residual in (x, None):  # a separate residual, or the input as the residual
+                    current["label"] = f"H={h} d={d} {tag}"
+                    _, z = adapter.adapter_forward(x, residual, wd, bd, wu, bu, 1.0, act)
+                    adapter.adapter_backward(x, x, z, wd, wu, 1.0, act, residual is None)
+            else:
+                h = size
+                len1, len2 = h // 2, h - h // 2
+                hf, hg = len2 // 2, len1 // 2
+                x = torch.empty(n, h, device=meta, dtype=dt)
+                shapes = [(hf, len2), (hf,), (len1, hf), (len1,), (hg, len1), (hg,), (len2, hg), (len2,)]
+                w = [torch.empty(s, device=meta) for s in shapes]
+                for inverse in inverses:
+                    current["label"] = f"H={h} {'inverse' if inverse else 'forward'} {tag}"
+                    out = nice.nice_coupling(x, w, act, inverse)
+                    for inp in (None, x):  # input rebuilt, or saved
+                        nice.nice_coupling_backward(out, out, inp, w, act, inverse)
+    _record_grouped(mode, current)
     return log
 
 
-def _record_grouped(dt, current, full):
-    """The grouped (per-row) kernels: 8 languages, rows of L=128 tokens (--full: also L=9, short rows and small
-    blocks, every epilogue, activation and direction). The CI set compiles each grouped kernel once per
-    variant that is new code (the tile code is shared with the single-adapter kernels compiled above)."""
+def _record_grouped(mode: str, current: dict) -> None:
+    """The grouped (per-row) kernels: 8 languages, rows of 128 tokens (and 9: blocks cut at row ends)."""
     meta = torch.device("meta")
     g, h = 8, 768
-    relu = ACTIVATION_CODES["relu"]
-    lengths = [128, 9] if full else [128]
-    bottlenecks = [48, 384] if full else [384]
-    activations = sorted(set(ACTIVATION_CODES.values())) if full else [relu]
+    relu, every = ACTIVATION_CODES["relu"], sorted(set(ACTIVATION_CODES.values()))
+    if mode == "quick":
+        problems = [(torch.bfloat16, 128, 384, relu)]
+    elif mode == "full":
+        problems = [(torch.bfloat16, 128, 384, act) for act in every]
+        problems += [(dt, 128, 384, relu) for dt in (torch.float16, torch.float32)]
+        problems += [(torch.bfloat16, 9, 384, relu), (torch.bfloat16, 128, 48, relu), (torch.float32, 9, 48, relu)]
+    else:
+        problems = [(dt, length, d, act) for dt in (torch.bfloat16, torch.float16, torch.float32)
+                    for length in (128, 9) for d in (48, 384) for act in every]
     shapes = [(g, 192, 384), (g, 192), (g, 384, 192), (g, 384)] * 2
-    for length in lengths:
+    for dt, length, d, act in problems:
         rows = 256 if length == 128 else 1024
         groups = torch.empty(rows, device=meta, dtype=torch.int64)
         x = torch.empty(rows * length, h, device=meta, dtype=dt)
-        for d in bottlenecks:
-            for act in activations:
-                current["label"] = f"grouped G={g} L={length} d={d} {str(dt)[6:]} act={act}"
-                wd, bd = torch.empty(g, d, h, device=meta), torch.empty(g, d, device=meta)
-                wu, bu = torch.empty(g, h, d, device=meta), torch.empty(g, h, device=meta)
-                _, z = grouped.grouped_adapter_forward(x, x, groups, wd, bd, wu, bu, 1.0, act)
-                if full:
-                    grouped.grouped_adapter_backward(x, x, z, groups, wd, wu, 1.0, act, True, True, splits=2)
-                else:  # the per-group weight reduction, with and without the activation on load
-                    segments = grouped.row_segments(groups, g)
-                    grouped.grouped_tokens_reduce(x, z, segments, g, length, act, splits=2)
-                    grouped.grouped_tokens_reduce(z, x, segments, g, length, splits=2)
-        w = [torch.empty(s, device=meta) for s in shapes]
-        for inverse in (False, True) if full else (False,):
-            current["label"] = f"grouped G={g} L={length} {'inverse' if inverse else 'forward'} {str(dt)[6:]}"
-            out = grouped.grouped_nice_coupling(x, groups, w, relu, inverse)
-            for inp in (None, x) if full else (None,):
-                grouped.grouped_nice_coupling_backward(out, out, inp, groups, w, relu, inverse, full, splits=2)
+        current["label"] = f"grouped G={g} L={length} d={d} {str(dt)[6:]} act={act}"
+        wd, bd = torch.empty(g, d, h, device=meta), torch.empty(g, d, device=meta)
+        wu, bu = torch.empty(g, h, d, device=meta), torch.empty(g, h, device=meta)
+        _, z = grouped.grouped_adapter_forward(x, x, groups, wd, bd, wu, bu, 1.0, act)
+        grouped.grouped_adapter_backward(x, x, z, groups, wd, wu, 1.0, act, True, True, splits=2)
+        if d == 384:
+            w = [torch.empty(s, device=meta) for s in shapes]
+            for inverse in (False, True):
+                current["label"] = f"grouped G={g} L={length} {'inverse' if inverse else 'forward'} {str(dt)[6:]}"
+                out = grouped.grouped_nice_coupling(x, groups, w, act, inverse)
+                for inp in (None, x):
+                    grouped.grouped_nice_coupling_backward(out, out, inp, groups, w, act, inverse, True, splits=2)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true")
-    p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--max-stack", type=int, default=None, help="fail when a kernel spills more bytes than this")
-    p.add_argument("--only", default="", help="compile only launches whose kernel name or problem contains this")
-    args = p.parse_args(argv)
-    target = GPUTarget("cuda", args.arch, 32)
-    seen, failures = set(), 0
-    print(f"# triton {triton.__version__}, target sm_{args.arch}")
-    print(f"{'kernel':<28}{'problem':<34}{'blocks':<40}{'warps':>6}{'regs':>6}{'stack':>7}{'smem':>8}")
-    for fn, label, fargs, kwargs in record_launches(args.full):
-        if args.only and args.only not in fn.__name__ and args.only not in label:
-            continue
+def compile_tasks(mode: str):
+    """The distinct specializations to compile: (module, kernel, signature, constexprs, options, label, blocks)."""
+    seen, tasks = set(), []
+    for fn, label, fargs, kwargs in record_launches(mode):
         sig, constexprs = _signature(fn, fargs, kwargs)
-        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), kwargs.get("num_warps"))
+        options = {o: kwargs[o] for o in _LAUNCH_OPTIONS if o in kwargs}
+        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())),
+               tuple(sorted(options.items())))
         if key in seen:
             continue
         seen.add(key)
         blocks = " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in kwargs.items()
                           if k.startswith("BLOCK_"))
-        try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
-                                      options={o: kwargs[o] for o in _LAUNCH_OPTIONS if o in kwargs})
-        except Exception as exc:  # report every failure, then fail
-            failures += 1
-            print(f"{fn.__name__:<28}{label:<34}{blocks:<40} COMPILE ERROR: {str(exc).splitlines()[0][:200]}")
-            continue
-        res = _resources(compiled.asm["cubin"])
-        if compiled.metadata.shared > SHARED_LIMIT[args.arch]:
-            failures += 1
-            print(f"{fn.__name__:<28}{label:<34}{blocks:<40} needs {compiled.metadata.shared} B of shared memory")
-        stack = res.get("STACK", -1)
-        print(f"{fn.__name__:<28}{label:<34}{blocks:<40}{kwargs.get('num_warps', 4):>6}{res.get('REG', -1):>6}"
-              f"{stack:>7}{compiled.metadata.shared:>8}")
-        if args.max_stack is not None and stack > args.max_stack:
-            failures += 1
-    print(f"# {len(seen)} kernels compiled, {failures} failures")
+        tasks.append((fn.__module__, fn.__name__, sig, constexprs, options, label, blocks))
+    return tasks
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost error's message (Triton wraps it in one CompilationError per calling function, each
+    printing source lines), with the outermost place: "at 3:20: NameError(...)"."""
+    where = str(exc).splitlines()[0] if str(exc) else ""
+    inner = exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    why = getattr(inner, "error_message", None) or (str(inner).strip().splitlines() or [type(inner).__name__])[-1]
+    return f"{where} {why}" if where.startswith("at ") else why
+
+
+def compile_one(task, arch: int, max_stack):
+    """Compile one specialization; return (its report line, whether it failed)."""
+    module, name, sig, constexprs, options, label, blocks = task
+    fn = _unwrapped(getattr(importlib.import_module(module), name))
+    head = f"{name:<28}{label:<34}{blocks:<40}"
+    try:
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as exc:  # report every failure, then fail
+        return f"{head} COMPILE ERROR: {_reason(exc)[:300]}", True
+    res = _resources(compiled.asm["cubin"])
+    stack, shared = res.get("STACK", -1), compiled.metadata.shared
+    line = f"{head}{options.get('num_warps', 4):>6}{res.get('REG', -1):>6}{stack:>7}{shared:>8}"
+    if shared > SHARED_LIMIT[arch]:
+        return f"{line}  needs {shared} B of shared memory (limit {SHARED_LIMIT[arch]})", True
+    if max_stack is not None and stack > max_stack:
+        return f"{line}  spills more than {max_stack} B", True
+    return line, False
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sets = p.add_mutually_exclusive_group()
+    sets.add_argument("--full", action="store_true", help="every code path and configuration (see above; CI)")
+    sets.add_argument("--all", action="store_true", help="every specialization the library can launch")
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
+    p.add_argument("--max-stack", type=int, default=None, help="fail when a kernel spills more bytes than this")
+    p.add_argument("--only", default="", help="compile only launches whose kernel name or problem contains this")
+    args = p.parse_args(argv)
+    mode = "all" if args.all else "full" if args.full else "quick"
+    tasks = [t for t in compile_tasks(mode) if not args.only or args.only in t[1] or args.only in t[5]]
+    print(f"# triton {triton.__version__}, target sm_{args.arch}, {mode} set: {len(tasks)} specializations, "
+          f"{min(args.jobs, len(tasks))} processes", flush=True)
+    print(f"{'kernel':<28}{'problem':<34}{'blocks':<40}{'warps':>6}{'regs':>6}{'stack':>7}{'smem':>8}")
+    failures = 0
+    with contextlib.ExitStack() as stack:
+        if args.jobs <= 1:
+            results = (compile_one(t, args.arch, args.max_stack) for t in tasks)
+        else:
+            # fresh processes (spawn): they import the real kernels, not this process's recorders
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                args.jobs, mp_context=multiprocessing.get_context("spawn")))
+            results = pool.map(compile_one, tasks, [args.arch] * len(tasks), [args.max_stack] * len(tasks),
+                               chunksize=2)
+        for line, failed in results:  # in order, as they come
+            print(line, flush=True)
+            failures += failed
+    print(f"# {len(tasks)} kernels compiled, {failures} failures")
     return 1 if failures else 0
 
 

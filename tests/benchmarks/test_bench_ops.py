@@ -28,6 +28,33 @@ def test_bench_ops_quick_table():
             assert r["fwd_x"] == 1.0
 
 
+def test_bench_ops_keeps_going_when_a_case_fails(monkeypatch, capsys):
+    """A backend that fails one case (out of memory, a compile error) costs that row, not the table."""
+    bench = load_bench()
+    real, calls = bench.measure, []
+
+    def measure(make, inputs, dy, backend, device, reps):
+        calls.append(backend)
+        if backend == "triton" and calls.count("triton") == 1:
+            raise RuntimeError("boom")
+        return real(make, inputs, dy, backend, device, reps)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    rows = bench.main(["--quick", "--reps", "1", "--backends", "eager", "triton", "--tokens", "64"])
+    assert "failed (RuntimeError: boom)" in capsys.readouterr().err
+    assert sum(r["backend"] == "eager" for r in rows) == 4 and sum(r["backend"] == "triton" for r in rows) == 3
+    assert {r["tokens"] for r in rows} == {64}
+
+
+def test_bench_ops_skips_a_backend_that_cannot_run(capsys, tmp_path):
+    rows = load_bench().main(["--quick", "--reps", "1", "--backends", "eager", "cuda", "--tokens", "32",
+                              "--json", str(tmp_path / "ops.json")])
+    if not torch.cuda.is_available():
+        assert "backend cuda: not measured" in capsys.readouterr().err
+        assert {r["backend"] for r in rows} == {"eager"}
+    assert (tmp_path / "ops.json").stat().st_size > 0
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_benchmark_adapter_fwd_bwd(benchmark, backend):
     x = torch.randn(512, 96, device=DEVICE, requires_grad=True)

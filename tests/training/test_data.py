@@ -168,7 +168,12 @@ def test_squad_windows_point_at_the_answer(tmp_path, tok):
            "answers": {"text": ["Velden"], "answer_start": [ctx.index("Velden")]}}
     (tmp_path / "qa.jsonl").write_text(json.dumps(rec) + "\n")
     examples = qa.read_squad(str(tmp_path / "qa.jsonl"), "validation")
-    feats = qa.encode_qa_train(examples, tok, max_length=40, doc_stride=8)
+    try:
+        feats = qa.encode_qa_train(examples, tok, max_length=40, doc_stride=8)
+    except D.DataError as exc:  # tokenizers 0.23.1/0.23.2 drop overflow windows: refused, not trained on wrongly
+        import tokenizers
+        assert "tokenizers#2091" in str(exc) and tokenizers.__version__ in ("0.23.1", "0.23.2"), exc
+        return
     assert len(feats) > 1  # the context did not fit one window
     with_answer = [f for f in feats if f["start_positions"] > 0]
     assert with_answer

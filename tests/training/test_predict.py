@@ -17,8 +17,12 @@ import os
 
 import pytest
 import torch
-from transformers import (AutoTokenizer, XLMRobertaForMultipleChoice, XLMRobertaForQuestionAnswering,
-                          XLMRobertaForTokenClassification)
+from transformers import (
+    AutoTokenizer,
+    XLMRobertaForMultipleChoice,
+    XLMRobertaForQuestionAnswering,
+    XLMRobertaForTokenClassification,
+)
 
 from madx_fast.cli import main
 from madx_fast.demo.synthetic import NER_LABELS

@@ -30,18 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (
-    NUM_STAGES,
-    chunk_width,
-    dot_precision,
-    interpreting,
-    num_warps_for,
-    pow2_at_least,
-    rows_per_program,
-    splits_for,
-    tile_budget,
-)
-from .activations import activation_grad, apply_activation
+from ._launch import (NUM_STAGES, chunk_width, dot_precision, interpreting, num_warps_for,
+                      pow2_at_least, rows_per_program, splits_for, tile_budget)
+from .activations import activation_backward, apply_activation
 from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, fused_linear
 from .tiles import rows_times_weight_t
 from .weight_grad import tokens_reduce
@@ -111,7 +102,8 @@ def _adapter_bwd_da_kernel(
                             DOT_PREC, BLOCK_M, BLOCK_H, BLOCK_D)
     m2 = rmask[:, None] & dmask[None, :]
     z = tl.load(Z + rows[:, None] * D + dcol[None, :], mask=m2, other=0.0).to(tl.float32)
-    da = (scaling * g * activation_grad(z, ACT)).to(dt)
+    # (padding rows masked: a NaN/Inf weight would give them NaN, which the column sum below would pick up)
+    da = tl.where(m2, activation_backward(scaling * g, z, ACT), 0.0).to(dt)
     tl.store(DA + rows[:, None] * D + dcol[None, :], da, mask=m2)
     tl.store(DBD_PART + pid * D + dcol, tl.sum(da.to(tl.float32), axis=0), mask=dmask)
 

@@ -10,7 +10,7 @@ is compute-bound (~77 GFLOP forward at 65536 tokens), so GEMM efficiency is what
 
 * ``EPI_BIAS``:     ``out = acc + bias``                         (pre-activation z = x W_down^T + b_down)
 * ``EPI_RESIDUAL``: ``out = R + s * (acc + bias)``               (y = r + s (act(z) W_up^T + b_up))
-* ``EPI_DACT``:     ``out = s * acc * act'(Z)``                  (dz = s (dy W_up) act'(z))
+* ``EPI_DACT``:     ``out = (s * acc) * act'(Z)``                (dz = s (dy W_up) act'(z), torch's NaN rules)
 * ``EPI_ADD``:      ``out = acc (+ R if HAS_R)``                 (dx = dz W_down (+ dy when r is x))
 
 ``A_ACT`` applies the activation to A on load (the up projection reads z and never stores act(z)).
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._launch import NUM_STAGES, dot_precision, interpreting
-from .activations import activation_grad, apply_activation
+from .activations import activation_backward, apply_activation
 
 EPI_BIAS, EPI_RESIDUAL, EPI_DACT, EPI_ADD = 0, 1, 2, 3
 
@@ -59,7 +59,7 @@ def linear_tile(
         out = r.to(tl.float32) + scaling * (acc + tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :])
     elif EPI == 2:
         z = tl.load(Z + rows[:, None] * stride_zm + cols[None, :] * stride_zn, mask=m2, other=0.0)
-        out = scaling * acc * activation_grad(z.to(tl.float32), ACT)
+        out = activation_backward(scaling * acc, z.to(tl.float32), ACT)
     else:
         out = acc
         if HAS_R:

@@ -19,7 +19,10 @@ Backward (per token block, one kernel), with ``u = sign * upstream`` of each MLP
     dW_B2 = sign d_dstB^T act(zB), dW_B1 = dzB^T dst_A, dW_A2 = sign gA^T act(zA), dW_A1 = dzA^T src_A
 
 ``src_A`` is read from the saved input, or (recompute mode, the default) rebuilt from the output by
-inverting stage B: ``src_A = dst_B - sign * MLP_B(dst_A)``, which needs zB anyway. The kernel writes the
+inverting stage B: ``src_A = dst_B - sign * MLP_B(dst_A)``, which needs zB anyway. Where a token's output
+holds Inf or NaN that inversion is lost (``x + Inf - Inf``): the rebuilt row is not finite, and the kernel
+sets that token's zA and dzA to NaN, so d_src_A and the gradients of W_A1, b_A1, W_A2 are NaN rather than
+a wrong finite number (with the input saved, NaN/Inf follow the reference exactly). The kernel writes the
 small per-token tensors zA, zB, dzA, dzB (H/4 wide each at rf=2); the weight gradients are token
 reductions in ``weight_grad.tokens_reduce`` (fp32 partials, deterministic).
 """
@@ -30,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._launch import NUM_STAGES, chunk_width, dot_precision, num_warps_for, pow2_at_least, rows_per_program
-from .activations import activation_grad, apply_activation
+from .activations import activation_backward, apply_activation
 from .tiles import rows_times_weight_t
 from .weight_grad import tokens_reduce
 
@@ -97,6 +100,7 @@ def nice_fwd_block(
         tl.store(OUT + rows[:, None] * stride_om + (OFF_TGT + nc)[None, :] * stride_oh, dst, mask=m2)
         wb1 = tl.load(WB1 + hb[None, :] * OUT_A + nc[:, None], mask=hb_mask[None, :] & nmask[:, None], other=0.0)
         accb = tl.dot(tl.where(m2, dst, 0.0).to(dt), wb1.to(dt), accb, input_precision=DOT_PREC)
+    accb = tl.where(hb_mask[None, :], accb, 0.0)  # padding columns exactly 0 even when dst_A holds Inf
     zb = (accb + tl.load(BB1 + hb, mask=hb_mask, other=0.0).to(tl.float32)[None, :]).to(dt)
     ab = apply_activation(zb.to(tl.float32), ACT).to(dt)
 
@@ -158,6 +162,7 @@ def nice_bwd_block(
     # One pass over the src_A columns: d_dstB W_B2 for stage B's backward, and src_A -> zA.
     dhb = tl.zeros((BLOCK_M, BLOCK_HB), dtype=tl.float32)
     acca = tl.zeros((BLOCK_M, BLOCK_HA), dtype=tl.float32)
+    lost = tl.zeros((BLOCK_M,), dtype=tl.int32)  # rows whose rebuilt src_A is not finite (recompute mode)
     for n0 in range(0, IN_A, BLOCK_K):
         nc = n0 + tl.arange(0, BLOCK_K)
         nmask = nc < IN_A
@@ -175,10 +180,18 @@ def nice_bwd_block(
             dst = tl.load(OUT + rows[:, None] * H + (OFF_SRC + nc)[None, :], mask=m2, other=0.0)
             src = tl.where(m2, dst.to(tl.float32) - sign * q, 0.0).to(dt)
             tl.store(SRC + rows[:, None] * IN_A + nc[None, :], src, mask=m2)
+            finite = tl.abs(src.to(tl.float32)) < float("inf")
+            lost = tl.maximum(lost, tl.max(tl.where(finite, 0, 1), axis=1))
         wa1 = tl.load(WA1 + ha[None, :] * IN_A + nc[:, None], mask=ha_mask[None, :] & nmask[:, None], other=0.0)
         acca = tl.dot(src, wa1.to(dt), acca, input_precision=DOT_PREC)
-    dzb = (sign * dhb * activation_grad(zb.to(tl.float32), ACT)).to(dt)
+    # (padding columns of the accumulators exactly 0: an Inf in a real column times a masked 0 is NaN)
+    dhb = tl.where(hb_mask[None, :], dhb, 0.0)
+    acca = tl.where(ha_mask[None, :], acca, 0.0)
+    dzb = activation_backward(sign * dhb, zb.to(tl.float32), ACT).to(dt)
     za = (acca + tl.load(BA1 + ha, mask=ha_mask, other=0.0).to(tl.float32)[None, :]).to(dt)
+    # Where the output held Inf/NaN, src_A cannot be rebuilt (x + Inf - Inf): that row's zA and dzA become
+    # NaN, so every gradient that depends on src_A is NaN rather than a wrong finite number.
+    za = tl.where(lost[:, None] != 0, float("nan"), za.to(tl.float32)).to(dt)
     tl.store(ZB + rows[:, None] * HB + hb[None, :], zb, mask=mhb)
     tl.store(DZB + rows[:, None] * HB + hb[None, :], dzb, mask=mhb)
     tl.store(ZA + rows[:, None] * HA + ha[None, :], za, mask=mha)
@@ -195,7 +208,9 @@ def nice_bwd_block(
         tl.store(DINP + rows[:, None] * H + (OFF_TGT + nc)[None, :], ga, mask=m2)
         wa2 = tl.load(WA2 + nc[:, None] * HA + ha[None, :], mask=nmask[:, None] & ha_mask[None, :], other=0.0)
         dha = tl.dot(tl.where(m2, ga, 0.0).to(dt), wa2.to(dt), dha, input_precision=DOT_PREC)
-    dza = (sign * dha * activation_grad(za.to(tl.float32), ACT)).to(dt)
+    dha = tl.where(ha_mask[None, :], dha, 0.0)
+    dza = activation_backward(sign * dha, za.to(tl.float32), ACT)
+    dza = tl.where(lost[:, None] != 0, float("nan"), dza).to(dt)
     tl.store(DZA + rows[:, None] * HA + ha[None, :], dza, mask=mha)
 
     # d_srcA = d_dstB + dzA W_A1.

@@ -11,7 +11,9 @@ def rows_times_weight_t(SRC, stride_sm, stride_sk, rows, rmask, W, stride_wo, st
 
     ``W[o, i]`` lives at ``W + o * stride_wo + i * stride_wi`` (an nn.Linear weight [OUT, IN] has strides
     (IN, 1); passing (1, OUT) multiplies by the weight itself instead of its transpose). Padding rows and
-    columns come out as 0; the weight is converted to the source dtype for the product.
+    columns come out as exactly 0, also where src holds Inf or NaN (the masked-out weight entries are 0, and
+    Inf * 0 would make them NaN): callers feed them into further products as padding. The weight is
+    converted to the source dtype for the product.
     """
     dt = SRC.dtype.element_ty
     ocol = tl.arange(0, BLOCK_OUT)
@@ -25,4 +27,4 @@ def rows_times_weight_t(SRC, stride_sm, stride_sk, rows, rmask, W, stride_wo, st
         w = tl.load(W + ocol[None, :] * stride_wo + kc[:, None] * stride_wi,
                     mask=omask[None, :] & kmask[:, None], other=0.0)
         acc = tl.dot(s, w.to(dt), acc, input_precision=DOT_PREC)
-    return acc
+    return tl.where(rmask[:, None] & omask[None, :], acc, 0.0)

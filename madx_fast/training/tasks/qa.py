@@ -88,9 +88,30 @@ def _qa_encode(tokenizer, examples, max_length, doc_stride):
         raise DataError(f"max_length {max_length} leaves {max_length - longest - specials} context tokens next to "
                         f"the longest question ({longest} tokens), not more than the window overlap "
                         f"(doc_stride {doc_stride}); raise --max-length")
-    return tokenizer([ex.question.lstrip() for ex in examples], [ex.context for ex in examples],
-                     truncation="only_second", max_length=max_length, stride=doc_stride,
-                     return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
+    enc = tokenizer([ex.question.lstrip() for ex in examples], [ex.context for ex in examples],
+                    truncation="only_second", max_length=max_length, stride=doc_stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
+    _check_windows_reach_the_end(tokenizer, examples, enc)
+    return enc
+
+
+def _check_windows_reach_the_end(tokenizer, examples, enc):
+    """The windows of each example must reach its context's last token. tokenizers 0.23.1 and 0.23.2 return
+    too few overflow windows (huggingface/tokenizers#2091, fixed in 0.23.3): the end of every long context,
+    and the answers there, would silently never be seen."""
+    reached = {}
+    for i, offsets in enumerate(enc["offset_mapping"]):
+        ends = [o[1] for o, s in zip(offsets, enc.sequence_ids(i)) if s == 1]
+        k = enc["overflow_to_sample_mapping"][i]
+        reached[k] = max([reached.get(k, 0), *ends])
+    alone = tokenizer([ex.context for ex in examples], add_special_tokens=False, return_offsets_mapping=True)
+    for k, offsets in enumerate(alone["offset_mapping"]):
+        if offsets and reached.get(k, 0) < max(o[1] for o in offsets):
+            import tokenizers
+            raise DataError(f"the tokenizer's overflow windows stop at character {reached.get(k, 0)} of a "
+                            f"{len(examples[k].context)}-character context (example {examples[k].id!r}): tokenizers "
+                            f"{tokenizers.__version__} drops windows (0.23.1 and 0.23.2 do, huggingface/tokenizers"
+                            "#2091); install tokenizers 0.22.x or >= 0.23.3")
 
 
 def encode_qa_train(examples: Sequence[QaExample], tokenizer, max_length: int = 384,
