@@ -1,24 +1,28 @@
-"""Fused bottleneck adapter in Triton: ``y = r + s * (W_up act(W_down x + b_down) + b_up)``.
+"""Bottleneck adapter in Triton: ``y = r + s * (W_up act(W_down x + b_down) + b_up)``, on two routes.
 
-Forward, one kernel (3 passes over the N x H data: read x, read r, write y; when r is x the second read of
-x mostly hits L2). Each program owns BLOCK_M tokens: it accumulates ``z = x W_down^T`` over H chunks
-(the whole bottleneck, padded to a power of two, stays in registers), adds the bias, stores z (N x d, small:
-the only tensor backward needs besides x and the weights), applies the activation and streams the up
-projection, bias, scaling and residual out chunk by chunk.
+Which route runs depends only on the bottleneck width ``d`` (``route(d)``, dispatched by the two launchers
+right below the imports):
 
-Backward, two kernels (4 passes: dy twice, x once, dx written once):
+* ``"fused"`` (``d <= WIDE_BOTTLENECK`` = 128: MAD-X task adapters, d = 48 at H = 768): the whole adapter in
+  ONE forward kernel and a TWO-kernel backward, below. The bottleneck is narrow enough to keep a token
+  block's hidden activations in registers, so the N x H data is read and written the fewest times:
+  forward 3 passes (read x, read r, write y; when r is x the second read of x mostly hits L2), backward 4.
+* ``"gemm"`` (``d > 128``: MAD-X language adapters, d = 384): the one-kernel forward would re-read both weight
+  matrices for every small token block, so the op runs as two tiled GEMMs with fused prologue / epilogue
+  (``linear.fused_linear``: bias into z; activation on load, bias, scaling and residual into y), backward as
+  two such GEMMs (da with the activation derivative; dx with the residual gradient) plus two token
+  reductions for the weight and bias gradients (``weight_grad.tokens_reduce``).
+
+The fused route's kernels. Forward: each program owns BLOCK_M tokens: it accumulates ``z = x W_down^T`` over
+H chunks (the whole bottleneck, padded to a power of two, stays in registers), adds the bias, stores z (N x d,
+small: the only tensor backward needs besides x and the weights), applies the activation and streams the up
+projection, bias, scaling and residual out chunk by chunk. Backward:
 
 1. ``_adapter_bwd_da_kernel`` (per token block): ``da = s * (dy W_up) * act'(z)``  [N, d]; partial db_down.
 2. ``_adapter_bwd_dx_dw_kernel`` (per H tile x token range): for each token block of its range it loads
    dy, x, z, da once and produces ``dx = da W_down (+ dy when r is x)`` for its H tile, and accumulates
    ``dW_up[h] += s dy^T act(z)``, ``dW_down[:, h] += da^T x``, ``db_up[h] += s sum(dy)``.
-   Weight gradients are fp32 per-range partials summed afterwards: deterministic, no atomics.
-
-Wide bottlenecks (d > 128, e.g. MAD-X language adapters, d=384) take another route: the fused kernels above
-would re-read both weight matrices for every small token block, so the op runs as two GEMMs with fused
-prologue/epilogue (``linear.fused_linear``: bias into z; activation on load, bias, scaling and residual into
-y) and backward as two such GEMMs (da with the activation derivative; dx with the residual gradient) plus two
-token reductions for the weight and bias gradients (``weight_grad.tokens_reduce``).
+   Weight gradients are fp32 per-range partials summed afterwards: deterministic, no atomics (both routes).
 
 Derivation (per token row, a = act(z), dy upstream): y = r + s (a W_up^T + b_up), so
 dr = dy; d(a) = s dy W_up; dz = d(a) * act'(z); dx = dz W_down; dW_up = s dy^T a; db_up = s sum dy;
@@ -37,10 +41,66 @@ from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, fused_linear
 from .tiles import rows_times_weight_t
 from .weight_grad import tokens_reduce
 
-# Above this bottleneck width the adapter runs as GEMMs with fused epilogues instead of the fused kernels.
-WIDE_BOTTLENECK = 128
+WIDE_BOTTLENECK = 128  # above this bottleneck width the "gemm" route runs (module docstring)
 
 
+def route(d: int) -> str:
+    """``"fused"`` (one forward kernel, two backward kernels) or ``"gemm"`` (tiled GEMMs with fused epilogues)."""
+    return "gemm" if d > WIDE_BOTTLENECK else "fused"
+
+
+def adapter_forward(x, residual, w_down, b_down, w_up, b_up, scaling, activation, *, block_m=None, block_h=None):
+    """Launcher of the forward. ``x, residual: [N, H]`` (any strides); returns ``(y, z)``, z the pre-activation."""
+    n, h = x.shape
+    d = w_down.shape[0]
+    if n == 0:
+        return torch.empty((n, h), dtype=x.dtype, device=x.device), torch.empty((n, d), dtype=x.dtype, device=x.device)
+    r = x if residual is None else residual
+    # Weights in the activation dtype once per call (they are small): half the on-chip tile for fp32 masters.
+    wd, bd, wu, bu = (t.to(x.dtype).contiguous() for t in (w_down, b_down, w_up, b_up))
+    if route(d) == "gemm":
+        return _gemm_forward(x, r, wd, bd, wu, bu, scaling, activation)
+    return _fused_forward(x, r, residual is not None, wd, bd, wu, bu, scaling, activation, block_m, block_h)
+
+
+def adapter_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_input,
+                     *, block_m=None, block_h=None, splits=None):
+    """Launcher of the backward: ``(dx, dw_down, db_down, dw_up, db_up)``, weight grads in fp32."""
+    n, h = x.shape
+    d = w_down.shape[0]
+    if n == 0:
+        f32 = dict(dtype=torch.float32, device=x.device)
+        return (torch.empty((n, h), dtype=x.dtype, device=x.device), torch.zeros((d, h), **f32),
+                torch.zeros((d,), **f32), torch.zeros((h, d), **f32), torch.zeros((h,), **f32))
+    w_down, w_up = w_down.to(x.dtype).contiguous(), w_up.to(x.dtype).contiguous()
+    if route(d) == "gemm":
+        return _gemm_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_input, splits)
+    return _fused_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_input, block_m, block_h, splits)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the "gemm" route
+# ----------------------------------------------------------------------------------------------------------
+def _gemm_forward(x, r, wd, bd, wu, bu, scaling, activation):
+    h, d = x.shape[1], wd.shape[0]
+    z = fused_linear(x, wd, (h, 1), d, EPI_BIAS, bias=bd)
+    y = fused_linear(z, wu, (d, 1), h, EPI_RESIDUAL, bias=bu, residual=r, scaling=scaling, activation=activation,
+                     a_activation=True)
+    return y, z
+
+
+def _gemm_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_input, splits):
+    h, d = x.shape[1], w_down.shape[0]
+    da = fused_linear(dy, w_up, (1, d), d, EPI_DACT, z=z, scaling=scaling, activation=activation)
+    dx = fused_linear(da, w_down, (1, h), h, EPI_ADD, residual=dy if residual_is_input else None)
+    dwu, dbu = tokens_reduce(dy, z, activation, splits=splits)
+    dwd, dbd = tokens_reduce(da, x, splits=splits)
+    return dx, dwd, dbd, scaling * dwu, scaling * dbu
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the "fused" route
+# ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _adapter_fwd_kernel(
     X, R, WD, BD, WU, BU, Y, Z,
@@ -160,22 +220,11 @@ def _forward_config(d, dtype):
     return rows_per_program(bd, dtype), chunk_width(bd, dtype), bd
 
 
-def adapter_forward(x, residual, w_down, b_down, w_up, b_up, scaling, activation, *, block_m=None, block_h=None):
-    """Launcher for the fused forward. ``x, residual: [N, H]`` (any strides); returns ``(y, z)``."""
+def _fused_forward(x, r, has_r, wd, bd_, wu, bu, scaling, activation, block_m, block_h):
     n, h = x.shape
-    d = w_down.shape[0]
+    d = wd.shape[0]
     y = torch.empty((n, h), dtype=x.dtype, device=x.device)
     z = torch.empty((n, d), dtype=x.dtype, device=x.device)
-    if n == 0:
-        return y, z
-    r = x if residual is None else residual
-    # Weights in the activation dtype once per call (they are small): half the on-chip tile for fp32 masters.
-    wd, bd_, wu, bu = (t.to(x.dtype).contiguous() for t in (w_down, b_down, w_up, b_up))
-    if d > WIDE_BOTTLENECK:
-        z = fused_linear(x, wd, (h, 1), d, EPI_BIAS, bias=bd_)
-        y = fused_linear(z, wu, (d, 1), h, EPI_RESIDUAL, bias=bu, residual=r, scaling=scaling,
-                         activation=activation, a_activation=True)
-        return y, z
     bm, bh, bd = _forward_config(d, x.dtype)
     bm, bh = block_m or bm, block_h or bh
     _adapter_fwd_kernel[(triton.cdiv(n, bm),)](
@@ -183,30 +232,18 @@ def adapter_forward(x, residual, w_down, b_down, w_up, b_up, scaling, activation
         n, h, d,
         x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
         float(scaling),
-        ACT=activation, HAS_R=residual is not None, DOT_PREC=dot_precision(x.dtype),
+        ACT=activation, HAS_R=has_r, DOT_PREC=dot_precision(x.dtype),
         BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=bd, num_warps=num_warps_for(bm * bd), num_stages=NUM_STAGES,
     )
     return y, z
 
 
-def adapter_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_input,
-                     *, block_m=None, block_h=None, splits=None):
-    """Launcher for the fused backward: ``(dx, dw_down, db_down, dw_up, db_up)``, weight grads in fp32."""
+def _fused_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_input, block_m, block_h, splits):
     n, h = x.shape
     d = w_down.shape[0]
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
     dx = torch.empty((n, h), dtype=x.dtype, device=dev)
-    if n == 0:
-        return dx, torch.zeros((d, h), **f32), torch.zeros((d,), **f32), torch.zeros((h, d), **f32), \
-            torch.zeros((h,), **f32)
-    w_down, w_up = w_down.to(x.dtype).contiguous(), w_up.to(x.dtype).contiguous()
-    if d > WIDE_BOTTLENECK:
-        da = fused_linear(dy, w_up, (1, d), d, EPI_DACT, z=z, scaling=scaling, activation=activation)
-        dx = fused_linear(da, w_down, (1, h), h, EPI_ADD, residual=dy if residual_is_input else None)
-        dwu, dbu = tokens_reduce(dy, z, activation, splits=splits)
-        dwd, dbd = tokens_reduce(da, x, splits=splits)
-        return dx, dwd, dbd, scaling * dwu, scaling * dbu
     bm, bh, bd = _forward_config(d, x.dtype)
     bm, bh = block_m or bm, block_h or bh
     prec = dot_precision(x.dtype)
