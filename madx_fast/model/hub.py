@@ -254,40 +254,46 @@ def _download(spec: str, where: HubLocation, files, subdirs) -> ResolvedAdapter:
     prefix = f"{where.subfolder}/" if where.subfolder else ""
     patterns = [prefix + f for f in files] + [f"{prefix}{sub}/{f}" for sub in subdirs for f in files]
     offline = _offline()
-    named = f"{where.repo_id}" + (f"@{where.revision}" if where.revision else "") + (
+    named = "the Hub repository " + where.repo_id + (f"@{where.revision}" if where.revision else "") + (
         f" (folder {where.subfolder!r})" if where.subfolder else "")
-    local_hint = "" if spec.startswith(HUB_PREFIX) else f"no directory {spec!r} here, and "
+    text = spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else spec
+    if not text.startswith(where.repo_id):
+        named += f" (what AdapterHub's {text!r} names)"
+    start = "" if spec.startswith(HUB_PREFIX) else f"{spec!r} is not a directory here, and "
     try:
         snapshot = huggingface_hub.snapshot_download(where.repo_id, revision=where.revision, allow_patterns=patterns,
                                                      local_files_only=offline, library_name="madx_fast",
                                                      library_version=__version__)
     except errors.HFValidationError as exc:
-        raise AdapterNameError(f"{spec!r} is not a directory here, and not a valid Hub repository id ({exc})") from None
+        raise AdapterNameError(f"{start}not a valid Hub repository id ({exc})") from None
     except errors.GatedRepoError:
-        raise AdapterNotFoundError(f"{named}: a gated Hub repository; accept its terms on "
-                                   f"https://huggingface.co/{where.repo_id} and log in (HF_TOKEN or "
-                                   "`hf auth login`)") from None
+        raise AdapterNotFoundError(f"{named} is gated: accept its terms on https://huggingface.co/{where.repo_id} and "
+                                   "log in (HF_TOKEN, or `hf auth login`)") from None
     except errors.RepositoryNotFoundError:
-        raise AdapterNotFoundError(f"{local_hint}no Hub repository {where.repo_id!r} (or it is private: log in with "
-                                   "HF_TOKEN or `hf auth login`)") from None
+        raise AdapterNotFoundError(f"{start}{named} does not exist (or is private: log in with HF_TOKEN, or "
+                                   "`hf auth login`)") from None
     except errors.RevisionNotFoundError:
-        raise AdapterNotFoundError(f"the Hub repository {where.repo_id!r} has no revision {where.revision!r}") from None
+        raise AdapterNotFoundError(f"{named}: no such revision") from None
     except errors.LocalEntryNotFoundError as exc:
         if type(exc).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x knows the files it misses
-            why = f"the cached copy is incomplete and the Hub cannot be reached ({str(exc).split('. ')[0]})"
+            why = f"its cached copy is incomplete and the Hub cannot be reached ({str(exc).split('. ')[0]})"
         elif offline:
-            why = "HF_HUB_OFFLINE=1 is set, and the Hugging Face cache has no copy of it"
+            why = f"it is not in the Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE=1 is set"
         else:
-            why = f"the Hub could not be reached and the cache has no copy of it ({exc.__cause__ or exc})"
-        raise AdapterNotFoundError(f"{local_hint}{named}: {why}") from None
+            why = f"the Hub could not be reached and it is not in the cache ({exc.__cause__ or exc})"
+        raise AdapterNotFoundError(f"{start}{named}: {why}") from None
     path = os.path.join(snapshot, where.subfolder) if where.subfolder else snapshot
     found = [p for p in [path] + [os.path.join(path, s) for s in subdirs]
              if any(os.path.isfile(os.path.join(p, f)) for f in files)]
     if not found:
-        raise AdapterNotFoundError(
-            f"{named}: no adapter files there ({', '.join(files[:4])}, ...)"
-            + (" in the cached copy (HF_HUB_OFFLINE=1)" if offline else ""))
+        raise AdapterNotFoundError(f"{named} holds no adapter files ({', '.join(files[:4])}, ...)"
+                                   + (" in its cached copy (HF_HUB_OFFLINE=1)" if offline else ""))
     return ResolvedAdapter(path, spec, where.repo_id, where.revision, os.path.basename(snapshot), where.subfolder)
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+    return constants.HF_HUB_CACHE
 
 
 def _offline() -> bool:

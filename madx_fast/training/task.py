@@ -99,7 +99,7 @@ def _language_adapter(s: TaskAdapterSettings, name: str) -> tuple[str | None, st
     for MAD-X -LAD -INV), and the base model (given, or the one the language adapter was trained on)."""
     lang_path, lang, base_model = None, s.lang, s.model
     if s.lang_adapter:
-        lang_path = runs.find_bundle(s.lang_adapter, prefer=("adapter",))
+        lang_path = runs.find_bundle(s.lang_adapter, prefer=("adapter",), model_name=s.model)
         meta = runs.read_bundle_meta(lang_path)
         if meta.get("stage") not in (None, "language"):
             raise runs.BundleError(f"{lang_path} holds a {meta.get('stage')} adapter, not a language adapter")
@@ -167,7 +167,8 @@ def _record(s, task, name, lang, lang_path, base_model, fingerprint, madx, max_l
     return {"stage": "task", "task": task.name, "adapter": name, "language": lang if lang_path else None,
             "source_language": lang, "base_model": base_model, "base_fingerprint": fingerprint,
             "adapter_config": madx.configs[name].to_dict(), "labels": list(task.labels) if task.labels else None,
-            "language_adapter": ({"path": lang_path, "weights_sha256": lang_meta.get("weights_sha256"),
+            "language_adapter": ({"path": lang_path, "spec": s.lang_adapter,
+                                  "weights_sha256": lang_meta.get("weights_sha256"),
                                   "invertible": madx.invertible_adapter(lang) is not None} if lang_path else None),
             "train_data": s.train_data, "train_features": n_features, "max_length": max_length,
             "auto_class": task.auto_class, "backbone_dtype": str(dtype or "float32"), "backend": s.backend}

@@ -68,7 +68,7 @@ def evaluate_transfer(settings: TransferSettings | None = None, /, **kwargs) -> 
 
 def _plan(path: str, s: TransferSettings) -> dict:
     """Resolve one task adapter and the language adapters its evaluation needs; metadata checks only."""
-    bundle = runs.find_bundle(path, prefer=("best", "last"))
+    bundle = runs.find_bundle(path, prefer=("best", "last"), model_name=s.model)
     meta = runs.read_bundle_meta(bundle)
     info = read_adapter_info(bundle)
     if meta.get("stage") not in (None, "task"):
@@ -103,12 +103,13 @@ def _plan(path: str, s: TransferSettings) -> dict:
     for lang in needed:
         where = s.lang_adapters.get(lang)
         if where is None and lang == source and meta.get("language_adapter"):
-            where = meta["language_adapter"]["path"]
+            recorded = meta["language_adapter"]  # where the run found it; else what it was given (a Hub name)
+            where = recorded["path"] if os.path.isdir(recorded["path"]) or not recorded.get("spec") else recorded["spec"]
         if where is None:
             given = ", ".join(sorted(s.lang_adapters)) or "none"
             raise ValueError(f"no language adapter for {lang!r} (given: {given}); pass one for every target "
                              "language, e.g. --lang-adapter sw=runs/lang-sw")
-        found = runs.find_bundle(where, prefer=("adapter",))
+        found = runs.find_bundle(where, prefer=("adapter",), model_name=base_model)
         if runs.read_bundle_meta(found).get("stage") not in (None, "language"):
             raise runs.BundleError(f"{found} (for {lang!r}) holds a task adapter, not a language adapter")
         needed[lang] = found

@@ -190,9 +190,10 @@ def test_errors_name_what_was_looked_for_and_change_nothing(cache, tmp_path):
     madx = add_madx(target, backend="eager")
     before, adapters = _state(target), dict(madx.adapters)
     cases = [
-        ("someone/missing", AdapterNotFoundError, "no directory 'someone/missing' here.*HF_HUB_OFFLINE=1"),
+        ("someone/missing", AdapterNotFoundError, "'someone/missing' is not a directory here, and the Hub "
+                                                  "repository someone/missing: it is not in the Hugging Face cache"),
         ("someone/lang-en@v9", AdapterNotFoundError, "someone/lang-en@v9.*HF_HUB_OFFLINE=1"),
-        ("someone/lang-en/sub", AdapterNotFoundError, "folder 'sub'.*no adapter files"),
+        ("someone/lang-en/sub", AdapterNotFoundError, "folder 'sub'.* holds no adapter files"),
         ("./runs/lang-en", AdapterNotFoundError, "does not exist"),      # a path: never a Hub lookup
         (str(tmp_path / "nope"), FileNotFoundError, "does not exist"),
         ("justaword", AdapterNameError, "write the adapter's Hugging Face Hub repository id"),
