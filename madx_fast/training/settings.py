@@ -251,7 +251,8 @@ class TransferSettings(_StageSettings):
     output_dir: str | None = opt(None, flag="--output", help="directory for the CSV / JSON / PNG report")
     lang_adapters: dict[str, str] = opt(default_factory=dict, flag="--lang-adapter", nargs="*", metavar="LANG=DIR",
                                         help="language adapters, e.g. sw=runs/lang-sw")
-    split: str = opt("test", help="split of the evaluation data")
+    split: str | None = opt(None, help="split of the evaluation data (default: test, or the dataset's evaluation "
+                                       "split where it has no test split: validation for XQuAD)")
     settings: list[str] = opt(default_factory=lambda: ["target"], parse=csv_list,
                               help="comma-separated: target, source, none")
     system: str = opt("MAD-X", help="name of this system in the report")

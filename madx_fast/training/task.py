@@ -140,7 +140,7 @@ def _has_splits(spec: str, lang: str | None) -> bool:
     except (FileNotFoundError, data.DataError):
         return False
     if source.kind == "hf":
-        return True
+        return source.known is None or "validation" in source.known.splits
     if not os.path.isdir(source.path):
         return False
     try:

@@ -31,6 +31,7 @@ from .. import atomic
 from ..model import Stack
 from ..model.adapter_files import read_adapter_info
 from . import runs, setup
+from .data import default_eval_split
 from .settings import TransferSettings
 from .tasks import make_task, task_class, task_for_head
 from .trainer import PeakMemory
@@ -59,7 +60,8 @@ def evaluate_transfer(settings: TransferSettings | None = None, /, **kwargs) -> 
     for plan in plans:
         records.extend(_evaluate_plan(plan, s, device))
     result = {"records": records, "system": s.system, "task": tasks.pop(), "targets": list(s.targets),
-              "settings": list(s.settings), "eval_data": s.eval_data, "split": s.split,
+              "settings": list(s.settings), "eval_data": s.eval_data,
+              "split": s.split or ",".join(sorted({r["split"] for r in records})),
               "wall_time_s": time.perf_counter() - t_start}
     if s.output_dir:
         write_transfer_report(records, s.output_dir)
@@ -104,7 +106,8 @@ def _plan(path: str, s: TransferSettings) -> dict:
         where = s.lang_adapters.get(lang)
         if where is None and lang == source and meta.get("language_adapter"):
             recorded = meta["language_adapter"]  # where the run found it; else what it was given (a Hub name)
-            where = recorded["path"] if os.path.isdir(recorded["path"]) or not recorded.get("spec") else recorded["spec"]
+            gone = not os.path.isdir(recorded["path"]) and recorded.get("spec")
+            where = recorded["spec"] if gone else recorded["path"]
         if where is None:
             given = ", ".join(sorted(s.lang_adapters)) or "none"
             raise ValueError(f"no language adapter for {lang!r} (given: {given}); pass one for every target "
@@ -142,10 +145,11 @@ def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
     max_length = plan["meta"].get("max_length") or task.default_max_length
     data = {}  # every target's data, checked against the head, before any evaluation
     for target in s.targets:
-        examples = type(task).read(s.eval_data, s.split, lang=target, max_examples=s.max_examples,
+        split = s.split or default_eval_split(s.eval_data, target)
+        examples = type(task).read(s.eval_data, split, lang=target, max_examples=s.max_examples,
                                    labels=plan["labels"]).examples
-        task.check_fits(examples, f"{s.eval_data} ({target}, {s.split})")
-        data[target] = (examples, task.encode(examples, tok, max_length, train=False))
+        task.check_fits(examples, f"{s.eval_data} ({target}, {split})")
+        data[target] = (examples, task.encode(examples, tok, max_length, train=False), split)
 
     model, madx, fingerprint = setup.wired_model(_auto_class(plan, task), plan["base_model"], s.backend,
                                                  **task.head_kwargs())
@@ -159,7 +163,7 @@ def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
     memory = PeakMemory(device)
     records = []
     for target, setting, lang in plan["runs"]:
-        examples, features = data[target]
+        examples, features, split = data[target]
         madx.set_active(Stack(lang, task_name) if lang else task_name)
         t0 = time.perf_counter()
         metrics = task.evaluate(model, examples, features, batch_size=s.batch_size, device=device, bf16=s.bf16,
@@ -167,7 +171,8 @@ def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
         value = metrics[task.main_metric]
         percent = value if task.name == "qa" else 100.0 * value
         rec = {"system": s.system, "task": task.name, "task_adapter": plan["path"], "source": plan["source"],
-               "target": target, "setting": setting, "language_adapter": lang, "metric": task.main_metric,
+               "target": target, "setting": setting, "language_adapter": lang, "split": split,
+               "metric": task.main_metric,
                "value": percent, "metrics": metrics, "eval_time_s": time.perf_counter() - t0, **memory.read()}
         records.append(rec)
         log.info("%s | %s | source %s -> target %s: %s %.2f", s.system, SETTINGS[setting], rec["source"], target,
