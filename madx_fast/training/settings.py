@@ -22,13 +22,16 @@ from ..model.controller import check_adapter_name
 
 BACKENDS = ("auto", "eager", "triton", "cuda")
 BACKBONE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends (the last two: to debug)
 
 
 def opt(default=dataclasses.MISSING, *, help: str = "", flag: str | None = None, cli: bool = True,  # noqa: A002
-        parse: Callable[[str], Any] | None = None, choices=None, nargs=None, metavar=None, default_factory=None):
-    """A settings field with its command-line flag."""
+        parse: Callable[[str], Any] | None = None, choices=None, nargs=None, metavar=None, const=None,
+        default_factory=None):
+    """A settings field with its command-line flag (``nargs="?"`` with ``const``: a flag whose value may be
+    left out)."""
     meta = {"help": help, "flag": flag, "cli": cli, "parse": parse, "choices": choices, "nargs": nargs,
-            "metavar": metavar}
+            "metavar": metavar, "const": const}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -75,8 +78,11 @@ class TrainConfig:
     eval_batch_size: int = opt(64, help="batch size of evaluations")
     progress: bool = opt(True, flag="--no-progress", help="log lines instead of a progress bar")
     device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    compile: str | None = opt(None, nargs="?", const="inductor", choices=COMPILE_BACKENDS, metavar="BACKEND",
+                              help="torch.compile the encoder (adapters included) with BACKEND (default inductor)")
 
     def check(self) -> None:
+        _check_compile(self.compile)
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
             _number(name, getattr(self, name), minimum=1, integer=True)
         for name in ("warmup_steps", "log_every", "eval_every", "save_every"):
@@ -98,6 +104,11 @@ class TrainConfig:
         keys = ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "bf16",
                 "seed")
         return {k: getattr(self, k) for k in keys}
+
+
+def _check_compile(backend) -> None:
+    if backend not in (None, True) + COMPILE_BACKENDS:
+        raise ValueError(f"compile backend {backend!r}: choose one of {', '.join(COMPILE_BACKENDS)}")
 
 
 # The paper's settings (Pfeiffer et al., 2020). Stage 1: 250k steps, batch 64, lr 1e-4, 15% masking.
@@ -265,9 +276,14 @@ class TransferSettings(_StageSettings):
                               help="frozen backbone dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     cuda_graphs: bool = opt(False, help="replay each evaluation forward from CUDA graphs (NER, QA)")
     backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
+    compile: str | None = opt(None, nargs="?", const="inductor", choices=COMPILE_BACKENDS, metavar="BACKEND",
+                              help="torch.compile the encoder (adapters included) with BACKEND (default inductor)")
 
     def check(self) -> None:
         super().check()
+        _check_compile(self.compile)
+        if self.compile and self.cuda_graphs:
+            raise ValueError("--compile and --cuda-graphs each capture the evaluation forward: choose one")
         if not self.task_adapters:
             raise ValueError("no task adapters to evaluate")
         if not self.targets:
@@ -313,7 +329,7 @@ def _add_fields(parser, cls, defaults) -> None:
             kwargs["action"] = "store_false" if default else "store_true"
         else:
             kwargs["type"] = meta.get("parse") or _scalar_type(f)
-            for key in ("choices", "nargs", "metavar"):
+            for key in ("choices", "nargs", "metavar", "const"):
                 if meta.get(key) is not None:
                     kwargs[key] = meta[key]
             if f.name == "lang_adapters":

@@ -60,6 +60,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
         if n in set(task.extra_trainable(model)):
             p.requires_grad_(True)
     dtype = setup.place(model, madx, s.backbone_dtype, device)
+    setup.compile_encoder(model, s.config.compile)
     runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite, main=procs.main)
 
     record = _record(s, task, name, lang, lang_path, base_model, fingerprint, madx, max_length, len(features), dtype)

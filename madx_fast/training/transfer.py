@@ -160,6 +160,7 @@ def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
             raise ValueError(f"language {lang!r} has the task adapter's name")
         runs.load_bundle(madx, path, load_as=lang, fingerprint=fingerprint, model_name=plan["base_model"])
     setup.place(model, madx, s.backbone_dtype, device)
+    setup.compile_encoder(model, s.compile)
     memory = PeakMemory(device)
     records = []
     for target, setting, lang in plan["runs"]:
