@@ -4,11 +4,15 @@ A batch job's stderr (or ``madx demo > log 2>&1``) is a file: a redrawn bar woul
 frames. So ``StepProgress`` draws a tqdm bar only when its stream is a terminal; otherwise it writes one line
 ``step 1200/250000  loss 2.3411  lr 9.95e-05  41.3k tok/s  ETA 1:42:10`` at most every ``interval`` seconds
 (and for the last step). ``progress(iterable, desc)`` wraps long loops (tokenisation, evaluation) the same
-way: a bar on a terminal, nothing otherwise.
+way: a bar on a terminal, nothing otherwise. ``library_bars()`` gives the bars of transformers (loading
+weights), huggingface_hub (downloads) and datasets (preparing splits) the same rule; the ``madx`` command calls
+it (a Python caller keeps the libraries' own settings).
 """
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
 import time
 
@@ -16,10 +20,17 @@ log = logging.getLogger("madx_fast.training")
 
 
 def is_terminal(stream) -> bool:
+    """A terminal a bar can be drawn on: a tty that reports a width (a pseudo-terminal opened without a size,
+    as some job runners do, has 0 columns, where tqdm draws nothing at all)."""
     try:
-        return bool(stream.isatty())
+        if not stream.isatty():
+            return False
     except (AttributeError, ValueError):
         return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return True  # a tty without a file descriptor to ask
 
 
 def progress(iterable, desc: str, min_items: int = 20):
@@ -32,6 +43,21 @@ def progress(iterable, desc: str, min_items: int = 20):
         return iterable
     from tqdm.auto import tqdm
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def library_bars(stream=None) -> bool:
+    """Turn the progress bars of transformers, huggingface_hub and datasets on when ``stream`` (stderr) is a
+    terminal and off otherwise; returns whether they are on."""
+    on = is_terminal(sys.stderr if stream is None else stream)
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+    for enable, disable in ((transformers.utils.logging.enable_progress_bar,
+                             transformers.utils.logging.disable_progress_bar),
+                            (huggingface_hub.utils.enable_progress_bars, huggingface_hub.utils.disable_progress_bars),
+                            (datasets.enable_progress_bars, datasets.disable_progress_bars)):
+        (enable if on else disable)()
+    return on
 
 
 class StepProgress:
