@@ -19,7 +19,7 @@ from ..model import MadxConfig, Stack, check_adapter_name
 from ..model.adapter_files import read_adapter_info
 from . import data, runs, setup
 from .distributed import init_distributed
-from .settings import TaskAdapterSettings
+from .settings import TaskAdapterSettings, TrainConfig
 from .tasks import make_task, task_class
 from .trainer import Trainer, seed_everything
 
@@ -45,7 +45,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
     validation = _validation(s, task, lang, labels)
     val_features = task.encode(validation, tok, max_length, train=False) if validation else None
     features = task.encode(train.examples, tok, max_length, train=True)
-    loop = _loop(s, len(features))
+    loop, epochs = _loop(s, type(task), len(features))
     log.info("%s: %d training features, %s validation examples", name, len(features),
              len(validation) if validation else "no")
 
@@ -79,7 +79,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
                       device=device)
     result = trainer.run(resume=s.resume)
 
-    summary = {**record, "settings": s.to_dict(), "config": dataclasses.asdict(loop), "epochs": s.epochs,
+    summary = {**record, "settings": s.to_dict(), "config": dataclasses.asdict(loop), "epochs": epochs,
                **counts, **result}
     if procs.main:
         save("last", loop.steps, result["final_eval"])
@@ -151,15 +151,20 @@ def _has_splits(spec: str, lang: str | None) -> bool:
     return True
 
 
-def _loop(s: TaskAdapterSettings, n_features: int):
-    """The loop settings; with ``epochs``: ``epochs x batches per epoch`` steps, validated once per epoch."""
-    if not s.epochs:
-        return s.config
+def _loop(s: TaskAdapterSettings, task_cls, n_features: int):
+    """``(loop settings, epochs or None)``. With ``epochs`` (given, or the task's default when neither steps nor
+    epochs are: NER 100): ``epochs x batches per epoch`` steps, validated once per epoch; else the steps given
+    (TrainConfig's 1000 when none)."""
+    epochs = s.epochs or (task_cls.default_epochs if s.config.steps is None else None)
+    if not epochs:
+        loop = dataclasses.replace(s.config, steps=s.config.steps or TrainConfig().steps)
+        loop.check()
+        return loop, None
     per_epoch = math.ceil(n_features / s.config.batch_size)
-    loop = dataclasses.replace(s.config, steps=max(1, math.ceil(s.epochs * per_epoch)),
+    loop = dataclasses.replace(s.config, steps=max(1, math.ceil(epochs * per_epoch)),
                                eval_every=s.config.eval_every or per_epoch)
     loop.check()
-    return loop
+    return loop, epochs
 
 
 def _record(s, task, name, lang, lang_path, base_model, fingerprint, madx, max_length, n_features, dtype) -> dict:

@@ -83,6 +83,7 @@ class CopaTask:
     auto_class: ClassVar[str] = "AutoModelForMultipleChoice"
     main_metric: ClassVar[str] = "accuracy"
     default_max_length: ClassVar[int] = 128
+    default_epochs: ClassVar[float | None] = None  # TrainConfig's steps
     graph_outputs: ClassVar[None] = None
 
     @classmethod
