@@ -61,8 +61,9 @@ class HubDataset:
         if not given:
             raise DataError(f"{spec!r}: {self.repo} has one config per language: write {self.aliases[0]}:{{lang}} "
                             f"or {self.aliases[0]}:{self.configs[0] if self.configs else 'sw'}")
-        prefix = self.config.split("{}")[0]
-        name = given if (prefix and given.startswith(prefix)) else self.config.format(given)
+        # a language code is completed ("de" -> "xquad.de"); a config written in full ("xquad.de", another
+        # Wikipedia dump "20220301.en") is kept
+        name = given if "." in given else self.config.format(given)
         known = [self.config.format(c) for c in self.configs]
         if known and name not in known and not name.startswith("translation-"):
             raise DataError(f"{spec!r}: {self.repo} has no config {name!r} (languages: {', '.join(self.configs)})")

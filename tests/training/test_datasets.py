@@ -32,6 +32,7 @@ def test_short_names_resolve_to_the_current_hub_repositories_and_configs():
     assert hf("squad") == hf("rajpurkar/squad") == ("hf", "rajpurkar/squad", "plain_text")
     assert hf("copa") == hf("super_glue:copa") == hf("aps/super_glue:copa") == ("hf", "aps/super_glue", "copa")
     assert hf("wikipedia:sw") == hf("wikimedia/wikipedia:20231101.sw") == ("hf", "wikimedia/wikipedia", "20231101.sw")
+    assert hf("wikipedia:20220301.sw")[2] == "20220301.sw"  # a config written in full is kept
     assert D.resolve_spec("aps/super_glue:boolq").known is None  # another dataset of the repository: as given
     assert hf("someone/data:cfg") == ("hf", "someone/data", "cfg")
     for spec, match in (("xquad:xx", "no config 'xquad.xx'.*languages: ar, de"), ("xcopa:de", "no config 'de'"),
