@@ -121,8 +121,8 @@ def cmd_demo(args) -> None:
                       ("task_epochs", "task_epochs"), ("batch_size", "batch_size"),
                       ("task_batch_size", "task_batch_size"), ("max_length", "max_length"),
                       ("seed", "seed")):
-        if getattr(a, arg) is not None:
-            setattr(cfg, attr, getattr(a, arg))
+        if getattr(args, arg) is not None:
+            setattr(cfg, attr, getattr(args, arg))
     run_demo(cfg)
 
 
