@@ -180,6 +180,8 @@ def _setup_logging(quiet: bool) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
+    from .training.progress import library_bars
+    library_bars()  # in a log (stderr not a terminal), no library draws bar frames either
     from .model import AdapterConfigError, AdapterExistsError, AdapterFileError
     from .training import BundleError, DataError
     from .training.checkpoint import CheckpointError

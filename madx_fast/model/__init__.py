@@ -10,16 +10,20 @@
 Layout: ``config.py`` (MadxConfig, AdapterHub config conversion), ``stack.py`` (active setup),
 ``wiring.py`` (the modules that replace HF's FFN output, embedding dropout and MLM-head LayerNorm),
 ``per_row.py`` (many languages in one batch: ``PerRow``), ``controller.py`` (``add_madx`` and the
-``MadxAdapters`` handle), ``adapter_files.py`` (files), ``mlm_loss.py``
+``MadxAdapters`` handle), ``adapter_files.py`` (files), ``hub.py`` (adapters by directory or Hugging Face Hub
+name), ``mlm_loss.py``
 (masked-position-only, chunked fused linear cross-entropy), ``params.py`` (parameter budget command).
 """
 from .adapter_files import AdapterFileError
 from .config import AdapterConfigError, MadxConfig
 from .controller import AdapterExistsError, MadxAdapters, add_madx, check_adapter_name
+from .adapter_files import AdapterFileError
+from .hub import AdapterNameError, AdapterNotFoundError, resolve_adapter
 from .mlm_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy, madx_mlm_loss
 from .stack import PerRow, Stack
 
 __all__ = [
-    "AdapterConfigError", "AdapterExistsError", "AdapterFileError", "FusedLinearCrossEntropy", "MadxAdapters",
-    "MadxConfig", "PerRow", "Stack", "add_madx", "check_adapter_name", "fused_linear_cross_entropy", "madx_mlm_loss",
+    "AdapterConfigError", "AdapterExistsError", "AdapterFileError", "AdapterNameError", "AdapterNotFoundError",
+    "FusedLinearCrossEntropy", "MadxAdapters", "MadxConfig", "PerRow", "Stack", "add_madx", "check_adapter_name",
+    "fused_linear_cross_entropy", "madx_mlm_loss", "resolve_adapter",
 ]

@@ -26,6 +26,7 @@ from ..modules import BottleneckAdapter, InvertibleAdapter
 from . import adapter_files, per_row
 from .adapter_files import AdapterFileError, check_state_dict
 from .config import AdapterConfigError, MadxConfig
+from .hub import resolve_adapter
 from .stack import PerRow, Setup, Stack, adapter_names, normalize_setup, setup_repr, without_adapter
 from .wiring import MadxFFNOutput, MadxState, find_parts, unwire, wire
 
@@ -342,9 +343,11 @@ class MadxAdapters:
     def load_adapter(self, directory, *, load_as: str | None = None, overwrite: bool = False,
                      set_active: bool = False, with_head: bool = False) -> str:
         """Load an adapter saved by ``save_adapter`` or by AdapterHub (``save_adapter`` there; detected by
-        its adapter_config.json). Returns the adapter's name in the model."""
-        return adapter_files.load_adapter(self, directory, load_as=load_as, overwrite=overwrite, set_active=set_active,
-                               with_head=with_head)
+        its adapter_config.json) from a directory or a Hugging Face Hub repository (``org/name[@revision]
+        [/folder]``, or an AdapterHub short name such as ``en/wiki@ukp``: ``madx_fast.model.hub``). Returns the
+        adapter's name in the model."""
+        return adapter_files.load_adapter(self, self._resolve(directory), load_as=load_as, overwrite=overwrite,
+                                          set_active=set_active, with_head=with_head)
 
     def export_adapterhub(self, directory, name: str, *, safetensors: bool = False, with_head: bool = False,
                           overwrite: bool = False) -> None:
@@ -355,9 +358,15 @@ class MadxAdapters:
 
     def import_adapterhub(self, directory, *, load_as: str | None = None, overwrite: bool = False,
                           set_active: bool = False, with_head: bool = False) -> str:
-        """Load an adapter written by AdapterHub's ``save_adapter``; returns its name in the model."""
-        return adapter_files.import_adapterhub(self, directory, load_as=load_as, overwrite=overwrite, set_active=set_active,
-                                    with_head=with_head)
+        """Load an adapter written by AdapterHub's ``save_adapter``, from a directory or a Hub repository
+        (as ``load_adapter``); returns its name in the model."""
+        return adapter_files.import_adapterhub(self, self._resolve(directory), load_as=load_as, overwrite=overwrite,
+                                               set_active=set_active, with_head=with_head)
+
+    def _resolve(self, directory) -> str:
+        """The local directory of an adapter given as a path or a Hub name (the model's base model name picks
+        AdapterHub's short names)."""
+        return resolve_adapter(directory, model_name=getattr(self.model.config, "name_or_path", None)).path
 
     # ---------------------------------------------------------------------------------------------------
     # training loss

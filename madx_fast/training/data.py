@@ -6,12 +6,16 @@ A data *spec* is a string naming where examples come from:
 
 * a local path: a file, or a directory (text: every text file under it; tasks: the file of the split, e.g.
   ``train.jsonl``, ``validation.jsonl`` / ``dev.conll``, ``test.json``);
-* a Hugging Face dataset: ``name`` or ``name:config`` (``"wikiann:sw"``, ``"google/xquad:xquad.de"``); the
-  prefix ``hf:`` forces this reading.
+* a Hugging Face dataset: ``namespace/name`` or ``namespace/name:config`` (``"unimelb-nlp/wikiann:sw"``,
+  ``"google/xquad:xquad.de"``); the prefix ``hf:`` forces this reading (also for a local dataset directory);
+* a short name of one of the paper's datasets (``HUB_DATASETS``): ``wikiann:sw``, ``xquad:de``, ``xcopa:sw``,
+  ``squad``, ``copa``, ``wikipedia:sw``, resolved to the dataset's current Hub repository and config name.
 
 ``{lang}`` in a spec is replaced by the language code (``"wikiann:{lang}"``, ``"data/{lang}/test.jsonl"``). A
 spec that exists on disk, starts with ``.``, ``/`` or ``~``, or ends in a data-file suffix is a path, and a
-missing one is an error (never a silent hub lookup). Everything is read and checked before training starts.
+missing one is an error (never a silent hub lookup). The splits of the paper's datasets are known: asking for
+one they do not have (XQuAD has only ``validation``, XCOPA no ``train``) is an error naming the splits that
+exist, before anything is downloaded. Everything is read and checked before training starts.
 """
 from __future__ import annotations
 
@@ -37,13 +41,79 @@ class DataError(ValueError):
 # specs
 # --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class HubDataset:
+    """One of the paper's datasets on the Hugging Face Hub: its current repository, the short names users know
+    it by, how its configs are named (``"{}"``: the part after ``:`` as it is; ``"xquad.{}"``: with that
+    prefix, unless given in full; no ``{}``: that one config), the splits it has, the split a zero-shot
+    evaluation reads, and what to know when a split is missing."""
+
+    repo: str
+    aliases: tuple[str, ...]
+    config: str
+    splits: tuple[str, ...]
+    eval_split: str
+    configs: tuple[str, ...] = ()   # the configs there are, where the list is short (else not checked)
+    note: str = ""
+
+    def config_name(self, given: str | None, spec: str) -> str:
+        if "{}" not in self.config:
+            return self.config
+        if not given:
+            raise DataError(f"{spec!r}: {self.repo} has one config per language: write {self.aliases[0]}:{{lang}} "
+                            f"or {self.aliases[0]}:{self.configs[0] if self.configs else 'sw'}")
+        # a language code is completed ("de" -> "xquad.de"); a config written in full ("xquad.de", another
+        # Wikipedia dump "20220301.en") is kept
+        name = given if "." in given else self.config.format(given)
+        known = [self.config.format(c) for c in self.configs]
+        if known and name not in known and not name.startswith("translation-"):
+            raise DataError(f"{spec!r}: {self.repo} has no config {name!r} (languages: {', '.join(self.configs)})")
+        return name
+
+
+# The datasets of the MAD-X paper (and the text of stage 1), by their current Hub repositories. Checked against
+# the Hub's listings (parquet data, no loading script): configs and splits as published there.
+HUB_DATASETS = (
+    HubDataset("unimelb-nlp/wikiann", ("wikiann", "wiki_ann"), "{}", ("train", "validation", "test"), "test",
+               note="WikiANN: one config per language code, e.g. wikiann:sw"),
+    HubDataset("google/xquad", ("xquad",), "xquad.{}", ("validation",), "validation",
+               configs=("ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh"),
+               note="XQuAD is one evaluation set, published as its 'validation' split (there is no 'test'); "
+                    "train QA on squad"),
+    HubDataset("cambridgeltl/xcopa", ("xcopa",), "{}", ("validation", "test"), "test",
+               configs=("et", "ht", "id", "it", "qu", "sw", "ta", "th", "tr", "vi", "zh"),
+               note="XCOPA is for evaluation only (validation, test): train the COPA task adapter on English COPA "
+                    "(copa, i.e. aps/super_glue:copa)"),
+    HubDataset("rajpurkar/squad", ("squad",), "plain_text", ("train", "validation"), "validation",
+               note="SQuAD v1.1 has train and validation (its test set is not public)"),
+    HubDataset("aps/super_glue", ("copa", "super_glue"), "copa", ("train", "validation", "test"), "validation",
+               note="English COPA from SuperGLUE: its 'test' split has no labels; validate on 'validation'"),
+    HubDataset("wikimedia/wikipedia", ("wikipedia",), "20231101.{}", ("train",), "train",
+               note="Wikipedia dumps: one config per language ('20231101.sw'), a 'train' split only; hold out "
+                    "text with --eval-fraction"),
+)
+SPLIT_NAMES = {"dev": "validation", "valid": "validation", "val": "validation"}
+
+
+def hub_dataset(name: str, config: str | None = None) -> HubDataset | None:
+    """The table entry a dataset name (a short name or a repository id) and config refer to, or None."""
+    key = name.lower()
+    for entry in HUB_DATASETS:
+        if (key in entry.aliases or key == entry.repo.lower()) and ("{}" in entry.config or
+                                                                    config in (None, entry.config)):
+            return entry
+    return None
+
+
+@dataclass(frozen=True)
 class Source:
-    """A resolved spec: ``kind`` "local" (``path``) or "hf" (``name``, ``config``)."""
+    """A resolved spec: ``kind`` "local" (``path``) or "hf" (``name``, ``config``; ``known``: the table entry
+    of one of the paper's datasets)."""
 
     kind: str
     path: str = ""
     name: str = ""
     config: str | None = None
+    known: HubDataset | None = None
 
     def __str__(self):
         if self.kind == "local":
@@ -75,21 +145,59 @@ def _hf_source(text: str) -> Source:
     name, _, config = text.partition(":")
     if not name:
         raise DataError(f"no dataset name in {text!r}")
-    return Source("hf", name=name, config=config or None)
+    config = config or None
+    known = hub_dataset(name, config)
+    if known is not None:
+        return Source("hf", name=known.repo, config=known.config_name(config, text), known=known)
+    if "/" not in name and not os.path.exists(os.path.expanduser(name)):
+        short = ", ".join(a for entry in HUB_DATASETS for a in entry.aliases[:1])
+        raise DataError(f"{text!r} is not a local path, and {name!r} is not a Hub dataset id ('namespace/name', e.g. "
+                        f"unimelb-nlp/wikiann:sw) nor a short name madx_fast knows ({short})")
+    return Source("hf", name=name, config=config)
+
+
+def hf_split(source: Source, split: str) -> str:
+    """The split name to ask ``datasets`` for; for the paper's datasets a split they do not have is refused
+    here, with the splits that exist (and what to use instead)."""
+    split = SPLIT_NAMES.get(split, split)
+    known = source.known
+    if known is not None and split not in known.splits:
+        raise DataError(f"{source} has no {split!r} split (splits: {', '.join(known.splits)}). {known.note}")
+    return split
+
+
+def default_eval_split(spec: str, lang: str | None = None) -> str:
+    """The split a zero-shot evaluation of ``spec`` reads when none is named: ``test``, or the dataset's
+    evaluation split where it has none (XQuAD: ``validation``)."""
+    try:
+        source = resolve_spec(spec, lang)
+    except (FileNotFoundError, DataError):
+        return "test"  # the reader gives the error
+    return source.known.eval_split if source.known is not None else "test"
 
 
 def load_hf_dataset(source: Source, split: str, streaming: bool = False):
-    """``datasets.load_dataset(name, config, split=split)`` with errors that say which dataset failed."""
+    """``datasets.load_dataset(name, config, split=split)`` with errors that say which dataset failed (and, for
+    a split that is not there, which splits are)."""
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise DataError(f"loading the dataset {source} needs the 'datasets' package ({exc})") from None
+    split = hf_split(source, split)
     try:
         return datasets.load_dataset(source.name, source.config, split=split, streaming=streaming)
     except Exception as exc:  # noqa: BLE001 - hub, network and config errors all mean: cannot use this spec
-        hint = "" if os.environ.get("HF_DATASETS_OFFLINE") != "1" else " (HF_DATASETS_OFFLINE=1 is set)"
+        hint = " (HF_DATASETS_OFFLINE=1 is set: only the datasets cache was read)" if datasets.config.HF_HUB_OFFLINE \
+            else ""
+        if "split" in str(exc).lower():
+            try:
+                names = datasets.get_dataset_split_names(source.name, source.config)
+            except Exception:  # noqa: BLE001
+                names = None
+            if names and split not in names:
+                raise DataError(f"dataset {source} has no {split!r} split (splits: {', '.join(names)})") from None
         raise DataError(f"cannot load dataset {source.name!r} (config {source.config!r}, split {split!r}): "
-                        f"{type(exc).__name__}: {exc}{hint}") from None
+                        f"{type(exc).__name__}: {' '.join(str(exc).split())}{hint}") from None
 
 
 def split_file(directory: str, split: str) -> str:

@@ -47,6 +47,7 @@ def train_language_adapter(settings: LanguageAdapterSettings | None = None, /, *
     madx.add_adapter(s.lang, adapter_config, set_active=True)
     madx.train_adapters(s.lang)
     dtype = setup.place(model, madx, s.backbone_dtype, device)
+    setup.compile_encoder(model, s.config.compile)
     runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite, main=procs.main)
 
     record = {"stage": "language", "language": s.lang, "adapter": s.lang, "base_model": s.model,

@@ -226,7 +226,8 @@ class Predictor:
     def __init__(self, settings: PredictSettings | None = None, /, **kwargs):
         s = self.settings = PredictSettings.build(settings, **kwargs)
         plan = resolve_task_adapter(s.task_adapter, s.model)
-        lang_paths = {lang: resolve_language_adapter(lang, where) for lang, where in s.lang_adapters.items()}
+        lang_paths = {lang: resolve_language_adapter(lang, where, plan["base_model"])
+                      for lang, where in s.lang_adapters.items()}
         check_same_base([plan["path"], *lang_paths.values()])
         if plan["meta"] and not plan["meta"].get("language"):
             log.warning("%s was trained without a language adapter (MAD-X -LAD -INV); here it runs stacked on the "

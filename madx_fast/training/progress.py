@@ -5,11 +5,15 @@ frames. So ``StepProgress`` draws a tqdm bar only when its stream is a terminal;
 ``step 1200/250000  loss 2.3411  lr 9.95e-05  41.3k tok/s  ETA 1:42:10`` at most every ``interval`` seconds
 (and for the last step). ``progress(iterable, desc)`` wraps long loops (tokenisation, evaluation) the same
 way: a bar on a terminal, nothing otherwise. ``LineProgress`` counts the lines of a stream (``madx predict``):
-a bar on a terminal, ``[madx] predict: 12000/50000 lines  3 skipped  850 lines/s  ETA 0:00:45`` otherwise.
+a bar on a terminal, ``[madx] predict: 12000/50000 lines  3 skipped  850 lines/s  ETA 0:00:45`` otherwise. ``library_bars()`` gives the bars of
+transformers (loading weights), huggingface_hub (downloads) and datasets (preparing splits) the same rule; the
+``madx`` command calls it (a Python caller keeps the libraries' own settings).
 """
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
 import time
 
@@ -17,10 +21,17 @@ log = logging.getLogger("madx_fast.training")
 
 
 def is_terminal(stream) -> bool:
+    """A terminal a bar can be drawn on: a tty that reports a width (a pseudo-terminal opened without a size,
+    as some job runners do, has 0 columns, where tqdm draws nothing at all)."""
     try:
-        return bool(stream.isatty())
+        if not stream.isatty():
+            return False
     except (AttributeError, ValueError):
         return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return True  # a tty without a file descriptor to ask
 
 
 def progress(iterable, desc: str, min_items: int = 20):
@@ -33,6 +44,21 @@ def progress(iterable, desc: str, min_items: int = 20):
         return iterable
     from tqdm.auto import tqdm
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def library_bars(stream=None) -> bool:
+    """Turn the progress bars of transformers, huggingface_hub and datasets on when ``stream`` (stderr) is a
+    terminal and off otherwise; returns whether they are on."""
+    on = is_terminal(sys.stderr if stream is None else stream)
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+    for enable, disable in ((transformers.utils.logging.enable_progress_bar,
+                             transformers.utils.logging.disable_progress_bar),
+                            (huggingface_hub.utils.enable_progress_bars, huggingface_hub.utils.disable_progress_bars),
+                            (datasets.enable_progress_bars, datasets.disable_progress_bars)):
+        (enable if on else disable)()
+    return on
 
 
 class StepProgress:

@@ -22,15 +22,10 @@ import os
 import shutil
 
 from .. import atomic
-from ..model.adapter_files import (
-    ADAPTER_FILES,
-    HUB_CONFIG,
-    OWN_CONFIG,
-    OWN_WEIGHTS,
-    read_adapter_info,
-    write_adapter_files,
-)
+from ..model.adapter_files import (ADAPTER_FILES, HUB_CONFIG, OWN_CONFIG, OWN_WEIGHTS, read_adapter_info,
+                                   write_adapter_files)
 from ..model.adapter_files import read_json as read_json_object
+from ..model.hub import resolve_adapter
 
 RUN_META = "madx_run.json"
 RUN_SUMMARY = "run.json"
@@ -148,11 +143,15 @@ def write_bundle(madx, directory: str, name: str, meta: dict, *, with_head: bool
     atomic.replace_directory(directory, build, owned=ADAPTER_FILES + (RUN_META,))
 
 
-def find_bundle(path: str, *, prefer=BUNDLES) -> str:
-    """A bundle directory from a bundle path or a run directory (its ``adapter/``, ``best/`` or ``last/``)."""
-    path = os.path.abspath(os.path.expanduser(path))
-    for candidate in [path] + [os.path.join(path, p) for p in prefer]:
-        atomic.recover_directory(candidate)
+def find_bundle(path: str, *, prefer=BUNDLES, model_name: str | None = None) -> str:
+    """A bundle directory from a bundle path or a run directory (its ``adapter/``, ``best/`` or ``last/``),
+    local or on the Hugging Face Hub (``org/name[@revision][/folder]``, or an AdapterHub short name for the
+    base model ``model_name``: ``madx_fast.model.hub``)."""
+    local = os.path.abspath(os.path.expanduser(path))
+    for candidate in [local] + [os.path.join(local, p) for p in prefer]:
+        atomic.recover_directory(candidate)  # a local bundle whose swap was cut: put back before looking
+    path = os.path.abspath(resolve_adapter(path, model_name=model_name, files=ADAPTER_FILES + (RUN_META,),
+                                           subdirs=BUNDLES).path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"adapter directory {path!r} does not exist")
     if not os.path.isdir(path):

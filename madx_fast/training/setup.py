@@ -4,6 +4,7 @@
     max_length = max_length_for(name, requested, default) # within the model's position table
     model, madx, fingerprint = wired_model("AutoModelForMaskedLM", name, backend)
     dtype = place(model, madx, "auto", device)            # bf16 backbone on a GPU, fp32 adapters; .to(device)
+    compile_encoder(model, "inductor")                    # --compile: the encoder runs as a compiled graph
 
 The *base fingerprint* hashes a fixed sample of every backbone weight (taken before any cast): an adapter
 trained on one base model is refused on another of the same shape (a different checkpoint), before any work.
@@ -157,6 +158,18 @@ def place(model, madx, backbone_dtype: str, device: torch.device) -> torch.dtype
         madx.cast_backbone(dtype)
     model.to(device)
     return dtype
+
+
+def compile_encoder(model, backend: str | bool | None) -> None:
+    """``--compile``: torch.compile the model's encoder (embeddings, layers, MAD-X adapters and NICE, whose ops
+    are custom ops with fake implementations) in place, as one graph (``fullgraph``: a graph break is an error,
+    not a silent slow path). In place (``nn.Module.compile``), so parameter names, state dicts, checkpoints and
+    DDP see the same module. The heads and the masked-LM loss (chunked over a data-dependent number of rows)
+    stay eager. Shapes that change from batch to batch (sequence lengths) are compiled once more as dynamic
+    shapes, then reused: no recompilation per step."""
+    if not backend:
+        return
+    find_parts(model).base.compile(backend="inductor" if backend is True else backend, fullgraph=True)
 
 
 def pick_device(requested: str | None, local_rank: int = 0) -> torch.device:

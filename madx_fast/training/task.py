@@ -19,7 +19,7 @@ from ..model import MadxConfig, Stack, check_adapter_name
 from ..model.adapter_files import read_adapter_info
 from . import data, runs, setup
 from .distributed import init_distributed
-from .settings import TaskAdapterSettings
+from .settings import TaskAdapterSettings, TrainConfig
 from .tasks import make_task, task_class
 from .trainer import Trainer, seed_everything
 
@@ -45,7 +45,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
     validation = _validation(s, task, lang, labels)
     val_features = task.encode(validation, tok, max_length, train=False) if validation else None
     features = task.encode(train.examples, tok, max_length, train=True)
-    loop = _loop(s, len(features))
+    loop, epochs = _loop(s, type(task), len(features))
     log.info("%s: %d training features, %s validation examples", name, len(features),
              len(validation) if validation else "no")
 
@@ -60,6 +60,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
         if n in set(task.extra_trainable(model)):
             p.requires_grad_(True)
     dtype = setup.place(model, madx, s.backbone_dtype, device)
+    setup.compile_encoder(model, s.config.compile)
     runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite, main=procs.main)
 
     record = _record(s, task, name, lang, lang_path, base_model, fingerprint, madx, max_length, len(features), dtype)
@@ -78,7 +79,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
                       device=device)
     result = trainer.run(resume=s.resume)
 
-    summary = {**record, "settings": s.to_dict(), "config": dataclasses.asdict(loop), "epochs": s.epochs,
+    summary = {**record, "settings": s.to_dict(), "config": dataclasses.asdict(loop), "epochs": epochs,
                **counts, **result}
     if procs.main:
         save("last", loop.steps, result["final_eval"])
@@ -99,7 +100,7 @@ def _language_adapter(s: TaskAdapterSettings, name: str) -> tuple[str | None, st
     for MAD-X -LAD -INV), and the base model (given, or the one the language adapter was trained on)."""
     lang_path, lang, base_model = None, s.lang, s.model
     if s.lang_adapter:
-        lang_path = runs.find_bundle(s.lang_adapter, prefer=("adapter",))
+        lang_path = runs.find_bundle(s.lang_adapter, prefer=("adapter",), model_name=s.model)
         meta = runs.read_bundle_meta(lang_path)
         if meta.get("stage") not in (None, "language"):
             raise runs.BundleError(f"{lang_path} holds a {meta.get('stage')} adapter, not a language adapter")
@@ -140,7 +141,7 @@ def _has_splits(spec: str, lang: str | None) -> bool:
     except (FileNotFoundError, data.DataError):
         return False
     if source.kind == "hf":
-        return True
+        return source.known is None or "validation" in source.known.splits
     if not os.path.isdir(source.path):
         return False
     try:
@@ -150,15 +151,20 @@ def _has_splits(spec: str, lang: str | None) -> bool:
     return True
 
 
-def _loop(s: TaskAdapterSettings, n_features: int):
-    """The loop settings; with ``epochs``: ``epochs x batches per epoch`` steps, validated once per epoch."""
-    if not s.epochs:
-        return s.config
+def _loop(s: TaskAdapterSettings, task_cls, n_features: int):
+    """``(loop settings, epochs or None)``. With ``epochs`` (given, or the task's default when neither steps nor
+    epochs are: NER 100): ``epochs x batches per epoch`` steps, validated once per epoch; else the steps given
+    (TrainConfig's 1000 when none)."""
+    epochs = s.epochs or (task_cls.default_epochs if s.config.steps is None else None)
+    if not epochs:
+        loop = dataclasses.replace(s.config, steps=s.config.steps or TrainConfig().steps)
+        loop.check()
+        return loop, None
     per_epoch = math.ceil(n_features / s.config.batch_size)
-    loop = dataclasses.replace(s.config, steps=max(1, math.ceil(s.epochs * per_epoch)),
+    loop = dataclasses.replace(s.config, steps=max(1, math.ceil(epochs * per_epoch)),
                                eval_every=s.config.eval_every or per_epoch)
     loop.check()
-    return loop
+    return loop, epochs
 
 
 def _record(s, task, name, lang, lang_path, base_model, fingerprint, madx, max_length, n_features, dtype) -> dict:
@@ -167,7 +173,8 @@ def _record(s, task, name, lang, lang_path, base_model, fingerprint, madx, max_l
     return {"stage": "task", "task": task.name, "adapter": name, "language": lang if lang_path else None,
             "source_language": lang, "base_model": base_model, "base_fingerprint": fingerprint,
             "adapter_config": madx.configs[name].to_dict(), "labels": list(task.labels) if task.labels else None,
-            "language_adapter": ({"path": lang_path, "weights_sha256": lang_meta.get("weights_sha256"),
+            "language_adapter": ({"path": lang_path, "spec": s.lang_adapter,
+                                  "weights_sha256": lang_meta.get("weights_sha256"),
                                   "invertible": madx.invertible_adapter(lang) is not None} if lang_path else None),
             "train_data": s.train_data, "train_features": n_features, "max_length": max_length,
             "auto_class": task.auto_class, "backbone_dtype": str(dtype or "float32"), "backend": s.backend}

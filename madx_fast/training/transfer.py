@@ -31,6 +31,7 @@ from .. import atomic
 from ..model import Stack
 from ..model.adapter_files import read_adapter_info
 from . import runs, setup
+from .data import default_eval_split
 from .settings import TransferSettings
 from .tasks import make_task, task_class, task_for_head
 from .trainer import PeakMemory
@@ -59,7 +60,8 @@ def evaluate_transfer(settings: TransferSettings | None = None, /, **kwargs) -> 
     for plan in plans:
         records.extend(_evaluate_plan(plan, s, device))
     result = {"records": records, "system": s.system, "task": tasks.pop(), "targets": list(s.targets),
-              "settings": list(s.settings), "eval_data": s.eval_data, "split": s.split,
+              "settings": list(s.settings), "eval_data": s.eval_data,
+              "split": s.split or ",".join(sorted({r["split"] for r in records})),
               "wall_time_s": time.perf_counter() - t_start}
     if s.output_dir:
         write_transfer_report(records, s.output_dir)
@@ -70,7 +72,7 @@ def resolve_task_adapter(path: str, model: str | None = None) -> dict:
     """A task adapter (run directory, bundle, ``save_adapter(with_head=True)`` directory or AdapterHub directory
     with its head) resolved to ``{"path": bundle, "meta": run record or {}, "task", "labels", "base_model",
     "auto_class": the head's HF class}``; ``model`` overrides the recorded base model. Metadata checks only."""
-    bundle = runs.find_bundle(path, prefer=("best", "last"))
+    bundle = runs.find_bundle(path, prefer=("best", "last"), model_name=model)
     meta = runs.read_bundle_meta(bundle)
     info = read_adapter_info(bundle)
     if meta.get("stage") not in (None, "task"):
@@ -91,9 +93,10 @@ def resolve_task_adapter(path: str, model: str | None = None) -> dict:
             "auto_class": info.head.model_class}
 
 
-def resolve_language_adapter(lang: str, where: str) -> str:
-    """The bundle of language ``lang``'s adapter from a run directory, bundle or adapter directory ``where``."""
-    found = runs.find_bundle(where, prefer=("adapter",))
+def resolve_language_adapter(lang: str, where: str, base_model: str | None = None) -> str:
+    """The bundle of language ``lang``'s adapter from a run directory, bundle, adapter directory or Hub name
+    ``where`` (AdapterHub's short names depend on ``base_model``)."""
+    found = runs.find_bundle(where, prefer=("adapter",), model_name=base_model)
     if runs.read_bundle_meta(found).get("stage") not in (None, "language"):
         raise runs.BundleError(f"{found} (for {lang!r}) holds a task adapter, not a language adapter")
     return found
@@ -121,12 +124,14 @@ def _plan(path: str, s: TransferSettings) -> dict:
     for lang in needed:
         where = s.lang_adapters.get(lang)
         if where is None and lang == source and meta.get("language_adapter"):
-            where = meta["language_adapter"]["path"]
+            recorded = meta["language_adapter"]  # where the run found it; else what it was given (a Hub name)
+            gone = not os.path.isdir(recorded["path"]) and recorded.get("spec")
+            where = recorded["spec"] if gone else recorded["path"]
         if where is None:
             given = ", ".join(sorted(s.lang_adapters)) or "none"
             raise ValueError(f"no language adapter for {lang!r} (given: {given}); pass one for every target "
                              "language, e.g. --lang-adapter sw=runs/lang-sw")
-        needed[lang] = resolve_language_adapter(lang, where)
+        needed[lang] = resolve_language_adapter(lang, where, plan["base_model"])
     if source and "source" in s.settings and meta.get("language_adapter"):
         want = meta["language_adapter"].get("weights_sha256")
         have = runs.read_bundle_meta(needed[source]).get("weights_sha256") if source in needed else None
@@ -151,16 +156,18 @@ def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
     max_length = plan["meta"].get("max_length") or task.default_max_length
     data = {}  # every target's data, checked against the head, before any evaluation
     for target in s.targets:
-        examples = type(task).read(s.eval_data, s.split, lang=target, max_examples=s.max_examples,
+        split = s.split or default_eval_split(s.eval_data, target)
+        examples = type(task).read(s.eval_data, split, lang=target, max_examples=s.max_examples,
                                    labels=plan["labels"]).examples
-        task.check_fits(examples, f"{s.eval_data} ({target}, {s.split})")
-        data[target] = (examples, task.encode(examples, tok, max_length, train=False))
+        task.check_fits(examples, f"{s.eval_data} ({target}, {split})")
+        data[target] = (examples, task.encode(examples, tok, max_length, train=False), split)
 
-    model, madx, task_name = load_task_model(plan, task, plan["lang_paths"], s.backend, s.backbone_dtype, device)
+    model, madx, task_name = load_task_model(plan, task, plan["lang_paths"], s.backend, s.backbone_dtype, device,
+                                             s.compile)
     memory = PeakMemory(device)
     records = []
     for target, setting, lang in plan["runs"]:
-        examples, features = data[target]
+        examples, features, split = data[target]
         madx.set_active(Stack(lang, task_name) if lang else task_name)
         t0 = time.perf_counter()
         metrics = task.evaluate(model, examples, features, batch_size=s.batch_size, device=device, bf16=s.bf16,
@@ -168,7 +175,8 @@ def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
         value = metrics[task.main_metric]
         percent = value if task.name == "qa" else 100.0 * value
         rec = {"system": s.system, "task": task.name, "task_adapter": plan["path"], "source": plan["source"],
-               "target": target, "setting": setting, "language_adapter": lang, "metric": task.main_metric,
+               "target": target, "setting": setting, "language_adapter": lang, "split": split,
+               "metric": task.main_metric,
                "value": percent, "metrics": metrics, "eval_time_s": time.perf_counter() - t0, **memory.read()}
         records.append(rec)
         log.info("%s | %s | source %s -> target %s: %s %.2f", s.system, SETTINGS[setting], rec["source"], target,
@@ -177,10 +185,11 @@ def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
     return records
 
 
-def load_task_model(plan: dict, task, lang_paths: dict[str, str], backend, backbone_dtype, device):
+def load_task_model(plan: dict, task, lang_paths: dict[str, str], backend, backbone_dtype, device, compile=None):
     """``(model, madx, task adapter name)``: the base model of a ``resolve_task_adapter`` plan with the task
     adapter and its head, and every language adapter of ``lang_paths`` (loaded as its language), checked
-    against the base model's fingerprint, cast and placed on ``device``."""
+    against the base model's fingerprint, cast, placed on ``device`` and, with ``compile``, its encoder
+    compiled (``setup.compile_encoder``)."""
     model, madx, fingerprint = setup.wired_model(_auto_class(plan, task), plan["base_model"], backend,
                                                  **task.head_kwargs())
     task_name, _ = runs.load_bundle(madx, plan["path"], fingerprint=fingerprint, model_name=plan["base_model"],
@@ -190,6 +199,7 @@ def load_task_model(plan: dict, task, lang_paths: dict[str, str], backend, backb
             raise ValueError(f"language {lang!r} has the task adapter's name")
         runs.load_bundle(madx, path, load_as=lang, fingerprint=fingerprint, model_name=plan["base_model"])
     setup.place(model, madx, backbone_dtype, device)
+    setup.compile_encoder(model, compile)
     return model, madx, task_name
 
 

@@ -59,6 +59,7 @@ class Task(Objective, Protocol):
     auto_class: ClassVar[str]          # the HF class of the model with this head
     main_metric: ClassVar[str]         # the metric the best checkpoint is chosen by
     default_max_length: ClassVar[int]
+    default_epochs: ClassVar[float | None]  # training length when neither steps nor epochs are given (None: steps)
     graph_outputs: ClassVar[tuple[str, ...] | None]  # outputs an evaluation reads (None: no CUDA-graph replay)
 
     @classmethod

@@ -47,6 +47,9 @@ def read_copa(spec: str, split: str, *, lang: str | None = None, max_examples: i
         if rec["question"] not in COPA_QUESTIONS:
             raise DataError(f"{path}: record {i}: question {rec['question']!r} is not 'cause' or 'effect'")
         label = int(rec["label"])
+        if label == -1:
+            raise DataError(f"{path}: record {i} has no label (-1: an unlabeled split, such as the test split of "
+                            "SuperGLUE's COPA); use a labelled split, e.g. validation")
         if label not in (0, 1):
             raise DataError(f"{path}: record {i}: label {rec['label']!r} does not fit a 2-choice head (0 or 1)")
         examples.append(CopaExample(rec["premise"], [rec["choice1"], rec["choice2"]], rec["question"], label))
@@ -80,6 +83,7 @@ class CopaTask:
     auto_class: ClassVar[str] = "AutoModelForMultipleChoice"
     main_metric: ClassVar[str] = "accuracy"
     default_max_length: ClassVar[int] = 128
+    default_epochs: ClassVar[float | None] = None  # TrainConfig's steps
     graph_outputs: ClassVar[None] = None
 
     @classmethod

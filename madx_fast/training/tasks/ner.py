@@ -182,6 +182,7 @@ class NerTask:
     auto_class: ClassVar[str] = "AutoModelForTokenClassification"
     main_metric: ClassVar[str] = "f1"
     default_max_length: ClassVar[int] = 128
+    default_epochs: ClassVar[float | None] = 100.0  # the paper's WikiANN setting
     graph_outputs: ClassVar[tuple[str, ...]] = ("logits",)
 
     def __post_init__(self):

@@ -155,6 +155,7 @@ class QaTask:
     auto_class: ClassVar[str] = "AutoModelForQuestionAnswering"
     main_metric: ClassVar[str] = "f1"
     default_max_length: ClassVar[int] = 384
+    default_epochs: ClassVar[float | None] = None  # TrainConfig's steps
     graph_outputs: ClassVar[tuple[str, ...]] = ("start_logits", "end_logits")
     doc_stride: ClassVar[int] = 128
     n_best: ClassVar[int] = 20
