@@ -17,7 +17,6 @@ name), ``mlm_loss.py``
 from .adapter_files import AdapterFileError
 from .config import AdapterConfigError, MadxConfig
 from .controller import AdapterExistsError, MadxAdapters, add_madx, check_adapter_name
-from .adapter_files import AdapterFileError
 from .hub import AdapterNameError, AdapterNotFoundError, resolve_adapter
 from .mlm_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy, madx_mlm_loss
 from .stack import PerRow, Stack
