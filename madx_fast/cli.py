@@ -182,14 +182,18 @@ def main(argv=None) -> int:
     _setup_logging(args.quiet)
     from .training.progress import library_bars
     library_bars()  # in a log (stderr not a terminal), no library draws bar frames either
+    from .backends import BackendUnavailableError
     from .model import AdapterConfigError, AdapterExistsError, AdapterFileError
     from .training import BundleError, DataError
     from .training.checkpoint import CheckpointError
     from .training.trainer import TrainingDiverged
     expected = (FileNotFoundError, FileExistsError, NotADirectoryError, DataError, BundleError, CheckpointError,
-                AdapterFileError, AdapterConfigError, AdapterExistsError, ValueError, KeyError, OSError)
+                AdapterFileError, AdapterConfigError, AdapterExistsError, BackendUnavailableError, ValueError, KeyError,
+                OSError)
+    finished = False
     try:
         status = COMMANDS[args.command](args)
+        finished = True
     except TrainingDiverged as exc:  # the inputs were fine; the run failed
         if os.environ.get("MADX_DEBUG"):
             raise
@@ -208,7 +212,7 @@ def main(argv=None) -> int:
         return 130
     finally:
         from .training.distributed import shutdown_distributed
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=finished)
     return status or 0
 
 

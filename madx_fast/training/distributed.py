@@ -42,9 +42,13 @@ def init_distributed(device: str | None = None) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_peers: bool = False) -> None:
+    """Leave the process group. After a command that finished on every process (``wait_for_peers``), the
+    processes first meet in a barrier: one leaving while another still talks to it can abort the other."""
     try:
         if dist.is_available() and dist.is_initialized():
+            if wait_for_peers:
+                dist.barrier()
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - best effort at exit
         pass
