@@ -11,4 +11,4 @@ fi
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e . "transformers>=5,<6" "huggingface_hub>=1,<2" tokenizers \
-  "pytest>=8" pytest-benchmark hypothesis
+  "pytest>=8" pytest-benchmark pytest-xdist pytest-timeout hypothesis

@@ -12,4 +12,4 @@ python -c "import transformers, huggingface_hub, sys; print('transformers', tran
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=1
 fi
-python -m pytest tests/model tests/training tests/cli -x -q -p no:cacheprovider "$@"
+python -m pytest tests/model tests/training tests/cli -x -q -p no:cacheprovider -n "${PYTEST_WORKERS:-auto}" "$@"
