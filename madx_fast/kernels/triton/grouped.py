@@ -44,11 +44,11 @@ import triton
 import triton.language as tl
 
 from ._launch import NUM_STAGES, dot_precision, interpreting, pow2_at_least, sm_count
-from .activations import apply_activation
 from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, linear_tile
 from .nice import _config as _nice_config
 from .nice import _layout as _nice_layout
 from .nice import nice_bwd_block, nice_fwd_block
+from .weight_grad import tn_accumulate, tn_store
 
 # Upper bound on the fp32 partials of one grouped reduction (G * S * M * K elements): 128 MiB.
 PARTIAL_BUDGET = 1 << 25
@@ -129,28 +129,15 @@ def _grouped_tn_kernel(
     kc = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mmask = mc < M
     kmask = kc < K
-    dt = A.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for t0 in range(0, n_tok, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         tmask = t < n_tok
         row = tl.load(ORDER + r0 + t // L, mask=tmask, other=0).to(tl.int64)
-        tok = row * L + t % L
-        a = tl.load(A + tok[:, None] * stride_an + mc[None, :] * stride_am,
-                    mask=tmask[:, None] & mmask[None, :], other=0.0)
-        bmask = tmask[:, None] & kmask[None, :]
-        b = tl.load(B + tok[:, None] * stride_bn + kc[None, :] * stride_bk, mask=bmask, other=0.0)
-        if ACT != 0:
-            b = tl.where(bmask, apply_activation(b.to(tl.float32), ACT), 0.0).to(dt)
-        acc = tl.dot(tl.trans(a), b.to(dt), acc, input_precision=DOT_PREC)
-        if WITH_SUM:
-            colsum += tl.sum(a.to(tl.float32), axis=0)
-    part = pid_gs.to(tl.int64)
-    tl.store(C_PART + part * M * K + mc[:, None] * K + kc[None, :], acc, mask=mmask[:, None] & kmask[None, :])
-    if WITH_SUM:
-        if pid_k == 0:
-            tl.store(S_PART + part * M + mc, colsum, mask=mmask)
+        acc, colsum = tn_accumulate(A, B, row * L + t % L, tmask, mc, mmask, kc, kmask, acc, colsum,
+                                    stride_an, stride_am, stride_bn, stride_bk, ACT, WITH_SUM, DOT_PREC)
+    tn_store(C_PART, S_PART, pid_gs.to(tl.int64), acc, colsum, mc, mmask, kc, kmask, M, K, pid_k, WITH_SUM)
 
 
 @triton.jit

@@ -31,24 +31,39 @@ def _tn_kernel(
     kc = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mmask = mc < M
     kmask = kc < K
-    dt = A.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     start = pid_s * rows_per_split
     stop = tl.minimum(start + rows_per_split, N)
     for n0 in range(start, stop, BLOCK_N):
         rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        rmask = rows < stop
-        a = tl.load(A + rows[:, None] * stride_an + mc[None, :] * stride_am,
-                    mask=rmask[:, None] & mmask[None, :], other=0.0)
-        bmask = rmask[:, None] & kmask[None, :]
-        b = tl.load(B + rows[:, None] * stride_bn + kc[None, :] * stride_bk, mask=bmask, other=0.0)
-        if ACT != 0:
-            b = tl.where(bmask, apply_activation(b.to(tl.float32), ACT), 0.0).to(dt)
-        acc = tl.dot(tl.trans(a), b.to(dt), acc, input_precision=DOT_PREC)
-        if WITH_SUM:
-            colsum += tl.sum(a.to(tl.float32), axis=0)
-    part = pid_s.to(tl.int64)
+        acc, colsum = tn_accumulate(A, B, rows, rows < stop, mc, mmask, kc, kmask, acc, colsum,
+                                    stride_an, stride_am, stride_bn, stride_bk, ACT, WITH_SUM, DOT_PREC)
+    tn_store(C_PART, S_PART, pid_s.to(tl.int64), acc, colsum, mc, mmask, kc, kmask, M, K, pid_k, WITH_SUM)
+
+
+@triton.jit
+def tn_accumulate(A, B, tok, tmask, mc, mmask, kc, kmask, acc, colsum, stride_an, stride_am, stride_bn, stride_bk,
+                  ACT: tl.constexpr, WITH_SUM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One block of tokens ``tok`` (rows of A and B; ``tmask`` the valid ones) into ``acc += A^T act(B)`` and
+    ``colsum += A.sum(0)``, for the M tile ``mc`` and the K tile ``kc``. Shared with the grouped reduction,
+    which gathers its tokens by group."""
+    dt = A.dtype.element_ty
+    a = tl.load(A + tok[:, None] * stride_an + mc[None, :] * stride_am, mask=tmask[:, None] & mmask[None, :],
+                other=0.0)
+    bmask = tmask[:, None] & kmask[None, :]
+    b = tl.load(B + tok[:, None] * stride_bn + kc[None, :] * stride_bk, mask=bmask, other=0.0)
+    if ACT != 0:
+        b = tl.where(bmask, apply_activation(b.to(tl.float32), ACT), 0.0).to(dt)
+    acc = tl.dot(tl.trans(a), b.to(dt), acc, input_precision=DOT_PREC)
+    if WITH_SUM:
+        colsum += tl.sum(a.to(tl.float32), axis=0)
+    return acc, colsum
+
+
+@triton.jit
+def tn_store(C_PART, S_PART, part, acc, colsum, mc, mmask, kc, kmask, M, K, pid_k, WITH_SUM: tl.constexpr):
+    """A program's fp32 partial of ``C`` (and, from the first K tile, of the column sums) at slot ``part``."""
     tl.store(C_PART + part * M * K + mc[:, None] * K + kc[None, :], acc, mask=mmask[:, None] & kmask[None, :])
     if WITH_SUM:
         if pid_k == 0:
