@@ -1,7 +1,7 @@
 """End-to-end MAD-X step benchmark: madx_fast fused vs madx_fast eager vs AdapterHub `adapters` (as is, and
 with madx_fast.patch_adapterhub), in one run.
 
-    python benchmarks/bench_train.py                 # GPU: XLM-R base architecture, the sizes of performance.md
+    python benchmarks/bench_train.py                 # GPU: XLM-R base, the sizes in docs/benchmarks.md
     python benchmarks/bench_train.py --size tiny     # CPU-friendly (CI keeps it working)
     python benchmarks/bench_train.py --size base-small --impl eager adapterhub   # XLM-R base, small batches
     python benchmarks/bench_train.py --profile       # + where each step's time goes, by kind of work

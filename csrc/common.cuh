@@ -3,7 +3,7 @@
 //
 // The same sources also compile as plain C++ with MADX_EMULATE defined (csrc/emulation/cuda_emu.h): the
 // kernels then run on the CPU, one fiber per CUDA thread, which is how the indexing, bounds checks and
-// barrier placement are tested on machines without a GPU (tests/test_cuda_backend.py).
+// barrier placement are tested on machines without a GPU (tests/kernels/cuda/test_emulator.py).
 #pragma once
 
 #include <cstdint>

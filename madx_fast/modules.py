@@ -101,6 +101,10 @@ class InvertibleAdapter(nn.Module):
     masked-LM decoder. F: ``H - H//2 -> hidden -> H//2``, G: ``H//2 -> hidden -> H - H//2``,
     hidden ``= int(in // reduction_factor)``."""
 
+    # AdapterHub's parameter names, one per ``reference.NiceWeights`` field in its order
+    PARAMETER_NAMES = ("F.0.weight", "F.0.bias", "F.2.weight", "F.2.bias", "G.0.weight", "G.0.bias", "G.2.weight",
+                       "G.2.bias")
+
     def __init__(self, hidden_size: int, reduction_factor: float = 2, activation: str = "relu",
                  recompute: bool = True, backend: str | None = None):
         super().__init__()
@@ -118,18 +122,18 @@ class InvertibleAdapter(nn.Module):
     @staticmethod
     def parameter_shapes(hidden_size: int, reduction_factor: float) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every parameter (AdapterHub's names): the one statement of the block's size."""
-        len1, len2 = reference.nice_split(hidden_size)
         hf, hg = reference.nice_hidden_sizes(hidden_size, reduction_factor)
-        return {"F.0.weight": (hf, len2), "F.0.bias": (hf,), "F.2.weight": (len1, hf), "F.2.bias": (len1,),
-                "G.0.weight": (hg, len1), "G.0.bias": (hg,), "G.2.weight": (len2, hg), "G.2.bias": (len2,)}
+        shapes = reference.nice_weight_shapes(hidden_size, hf, hg)
+        return dict(zip(InvertibleAdapter.PARAMETER_NAMES, shapes.values()))
 
     def reset_parameters(self):
         for lin in (self.F[0], self.F[2], self.G[0], self.G[2]):
             reference.init_linear_bert(lin.weight, lin.bias)
 
-    def weights(self):
-        return (self.F[0].weight, self.F[0].bias, self.F[2].weight, self.F[2].bias,
-                self.G[0].weight, self.G[0].bias, self.G[2].weight, self.G[2].bias)
+    def weights(self) -> reference.NiceWeights:
+        """The parameters in the order the NICE ops take them (``PARAMETER_NAMES``, field by field)."""
+        return reference.NiceWeights(self.F[0].weight, self.F[0].bias, self.F[2].weight, self.F[2].bias,
+                                     self.G[0].weight, self.G[0].bias, self.G[2].weight, self.G[2].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.nice_forward(x, *self.weights(), activation=self.activation, recompute=self.recompute,

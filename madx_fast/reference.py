@@ -15,6 +15,7 @@ cast to ``x.dtype``, as autocast does), accumulate in float32, and the output ha
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,28 @@ def nice_hidden_sizes(h: int, reduction_factor: float = 2) -> tuple[int, int]:
     return int(len2 // reduction_factor), int(len1 // reduction_factor)
 
 
+class NiceWeights(NamedTuple):
+    """The eight weights of a NICE coupling in the order every NICE function takes them: F's two linear layers
+    (input ``x2``), then G's (input ``y1``), each as nn.Linear ``weight [out, in]`` and ``bias [out]``."""
+
+    f_w1: torch.Tensor
+    f_b1: torch.Tensor
+    f_w2: torch.Tensor
+    f_b2: torch.Tensor
+    g_w1: torch.Tensor
+    g_b1: torch.Tensor
+    g_w2: torch.Tensor
+    g_b2: torch.Tensor
+
+
+def nice_weight_shapes(h: int, hf: int, hg: int) -> dict[str, tuple[int, ...]]:
+    """``NiceWeights`` field -> shape for hidden size ``h`` and F / G hidden sizes ``hf`` / ``hg``:
+    ``F: H - H//2 -> hf -> H//2``, ``G: H//2 -> hg -> H - H//2``."""
+    len1, len2 = nice_split(h)
+    shapes = ((hf, len2), (hf,), (len1, hf), (len1,), (hg, len1), (hg,), (len2, hg), (len2,))
+    return dict(zip(NiceWeights._fields, shapes))
+
+
 def nice_forward_reference(x, f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2, activation_name="relu"):
     """NICE coupling forward: ``y1 = x1 + F(x2); y2 = x2 + G(y1)``."""
     len1, _ = nice_split(x.shape[-1])
@@ -172,7 +195,7 @@ def grouped_nice_reference(x, groups, f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, 
     """Per-row NICE coupling: row ``b`` of ``x [B, ..., H]`` through ``nice_forward_reference`` (or
     ``nice_inverse_reference``) with the weights of group ``groups[b]``; each weight stacked over groups
     (``f_w1 [G, hf, H - H//2]``, ``f_b1 [G, hf]``, ...)."""
-    weights = (f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2)
+    weights = NiceWeights(f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2)
     fn = nice_inverse_reference if inverse else nice_forward_reference
     return _per_group(x, groups, f_w1.shape[0],
                       lambda g, xg: fn(xg, *(w[g] for w in weights), activation_name=activation_name))

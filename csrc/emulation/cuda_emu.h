@@ -1,6 +1,6 @@
 // CPU emulation of the CUDA subset used by csrc/*.cu, for testing the kernels on machines without a GPU.
 //
-// Compile the .cu sources as C++ with -DMADX_EMULATE (tests/test_cuda_backend.py builds them into a CPU
+// Compile the .cu sources as C++ with -DMADX_EMULATE (tests/helpers/cuda.py builds them into a CPU
 // torch extension). Then every kernel launch runs on the CPU: blocks one after another, and inside a block
 // one fiber (ucontext) per CUDA thread. __syncthreads() switches fibers, so the emulation follows the
 // barrier semantics exactly, and it is adversarial about missing barriers: between two barriers each

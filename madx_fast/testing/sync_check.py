@@ -13,6 +13,7 @@ a tensor's values on the host: ``.item()`` / ``bool()`` / ``int()`` (``_local_sc
 """
 from __future__ import annotations
 
+import os
 import traceback
 from dataclasses import dataclass
 
@@ -38,10 +39,15 @@ class HostRead:
         return f"{self.op} at {self.where}"
 
 
+_THIS_FILE = os.path.normcase(os.path.abspath(__file__))
+
+
 def _caller() -> str:
-    for frame in reversed(traceback.extract_stack()[:-3]):
+    """The innermost frame outside torch and this module (this module's frames stand in the stack once per
+    ``HostReads`` that passes the op on to an enclosing one)."""
+    for frame in reversed(traceback.extract_stack()):
         name = frame.filename.replace("\\", "/")
-        if "/torch/" in name or name.endswith("madx_fast/sync_check.py"):
+        if "/torch/" in name or os.path.normcase(os.path.abspath(frame.filename)) == _THIS_FILE:
             continue
         return f"{name}:{frame.lineno} ({frame.name})"
     return "?"

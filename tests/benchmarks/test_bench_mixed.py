@@ -15,7 +15,7 @@ def _bench():
 
 def test_bench_mixed_tiny_table(tmp_path, capsys):
     out = tmp_path / "mixed.json"
-    # the eager adapter ops (fast on a CPU; the grouped kernels are tested in tests/test_grouped_ops.py)
+    # the eager adapter ops (fast on a CPU; the grouped kernels are tested in tests/ops/test_grouped.py)
     rows = _bench().main(["--size", "tiny", "--backend", "eager", "--warmup", "0", "--iters", "1",
                           "--json", str(out)])
     assert [r["workload"] for r in rows] == ["mixed", "loop", "single"]

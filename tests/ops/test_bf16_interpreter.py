@@ -3,7 +3,7 @@
 Triton's CPU interpreter (TRITON_INTERPRET=1, how CI runs the kernels) gets bfloat16 arithmetic wrong;
 the ops say so (naming bfloat16, the interpreter and what to use instead) before any kernel runs. On a GPU
 bfloat16 keeps running on the Triton kernels. The command-line side is in
-tests/training/test_training_bf16_interpreter_refusal.py."""
+tests/training/test_bf16_interpreter.py."""
 from __future__ import annotations
 
 import pytest
@@ -54,6 +54,22 @@ def test_nice_refuses_bf16_on_the_interpreter(inverse):
     with pytest.raises(BackendDtypeError) as exc:
         (ops.nice_inverse if inverse else ops.nice_forward)(x, *w, backend="triton")
     assert_clear(exc)
+
+
+@pytest.mark.skipif(GPU, reason="the interpreter case: CPU tensors without a GPU")
+def test_grouped_ops_refuse_bf16_on_the_interpreter():
+    """The per-row ops run the same kernels' arithmetic: refused alike, before any kernel runs."""
+    x, w = adapter_args(torch.bfloat16)
+    groups = torch.tensor([0, 1, 0, 1, 1])
+    stacked = [torch.stack([t, t + 1]) for t in w]
+    with pytest.raises(BackendDtypeError) as exc:
+        ops.grouped_bottleneck_adapter(x, None, groups, *stacked, backend="triton")
+    assert_clear(exc)
+    xn, wn = nice_args(torch.bfloat16)
+    for fn in (ops.grouped_nice_forward, ops.grouped_nice_inverse):
+        with pytest.raises(BackendDtypeError) as exc:
+            fn(xn, groups, *[torch.stack([t, t]) for t in wn], backend="triton")
+        assert_clear(exc)
 
 
 @pytest.mark.skipif(GPU, reason="the interpreter case: CPU tensors without a GPU")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from madx_fast import ops, reference
+from madx_fast.ops import dispatch
 from tests.helpers.devices import DEVICE, GPU
 
 SPECIALS = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
@@ -61,8 +62,8 @@ def backend(request, monkeypatch):
     name = request.param
     if name == "cuda-emulated":
         launchers = request.getfixturevalue("emulated_launchers")
-        monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: backend or "cuda")
-        monkeypatch.setattr(ops, "kernel_module", lambda backend: launchers)
+        monkeypatch.setattr(dispatch, "resolve_backend", lambda backend, device: backend or "cuda")
+        monkeypatch.setattr(dispatch, "kernel_module", lambda backend: launchers)
         return "cuda"
     return name
 

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from madx_fast import ops
+from madx_fast.ops import dispatch
 from tests.helpers.cuda import build, build_emulator, launchers
 
 
@@ -16,9 +16,9 @@ def emulated_launchers():
 
 @pytest.fixture
 def emulator(emulated_launchers, monkeypatch):
-    """backend="cuda" on CPU tensors runs csrc/ on the emulator, through ops.py's custom ops and autograd."""
-    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: backend or "cuda")
-    monkeypatch.setattr(ops, "kernel_module", lambda name: emulated_launchers)
+    """backend="cuda" on CPU tensors runs csrc/ on the emulator, through madx_fast.ops' custom ops and autograd."""
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda backend, device: backend or "cuda")
+    monkeypatch.setattr(dispatch, "kernel_module", lambda name: emulated_launchers)
     return emulated_launchers
 
 
