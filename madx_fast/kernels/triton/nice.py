@@ -196,7 +196,26 @@ def nice_bwd_block(
     tl.store(DZB + rows[:, None] * HB + hb[None, :], dzb, mask=mhb)
     tl.store(ZA + rows[:, None] * HA + ha[None, :], za, mask=mha)
 
-    # gA = d_dstA + dzB W_B1 (the gradient of tgt_A), and gA W_A2 for stage A's backward.
+    dha = _tgt_grad(DOUT, DINP, WB1, WA2, dzb, rows, rmask, H, OUT_A, HA, HB, OFF_TGT,
+                    DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HA, BLOCK_HB)
+    dza = activation_backward(sign * dha, za.to(tl.float32), ACT)
+    dza = tl.where(lost[:, None] != 0, float("nan"), dza).to(dt)
+    tl.store(DZA + rows[:, None] * HA + ha[None, :], dza, mask=mha)
+
+    _src_grad(DOUT, DINP, WA1, dza, rows, rmask, H, IN_A, HA, OFF_SRC, DOT_PREC, BLOCK_K, BLOCK_HA)
+
+
+@triton.jit
+def _tgt_grad(DOUT, DINP, WB1, WA2, dzb, rows, rmask, H, OUT_A, HA, HB, OFF_TGT,
+              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr,
+              BLOCK_HB: tl.constexpr):
+    """``gA = d_dstA + dzB W_B1`` (the gradient of tgt_A, stored into DINP) chunk by chunk, and stage A's
+    upstream ``gA W_A2``: [BLOCK_M, BLOCK_HA] fp32, padding columns exactly 0."""
+    dt = DOUT.dtype.element_ty
+    ha = tl.arange(0, BLOCK_HA)
+    hb = tl.arange(0, BLOCK_HB)
+    ha_mask = ha < HA
+    hb_mask = hb < HB
     dha = tl.zeros((BLOCK_M, BLOCK_HA), dtype=tl.float32)
     for n0 in range(0, OUT_A, BLOCK_K):
         nc = n0 + tl.arange(0, BLOCK_K)
@@ -208,12 +227,16 @@ def nice_bwd_block(
         tl.store(DINP + rows[:, None] * H + (OFF_TGT + nc)[None, :], ga, mask=m2)
         wa2 = tl.load(WA2 + nc[:, None] * HA + ha[None, :], mask=nmask[:, None] & ha_mask[None, :], other=0.0)
         dha = tl.dot(tl.where(m2, ga, 0.0).to(dt), wa2.to(dt), dha, input_precision=DOT_PREC)
-    dha = tl.where(ha_mask[None, :], dha, 0.0)
-    dza = activation_backward(sign * dha, za.to(tl.float32), ACT)
-    dza = tl.where(lost[:, None] != 0, float("nan"), dza).to(dt)
-    tl.store(DZA + rows[:, None] * HA + ha[None, :], dza, mask=mha)
+    return tl.where(ha_mask[None, :], dha, 0.0)
 
-    # d_srcA = d_dstB + dzA W_A1.
+
+@triton.jit
+def _src_grad(DOUT, DINP, WA1, dza, rows, rmask, H, IN_A, HA, OFF_SRC,
+              DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr):
+    """``d_srcA = d_dstB + dzA W_A1``, stored into DINP chunk by chunk."""
+    dt = DOUT.dtype.element_ty
+    ha = tl.arange(0, BLOCK_HA)
+    ha_mask = ha < HA
     for n0 in range(0, IN_A, BLOCK_K):
         nc = n0 + tl.arange(0, BLOCK_K)
         nmask = nc < IN_A
