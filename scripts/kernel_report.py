@@ -19,8 +19,9 @@ grids and warps (planned for 132 SMs). One JSON record per launch:
 "shared_bytes", "mma"}``; ``mma`` is "wgmma", "mma.sync" or "none" as read from the PTX. Identical
 specializations compile once (and Triton's on-disk cache keeps them across runs).
 
-Exits non-zero when a kernel fails to compile, needs more shared memory than sm_90 has, spills, or uses
-mma.sync (not Hopper's wgmma) in a bf16 kernel.
+Exits non-zero when a kernel at the MAD-X target shapes (H=768) fails to compile, needs more shared memory
+than sm_90 has, spills, or uses mma.sync (not Hopper's wgmma) in a bf16 kernel. At the other hidden sizes
+the same findings are printed as warnings (``--strict``: failures too).
 """
 from __future__ import annotations
 
@@ -79,11 +80,11 @@ def nice_weights(h, groups=None):
 
 def _nice(h, tokens, dt, act, inverse):
     x, w = torch.empty(tokens, h, device=META, dtype=dt), nice_weights(h)
-    yield "forward"
+    yield "coupling"
     out = coupling.nice_coupling(x, w, act, inverse)
-    yield "backward (input rebuilt)"
+    yield "backward, input rebuilt"
     coupling.nice_coupling_backward(out, out, None, w, act, inverse)
-    yield "backward (input saved)"
+    yield "backward, input saved"
     coupling.nice_coupling_backward(out, out, x, w, act, inverse)
 
 
@@ -103,11 +104,11 @@ def _grouped_nice(h, tokens, dt, act, inverse):
     rows, _ = _rows(tokens)
     groups = torch.empty(rows, device=META, dtype=torch.int64)
     x, w = torch.empty(tokens, h, device=META, dtype=dt), nice_weights(h, LANGUAGES)
-    yield "forward"
+    yield "coupling"
     out = grouped.grouped_nice_coupling(x, groups, w, act, inverse)
-    yield "backward (input rebuilt)"
+    yield "backward, input rebuilt"
     grouped.grouped_nice_coupling_backward(out, out, None, groups, w, act, inverse, True)
-    yield "backward (input saved)"
+    yield "backward, input saved"
     grouped.grouped_nice_coupling_backward(out, out, x, groups, w, act, inverse, True)
 
 
@@ -120,14 +121,14 @@ def problems():
                 d = h // rf
                 yield f"adapter H={h} d={d}", tokens, _adapter(h, d, tokens, dt, act)
             for inverse in (False, True):
-                yield f"NICE H={h} {'inverse' if inverse else 'forward'}", tokens, _nice(h, tokens, dt, act, inverse)
+                yield f"NICE H={h} ({'inverse' if inverse else 'forward'})", tokens, _nice(h, tokens, dt, act, inverse)
     for tokens in TOKENS:
         rows, length = _rows(tokens)
         for d in (48, 384):
-            yield (f"grouped adapter G={LANGUAGES} H={MAIN_H} d={d} ({rows}x{length})", tokens,
+            yield (f"grouped adapter G={LANGUAGES} H={MAIN_H} d={d} {rows}x{length}", tokens,
                    _grouped_adapter(MAIN_H, d, tokens, dt, act))
         for inverse in (False, True):
-            yield (f"grouped NICE G={LANGUAGES} H={MAIN_H} {'inverse' if inverse else 'forward'} ({rows}x{length})",
+            yield (f"grouped NICE G={LANGUAGES} H={MAIN_H} {rows}x{length} ({'inverse' if inverse else 'forward'})",
                    tokens, _grouped_nice(MAIN_H, tokens, dt, act, inverse))
 
 
@@ -138,7 +139,7 @@ def record(only: str = ""):
     with aot.recording(launches, lambda: label["case"]):
         for case, tokens, phases in problems():
             for phase in phases:  # advancing the generator runs the phase's launchers
-                label["case"] = f"{case} {phase}"
+                label["case"] = f"{case}: {phase}"
             tokens_of.extend([tokens] * (len(launches) - len(tokens_of)))
     return [(launch, tokens) for launch, tokens in zip(launches, tokens_of)
             if not only or only in launch.case or only in launch.fn.__name__]
@@ -179,28 +180,37 @@ def problems_of(rec) -> list[str]:
     return out
 
 
+def is_target(rec) -> bool:
+    """A record at the MAD-X target shapes of the speed goals (hidden size 768)."""
+    return f"H={MAIN_H} " in rec["case"]
+
+
 def ctas(rec) -> int:
     g = rec["grid"]
     return g[0] * g[1] * g[2]
 
 
 def markdown(records) -> str:
-    """The report as markdown tables: one for H=768 (the MAD-X targets), one for the other hidden sizes."""
-    head = ("| kernel | case | tokens | grid (CTAs) | warps | stages | regs | spill B | smem KB | mma |\n"
+    """The report as markdown tables (H=768, then the other hidden sizes); launches of one case and phase
+    that compiled to the same figures are one row (``x2``: two such launches, e.g. the weight gradients)."""
+    head = ("| kernel | case | tokens | CTAs | warps | stages | regs | spill B | smem KB | mma |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = {}
+    for r in records:
+        stats = ("error",) if "error" in r else (ctas(r), r["num_warps"], r["num_stages"], r["registers"],
+                                                  r["spill_bytes"], round(r["shared_bytes"] / 1024), r["mma"])
+        key = (r["kernel"], r["case"], r["tokens"], stats)
+        rows[key] = rows.get(key, 0) + 1
 
-    def row(r):
-        grid = "x".join(str(g) for g in r["grid"])
-        if "error" in r:
-            return f"| `{r['kernel']}` | {r['case']} | {r['tokens']} | {grid} | | | | | | error |\n"
-        return (f"| `{r['kernel']}` | {r['case']} | {r['tokens']} | {grid} ({ctas(r)}) | {r['num_warps']} | "
-                f"{r['num_stages']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
-                f"{r['mma']} |\n")
-    main = [r for r in records if f"H={MAIN_H} " in r["case"]]
-    other = [r for r in records if f"H={MAIN_H} " not in r["case"]]
-    text = f"Hidden size {MAIN_H} (XLM-R base, mBERT, mDeBERTa-v3 base):\n\n" + head + "".join(map(row, main))
+    def line(key, count):
+        kernel, case, tokens, stats = key
+        times = f" x{count}" if count > 1 else ""
+        return f"| `{kernel}`{times} | {case} | {tokens} | " + " | ".join(str(v) for v in stats) + " |\n"
+    main = [line(k, c) for k, c in rows.items() if f"H={MAIN_H} " in k[1]]
+    other = [line(k, c) for k, c in rows.items() if f"H={MAIN_H} " not in k[1]]
+    text = f"Hidden size {MAIN_H} (the MAD-X targets):\n\n" + head + "".join(main)
     if other:
-        text += "\nOther hidden sizes (rf 16 and 2 bottlenecks, NICE rf 2):\n\n" + head + "".join(map(row, other))
+        text += "\nOther hidden sizes (rf 16 and 2 bottlenecks, NICE rf 2):\n\n" + head + "".join(other)
     return text
 
 
@@ -210,6 +220,7 @@ def main(argv=None):
     p.add_argument("--markdown", action="store_true", help="print the markdown tables instead of the text table")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
     p.add_argument("--only", default="", help="only launches whose case or kernel name contains this")
+    p.add_argument("--strict", action="store_true", help="fail on findings at every hidden size, not only H=768")
     args = p.parse_args(argv)
     launches = record(args.only)
     records, compiled = measure_all(launches, args.jobs)
@@ -225,10 +236,12 @@ def main(argv=None):
             stats = r.get("error") or (f"{r['num_warps']:>3}w {r['num_stages']}s {r['registers']:>4} regs "
                                        f"{r['spill_bytes']:>5} spill {r['shared_bytes']:>7} smem {r['mma']}")
             print(f"{r['kernel']:<30} {r['case']:<62} {r['tokens']:>6} {ctas(r):>6} CTAs  {stats}")
+    strict = [(r, why) for r, why in failures if args.strict or is_target(r)]
     for r, why in failures:
-        print(f"FAIL {r['kernel']} [{r['case']}, {r['tokens']} tokens]: {why}")
-    print(f"# {len(failures)} failures")
-    return 1 if failures else 0
+        tag = "FAIL" if (r, why) in strict else "WARN (beyond the H=768 targets)"
+        print(f"{tag} {r['kernel']} [{r['case']}, {r['tokens']} tokens]: {why}")
+    print(f"# {len(strict)} failures, {len(failures) - len(strict)} warnings")
+    return 1 if strict else 0
 
 
 if __name__ == "__main__":

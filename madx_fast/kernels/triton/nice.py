@@ -332,13 +332,14 @@ def block_config(ha, hb, dtype, block_m=None, block_k=None):
     """``(BLOCK_M, BLOCK_K, (HA0, HA1), (HB0, HB1), launch options)`` of the NICE kernels (shared with the
     grouped launchers). On a GPU in bf16/fp16: 64-token blocks, so every product is a warpgroup MMA (Hopper's
     wgmma works on 64-row blocks) and a program reads the four weights once per 64 tokens; 32-wide chunks of
-    the halves (fp32 master weights are converted in registers on their way to shared memory: 64-wide chunks
-    spill in the stage-A backward), 8 warps. fp32 (IEEE products on FMA units): 32-token blocks."""
+    the halves, 16 wide for hidden widths over 192 (fp32 master weights are converted in registers on their way
+    to shared memory: wider chunks spill in the backward), 8 warps. fp32 (IEEE products on FMA units): 32-token blocks."""
     chunks_a, chunks_b = hidden_chunks(ha), hidden_chunks(hb)
     if interpreting():
         bm, bk = 128, 128
     else:
-        bm, bk = (32, 32) if dtype == torch.float32 else (64, 32)
+        width = max(sum(chunks_a), sum(chunks_b))
+        bm, bk = (32, 32) if dtype == torch.float32 else (64, 32 if width <= 192 else 16)
     return block_m or bm, block_k or bk, chunks_a, chunks_b, dict(num_warps=8, num_stages=NUM_STAGES)
 
 
