@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import atomic
+from .._version import __version__
 from .config import AdapterConfigError, MadxConfig
 
 OWN_CONFIG = "madx_adapter.json"
@@ -118,7 +119,7 @@ def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = Fa
                   "name_or_path": getattr(model.config, "name_or_path", "") or ""},
         "head": None if head is None else {"keys": sorted(head), "model_class": type(model).__name__,
                                            "labels": _label_names(model.config)},
-        "madx_fast_version": _version(),
+        "madx_fast_version": __version__,
     }
     save_file(weights, os.path.join(directory, OWN_WEIGHTS), metadata={"format": "pt"})
     meta["weights_sha256"] = sha256_file(os.path.join(directory, OWN_WEIGHTS))
@@ -570,8 +571,3 @@ def _label_names(config) -> list[str] | None:
 def _cpu_copies(state: dict) -> dict:
     """Contiguous CPU copies that share no storage (safetensors and torch.save both need that here)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-
-
-def _version() -> str:
-    from .. import __version__
-    return __version__

@@ -22,6 +22,7 @@ import os
 import shutil
 
 from .. import atomic
+from .._version import __version__
 from ..model.adapter_files import (ADAPTER_FILES, HUB_CONFIG, OWN_CONFIG, OWN_WEIGHTS, read_adapter_info,
                                    write_adapter_files)
 from ..model.adapter_files import read_json as read_json_object
@@ -132,8 +133,6 @@ def file_sha256(path: str) -> str:
 # --------------------------------------------------------------------------------------------------------
 def write_bundle(madx, directory: str, name: str, meta: dict, *, with_head: bool = False) -> None:
     """Adapter ``name`` of ``madx`` (with its task head) + ``meta`` as one bundle, swapped in whole."""
-    from .. import __version__
-
     def build(tmp):
         write_adapter_files(madx, tmp, name, with_head=with_head)
         full = dict(meta, adapter=name, weights_sha256=file_sha256(os.path.join(tmp, OWN_WEIGHTS)),
