@@ -44,7 +44,7 @@ from .progress import StepProgress
 from .runs import CHECKPOINT, LOG_FILE
 from .settings import TrainConfig
 from .setup import pick_device
-from .tasks import Objective
+from .tasks.base import Objective
 
 log = logging.getLogger("madx_fast.training")
 
