@@ -121,7 +121,7 @@ def cmd_predict(args) -> int:
 
 def cmd_params(args) -> None:
     from .model.params import format_parameter_budget, parameter_budget
-    from .training.setup import load_config
+    from .training.models import load_config
     config = load_config(args.model) if args.model else None
     print(format_parameter_budget(parameter_budget(config, model_name=args.model, languages=csv_list(args.langs) or ["en"],
                                                    lang_reduction_factor=args.lang_reduction_factor,

@@ -4,11 +4,12 @@ transfer by swapping the language adapter (docs/training.md).
     from madx_fast.training import TrainConfig, train_language_adapter, train_task_adapter, evaluate_transfer
 
 Reading order: ``settings.py`` (every setting of every stage, once: Python arguments, CLI flags, run.json
-keys) -> ``language.py`` / ``task.py`` / ``transfer.py`` (stages 1, 2, 3) -> ``setup.py`` (models, tokenizers,
-devices, dtypes) and ``tasks/`` (``mlm``, ``ner``, ``qa``, ``copa``: read -> encode -> collate -> loss ->
+keys) -> ``language.py`` / ``task.py`` / ``transfer.py`` (stages 1, 2, 3) -> ``models.py`` (models, tokenizers,
+dtypes), ``devices.py`` and ``tasks/`` (``mlm``, ``ner``, ``qa``, ``copa``: read -> encode -> collate -> loss ->
 metrics) -> ``trainer.py`` (the loop) with ``checkpoint.py``, ``distributed.py``, ``progress.py``,
 ``batches.py``; ``runs.py`` (run directories and bundles) and ``data.py`` (data specs, generic readers);
-``predict.py`` (mixed-language inference on JSON lines, with the stage-3 adapter resolution of ``transfer.py``).
+``loading.py`` (trained adapters resolved and loaded for ``transfer.py`` and ``predict.py``: mixed-language
+inference on JSON lines).
 The ``madx`` command (``madx_fast/cli.py``) is a thin layer over these; the demo is ``madx_fast.demo``.
 """
 from .data import DataError

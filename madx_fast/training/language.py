@@ -14,7 +14,8 @@ import os
 import time
 
 from ..model import MadxConfig
-from . import data, runs, setup
+from . import data, models, runs
+from .devices import pick_device
 from .distributed import init_distributed
 from .settings import LanguageAdapterSettings
 from .tasks import mlm
@@ -30,10 +31,10 @@ def train_language_adapter(settings: LanguageAdapterSettings | None = None, /, *
     runs.check_output_dir(s.output_dir, resume=s.resume, overwrite=s.overwrite)
     procs = init_distributed(s.config.device)
     s.config.check_split(procs.world)
-    device = setup.pick_device(s.config.device, procs.local_rank)
+    device = pick_device(s.config.device, procs.local_rank)
 
-    tok = setup.load_tokenizer(s.tokenizer or s.model, need_mask=True, model=s.model)
-    max_length = setup.max_length_for(s.model, s.max_length, default=256)  # the paper's 256, if it fits
+    tok = models.load_tokenizer(s.tokenizer or s.model, need_mask=True, model=s.model)
+    max_length = models.max_length_for(s.model, s.max_length, default=256)  # the paper's 256, if it fits
     texts, eval_texts = _texts(s)
     train = mlm.mlm_data_from_texts(tok, texts, max_length)
     heldout = mlm.mlm_data_from_texts(tok, eval_texts, max_length) if eval_texts else None
@@ -41,13 +42,13 @@ def train_language_adapter(settings: LanguageAdapterSettings | None = None, /, *
              train.num_tokens, len(heldout) if heldout else 0)
 
     seed_everything(s.config.seed)
-    model, madx, fingerprint = setup.wired_model("AutoModelForMaskedLM", s.model, s.backend)
+    model, madx, fingerprint = models.wired_model("AutoModelForMaskedLM", s.model, s.backend)
     adapter_config = (MadxConfig.language if s.invertible else MadxConfig.seq_bn)(
         reduction_factor=s.reduction_factor, leave_out=list(s.leave_out))
     madx.add_adapter(s.lang, adapter_config, set_active=True)
     madx.train_adapters(s.lang)
-    dtype = setup.place(model, madx, s.backbone_dtype, device)
-    setup.compile_encoder(model, s.config.compile)
+    dtype = models.place(model, madx, s.backbone_dtype, device)
+    models.compile_encoder(model, s.config.compile)
     runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite, main=procs.main)
 
     record = {"stage": "language", "language": s.lang, "adapter": s.lang, "base_model": s.model,
@@ -59,7 +60,7 @@ def train_language_adapter(settings: LanguageAdapterSettings | None = None, /, *
         batches = mlm.fixed_batches(heldout, s.mlm_probability, s.config.eval_batch_size, s.config.seed,
                                     s.max_eval_blocks)
         evaluate = lambda: mlm.evaluate_mlm(model, batches, device, s.config.bf16)  # noqa: E731
-    counts = setup.param_counts(madx, [s.lang])
+    counts = models.param_counts(madx, [s.lang])
     log.info("training language adapter %r: %s parameters (%.2f%% of the base), %d steps of %d", s.lang,
              f"{counts[f'adapter_parameters[{s.lang}]']:,}", counts[f"adapter_percent_of_base[{s.lang}]"],
              s.config.steps, s.config.batch_size)

@@ -38,14 +38,15 @@ import torch
 
 from .. import atomic
 from ..model import PerRow, Stack
-from . import setup
+from . import models
 from .batches import autocast, model_batch, pad_rows
 from .data import DataError
+from .devices import pick_device
+from .loading import check_same_base, load_task_model, resolve_language_adapter, resolve_task_adapter
 from .progress import LineProgress, is_terminal
 from .settings import PredictSettings
 from .tasks import make_task
 from .tasks.base import LineError, string_field
-from .transfer import check_same_base, load_task_model, resolve_language_adapter, resolve_task_adapter
 
 log = logging.getLogger("madx_fast.training")
 
@@ -69,10 +70,10 @@ class Predictor:
         if plan["meta"] and not plan["meta"].get("language"):
             log.warning("%s was trained without a language adapter (MAD-X -LAD -INV); here it runs stacked on the "
                         "lines' language adapters", plan["path"])
-        self.device = setup.pick_device(s.device)
-        tokenizer = setup.load_tokenizer(plan["base_model"], model=plan["base_model"])
+        self.device = pick_device(s.device)
+        tokenizer = models.load_tokenizer(plan["base_model"], model=plan["base_model"])
         self.task = make_task(plan["task"], pad_id=tokenizer.pad_token_id, labels=plan["labels"])
-        self.max_length = setup.max_length_for(plan["base_model"], s.max_length,
+        self.max_length = models.max_length_for(plan["base_model"], s.max_length,
                                                plan["meta"].get("max_length") or self.task.default_max_length)
         self.format = self.task.line_format(self.task, tokenizer, self.max_length)
         self.model, self.madx, self.task_name = load_task_model(plan, self.task, lang_paths, s.backend,

@@ -263,6 +263,10 @@ def _lang_adapter_map(items) -> dict[str, str]:
     return out
 
 
+# the configurations stage 3 evaluates a task adapter in (``settings=``; madx_fast.training.transfer)
+TRANSFER_SETTINGS = {"target": "Stack(target, task)", "source": "Stack(source, task)", "none": "task adapter alone"}
+
+
 @dataclass
 class TransferSettings(_StageSettings):
     """Stage 3: the zero-shot transfer matrix, task adapters x target languages x settings."""
@@ -302,10 +306,9 @@ class TransferSettings(_StageSettings):
             raise ValueError("no target languages")
         if not self.eval_data:
             raise ValueError("eval_data is required")
-        from .transfer import SETTINGS
-        unknown = [s for s in self.settings if s not in SETTINGS]
+        unknown = [s for s in self.settings if s not in TRANSFER_SETTINGS]
         if unknown or not self.settings:
-            raise ValueError(f"unknown transfer setting(s) {unknown}; choose from {sorted(SETTINGS)}")
+            raise ValueError(f"unknown transfer setting(s) {unknown}; choose from {sorted(TRANSFER_SETTINGS)}")
         _number("batch_size", self.batch_size, minimum=1, integer=True)
         for lang in list(self.lang_adapters) + list(self.targets):
             check_adapter_name(lang, "language")

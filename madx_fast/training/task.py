@@ -17,7 +17,8 @@ import time
 
 from ..model import MadxConfig, Stack, check_adapter_name
 from ..model.adapter_files import read_adapter_info
-from . import data, runs, setup
+from . import data, models, runs
+from .devices import pick_device
 from .distributed import init_distributed
 from .settings import TaskAdapterSettings, TrainConfig
 from .tasks import make_task, task_class
@@ -35,12 +36,12 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
     runs.check_output_dir(s.output_dir, resume=s.resume, overwrite=s.overwrite, inputs=[lang_path])
     procs = init_distributed(s.config.device)
     s.config.check_split(procs.world)
-    device = setup.pick_device(s.config.device, procs.local_rank)
+    device = pick_device(s.config.device, procs.local_rank)
 
-    tok = setup.load_tokenizer(s.tokenizer or base_model, model=base_model)
+    tok = models.load_tokenizer(s.tokenizer or base_model, model=base_model)
     train, labels = _read(s, lang)
     task = make_task(s.task, pad_id=tok.pad_token_id, labels=labels)
-    max_length = setup.max_length_for(base_model, s.max_length, default=task.default_max_length)
+    max_length = models.max_length_for(base_model, s.max_length, default=task.default_max_length)
     task.check_fits(train.examples, f"{s.train_data} ({s.train_split})")
     validation = _validation(s, task, lang, labels)
     val_features = task.encode(validation, tok, max_length, train=False) if validation else None
@@ -50,7 +51,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
              len(validation) if validation else "no")
 
     seed_everything(loop.seed)
-    model, madx, fingerprint = setup.wired_model(task.auto_class, base_model, s.backend, **task.head_kwargs())
+    model, madx, fingerprint = models.wired_model(task.auto_class, base_model, s.backend, **task.head_kwargs())
     if lang_path:
         runs.load_bundle(madx, lang_path, load_as=lang, fingerprint=fingerprint, model_name=base_model)
     madx.add_adapter(name, MadxConfig.task(reduction_factor=s.reduction_factor))
@@ -59,8 +60,8 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
     for n, p in model.named_parameters():
         if n in set(task.extra_trainable(model)):
             p.requires_grad_(True)
-    dtype = setup.place(model, madx, s.backbone_dtype, device)
-    setup.compile_encoder(model, s.config.compile)
+    dtype = models.place(model, madx, s.backbone_dtype, device)
+    models.compile_encoder(model, s.config.compile)
     runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite, main=procs.main)
 
     record = _record(s, task, name, lang, lang_path, base_model, fingerprint, madx, max_length, len(features), dtype)
@@ -68,7 +69,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
         madx, os.path.join(s.output_dir, sub), name, dict(record, step=step, metrics=metrics), with_head=True)
     evaluate = (lambda: task.evaluate(model, validation, val_features, batch_size=loop.eval_batch_size,  # noqa: E731
                                       device=device, bf16=loop.bf16)) if val_features else None
-    counts = setup.param_counts(madx, [name] + ([lang] if lang_path else []))
+    counts = models.param_counts(madx, [name] + ([lang] if lang_path else []))
     counts["head_parameters"] = sum(v.numel() for v in madx.head_state_dict().values())
     log.info("training task adapter %r (%s) on %s: %s parameters + head %s, %d steps of %d", name, task.name,
              f"Stack({lang!r}, {name!r})" if lang_path else f"{name!r} alone",

@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import random
-import resource
-import sys
 import time
 from contextlib import nullcontext
 from typing import Callable, Sequence
@@ -40,10 +38,10 @@ from .batches import autocast, model_batch, slice_batch
 from .checkpoint import check_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .data import DataError
 from .distributed import Dist
+from .devices import PeakMemory, pick_device
 from .progress import StepProgress
 from .runs import CHECKPOINT, LOG_FILE
 from .settings import TrainConfig
-from .setup import pick_device
 from .tasks.base import Objective
 
 log = logging.getLogger("madx_fast.training")
@@ -110,23 +108,6 @@ class ShuffledStream:
                                 f"{getattr(self, key)!r}: the training data or seed changed")
         self.epoch, self.offset = state["epoch"], state["offset"]
         self._perm = self._permutation(self.epoch)
-
-
-class PeakMemory:
-    """Peak memory of a run: CUDA allocator peak on a GPU, the process's peak RSS on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def read(self) -> dict:
-        if self.device.type == "cuda":
-            return {"peak_memory_mb": torch.cuda.max_memory_allocated(self.device) / 2 ** 20,
-                    "peak_memory_kind": "cuda max_memory_allocated"}
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rss_mb = rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024
-        return {"peak_memory_mb": rss_mb, "peak_memory_kind": "process peak RSS (CPU)"}
 
 
 class _LossModule(torch.nn.Module):
@@ -404,5 +385,5 @@ def read_log(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-__all__ = ["PeakMemory", "ShuffledStream", "TrainConfig", "Trainer", "TrainingDiverged", "linear_schedule",
+__all__ = ["ShuffledStream", "TrainConfig", "Trainer", "TrainingDiverged", "linear_schedule",
            "read_log", "seed_everything"]

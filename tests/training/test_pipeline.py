@@ -189,7 +189,7 @@ def test_backbone_dtype_defaults_to_the_fast_path(monkeypatch, tmp_path, tiny_ba
     """The command line and the stage functions default to "auto": bfloat16 backbone on a GPU with bf16,
     float32 on the CPU; an explicit bfloat16 backbone trains on the CPU too, adapters staying float32."""
     from madx_fast.cli import build_parser
-    from madx_fast.training.setup import backbone_dtype_for
+    from madx_fast.training.models import backbone_dtype_for
     args = build_parser().parse_args(["train-lang", "--model", "m", "--lang", "x", "--train-data", "t",
                                       "--output", "o"])
     assert args.backbone_dtype == "auto"

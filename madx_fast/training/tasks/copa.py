@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..batches import forward_batches, pad_rows
 from ..data import DataError, load_hf_dataset, read_json_records, resolve_spec, task_file
-from ..setup import check_tokenizer
+from ..models import check_tokenizer
 from .base import LineError, TaskData, string_field
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ...model.inputs import IGNORE_INDEX
 from ..batches import forward_batches, pad_rows
 from ..data import JSON_SUFFIXES, DataError, load_hf_dataset, read_json_records, resolve_spec, task_file, text_lines
-from ..setup import check_tokenizer
+from ..models import check_tokenizer
 from .base import LineError, TaskData, string_field
 
 # WikiANN's label inventory (the order of its ``ner_tags`` ClassLabel).
