@@ -35,8 +35,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
-from .. import atomic
-from ..training import runs as run_files
+from .. import files
 from ..training.settings import TrainConfig
 from . import synthetic
 
@@ -245,7 +244,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
 
     summary = {"config": asdict(cfg), "base_model": base, "runs": runs, "transfer": records,
                "report": report, "timings_s": timings}
-    run_files.write_json(os.path.join(out, DEMO_MARKER), summary)
+    files.write_json(os.path.join(out, DEMO_MARKER), summary)
     print()
     print(format_runs(runs))
     print()
@@ -329,7 +328,7 @@ def _base_model(cfg: DemoConfig, paths, languages, out: str):
     summary = pretrain_base(texts, target, cfg, os.path.join(out, "base-pretraining"))
     if cfg.use_cache:
         try:
-            atomic.replace_directory(cached, lambda tmp: shutil.copytree(target, tmp, dirs_exist_ok=True))
+            files.replace_directory(cached, lambda tmp: shutil.copytree(target, tmp, dirs_exist_ok=True))
             log.info("cached the base model in %s (delete it, or pass --no-cache, to pretrain again)", cached)
         except OSError as exc:  # a read-only home is no reason to fail the demo
             log.warning("could not cache the base model in %s: %s", cached, exc)
@@ -372,7 +371,7 @@ def pretrain_base(texts, target: str, cfg: DemoConfig, run_dir: str) -> dict:
     def build(tmp):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    atomic.replace_directory(target, build)
+    files.replace_directory(target, build)
     return {"run": "base model pretraining (full MLM)", "stage": "pretrain", "adapter": None,
             "adapter_parameters": None, "base_parameters": n_params, "steps": cfg.pretrain_steps,
             "train_time_s": result["train_time_s"], "wall_time_s": time.perf_counter() - t0,

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 
+from .. import files
 from ..model import MadxConfig
 from . import data, models, runs
 from .devices import pick_device
@@ -75,7 +76,7 @@ def train_language_adapter(settings: LanguageAdapterSettings | None = None, /, *
         if s.export_adapterhub:
             madx.export_adapterhub(os.path.join(s.output_dir, "adapterhub"), s.lang, overwrite=True)
         summary["wall_time_s"] = time.perf_counter() - t_start
-        runs.write_json(os.path.join(s.output_dir, runs.RUN_SUMMARY), summary)
+        files.write_json(os.path.join(s.output_dir, runs.RUN_SUMMARY), summary)
         log.info("language adapter %r written to %s (train %.1fs, peak memory %.0f MB)", s.lang,
                  os.path.join(s.output_dir, "adapter"), result["train_time_s"], result["peak_memory_mb"])
     procs.barrier()

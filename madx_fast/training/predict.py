@@ -36,7 +36,7 @@ from typing import Iterable
 
 import torch
 
-from .. import atomic
+from .. import files
 from ..model import PerRow, Stack
 from . import models
 from .batches import autocast, model_batch, pad_rows
@@ -326,7 +326,7 @@ def predict(settings: PredictSettings | None = None, /, **kwargs) -> dict:
             def write(tmp):
                 with open(tmp, "wb") as f:
                     _write(stream, f)
-            atomic.write_file(s.output, write)
+            files.write_file(s.output, write)
         else:
             _write(stream, _stdout())
     wall = time.perf_counter() - t0

@@ -15,6 +15,7 @@ import math
 import os
 import time
 
+from .. import files
 from ..model import MadxConfig, Stack, check_adapter_name
 from ..model.adapter_files import read_adapter_info
 from . import data, models, runs
@@ -87,7 +88,7 @@ def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs)
         if not val_features:
             save("best", loop.steps, None)
         summary["wall_time_s"] = time.perf_counter() - t_start
-        runs.write_json(os.path.join(s.output_dir, runs.RUN_SUMMARY), summary)
+        files.write_json(os.path.join(s.output_dir, runs.RUN_SUMMARY), summary)
         best = result["best"]
         log.info("task adapter %r written to %s%s (train %.1fs, peak memory %.0f MB)", name, s.output_dir,
                  f"; best {best['metric']} {best['value']:.4g} at step {best['step']}" if best else "",

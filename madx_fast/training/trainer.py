@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import atomic
+from .. import files
 from .batches import autocast, model_batch, slice_batch
 from .checkpoint import check_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .data import DataError
@@ -171,7 +171,7 @@ class Trainer:
         elif resume:
             log.info("no checkpoint in %s: starting the run from step 0", self.output_dir)
         if procs.main:
-            atomic.write_file(self.log_path, lambda p: _write_log(p, state["history"]))
+            files.write_file(self.log_path, lambda p: _write_log(p, state["history"]))
         procs.barrier()
 
         module = _LossModule(self.model, self.objective)

@@ -27,7 +27,7 @@ import os
 import time
 from typing import Sequence
 
-from .. import atomic
+from .. import files
 from ..model import Stack
 from . import models, runs
 from .data import default_eval_split
@@ -205,14 +205,14 @@ def write_transfer_report(records: Sequence[dict], output_dir: str, title: str |
     title = title or f"zero-shot transfer, {records[0]['task'] if records else ''} {metric} (%)"
 
     def build(tmp):
-        atomic.dump_json({"records": list(records), "matrix": {"rows": rows, "columns": cols, "cells": cells}},
-                         os.path.join(tmp, "transfer_results.json"), default=runs.json_default)
+        files.dump_json({"records": list(records), "matrix": {"rows": rows, "columns": cols, "cells": cells}},
+                         os.path.join(tmp, "transfer_results.json"))
         for name, text in (("transfer_results.csv", long.getvalue()), ("transfer_matrix.csv", wide.getvalue())):
             with open(os.path.join(tmp, name), "w", encoding="utf-8", newline="") as f:
                 f.write(text)
         plot_heatmap(rows, cols, cells, os.path.join(tmp, "transfer_heatmap.png"), title)
 
-    atomic.replace_directory(output_dir, build, owned=REPORT_FILES)
+    files.replace_directory(output_dir, build, owned=REPORT_FILES)
     return {name: os.path.join(output_dir, name) for name in REPORT_FILES}
 
 
