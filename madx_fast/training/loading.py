@@ -41,12 +41,15 @@ def resolve_task_adapter(path: str, model: str | None = None) -> dict:
             "auto_class": info.head.model_class}
 
 
-def resolve_language_adapter(lang: str, where: str, base_model: str | None = None) -> str:
-    """The bundle of language ``lang``'s adapter from a run directory, bundle, adapter directory or Hub name
-    ``where`` (AdapterHub's short names depend on ``base_model``)."""
+def resolve_language_adapter(lang: str | None, where: str, base_model: str | None = None) -> str:
+    """The bundle of language ``lang``'s adapter (None: a language still to be read from it) from a run
+    directory, bundle, adapter directory or Hub name ``where`` (AdapterHub's short names depend on
+    ``base_model``); a bundle of another stage is refused."""
     found = runs.find_bundle(where, prefer=("adapter",), model_name=base_model)
-    if runs.read_bundle_meta(found).get("stage") not in (None, "language"):
-        raise runs.BundleError(f"{found} (for {lang!r}) holds a task adapter, not a language adapter")
+    stage = runs.read_bundle_meta(found).get("stage")
+    if stage not in (None, "language"):
+        raise runs.BundleError(f"{found}{f' (for {lang!r})' if lang else ''} holds a {stage} adapter, not a "
+                               "language adapter")
     return found
 
 
