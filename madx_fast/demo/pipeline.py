@@ -33,10 +33,10 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from .. import files
-from ..training.settings import TrainConfig
+from ..training.settings import BACKENDS, TrainConfig, csv_list, opt
 from . import synthetic
 
 log = logging.getLogger("madx_fast.training")
@@ -49,47 +49,55 @@ CACHE_VERSION = 1
 
 @dataclass
 class DemoConfig:
-    output_dir: str = "madx_demo_out"
-    overwrite: bool = False
+    """The demo's settings; the fields with a flag are ``madx demo``'s flags (generated from them, like every
+    command's). With ``--model`` the defaults are ``real_model_config``'s."""
+
+    output_dir: str = opt("madx_demo_out", help="directory for everything the demo writes")
+    overwrite: bool = opt(False, help="replace an earlier demo's outputs in --output-dir")
     # languages: task adapters are trained on each source and evaluated on every target
-    sources: list[str] = field(default_factory=lambda: ["alpha", "beta"])
-    targets: list[str] = field(default_factory=lambda: ["alpha", "beta", "gamma"])
+    sources: list[str] = opt(default_factory=lambda: ["alpha", "beta"], parse=csv_list,
+                             help="comma-separated source languages")
+    targets: list[str] = opt(default_factory=lambda: ["alpha", "beta", "gamma"], parse=csv_list,
+                             help="comma-separated target languages")
     # data: None = the synthetic languages; otherwise specs with {lang} (files, directories, HF datasets)
-    text_data: str | None = None
-    text_eval_data: str | None = None
-    ner_data: str | None = None
-    max_texts: int | None = None
+    text_data: str | None = opt(None, help="unlabeled text per language ({lang}) for real data")
+    text_eval_data: str | None = opt(None, help="held-out text per language ({lang})")
+    ner_data: str | None = opt(None, help="NER data per language ({lang}), e.g. wikiann:{lang}")
+    max_texts: int | None = opt(None, help="read at most this many texts per language")
     # base model: None = build and pretrain the small one (or load it from the cache)
-    model: str | None = None
-    hidden_size: int = 64
-    num_layers: int = 2
-    vocab_size: int = 800
-    max_length: int = 32
-    pretrain_steps: int = 2500
-    pretrain_lr: float = 2e-3
+    model: str | None = opt(None, help="a pretrained base model instead of the small one (then the paper's lr / "
+                            "batch / reduction factors, 10k MLM steps, 10 NER epochs, length 128; override with "
+                            "the flags below)")
+    hidden_size: int = opt(64, cli=False)
+    num_layers: int = opt(2, cli=False)
+    vocab_size: int = opt(800, cli=False)
+    max_length: int = opt(32, help="sequence length")
+    pretrain_steps: int = opt(2500, help="full-MLM steps of the small base model")
+    pretrain_lr: float = opt(2e-3, cli=False)
     # adapters (bottlenecks: 32 for languages, 16 for the task at hidden size 64; the paper's rf 16 would
     # leave a task bottleneck of 4 at this size)
-    lang_steps: int = 300
-    lang_lr: float = 2e-3
-    lang_reduction_factor: float = 2
-    task_epochs: float = 15
-    task_lr: float = 2e-3
-    task_reduction_factor: float = 4
-    batch_size: int = 64
-    task_batch_size: int = 32
-    ablations: bool = True
+    lang_steps: int = opt(300, help="steps per language adapter")
+    lang_lr: float = opt(2e-3, cli=False)
+    lang_reduction_factor: float = opt(2, cli=False)
+    task_epochs: float = opt(15, help="NER task adapter epochs")
+    task_lr: float = opt(2e-3, cli=False)
+    task_reduction_factor: float = opt(4, cli=False)
+    batch_size: int = opt(64, help="MLM batch (pretraining, language adapters)")
+    task_batch_size: int = opt(32, help="NER batch")
+    ablations: bool = opt(True, flag="--no-ablations", help="skip MAD-X -INV and -LAD -INV")
     # synthetic data sizes
-    text_sentences: int = 6000
-    ner_train: int = 1000
-    ner_validation: int = 200
-    ner_test: int = 500
-    seed: int = 0
-    backend: str | None = None
-    device: str | None = None
-    bf16: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
-    use_cache: bool = True
+    text_sentences: int = opt(6000, cli=False)
+    ner_train: int = opt(1000, cli=False)
+    ner_validation: int = opt(200, cli=False)
+    ner_test: int = opt(500, cli=False)
+    seed: int = opt(0, help="seed of the data, the models and the runs")
+    backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
+    device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    bf16: bool = opt(False, help="bfloat16 autocast")
+    progress: bool = opt(True, flag="--no-progress", help="no progress bars (log lines instead)")
+    cache_dir: str | None = opt(None, help="where the pretrained small base is cached (default ~/.cache/madx_fast "
+                                "or $MADX_FAST_CACHE)")
+    use_cache: bool = opt(True, flag="--no-cache", help="pretrain the base model even if it is cached")
 
 
 def real_model_config(model: str, **overrides) -> DemoConfig:
