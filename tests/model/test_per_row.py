@@ -167,7 +167,7 @@ def test_task_training_on_mixed_languages_and_frozen_language_adapters():
 
 
 def test_compiles_fullgraph_once_for_every_language_mix():
-    """(Eager adapter ops here, for time: tests/test_grouped_ops.py compiles the fused custom ops.)"""
+    """(Eager adapter ops here, for time: tests/ops/test_grouped.py compiles the fused custom ops.)"""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     model, madx = _model(XLMRobertaForMaskedLM, backend="eager")
