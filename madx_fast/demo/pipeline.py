@@ -132,137 +132,169 @@ def _clear_demo_outputs(directory: str) -> None:
 
 def run_demo(cfg: DemoConfig | None = None) -> dict:
     """Run the pipeline; returns (and writes to ``<out>/demo_summary.json``) everything it measured."""
-    from ..training import evaluate_transfer, train_language_adapter, train_task_adapter
-    from ..training.transfer import format_table, write_transfer_report
+    return _Demo(cfg or DemoConfig()).run()
 
-    cfg = cfg or DemoConfig()
-    t0 = time.perf_counter()
-    out = os.path.abspath(cfg.output_dir)
-    check_demo_output(out, cfg.overwrite)
-    languages = list(dict.fromkeys(cfg.sources + cfg.targets))
-    if not cfg.sources or not cfg.targets:
-        raise ValueError("the demo needs at least one source and one target language")
-    if cfg.ner_data is None or cfg.text_data is None:
-        if cfg.ner_data or cfg.text_data:
-            raise ValueError("give both --text-data and --ner-data for real data (or neither for the synthetic "
-                             "languages)")
-        bad = [lang for lang in languages if lang not in synthetic.LANGUAGES]
-        if bad:
-            raise ValueError(f"unknown synthetic language(s) {bad}; the demo's languages are "
-                             f"{list(synthetic.LANGUAGES)} (give --text-data / --ner-data for others)")
-    _clear_demo_outputs(out) if cfg.overwrite else None
-    os.makedirs(out, exist_ok=True)
-    timings: dict[str, float] = {}
-    runs: list[dict] = []
 
-    # 1. data ------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    if cfg.text_data is None:
-        _banner(f"1/5 data: synthetic languages {', '.join(languages)}")
-        paths = synthetic.write_corpus(os.path.join(out, "data"), languages, text_sentences=cfg.text_sentences,
+class _Demo:
+    """One run of the pipeline: its steps in order, each timed; ``runs`` collects a row per training run."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg, self.out = cfg, os.path.abspath(cfg.output_dir)
+        self.languages = list(dict.fromkeys(cfg.sources + cfg.targets))
+        self.runs: list[dict] = []
+        self.timings: dict[str, float] = {}
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        cfg, out = self.cfg, self.out
+        check_demo_output(out, cfg.overwrite)
+        self._check_languages()
+        if cfg.overwrite:
+            _clear_demo_outputs(out)
+        os.makedirs(out, exist_ok=True)
+        paths, specs = self._timed("data", self._data)
+        base = self._timed("base_model", self._base_model, paths)
+        systems = [("MAD-X", True)] + ([("MAD-X -INV", False)] if cfg.ablations else [])
+        lang_dirs = self._timed("language_adapters", self._language_adapters, base, specs, systems)
+        task_dirs = self._timed("task_adapters", self._task_adapters, base, specs, systems, lang_dirs)
+        records, report = self._timed("transfer", self._transfer, specs, lang_dirs, task_dirs)
+        self.timings["total"] = time.perf_counter() - t0
+        summary = {"config": asdict(cfg), "base_model": base, "runs": self.runs, "transfer": records,
+                   "report": report, "timings_s": self.timings}
+        files.write_json(os.path.join(out, DEMO_MARKER), summary)
+        _print_summary(summary, out)
+        return summary
+
+    def _timed(self, name: str, step, *args):
+        t = time.perf_counter()
+        result = step(*args)
+        self.timings[name] = time.perf_counter() - t
+        return result
+
+    def _check_languages(self) -> None:
+        cfg = self.cfg
+        if not cfg.sources or not cfg.targets:
+            raise ValueError("the demo needs at least one source and one target language")
+        if cfg.ner_data is None or cfg.text_data is None:
+            if cfg.ner_data or cfg.text_data:
+                raise ValueError("give both --text-data and --ner-data for real data (or neither for the synthetic "
+                                 "languages)")
+            bad = [lang for lang in self.languages if lang not in synthetic.LANGUAGES]
+            if bad:
+                raise ValueError(f"unknown synthetic language(s) {bad}; the demo's languages are "
+                                 f"{list(synthetic.LANGUAGES)} (give --text-data / --ner-data for others)")
+
+    def _data(self):
+        """Step 1: ``(paths of the synthetic files or None, {"text", "text_eval", "ner"}: data specs)``."""
+        cfg, out = self.cfg, self.out
+        if cfg.text_data is not None:
+            return None, {"text": cfg.text_data, "text_eval": cfg.text_eval_data, "ner": cfg.ner_data}
+        _banner(f"1/5 data: synthetic languages {', '.join(self.languages)}")
+        paths = synthetic.write_corpus(os.path.join(out, "data"), self.languages, text_sentences=cfg.text_sentences,
                                        ner_train=cfg.ner_train, ner_validation=cfg.ner_validation,
                                        ner_test=cfg.ner_test, seed=cfg.seed)
-        text_data = os.path.join(out, "data", "{lang}", "text", "train.txt")
-        text_eval = os.path.join(out, "data", "{lang}", "text", "validation.txt")
-        ner_data = os.path.join(out, "data", "{lang}", "ner")
         log.info("wrote %s (%.1f MB)", os.path.join(out, "data"), _du(os.path.join(out, "data")) / 2 ** 20)
-    else:
-        paths = None
-        text_data, text_eval, ner_data = cfg.text_data, cfg.text_eval_data, cfg.ner_data
-    timings["data"] = time.perf_counter() - t
+        return paths, {"text": os.path.join(out, "data", "{lang}", "text", "train.txt"),
+                       "text_eval": os.path.join(out, "data", "{lang}", "text", "validation.txt"),
+                       "ner": os.path.join(out, "data", "{lang}", "ner")}
 
-    # 2. base model ------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    if cfg.model is None:
+    def _base_model(self, paths) -> str:
+        """Step 2: the given base model, or the small one pretrained here (or taken from the cache)."""
+        cfg = self.cfg
+        if cfg.model is not None:
+            _banner(f"2/5 base model: {cfg.model}")
+            return cfg.model
         _banner(f"2/5 base model: XLM-R architecture, hidden {cfg.hidden_size}, {cfg.num_layers} layers")
-        base, pretrain = _base_model(cfg, paths, languages, out)
+        base, pretrain = _base_model(cfg, paths, self.languages, self.out)
         if pretrain:
-            runs.append(pretrain)
-    else:
-        _banner(f"2/5 base model: {cfg.model}")
-        base = cfg.model
-    timings["base_model"] = time.perf_counter() - t
+            self.runs.append(pretrain)
+        return base
 
-    def loop(steps, lr, warmup=0.1, batch_size=cfg.batch_size):
-        return TrainConfig(steps=steps or 1, batch_size=batch_size, learning_rate=lr,
+    def _loop(self, steps, lr, warmup=0.1, batch_size=None) -> TrainConfig:
+        cfg = self.cfg
+        return TrainConfig(steps=steps or 1, batch_size=batch_size or cfg.batch_size, learning_rate=lr,
                            warmup_steps=int(warmup * (steps or 0)), seed=cfg.seed, log_every=20,
                            eval_every=max(1, (steps or 1) // 2), save_every=max(1, (steps or 1) // 2),
                            eval_batch_size=64, progress=cfg.progress, device=cfg.device, bf16=cfg.bf16)
 
-    # 3. language adapters -----------------------------------------------------------------------------
-    t = time.perf_counter()
-    systems = [("MAD-X", True)] + ([("MAD-X -INV", False)] if cfg.ablations else [])
-    lang_dirs: dict[str, dict[str, str]] = {}
-    for system, invertible in systems:
-        lang_dirs[system] = {}
-        for lang in languages:
+    def _language_adapters(self, base: str, specs: dict, systems) -> dict[str, dict[str, str]]:
+        """Step 3: a language adapter per language and system (MAD-X; MAD-X -INV without NICE)."""
+        from ..training import train_language_adapter
+        cfg, lang_dirs = self.cfg, {}
+        for system, invertible in systems:
+            lang_dirs[system] = {}
+            for lang in self.languages:
+                suffix = "" if invertible else "-noinv"
+                _banner(f"3/5 language adapter {lang}{' (no invertible adapter)' if not invertible else ''}")
+                d = os.path.join(self.out, f"lang-{lang}{suffix}")
+                self.runs.append(_run_row(train_language_adapter(
+                    model=base, lang=lang, train_data=specs["text"], eval_data=specs["text_eval"], output_dir=d,
+                    config=self._loop(cfg.lang_steps, cfg.lang_lr), max_length=cfg.max_length,
+                    invertible=invertible, reduction_factor=cfg.lang_reduction_factor, backend=cfg.backend,
+                    max_texts=cfg.max_texts), f"language adapter {lang}{suffix}"))
+                lang_dirs[system][lang] = d
+        return lang_dirs
+
+    def _task_adapters(self, base: str, specs: dict, systems, lang_dirs) -> dict[str, list[str]]:
+        """Step 4: a NER task adapter per source on each system's language adapter, and with none (-LAD -INV)."""
+        from ..training import train_task_adapter
+        cfg = self.cfg
+        task_loop = dataclasses.replace(self._loop(1, cfg.task_lr, warmup=0.0, batch_size=cfg.task_batch_size),
+                                        eval_every=0, save_every=0)  # steps and per-epoch validation from epochs
+
+        def train(name: str, label: str, **lang) -> str:
+            d = os.path.join(self.out, name)
+            self.runs.append(_run_row(train_task_adapter(
+                model=base, output_dir=d, config=dataclasses.replace(task_loop), task="ner", train_data=specs["ner"],
+                max_length=cfg.max_length, backend=cfg.backend, epochs=cfg.task_epochs,
+                reduction_factor=cfg.task_reduction_factor, **lang), label))
+            return d
+
+        task_dirs: dict[str, list[str]] = {}
+        for system, invertible in systems:
             suffix = "" if invertible else "-noinv"
-            _banner(f"3/5 language adapter {lang}{' (no invertible adapter)' if not invertible else ''}")
-            d = os.path.join(out, f"lang-{lang}{suffix}")
-            runs.append(_run_row(train_language_adapter(
-                model=base, lang=lang, train_data=text_data, eval_data=text_eval, output_dir=d,
-                config=loop(cfg.lang_steps, cfg.lang_lr), max_length=cfg.max_length, invertible=invertible,
-                reduction_factor=cfg.lang_reduction_factor,
-                backend=cfg.backend, max_texts=cfg.max_texts), f"language adapter {lang}{suffix}"))
-            lang_dirs[system][lang] = d
-    timings["language_adapters"] = time.perf_counter() - t
+            task_dirs[system] = []
+            for src in cfg.sources:
+                _banner(f"4/5 NER task adapter on Stack({src}, ner){' -INV' if not invertible else ''}")
+                task_dirs[system].append(train(f"ner-{src}{suffix}", f"NER adapter on {src}{suffix}",
+                                               lang_adapter=lang_dirs[system][src]))
+        if cfg.ablations:
+            task_dirs["MAD-X -LAD -INV"] = []
+            for src in cfg.sources:
+                _banner(f"4/5 NER task adapter on {src}, no language adapter (-LAD -INV)")
+                task_dirs["MAD-X -LAD -INV"].append(train(f"ner-{src}-nolang", f"NER adapter on {src}, no lang "
+                                                          "adapter", lang=src))
+        return task_dirs
 
-    # 4. task adapters ---------------------------------------------------------------------------------
-    t = time.perf_counter()
-    task_dirs: dict[str, list[str]] = {s: [] for s, _ in systems}
-    task_config = dict(task="ner", train_data=ner_data, max_length=cfg.max_length, backend=cfg.backend,
-                       epochs=cfg.task_epochs, reduction_factor=cfg.task_reduction_factor)
-    task_loop = dataclasses.replace(loop(1, cfg.task_lr, warmup=0.0, batch_size=cfg.task_batch_size),
-                                    eval_every=0, save_every=0)  # steps and per-epoch validation from epochs
-    for system, invertible in systems:
-        for src in cfg.sources:
-            suffix = "" if invertible else "-noinv"
-            _banner(f"4/5 NER task adapter on Stack({src}, ner){' -INV' if not invertible else ''}")
-            d = os.path.join(out, f"ner-{src}{suffix}")
-            runs.append(_run_row(train_task_adapter(
-                model=base, lang_adapter=lang_dirs[system][src], output_dir=d, config=dataclasses.replace(task_loop),
-                **task_config), f"NER adapter on {src}{suffix}"))
-            task_dirs[system].append(d)
-    if cfg.ablations:
-        system = "MAD-X -LAD -INV"
-        task_dirs[system] = []
-        for src in cfg.sources:
-            _banner(f"4/5 NER task adapter on {src}, no language adapter (-LAD -INV)")
-            d = os.path.join(out, f"ner-{src}-nolang")
-            runs.append(_run_row(train_task_adapter(
-                model=base, lang=src, output_dir=d, config=dataclasses.replace(task_loop), **task_config),
-                f"NER adapter on {src}, no lang adapter"))
-            task_dirs[system].append(d)
-    timings["task_adapters"] = time.perf_counter() - t
+    def _transfer(self, specs: dict, lang_dirs, task_dirs):
+        """Step 5: zero-shot transfer of every system's task adapters to every target; the report."""
+        from ..training import evaluate_transfer, write_transfer_report
+        cfg = self.cfg
+        _banner(f"5/5 zero-shot transfer: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}")
+        records = []
+        for system, dirs in task_dirs.items():
+            settings = ("target", "source", "none") if system == "MAD-X" else ("target",)
+            res = evaluate_transfer(task_adapters=dirs, lang_adapters=lang_dirs.get(system, {}), targets=cfg.targets,
+                                    eval_data=specs["ner"], split="test", settings=settings, system=system,
+                                    device=cfg.device, bf16=cfg.bf16, backend=cfg.backend)
+            records.extend(res["records"])
+        report = write_transfer_report(records, os.path.join(self.out, "transfer"),
+                                       title="zero-shot NER transfer, entity F1 (%)")
+        return records, report
 
-    # 5. zero-shot transfer ----------------------------------------------------------------------------
-    t = time.perf_counter()
-    _banner(f"5/5 zero-shot transfer: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}")
-    records = []
-    for system, dirs in task_dirs.items():
-        settings = ("target", "source", "none") if system == "MAD-X" else ("target",)
-        res = evaluate_transfer(task_adapters=dirs, lang_adapters=lang_dirs.get(system, {}), targets=cfg.targets,
-                                eval_data=ner_data, split="test", settings=settings, system=system,
-                                device=cfg.device, bf16=cfg.bf16, backend=cfg.backend)
-        records.extend(res["records"])
-    report = write_transfer_report(records, os.path.join(out, "transfer"),
-                                   title="zero-shot NER transfer, entity F1 (%)")
-    timings["transfer"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
 
-    summary = {"config": asdict(cfg), "base_model": base, "runs": runs, "transfer": records,
-               "report": report, "timings_s": timings}
-    files.write_json(os.path.join(out, DEMO_MARKER), summary)
+def _print_summary(summary: dict, out: str) -> None:
+    from ..training.transfer import format_table
+    report = summary["report"]
     print()
-    print(format_runs(runs))
+    print(format_runs(summary["runs"]))
     print()
     print("Zero-shot NER (seqeval entity F1 %, test sets of the target languages):")
-    print(format_table(records))
+    print(format_table(summary["transfer"]))
     print()
     print(f"report: {report['transfer_heatmap.png']}, {report['transfer_matrix.csv']}, "
           f"{report['transfer_results.json']}")
-    print(f"adapters: {out}/lang-*/adapter, {out}/ner-*/best;  total wall time {timings['total']:.1f} s")
-    return summary
+    print(f"adapters: {out}/lang-*/adapter, {out}/ner-*/best;  total wall time {summary['timings_s']['total']:.1f} s")
 
 
 def _banner(text: str) -> None:
