@@ -52,7 +52,7 @@ class TrainingStage:
     kind: ClassVar[str]                     # run.json's "stage"
     settings_class: ClassVar[type]
     identity_keys: ClassVar[tuple[str, ...]]  # facts a resumed run must share with its checkpoint
-    auto_class: ClassVar[str] = "AutoModelForMaskedLM"
+    auto_class: ClassVar[str]              # the HF class ``load_model`` builds by default
     need_mask: ClassVar[bool] = False      # the tokenizer must have a mask token
     main_metric: str | None = None         # the metric the best checkpoint is chosen by (None: no best)
     epochs: float | None = None            # run.json's "epochs": the loop's length in epochs, when given so

@@ -26,6 +26,7 @@ class LanguageAdapterStage(TrainingStage):
     settings_class = LanguageAdapterSettings
     identity_keys = ("stage", "language", "base_model", "base_fingerprint", "adapter_config", "train_blocks",
                      "data_tokens", "max_length", "mlm_probability", "backbone_dtype", "backend")
+    auto_class = "AutoModelForMaskedLM"
     need_mask = True
 
     def read_data(self) -> None:

@@ -42,7 +42,7 @@ class TaskAdapterStage(TrainingStage):
                          labels=s.labels)
         labels = list(s.labels) if s.labels else train.labels
         self.task = self.objective = make_task(s.task, pad_id=tok.pad_token_id, labels=labels)
-        self.main_metric, self.auto_class = self.task.main_metric, self.task.auto_class
+        self.main_metric = self.task.main_metric
         self.max_length = models.max_length_for(self.base_model, s.max_length, default=self.task.default_max_length)
         self.task.check_fits(train.examples, f"{s.train_data} ({s.train_split})")
         self.validation = _validation(s, self.task, self.lang, labels)
@@ -57,7 +57,7 @@ class TaskAdapterStage(TrainingStage):
         return loop
 
     def load_model(self):
-        return models.wired_model(self.auto_class, self.base_model, self.s.backend, **self.task.head_kwargs())
+        return models.wired_model(self.task.auto_class, self.base_model, self.s.backend, **self.task.head_kwargs())
 
     def wire(self) -> None:
         madx, name = self.madx, self.name
