@@ -211,7 +211,7 @@ def export_adapterhub(madx, directory, name: str, *, safetensors: bool = False, 
         "name": name,
         "version": HUB_VERSION,
     }
-    weights = _cpu_copies(to_adapterhub_keys(madx.adapter_state_dict(name), name, parts.prefix))
+    weights = _cpu_copies(to_adapterhub_keys(madx.adapter_state_dict(name), name, parts))
     head = _cpu_copies(madx.head_state_dict()) if with_head else None
     head_meta = None
     if head is not None:
@@ -275,17 +275,25 @@ def import_adapterhub(madx, directory, *, load_as=None, overwrite=False, set_act
     name = load_as or file_name
     madx.check_new_name(name, overwrite)
     weights_path, raw = read_hub_weights(directory, HUB_SAFE_WEIGHTS, HUB_WEIGHTS)
-    state = from_adapterhub_keys(raw, file_name, parts.prefix, weights_path)
+    state = from_adapterhub_keys(raw, file_name, parts, weights_path)
     head = read_hub_head(directory, parts.prefix) if with_head else None
     return _install(madx, name, config, state, head, weights_path, overwrite=overwrite, set_active=set_active)
 
 
 _LEGACY_ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
-_LAYER_KEY = re.compile(
-    r"^(?:(?P<prefix>\w+)\.)?encoder\.layer\.(?P<layer>\d+)\.output\."
-    r"(?:adapters|layer_text_lang_adapters|layer_text_task_adapters)\.(?P<name>[^.]+)\."
-    r"(?P<param>adapter_down\.0\.(?:weight|bias)|adapter_up\.(?:weight|bias))$"
-)
+
+
+def _layer_key(parts) -> re.Pattern:
+    """AdapterHub's key of a layer adapter's weight in this model family (``parts.hub_key``), with or without the
+    base model prefix, and adapter-transformers' legacy module names."""
+    layers, slot = (re.escape(p) for p in (parts.backbone.layers, parts.backbone.slot))
+    return re.compile(
+        rf"^(?:(?P<prefix>\w+)\.)?{layers}\.(?P<layer>\d+)\.{slot}\."
+        r"(?:adapters|layer_text_lang_adapters|layer_text_task_adapters)\.(?P<name>[^.]+)\."
+        r"(?P<param>adapter_down\.0\.(?:weight|bias)|adapter_up\.(?:weight|bias))$"
+    )
+
+
 _INV_KEY = re.compile(
     r"^(?:(?P<prefix>\w+)\.)?(?:invertible_adapters|invertible_lang_adapters)\.(?P<name>[^.]+)\."
     r"(?P<param>[FG]\.[02]\.(?:weight|bias))$"
@@ -305,27 +313,28 @@ def _install(madx, name, config, state, head, source, *, overwrite, set_active) 
     return name
 
 
-def to_adapterhub_keys(state: dict, name: str, prefix: str) -> dict:
-    """``layers.{i}.X`` -> ``{prefix}.encoder.layer.{i}.output.adapters.{name}.X``;
-    ``invertible.X`` -> ``{prefix}.invertible_adapters.{name}.X``."""
+def to_adapterhub_keys(state: dict, name: str, parts) -> dict:
+    """``layers.{i}.X`` -> ``{parts.hub_key(i)}.{name}.X`` (``{prefix}.encoder.layer.{i}.output.adapters.{name}.X``
+    in BERT / XLM-R); ``invertible.X`` -> ``{prefix}.invertible_adapters.{name}.X``."""
     out = {}
     for key, value in state.items():
         kind, rest = key.split(".", 1)
         if kind == "layers":
             i, param = rest.split(".", 1)
-            out[f"{prefix}.encoder.layer.{i}.output.adapters.{name}.{param}"] = value
+            out[f"{parts.hub_key(int(i))}.{name}.{param}"] = value
         else:
-            out[f"{prefix}.invertible_adapters.{name}.{rest}"] = value
+            out[f"{parts.prefix}.invertible_adapters.{name}.{rest}"] = value
     return out
 
 
-def from_adapterhub_keys(raw: dict, name: str, prefix: str, source: str) -> dict:
+def from_adapterhub_keys(raw: dict, name: str, parts, source: str) -> dict:
     """The inverse of ``to_adapterhub_keys``; also reads unprefixed keys (files saved from a bare base
     model) and adapter-transformers' legacy module names. Keys of another adapter, of another model family
     (``bert.`` in an XLM-R model) or of anything else are refused by name."""
     out, foreign_prefix, other_name, unknown = {}, set(), set(), []
+    prefix, layer_key = parts.prefix, _layer_key(parts)
     for key, value in raw.items():
-        m = _LAYER_KEY.match(key) or _INV_KEY.match(key)
+        m = layer_key.match(key) or _INV_KEY.match(key)
         if m is None:
             unknown.append(key)
             continue
