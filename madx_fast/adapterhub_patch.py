@@ -71,7 +71,7 @@ except ImportError as exc:  # the optional dependency
 
 from . import ops, reference
 from .backends import BACKENDS
-from .model.lm_heads import find_lm_head
+from .model.lm_heads import find_lm_head, lm_objective
 from .model.mlm_loss import lm_loss_at_labels
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ SUPPORTED_ADAPTERS_VERSION = (1, 3)  # the code mirrored below is adapters 1.3's
 COVERED_MODEL_TYPES = (
     "albert", "bart", "bert", "bert-generation", "deberta", "deberta-v2", "distilbert", "electra", "encoder-decoder",
     "gpt2", "gptj", "llama", "mbart", "mistral", "mt5", "plbart", "roberta", "t5", "xlm-roberta", "xmod",
-    "qwen2", "xlm-roberta-xl",
+    "gemma2", "gemma3_text", "modernbert", "phi", "qwen2", "qwen3", "xlm-roberta-xl",
 )
 VISION_AUDIO_MODEL_TYPES = ("vit", "beit", "clip", "clip_vision_model", "clip_text_model", "whisper")
 _LM_HEADS = (BertStyleMaskedLMHead, CausalLMHead, Seq2SeqLMHead)
@@ -266,7 +266,7 @@ def _install(model, patch):
         return
     head = find_lm_head(model)
     if head is not None:  # HF ...ForMaskedLM / ...ForCausalLM / ...ForConditionalGeneration / EncoderDecoderModel
-        for module in head.module_list():
+        for module in _captured_modules(head):
             _override(module, "forward", _hf_head_forward, patch)
         _override(model, "forward", _hf_lm_forward, patch)
 
@@ -530,9 +530,16 @@ def _lm_head_forward(head, original, patch, outputs, cls_output=None, attention_
     return (loss, None) + tuple(outputs[1:])
 
 
+def _captured_modules(head) -> list[nn.Module]:
+    """What passes its input through while ``_hf_lm_forward`` runs the model: the vocabulary projection (the
+    head's transform, and any hook before the projection, run at every position: a small cost next to the
+    projection's), or the head's modules where there is no projection module (DeBERTa with ``legacy=False``)."""
+    return [head.decoder] if head.decoder is not None else head.module_list()
+
+
 def _hf_head_forward(module, original, patch, *args, **kwargs):
-    """A module of an HF LM head: passes its input through (and keeps it) while ``_hf_lm_forward`` runs the
-    model for the hidden states the head gets."""
+    """A module of ``_captured_modules``: passes its input through (and keeps it) while ``_hf_lm_forward`` runs
+    the model for what the projection gets."""
     if patch.capturing:
         patch.captured = args[0] if args else next(iter(kwargs.values()))
         return patch.captured
@@ -541,42 +548,83 @@ def _hf_head_forward(module, original, patch, *args, **kwargs):
 
 # Arguments with which the fused path would compute something else than the model: AdapterHub's code runs.
 _HF_LM_FALLBACK_ARGS = ("shift_labels", "logits_to_keep", "num_logits_to_keep")
+# What each HF seq2seq class does itself with labels and no decoder inputs (transformers 4.57), besides deriving
+# them from the labels: BART / mBART turn the decoder cache off, EncoderDecoderModel masks the decoder's padding.
+_SEQ2SEQ_WITH_LABELS = {
+    "BartForConditionalGeneration": {"use_cache": False}, "MBartForConditionalGeneration": {"use_cache": False},
+    "PLBartForConditionalGeneration": {}, "T5ForConditionalGeneration": {}, "MT5ForConditionalGeneration": {},
+    "EncoderDecoderModel": {"decoder_attention_mask": True},
+}
 
 
 def _hf_lm_forward(model, original, patch, *args, **kwargs):
-    """An HF LM class's forward after ``adapters.init``, with labels: AdapterHub's forward runs with the head's
-    modules passing the hidden states through (so AdapterHub's forward context, hooks and outputs are its own;
-    a plugin-interface model's NICE inverse, a pre-hook on the projection, runs there too), then the head and
-    projection run at the positions with a target only. A seq2seq model gets its decoder inputs from the labels
-    first, as it would itself (``prepare_decoder_input_ids_from_labels``), and no decoder cache; a causal LM
-    honours ``num_items_in_batch`` as HF's causal loss does. (AdapterHub applies no NICE inverse in the
-    mixin-based HF classes, so neither does this.)"""
+    """An HF LM class's forward after ``adapters.init``, with labels: AdapterHub's forward runs with the
+    vocabulary projection passing its input through (so AdapterHub's forward context, hooks and outputs are its
+    own; a plugin-interface model's NICE inverse, a pre-hook on the projection, runs there too), then the
+    projection runs fused with the loss at the positions with a target only. A seq2seq model first gets what it
+    would make of the labels itself (``_seq2seq_label_inputs``); a causal LM honours ``num_items_in_batch`` as
+    HF's causal loss does. (AdapterHub applies no NICE inverse in the mixin-based HF classes, so neither does
+    this.)"""
     labels = kwargs.get("labels")
-    fallback = [k for k in _HF_LM_FALLBACK_ARGS if kwargs.get(k) not in (None, 0)]
-    if labels is None or patch.keep_lm_logits or fallback or args:
-        if labels is not None and (fallback or args):
-            patch.log_once(f"{type(model).__name__} computes its loss on AdapterHub's code when called with "
-                           f"{fallback or 'positional arguments'}")
-        return original(*args, **kwargs)
     head = find_lm_head(model)
+    if labels is None or patch.keep_lm_logits:
+        return original(*args, **kwargs)
+    fallback = _hf_lm_fallback(head, args, kwargs)
+    if fallback:
+        patch.log_once(f"{type(model).__name__} computes its loss on AdapterHub's code when called with {fallback}")
+        return original(*args, **kwargs)
     return_dict = kwargs.get("return_dict")
     return_dict = model.config.use_return_dict if return_dict is None else return_dict
     kwargs = dict(kwargs, labels=None, return_dict=True)
-    num_items = kwargs.pop("num_items_in_batch", None) if head.objective == "causal" else None
+    num_items = kwargs.pop("num_items_in_batch", None)
     if head.objective == "seq2seq":
-        if kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None:
-            kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels)
-        kwargs.setdefault("use_cache", False)
+        _seq2seq_label_inputs(model, head, labels, kwargs)
     patch.capturing = True
+    if head.extra_bias is not None:  # BART's "logits + final_logits_bias": the hidden states pass through it too
+        head.owner.__dict__[head.extra_bias] = torch.zeros(())
     try:
         out = original(**kwargs)
         hidden = patch.captured
     finally:
         patch.capturing, patch.captured = False, None
-    loss = lm_loss_at_labels(hidden, labels, head.decoder_input, head.weight, head.bias, shift=head.shift,
+        if head.extra_bias is not None:
+            del head.owner.__dict__[head.extra_bias]
+    rows = (lambda x: x) if head.decoder is not None else head.decoder_input
+    loss = lm_loss_at_labels(hidden, labels, rows, head.weight, head.bias, shift=head.shift,
                              reduction="mean" if num_items is None else "sum")
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    return _hf_lm_output(out, loss, return_dict)
+
+
+def _hf_lm_fallback(head, args, kwargs) -> list[str]:
+    """Why the fused loss would not compute what the model does with these arguments (empty: it would)."""
+    why = [k for k in _HF_LM_FALLBACK_ARGS if kwargs.get(k) is not None and not (
+        isinstance(kwargs[k], int) and kwargs[k] == 0)]
+    if args:
+        why.append("positional arguments")
+    if head.objective == "seq2seq" and head.class_name not in _SEQ2SEQ_WITH_LABELS:
+        why.append(f"a seq2seq class madx_fast does not mirror ({head.class_name})")
+    if head.objective != "causal" and kwargs.get("num_items_in_batch") is not None:
+        why.append("num_items_in_batch")  # HF's causal classes divide by it; whether others do varies
+    return why
+
+
+def _seq2seq_label_inputs(model, head, labels, kwargs) -> None:
+    """What the seq2seq class does with labels and no decoder inputs (``_SEQ2SEQ_WITH_LABELS``): decoder inputs
+    from the labels (``prepare_decoder_input_ids_from_labels``), and its cache or decoder-mask choices."""
+    if kwargs.get("decoder_input_ids") is not None or kwargs.get("decoder_inputs_embeds") is not None:
+        return
+    decoder_ids = kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels)
+    does = _SEQ2SEQ_WITH_LABELS[head.class_name]
+    if "use_cache" in does:
+        kwargs["use_cache"] = does["use_cache"]
+    if does.get("decoder_attention_mask") and kwargs.get("decoder_attention_mask") is None:
+        kwargs["decoder_attention_mask"] = (decoder_ids != model.config.pad_token_id).to(decoder_ids.dtype)
+
+
+def _hf_lm_output(out, loss, return_dict):
+    """The model's output with the fused ``loss`` and ``logits=None``; a tuple keeps AdapterHub's positions."""
     fields = {f.name for f in dataclasses.fields(out)}
     result = type(out)(**{k: v for k, v in out.items() if k in fields and k not in ("loss", "logits")}, loss=loss)
     for key, value in out.items():  # anything AdapterHub's forward context added (e.g. gating scores)
@@ -634,6 +682,9 @@ def _report(model, patch) -> AdapterHubPatchReport:
                 report.patched.append(f"{kind} head {head_name!r}: {_lm_note(patch)}")
     if _is_patched(model, "forward"):
         report.patched.append(f"{find_lm_head(model).objective}-LM loss of {type(model).__name__}: {_lm_note(patch)}")
+    elif not hasattr(model, "heads") and lm_objective(model) is not None:
+        report.not_patched.append(f"{lm_objective(model)}-LM loss of {type(model).__name__}: a head madx_fast does "
+                                  "not know (madx_fast.model.lm_heads); the logits and loss stay AdapterHub's")
     if not model.adapters_config.adapters:
         report.patched.append("no adapters yet: adapters added or loaded later are checked at each forward")
     return report

@@ -41,6 +41,7 @@ class LMHead:
     ``extra_bias``: a bias the model adds after the projection (BART's ``final_logits_bias``)."""
 
     objective: str
+    class_name: str  # the HF class of the model (for an encoder-decoder: EncoderDecoderModel)
     owner: nn.Module
     modules: tuple[str, ...]  # attributes of ``owner`` the forward calls on the hidden states, in order
     steps: tuple[str, ...] = ()
@@ -94,10 +95,16 @@ def _get(obj, path: str):
     return obj
 
 
+def _class_name(model: nn.Module) -> str:
+    """The HF class name (AdapterHub's ``adapters.init`` may swap in a ``...WithAdapters`` subclass)."""
+    name = type(model).__name__
+    return name[:-len("WithAdapters")] if name.endswith("WithAdapters") else name
+
+
 def lm_objective(model: nn.Module) -> str | None:
     """The objective an HF model class trains with (``"masked"`` / ``"causal"`` / ``"seq2seq"``), from its
     class name; None for a class without a language-model head."""
-    name = type(model).__name__
+    name = _class_name(model)
     if name.endswith("ForMaskedLM"):
         return "masked"
     if name.endswith(_CAUSAL_SUFFIXES) or name in _CAUSAL_CLASSES:
@@ -112,11 +119,11 @@ def find_lm_head(model: nn.Module) -> LMHead | None:
     objective = lm_objective(model)
     if objective is None:
         return None
-    owner = model.decoder if type(model).__name__ == "EncoderDecoderModel" else model
+    owner = model.decoder if _class_name(model) == "EncoderDecoderModel" else model
     for finder in _FINDERS:
         head = finder(owner)
         if head is not None:
-            return LMHead(objective, owner, **head)
+            return LMHead(objective, _class_name(model), owner, **head)
     return None
 
 
