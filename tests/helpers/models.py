@@ -68,6 +68,22 @@ def tiny_config(family: str = "xlm-roberta", attn: str = "eager", **overrides):
     return getattr(transformers, cls_name)(**{**base, **kwargs, "attn_implementation": attn, **overrides})
 
 
+def adapterhub_interface(family: str):
+    """The ``adapters.AdapterModelInterface`` a user writes to run AdapterHub on a family it has no built-in
+    support for (XLM-R XL: pre-LN, adapters after the FFN's output projection, the residual taken before the
+    block's LayerNorm), or None where AdapterHub supports the family itself."""
+    if family != "xlm-roberta-xl":
+        return None
+    import adapters
+    return adapters.AdapterModelInterface(
+        adapter_methods=["bottleneck", "invertible"], model_embeddings="embeddings", model_layers="encoder.layer",
+        layer_self_attn="attention", layer_cross_attn=None, attn_k_proj="self.key", attn_q_proj="self.query",
+        attn_v_proj="self.value", attn_o_proj="output.dense", layer_intermediate_proj="intermediate.dense",
+        layer_output_proj="output.dense", layer_pre_self_attn="attention.self_attn_layer_norm",
+        layer_pre_ffn="LayerNorm", layer_ln_1=None, layer_ln_2=None,
+    )
+
+
 def padded_batch(config, batch: int = 3, length: int = 9, seed: int = 0):
     """input_ids and attention_mask with right padding in rows 1 and 2."""
     g = torch.Generator().manual_seed(seed)

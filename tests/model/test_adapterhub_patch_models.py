@@ -16,8 +16,17 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers.models import Spy, assert_same, import_adapterhub, mlm_labels, padded_batch, randomize, run, \
-    tiny_config
+from tests.helpers.models import (
+    Spy,
+    adapterhub_interface,
+    assert_same,
+    import_adapterhub,
+    mlm_labels,
+    padded_batch,
+    randomize,
+    run,
+    tiny_config,
+)
 
 adapters = import_adapterhub(module_level=True)
 from adapters.composition import Stack  # noqa: E402
@@ -199,19 +208,12 @@ def test_keep_lm_logits_on_a_causal_flex_head(monkeypatch):
 # --------------------------------------------------------------------------------------------------------
 # Plugin-interface models: AdapterHub's built-in interfaces, and one a user writes (XLM-R XL, pre-LN)
 # --------------------------------------------------------------------------------------------------------
-XLMR_XL_INTERFACE = adapters.AdapterModelInterface(
-    adapter_methods=["bottleneck", "invertible"], model_embeddings="embeddings", model_layers="encoder.layer",
-    layer_self_attn="attention", layer_cross_attn=None, attn_k_proj="self.key", attn_q_proj="self.query",
-    attn_v_proj="self.value", attn_o_proj="output.dense", layer_intermediate_proj="intermediate.dense",
-    layer_output_proj="output.dense", layer_pre_self_attn="attention.self_attn_layer_norm", layer_pre_ffn="LayerNorm",
-    layer_ln_1=None, layer_ln_2=None,
-)
-
 
 @pytest.mark.parametrize("cls,family,interface", [
     ("Qwen2ForCausalLM", "qwen2", None), ("Qwen3ForCausalLM", "qwen3", None), ("Gemma2ForCausalLM", "gemma2", None),
     ("Gemma3ForCausalLM", "gemma3_text", None), ("PhiForCausalLM", "phi", None),
-    ("ModernBertForMaskedLM", "modernbert", None), ("XLMRobertaXLForMaskedLM", "xlm-roberta-xl", XLMR_XL_INTERFACE),
+    ("ModernBertForMaskedLM", "modernbert", None),
+    ("XLMRobertaXLForMaskedLM", "xlm-roberta-xl", adapterhub_interface("xlm-roberta-xl")),
 ], ids=lambda x: x if isinstance(x, str) and "For" not in x else None)
 def test_plugin_interface_model_matches_adapterhub(cls, family, interface, monkeypatch):
     """Hooked bottleneck layers (pre-LN blocks: the residual taken where the block begins; Gemma's post-FFN norms;
