@@ -276,8 +276,16 @@ def import_adapterhub(madx, directory, *, load_as=None, overwrite=False, set_act
     madx.check_new_name(name, overwrite)
     weights_path, raw = read_hub_weights(directory, HUB_SAFE_WEIGHTS, HUB_WEIGHTS)
     state = from_adapterhub_keys(raw, file_name, parts, weights_path)
-    head = read_hub_head(directory, parts.prefix) if with_head else None
+    head = read_hub_head(directory, parts.prefix, _head_names(madx)) if with_head else None
     return _install(madx, name, config, state, head, weights_path, overwrite=overwrite, set_active=set_active)
+
+
+def _head_names(madx) -> set[str]:
+    """The parameter names of the model's task head (none: it has no task head, which loading then reports)."""
+    try:
+        return set(madx.head_state_dict())
+    except AdapterFileError:
+        return set()
 
 
 _LEGACY_ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
@@ -381,14 +389,24 @@ def read_hub_weights(directory, safe_name, bin_name) -> tuple[str, dict]:
 # AdapterHub task heads
 # --------------------------------------------------------------------------------------------------------
 # Flex heads of AdapterHub's model classes, as the HF class whose head computes the same function: module
-# index in the flex head -> parameter prefix in the HF model ("{base}" is the base model's attribute).
+# index in the flex head -> parameter prefix in the HF model ("{base}" is the base model's attribute; "a|b":
+# whichever the model has, e.g. Llama's token classifier is "score").
 _FLEX_HEADS = {
     # head_type, layers, use_pooler, activation -> (HF class suffix, {index: HF module})
-    ("tagging", 1, False, None): ("ForTokenClassification", {1: "classifier"}),
+    ("tagging", 1, False, None): ("ForTokenClassification", {1: "classifier|score"}),
     ("question_answering", 1, False, None): ("ForQuestionAnswering", {1: "qa_outputs"}),
     ("multiple_choice", 1, True, None): ("ForMultipleChoice", {1: "classifier"}),
     ("multiple_choice", 2, False, "tanh"): ("ForMultipleChoice", {1: "{base}.pooler.dense", 4: "classifier"}),
 }
+_HEAD_CLASSES = {"ForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                 "ForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+                 "ForMultipleChoice": "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"}
+
+
+def _hf_head_class(model_type: str | None, suffix: str) -> str:
+    """The HF class of that head for that model type (transformers' auto mapping), or the suffix alone."""
+    from transformers.models.auto import modeling_auto
+    return getattr(modeling_auto, _HEAD_CLASSES[suffix]).get(model_type or "", suffix)
 
 
 def _flex_head_key(config: dict) -> tuple:
@@ -397,9 +415,10 @@ def _flex_head_key(config: dict) -> tuple:
     return (config.get("head_type"), layers, bool(config.get("use_pooler", False)), activation)
 
 
-def read_hub_head(directory, prefix: str) -> tuple[str, dict, bool]:
-    """``(path, head weights by HF parameter name, pooler optional)`` of an AdapterHub adapter directory: a static head as
-    saved from an HF class, or a flex head (``heads.<name>.<i>.*``) mapped to the matching HF class's names."""
+def read_hub_head(directory, prefix: str, head_names=()) -> tuple[str, dict, bool]:
+    """``(path, head weights by HF parameter name, pooler optional)`` of an AdapterHub adapter directory: a static head
+    as saved from an HF class, or a flex head (``heads.<name>.<i>.*``) mapped to the matching HF class's names (of
+    the model's own head, ``head_names``, where the classes of a family differ)."""
     info = _hub_head_info(directory)
     path, raw = read_hub_weights(directory, HUB_SAFE_HEAD_WEIGHTS, HUB_HEAD_WEIGHTS)
     meta = read_json(os.path.join(directory, HUB_HEAD_CONFIG)) if os.path.isfile(
@@ -414,7 +433,9 @@ def read_hub_head(directory, prefix: str) -> tuple[str, dict, bool]:
         if m is None or int(m.group(1)) not in modules:
             unknown.append(key)
             continue
-        out[f"{modules[int(m.group(1))].format(base=prefix)}.{m.group(2)}"] = value
+        names = modules[int(m.group(1))].format(base=prefix).split("|")
+        name = next((n for n in names if f"{n}.{m.group(2)}" in head_names), names[0])
+        out[f"{name}.{m.group(2)}"] = value
     if unknown:
         raise AdapterFileError(f"{path}: unexpected keys {unknown[:5]} for a {info.model_class} head")
     return path, out, "{base}.pooler.dense" not in modules.values()
@@ -437,10 +458,7 @@ def _hub_head_info(directory) -> HeadInfo:
                 f"{flex.get('use_pooler')}, activation {flex.get('activation_function')!r} has no equivalent HF "
                 "head here; madx_fast reads tagging, question-answering and multiple-choice heads of AdapterHub's "
                 "default shapes")
-        suffix = _FLEX_HEADS[key][0]
-        family = (meta.get("model_type") or "").replace("-", "").lower()
-        base = {"xlmroberta": "XLMRoberta", "roberta": "Roberta", "bert": "Bert"}.get(family)
-        model_class = f"{base}{suffix}" if base else suffix
+        model_class = _hf_head_class(meta.get("model_type"), _FLEX_HEADS[key][0])
         label2id = flex.get("label2id") or label2id
         num_labels = flex.get("num_labels", num_labels)
     if not isinstance(model_class, str) or not model_class:

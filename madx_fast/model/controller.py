@@ -1,4 +1,4 @@
-"""``add_madx(model)``: MAD-X on a Hugging Face BERT / XLM-R model, managed through ``model.madx``.
+"""``add_madx(model)``: MAD-X on a Hugging Face encoder or decoder LM, managed through ``model.madx``.
 
     model = XLMRobertaForTokenClassification.from_pretrained("xlm-roberta-base", num_labels=7)
     madx = add_madx(model)                                   # == model.madx
@@ -47,10 +47,12 @@ def check_adapter_name(name, what: str = "adapter name") -> None:
 def add_madx(model: nn.Module, backend: str | None = None) -> "MadxAdapters":
     """Wire MAD-X into ``model`` in place and return its handle (also available as ``model.madx``).
 
-    ``model``: an HF BERT / RoBERTa / XLM-R model (``...Model``, ``...ForMaskedLM``,
-    ``...ForTokenClassification``, ``...ForQuestionAnswering``, ``...ForMultipleChoice``, ...), from
-    ``from_pretrained`` or from a config. With no adapter active the model computes exactly what it did
-    before. ``backend`` picks the adapter kernels (None: ``madx_fast``'s default for the device)."""
+    ``model``: an HF model of a family in ``SUPPORTED_MODEL_TYPES`` (BERT, RoBERTa, XLM-R, XLM-R XL,
+    DeBERTa-v2, DistilBERT, GPT-2, Llama, Mistral) of any class (``...Model``, ``...ForMaskedLM``,
+    ``...ForCausalLM`` / ``GPT2LMHeadModel``, ``...ForTokenClassification``, ``...ForQuestionAnswering``,
+    ``...ForMultipleChoice``, ...), from ``from_pretrained`` or from a config. With no adapter active the model
+    computes exactly what it did before. ``backend`` picks the adapter kernels (None: ``madx_fast``'s default
+    for the device)."""
     existing = getattr(model, "madx", None)
     if isinstance(existing, MadxAdapters):
         if backend is not None:
@@ -62,8 +64,9 @@ def add_madx(model: nn.Module, backend: str | None = None) -> "MadxAdapters":
 class MadxAdapters:
     """The MAD-X adapters of one model: add / delete / activate / freeze / save / load.
 
-    Parameters live in the model's own module tree, under AdapterHub's names:
-    ``{prefix}.encoder.layer.{i}.output.adapters.{name}.*`` and ``{prefix}.invertible_adapters.{name}.*``,
+    Parameters live in the model's own module tree, under AdapterHub's names
+    (``{prefix}.encoder.layer.{i}.output.adapters.{name}.*`` in BERT / XLM-R,
+    ``{prefix}.layers.{i}.output_adapters.adapters.{name}.*`` in Llama, ...; ``{prefix}.invertible_adapters.{name}.*``),
     so ``model.state_dict()``, ``.to()``, optimizers and ``save_pretrained`` see them as usual."""
 
     def __init__(self, model: nn.Module, backend: str | None = None):

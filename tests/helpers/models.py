@@ -115,6 +115,16 @@ def randomize(model, needle: str = "adapters.", std: float = 0.3, seed: int = 0)
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def copy_adapter_weights(hub, ours):
+    """Copy AdapterHub's adapter weights into madx_fast's model by key: the names must match exactly."""
+    sd = {k: v for k, v in hub.state_dict().items() if "adapters." in k}
+    assert sd
+    ours_keys = {k for k in ours.state_dict() if "adapters." in k}
+    assert ours_keys == set(sd), f"key names differ: {sorted(ours_keys ^ set(sd))[:6]}"
+    _, unexpected = ours.load_state_dict(sd, strict=False)
+    assert not unexpected
+
+
 def max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -196,6 +206,12 @@ def assert_same(a, b, tol=1e-5, logits=True):
         assert "logits" in keys
     for k in keys:
         assert max_diff(out_a[k], out_b[k]) < tol, (k, max_diff(out_a[k], out_b[k]))
+    return assert_same_grads(grads_a, grads_b, tol)
+
+
+def assert_same_grads(grads_a: dict, grads_b: dict, tol=1e-5) -> int:
+    """The same parameters with the same gradients (to ``tol`` relative to each gradient's size; a parameter
+    one side did not reach has none or zeros on the other); returns how many got a gradient."""
     assert set(grads_a) == set(grads_b)
     reached = 0
     for name, g in grads_a.items():

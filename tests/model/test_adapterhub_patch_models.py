@@ -133,27 +133,19 @@ def _compare(hub, ours, batch, monkeypatch, *, nice_inverse, fused_loss=True):
     assert_same(run(hub, eval_batch, False, False), run(ours, eval_batch, False, False))  # logits compared
 
 
+@pytest.mark.parametrize("kind", ["flex", "hf"])
 @pytest.mark.parametrize("family", sorted(TEXT_TYPES))
-def test_flex_lm_head_matches_adapterhub(family, monkeypatch):
-    backend = "triton" if family in TRITON else "eager"
-    hub = flex_model(family)
+def test_lm_matches_adapterhub(family, kind, monkeypatch):
+    """The ``XxxAdapterModel`` with its LM head (which applies the NICE inverse), and the HF LM class after
+    ``adapters.init`` (where AdapterHub applies none)."""
+    flex = kind == "flex"
+    hub = flex_model(family) if flex else hf_model(family)
     ours = copy.deepcopy(hub)
-    report = madx_fast.patch_adapterhub(ours, backend=backend)
-    assert report.fully_patched, str(report)
-    assert any(f"{TEXT_TYPES[family][0]} head 'lm'" in p for p in report.patched), str(report)
-    batch = lm_batch(hub.config, TEXT_TYPES[family][0], flex=True)
-    _compare(hub, ours, batch, monkeypatch, nice_inverse=1)
-
-
-@pytest.mark.parametrize("family", sorted(TEXT_TYPES))
-def test_hf_lm_class_after_init_matches_adapterhub(family, monkeypatch):
-    backend = "triton" if family in TRITON else "eager"
-    hub = hf_model(family)
-    ours = copy.deepcopy(hub)
-    report = madx_fast.patch_adapterhub(ours, backend=backend)
-    assert report.fully_patched and any("-LM loss of" in p for p in report.patched), str(report)
-    batch = lm_batch(hub.config, TEXT_TYPES[family][0], flex=False)
-    _compare(hub, ours, batch, monkeypatch, nice_inverse=0)  # AdapterHub applies no NICE inverse in HF classes
+    report = madx_fast.patch_adapterhub(ours, backend="triton" if family in TRITON else "eager")
+    fused_loss = f"{TEXT_TYPES[family][0]} head 'lm'" if flex else "-LM loss of"
+    assert report.fully_patched and any(fused_loss in p for p in report.patched), str(report)
+    batch = lm_batch(hub.config, TEXT_TYPES[family][0], flex=flex)
+    _compare(hub, ours, batch, monkeypatch, nice_inverse=int(flex))
 
 
 def test_encoder_decoder_matches_adapterhub_with_the_decoder_skipping_nice(monkeypatch):
