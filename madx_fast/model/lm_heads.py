@@ -8,8 +8,8 @@ which loss the model computes from them.
   ``"causal"`` (predicted at t - 1: shifted labels; HF's causal loss, which honours ``num_items_in_batch``)
   or ``"seq2seq"`` (the decoder's position t predicts label t; the decoder inputs are the labels shifted
   right by the model's ``prepare_decoder_input_ids_from_labels``);
-* ``transform(h)``: the head's layers before the vocabulary projection (dense -> activation -> LayerNorm in
-  BERT-style heads; nothing in GPT/Llama/T5/BART heads), a function of each position alone;
+* ``decoder_input(h)``: the head's layers before the vocabulary projection (dense -> activation -> LayerNorm
+  in BERT-style heads; nothing in GPT/Llama/T5/BART heads), a function of each position alone;
 * ``weight`` / ``bias``: the vocabulary projection (BART's ``final_logits_bias`` included), read on use since
   ``resize_token_embeddings`` replaces modules;
 * ``modules``: the modules the model's forward calls, in order, to turn hidden states into logits (what a fused
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn

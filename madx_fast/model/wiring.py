@@ -241,17 +241,11 @@ class ModelParts:
 
     def slot(self, i: int) -> nn.Module:
         """The module holding layer ``i``'s adapters (``.adapters``), once wired."""
-        return _get(self.layers[i], self.backbone.slot)
+        return self.layers[i].get_submodule(self.backbone.slot)
 
     def hub_key(self, i: int) -> str:
         """Where AdapterHub's files keep layer ``i``'s adapters: ``{prefix}.{layers}.{i}.{slot}.adapters``."""
         return f"{self.prefix}.{self.backbone.layers}.{i}.{self.backbone.slot}.adapters"
-
-
-def _get(obj, path: str):
-    for attr in path.split("."):
-        obj = getattr(obj, attr)
-    return obj
 
 
 def _require(obj, path: str, what: str):
@@ -277,7 +271,7 @@ def find_parts(model: nn.Module) -> ModelParts:
     layers = _require(base, backbone.layers, "layers")
     for i, layer in enumerate(layers):
         if backbone.output is not None:
-            if not isinstance(_get(layer, backbone.output), MadxFFNOutput):
+            if not isinstance(layer.get_submodule(backbone.output), MadxFFNOutput):
                 for attr in ("dense", "dropout", "LayerNorm"):
                     _require(layer, f"{backbone.output}.{attr}", f"FFN output of layer {i}")
         else:
@@ -305,19 +299,20 @@ def wire(parts: ModelParts, state: MadxState) -> list[tuple]:
     backbone = parts.backbone
     for i, layer in enumerate(parts.layers):
         if backbone.output is not None:
-            out = _get(layer, backbone.output)
+            out = layer.get_submodule(backbone.output)
             if not isinstance(out, MadxFFNOutput):
                 undo.append(("module", layer, backbone.output, out))
                 setattr(layer, backbone.output, MadxFFNOutput(out, state, i))
         elif not isinstance(getattr(layer, backbone.slot, None), MadxAdapterSlot):
-            layer_norm = _get(layer, backbone.layer_norm) if backbone.layer_norm else None
+            layer_norm = layer.get_submodule(backbone.layer_norm) if backbone.layer_norm else None
             slot = MadxAdapterSlot(state, i, layer_norm).train(layer.training)
             undo.append(("module", layer, backbone.slot, None))
             setattr(layer, backbone.slot, slot)
             if backbone.residual is not None:
-                undo.append(("hook", _get(layer, backbone.residual).register_forward_pre_hook(ResidualHook(slot))))
+                residual = layer.get_submodule(backbone.residual)
+                undo.append(("hook", residual.register_forward_pre_hook(ResidualHook(slot))))
             hook = FFNOutputHook(slot, own_input=backbone.residual is None)
-            undo.append(("hook", _get(layer, backbone.ffn).register_forward_hook(hook)))
+            undo.append(("hook", layer.get_submodule(backbone.ffn).register_forward_hook(hook)))
     if not _has_hook(parts.embeddings._forward_hooks):
         undo.append(("hook", parts.embeddings.register_forward_hook(InvertibleHook(state, inverse=False))))
     if parts.lm_head is not None:
