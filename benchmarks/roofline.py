@@ -290,15 +290,40 @@ def model_rows(size, lang_rf):
             with cpu:
                 proxy, _ = builders(impl, cpu, "host-proxy")[workload](*PROXY_SHAPE)
             rows.append(row(label, impl, ops, proxy_ms=host_cpu_ms(dict(step=proxy)), tokens=b * l))
-            if impl == "fused" and workload == "infer":
+            if impl == "fused":  # the same step replayed from a CUDA graph (training: forward, backward, optimizer)
                 rows.append(row(label, "graphs", ops, graphed=True, tokens=b * l))
+    return rows
+
+
+def mixed_rows(size):
+    """bench_mixed.py's eval forwards on meta tensors: one batch of rows in 8 languages (per-row adapters),
+    the same rows as 8 per-language batches, and one language for the whole batch; each also from a graph.
+    The host proxy runs the same forwards at ``PROXY_WIDTHS``, one ``PROXY_SHAPE[1]``-token row per language."""
+    mixed = _load("bench_mixed")
+    languages = tuple(f"l{i}" for i in range(SIZES[size]["languages"]))
+    mixed.SIZES["host-proxy"] = dict(config=dict(mixed.SIZES[size]["config"], **PROXY_WIDTHS),
+                                     batch=len(languages), length=PROXY_SHAPE[1])
+
+    def workloads(device, at):
+        with device:
+            model, madx = mixed.build_model(at, device, languages, gpu=True)
+        ids, mask, langs = mixed.make_batch(at, len(languages))
+        return mixed.workloads(model, madx, languages, ids, mask, langs, "eager", device), ids.shape
+    work, (b, length) = workloads(torch.device("meta"), size)
+    proxy, _ = workloads(torch.device("cpu"), "host-proxy")
+    rows = []
+    for name in mixed.WORKLOADS:
+        label = f"mixed-language infer B={b} L={length}"
+        ops = count(dict(step=work[name][0]))
+        rows.append(row(label, name, ops, proxy_ms=host_cpu_ms(dict(step=proxy[name][0])), tokens=b * length))
+        rows.append(row(label, f"{name} graphs", ops, graphed=True, tokens=b * length))
     return rows
 
 
 # --------------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------------
-BASELINES = ("adapterhub", "eager loop", "eager")  # the first present in a case is its baseline
+BASELINES = ("adapterhub", "eager loop", "eager", "loop")  # the first present in a case is its baseline
 
 
 def add_ratios(rows):
@@ -321,6 +346,39 @@ def add_ratios(rows):
     return rows
 
 
+# issue 21's targets: (what, case, impl, baseline, at least); ops at 65536 tokens
+TARGETS = [
+    ("adapter op d=48, fwd+bwd, vs eager", "adapter d=48", "fused", "eager", 2.9),
+    ("adapter op d=384, fwd+bwd, vs eager", "adapter d=384", "fused", "eager", 2.0),
+    ("NICE coupling, fwd+bwd, vs eager", "nice forward", "fused", "eager", 3.0),
+    ("NICE inverse, fwd+bwd, vs eager", "nice inverse", "fused", "eager", 3.0),
+    ("MLM step vs AdapterHub", "mlm B=64 L=256", "fused", "adapterhub", 5.0),
+    ("MLM step from a CUDA graph vs AdapterHub", "mlm B=64 L=256", "graphs", "adapterhub", 5.0),
+    ("NER step vs AdapterHub", "ner B=32 L=128", "fused", "adapterhub", 5.0),
+    ("NER step from a CUDA graph vs AdapterHub", "ner B=32 L=128", "graphs", "adapterhub", 5.0),
+    ("inference B=32 vs AdapterHub", "infer B=32 L=128", "fused", "adapterhub", 5.0),
+    ("inference B=32 from a CUDA graph vs AdapterHub", "infer B=32 L=128", "graphs", "adapterhub", 5.0),
+    ("inference B=256 from a CUDA graph vs AdapterHub", "infer B=256 L=128", "graphs", "adapterhub", 2.0),
+    ("8 languages in one batch vs the per-language loop", "mixed-language infer B=256 L=128", "mixed", "loop", 2.0),
+    ("the same, both from CUDA graphs", "mixed-language infer B=256 L=128", "mixed graphs", "loop graphs", 2.0),
+]
+TARGET_TOKENS = 65536
+
+
+def target_rows(rows):
+    """Each target with its predicted ratio (where the run has both rows)."""
+    index = {(r["case"], r["impl"], r["tokens"]): r for r in rows}
+    out = []
+    for what, case, impl, base, goal in TARGETS:
+        tokens = TARGET_TOKENS if "B=" not in case else next((t for c, i, t in index if c == case), None)
+        mine, ref = index.get((case, impl, tokens)), index.get((case, base, tokens))
+        if mine and ref:
+            ratio = ref["predicted_ms"] / mine["predicted_ms"]
+            out.append(dict(target=what, at_least=goal, predicted_x=ratio, meets=ratio >= goal,
+                            predicted_ms=mine["predicted_ms"], baseline_ms=ref["predicted_ms"]))
+    return out
+
+
 def print_table(rows, out=sys.stdout):
     print(f"{'case':<26}{'tokens':>7} {'impl':<11}{'ops':>6}{'triton':>7}{'GFLOP':>9}{'GB':>8}{'dev ms':>9}"
           f"{'host ms':>9}{'pred ms':>9}{'x base':>8}  base", file=out)
@@ -329,6 +387,19 @@ def print_table(rows, out=sys.stdout):
         print(f"{r['case']:<26}{r['tokens']:>7} {r['impl']:<11}{r['kernels']:>6}{r['triton_launches']:>7}"
               f"{r['flops'] / 1e9:>9.1f}{r['bytes'] / 1e9:>8.3f}{r['device_ms']:>9.3f}{host}{r['predicted_ms']:>9.3f}"
               f"{r['x_baseline']:>8.2f}  {r['baseline'] or '-'}", file=out)
+
+
+def print_markdown(rows, targets, out=sys.stdout):
+    """The tables of docs/benchmarks.md: predicted, with an empty column for the measured figure."""
+    print("\n| target (H100) | at least | predicted | measured |\n|---|---|---|---|", file=out)
+    for t in targets:
+        print(f"| {t['target']} | {t['at_least']}x | {t['predicted_x']:.2f}x | |", file=out)
+    print("\n| case | tokens | impl | device ops | Triton launches | GFLOP | GB | predicted ms | x baseline "
+          "| measured ms | measured x |\n|---|---|---|---|---|---|---|---|---|---|---|", file=out)
+    for r in rows:
+        print(f"| {r['case']} | {r['tokens']} | {r['impl']} | {r['kernels']} | {r['triton_launches']} | "
+              f"{r['flops'] / 1e9:.1f} | {r['bytes'] / 1e9:.3f} | {r['predicted_ms']:.3f} | "
+              f"{r['x_baseline']:.2f} ({r['baseline']}) | | |", file=out)
 
 
 def constants():
@@ -345,15 +416,24 @@ def run(args):
         rows += op_rows(args.size)
     if "models" in args.only:
         rows += model_rows(args.size, args.lang_rf)
+        rows += mixed_rows(args.size)
     add_ratios(rows)
+    targets = target_rows(rows)
     versions = dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__)
     print(f"# roofline (predictions, H100 model: {BANDWIDTH / 1e12:.2f} TB/s, {GEMM_RATE / 1e12:.0f} TFLOP/s bf16); "
           f"counted on meta tensors; " + "; ".join(f"{k} {v}" for k, v in versions.items()))
     print_table(rows)
+    if targets:
+        print("\n# targets (predicted)")
+        for t in targets:
+            print(f"{t['target']:<52}{t['predicted_x']:>6.2f}x  (>= {t['at_least']}: "
+                  f"{'meets' if t['meets'] else 'short'})")
+    if args.markdown:
+        print_markdown(rows, targets)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(size=args.size, lang_rf=args.lang_rf, versions=versions, model=constants(), rows=rows),
-                      fh, indent=1)
+            json.dump(dict(size=args.size, lang_rf=args.lang_rf, versions=versions, model=constants(), rows=rows,
+                           targets=targets), fh, indent=1)
     return rows
 
 
@@ -363,6 +443,7 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", choices=["ops", "models"], default=["ops", "models"])
     p.add_argument("--lang-rf", type=float, default=16, help="language adapter reduction factor (as bench_train)")
     p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--markdown", action="store_true", help="also print the tables of docs/benchmarks.md")
     return run(p.parse_args(argv))
 
 

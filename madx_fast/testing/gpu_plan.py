@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -110,18 +111,23 @@ def planned_gpu(host_proxy: bool = False):
     import torch.optim.optimizer as optimizer_module
     import torch.utils._foreach_utils as foreach_utils
 
+    from .. import backends
     from ..ops import dispatch
 
     devices = ("meta", "cpu") if host_proxy else ("meta",)
     saved_env = os.environ.pop("TRITON_INTERPRET", None)  # launchers read it per call: plan for a GPU
-    saved = [(dispatch, "resolve_backend", dispatch.resolve_backend),
-             (dispatch, "check_backend_dtype", dispatch.check_backend_dtype),
-             (foreach_utils, "_get_fused_kernels_supported_devices",
-              foreach_utils._get_fused_kernels_supported_devices),
-             (optimizer_module, "_get_fused_kernels_supported_devices",
-              optimizer_module._get_fused_kernels_supported_devices)]
+    # every madx_fast module that resolves backends (the ops, the per-row adapters) by the one function
+    resolvers = [m for name, m in list(sys.modules.items()) if name.startswith("madx_fast")
+                 and getattr(m, "resolve_backend", None) is backends.resolve_backend]
+    saved = [(m, "resolve_backend", backends.resolve_backend) for m in resolvers]
+    saved += [(dispatch, "check_backend_dtype", dispatch.check_backend_dtype),
+              (foreach_utils, "_get_fused_kernels_supported_devices",
+               foreach_utils._get_fused_kernels_supported_devices),
+              (optimizer_module, "_get_fused_kernels_supported_devices",
+               optimizer_module._get_fused_kernels_supported_devices)]
     fused_devices = foreach_utils._get_fused_kernels_supported_devices
-    dispatch.resolve_backend = _fused_backend(dispatch.resolve_backend, devices)
+    for m in resolvers:
+        m.resolve_backend = _fused_backend(backends.resolve_backend, devices)
     dispatch.check_backend_dtype = _no_dtype_check(dispatch.check_backend_dtype, devices)
     foreach_utils._get_fused_kernels_supported_devices = optimizer_module._get_fused_kernels_supported_devices = (
         lambda: [*fused_devices(), "meta"])

@@ -41,8 +41,12 @@ def test_every_case_and_implementation(tiny):
         for case in ("grouped adapter d=8 G=4", "grouped adapter d=40 G=4", "grouped nice G=4"):
             assert impls[(case, n)] == {"fused", "fused loop", "eager loop"}
     models = {case for case, _ in impls if "B=" in case}
-    assert models == {"mlm B=4 L=32", "ner B=4 L=32", "infer B=4 L=32", "infer B=16 L=32"}
-    assert {"fused", "eager"} <= impls[("infer B=4 L=32", 128)] and "graphs" in impls[("infer B=4 L=32", 128)]
+    assert models == {"mlm B=4 L=32", "ner B=4 L=32", "infer B=4 L=32", "infer B=16 L=32",
+                      "mixed-language infer B=16 L=16"}
+    for case in ("mlm B=4 L=32", "ner B=4 L=32", "infer B=4 L=32"):
+        assert {"fused", "graphs", "eager"} <= {i for (c, _), s in impls.items() if c == case for i in s}
+    assert {i for (c, _), s in impls.items() if c.startswith("mixed") for i in s} == {
+        "mixed", "mixed graphs", "loop", "loop graphs", "single", "single graphs"}
 
 
 def test_time_model(tiny):
@@ -51,10 +55,11 @@ def test_time_model(tiny):
     for r in rows:
         assert r["predicted_ms"] == max(r["device_ms"], r.get("host_ms", 0.0))
         # the device time is at least the traffic at full bandwidth plus the fixed cost of every kernel
-        per_kernel = roof.GRAPH_KERNEL_US if r["impl"] == "graphs" else roof.KERNEL_US
+        graphed = r["impl"].endswith("graphs")
+        per_kernel = roof.GRAPH_KERNEL_US if graphed else roof.KERNEL_US
         assert r["device_ms"] >= (r["bytes"] / roof.BANDWIDTH + r["kernels"] * per_kernel * 1e-6) * 1e3 * 0.999
         assert r["device_ms"] >= r["flops"] / roof.GEMM_RATE * 1e3
-        if "B=" in r["case"] and r["impl"] != "graphs":
+        if "B=" in r["case"] and not graphed:
             assert r["host_ms"] >= r["proxy_cpu_ms"] > 0
             assert math.isclose(r["host_ms"] - r["proxy_cpu_ms"], r["triton_launches"] * roof.TRITON_LAUNCH_US / 1e3)
     graphs = _row(rows, "infer B=4 L=32", "graphs")
@@ -77,6 +82,9 @@ def test_counts_against_hand_counts(tiny):
         assert r["x_baseline"] > 0
         if r["impl"] == r["baseline"]:
             assert r["x_baseline"] == 1.0
+    # the mixed batch runs each layer's per-row adapters as one grouped call: fewer kernels than 4 batches
+    mixed, loop = (_row(rows, "mixed-language infer B=16 L=16", i) for i in ("mixed", "loop"))
+    assert mixed["kernels"] < loop["kernels"] and mixed["flops"] == loop["flops"]
     # the grouped op is one call per product for all groups; the loop is one per group
     grouped = _row(rows, "grouped adapter d=8 G=4", "fused", n)
     loop = _row(rows, "grouped adapter d=8 G=4", "fused loop", n)
