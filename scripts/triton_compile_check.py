@@ -2,9 +2,11 @@
 
 The Triton interpreter (how CI runs the kernels) never lowers them to GPU code, so an error that only the
 real compiler sees (a type it rejects, a global it refuses, a shape tl.dot refuses, too much shared memory)
-would pass CI. This script runs the launchers on `meta` tensors with the kernels replaced by recorders,
-then compiles each distinct recorded launch ahead of time for sm_90 (H100/H200) and reads the cubin's
-registers, stack (spills) and shared memory with the cuobjdump that ships with Triton:
+would pass CI. This script runs the launchers on `meta` tensors with every launch intercepted, derives
+each launch's specialization the way the JIT does (unit strides as constants, 16-divisibility attributes:
+``madx_fast.kernels.triton.aot``, shared with scripts/kernel_report.py), compiles each distinct one ahead
+of time for sm_90 (H100/H200) and reads the cubin's registers, stack (spills) and shared memory with the
+cuobjdump that ships with Triton:
 
     python scripts/triton_compile_check.py              # quick set: bf16 and fp32, d 48 and 384, relu
     python scripts/triton_compile_check.py --full       # every code path and configuration (what CI runs)
@@ -42,83 +44,20 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import importlib
 import multiprocessing
 import os
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # the launchers must pick GPU block sizes, the kernels stay JIT
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT default (3.9 warns when it is unset)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from madx_fast.kernels.triton import adapter, grouped, linear, nice, weight_grad  # noqa: E402
+from madx_fast.kernels.triton import adapter, aot, grouped, nice  # noqa: E402
 from madx_fast.reference import ACTIVATION_CODES  # noqa: E402
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
-                 torch.int32: "i32"}
-_LAUNCH_OPTIONS = ("num_warps", "num_stages")
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block (opt-in maximum)
-
-
-class _Recorder:
-    """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` records the call instead of running it."""
-
-    def __init__(self, fn, log, label):
-        self.fn, self.log, self.label = fn, log, label
-
-    def __getitem__(self, grid):
-        def record(*args, **kwargs):
-            self.log.append((self.fn, self.label(), args, kwargs))
-        return record
-
-
-def _unwrapped(kernel):
-    """The JITFunction, also where this process has put a recorder in its place."""
-    return kernel.fn if isinstance(kernel, _Recorder) else kernel
-
-
-def _signature(fn, args, kwargs):
-    sig, constexprs = {}, {}
-    names = fn.arg_names
-    for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
-            sig[name] = "*" + _TRITON_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        elif isinstance(value, int):
-            sig[name] = "i64" if abs(value) >= 2**31 else "i32"
-        elif isinstance(value, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
-    for name, value in kwargs.items():
-        if name in _LAUNCH_OPTIONS:
-            continue
-        sig[name] = "constexpr"
-        constexprs[(names.index(name),)] = value
-    return sig, constexprs
-
-
-def _resources(cubin: bytes) -> dict:
-    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(cubin)
-        fh.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
-    fields = {}
-    for line in out.splitlines():
-        if "REG:" in line:
-            for item in line.split():
-                if ":" in item:
-                    key, _, val = item.partition(":")
-                    if val.isdigit():
-                        fields[key] = int(val)
-    return fields
+SHARED_LIMIT = aot.SHARED_LIMIT
 
 
 @contextlib.contextmanager
@@ -164,16 +103,13 @@ def record_launches(mode: str):
     """Run the launchers on meta tensors for the problems of ``_problems``; return the recorded launches."""
     log = []
     current = {"label": ""}
-    label = lambda: current["label"]  # noqa: E731
-    for module, names in ((adapter, ["_adapter_fwd_kernel", "_adapter_bwd_da_kernel", "_adapter_bwd_dx_dw_kernel"]),
-                          (nice, ["_nice_fwd_kernel", "_nice_bwd_kernel"]), (weight_grad, ["_tn_kernel"]),
-                          (linear, ["_linear_kernel"]),
-                          (grouped, ["_grouped_linear_kernel", "_grouped_tn_kernel", "_grouped_nice_fwd_kernel",
-                                     "_grouped_nice_bwd_kernel"])):
-        for name in names:
-            kernel = getattr(module, name)
-            setattr(module, name, _Recorder(_unwrapped(kernel), log, label))
-    # (the launchers call fused_linear / tokens_reduce, which look the patched kernels up as module globals)
+    with aot.recording(log, lambda: current["label"]):
+        _record_single(mode, current)
+        _record_grouped(mode, current)
+    return log
+
+
+def _record_single(mode: str, current: dict) -> None:
     meta = torch.device("meta")
     n = 65536
     for kind, dt, size, act, tf32, inverses in _problems(mode):
@@ -200,8 +136,6 @@ def record_launches(mode: str):
                     out = nice.nice_coupling(x, w, act, inverse)
                     for inp in (None, x):  # input rebuilt, or saved
                         nice.nice_coupling_backward(out, out, inp, w, act, inverse)
-    _record_grouped(mode, current)
-    return log
 
 
 def _record_grouped(mode: str, current: dict) -> None:
@@ -237,47 +171,29 @@ def _record_grouped(mode: str, current: dict) -> None:
                     grouped.grouped_nice_coupling_backward(out, out, inp, groups, w, act, inverse, True, splits=2)
 
 
-def compile_tasks(mode: str):
-    """The distinct specializations to compile: (module, kernel, signature, constexprs, options, label, blocks)."""
+def compile_tasks(mode: str, arch: int = 90):
+    """The distinct specializations to compile: ``[(aot.Spec, label, blocks)]``."""
     seen, tasks = set(), []
-    for fn, label, fargs, kwargs in record_launches(mode):
-        sig, constexprs = _signature(fn, fargs, kwargs)
-        options = {o: kwargs[o] for o in _LAUNCH_OPTIONS if o in kwargs}
-        key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())),
-               tuple(sorted(options.items())))
-        if key in seen:
+    for launch in record_launches(mode):
+        spec = aot.specialize(launch, arch)
+        if spec.key() in seen:
             continue
-        seen.add(key)
-        blocks = " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in kwargs.items()
-                          if k.startswith("BLOCK_"))
-        tasks.append((fn.__module__, fn.__name__, sig, constexprs, options, label, blocks))
+        seen.add(spec.key())
+        blocks = " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in launch.kwargs.items()
+                          if k.startswith("BLOCK_") or k[:2] in ("HA", "HB"))
+        tasks.append((spec, launch.case, blocks))
     return tasks
-
-
-def _reason(exc: BaseException) -> str:
-    """The innermost error's message (Triton wraps it in one CompilationError per calling function, each
-    printing source lines), with the outermost place: "at 3:20: NameError(...)"."""
-    where = str(exc).splitlines()[0] if str(exc) else ""
-    inner = exc
-    while inner.__cause__ is not None:
-        inner = inner.__cause__
-    why = getattr(inner, "error_message", None) or (str(inner).strip().splitlines() or [type(inner).__name__])[-1]
-    return f"{where} {why}" if where.startswith("at ") else why
 
 
 def compile_one(task, arch: int, max_stack):
     """Compile one specialization; return (its report line, whether it failed)."""
-    module, name, sig, constexprs, options, label, blocks = task
-    fn = _unwrapped(getattr(importlib.import_module(module), name))
-    head = f"{name:<28}{label:<34}{blocks:<40}"
-    try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options=options)
-    except Exception as exc:  # report every failure, then fail
-        return f"{head} COMPILE ERROR: {_reason(exc)[:300]}", True
-    res = _resources(compiled.asm["cubin"])
-    stack, shared = res.get("STACK", -1), compiled.metadata.shared
-    line = f"{head}{options.get('num_warps', 4):>6}{res.get('REG', -1):>6}{stack:>7}{shared:>8}"
+    spec, label, blocks = task
+    head = f"{spec.name:<28}{label:<34}{blocks:<40}"
+    res = aot.measure(spec, arch)
+    if "error" in res:
+        return f"{head} COMPILE ERROR: {res['error']}", True
+    stack, shared = res["spill_bytes"], res["shared_bytes"]
+    line = f"{head}{spec.options.get('num_warps', 4):>6}{res['registers']:>6}{stack:>7}{shared:>8}  {res['mma']}"
     if shared > SHARED_LIMIT[arch]:
         return f"{line}  needs {shared} B of shared memory (limit {SHARED_LIMIT[arch]})", True
     if max_stack is not None and stack > max_stack:
@@ -296,10 +212,10 @@ def main(argv=None):
     p.add_argument("--only", default="", help="compile only launches whose kernel name or problem contains this")
     args = p.parse_args(argv)
     mode = "all" if args.all else "full" if args.full else "quick"
-    tasks = [t for t in compile_tasks(mode) if not args.only or args.only in t[1] or args.only in t[5]]
+    tasks = [t for t in compile_tasks(mode, args.arch) if not args.only or args.only in t[0].name or args.only in t[1]]
     print(f"# triton {triton.__version__}, target sm_{args.arch}, {mode} set: {len(tasks)} specializations, "
           f"{min(args.jobs, len(tasks))} processes", flush=True)
-    print(f"{'kernel':<28}{'problem':<34}{'blocks':<40}{'warps':>6}{'regs':>6}{'stack':>7}{'smem':>8}")
+    print(f"{'kernel':<28}{'problem':<34}{'blocks':<40}{'warps':>6}{'regs':>6}{'stack':>7}{'smem':>8}  mma")
     failures = 0
     with contextlib.ExitStack() as stack:
         if args.jobs <= 1:

@@ -7,12 +7,13 @@
     madx.set_active(Stack("en", "ner"))
     madx.train_adapters("ner")
 
-Layout: ``config.py`` (MadxConfig, AdapterHub config conversion), ``stack.py`` (active setup),
-``wiring.py`` (the modules that replace HF's FFN output, embedding dropout and MLM-head LayerNorm),
-``per_row.py`` (many languages in one batch: ``PerRow``), ``controller.py`` (``add_madx`` and the
-``MadxAdapters`` handle), ``adapter_files.py`` (files), ``hub.py`` (adapters by directory or Hugging Face Hub
-name), ``mlm_loss.py``
-(masked-position-only, chunked fused linear cross-entropy), ``params.py`` (parameter budget command).
+Layout: ``config.py`` (MadxConfig, AdapterHub config conversion), ``stack.py`` (the active setup: ``Stack``, and
+``PerRow`` for many languages in one batch), ``wiring.py`` (the modules that replace HF's FFN output, embedding
+dropout and MLM-head LayerNorm), ``per_row.py`` (running a ``PerRow`` entry: each row through its own
+language's adapter), ``controller.py`` (``add_madx`` and the ``MadxAdapters`` handle), ``adapter_files.py``
+(files), ``hub.py`` (adapters by directory or Hugging Face Hub name), ``mlm_loss.py`` (masked-position-only,
+chunked fused linear cross-entropy), ``params.py`` (parameter budget command), ``inputs.py`` (batch inputs
+prepared on the host: MLM positions, attention masks, so that a step never waits for the GPU).
 """
 from .adapter_files import AdapterFileError
 from .config import AdapterConfigError, MadxConfig

@@ -25,7 +25,7 @@ Loading reads and checks everything (config options, hidden size, layer count, k
 finiteness, the adapter name being free, the head fitting the model) before the model is touched, and raises
 AdapterFileError / AdapterConfigError naming the file and the problem; ``.bin`` files are read with
 ``torch.load(weights_only=True)``, which never runs pickled code. Saving builds the whole directory aside and
-swaps it in (``madx_fast.atomic``): a reader sees the old adapter or the new one, never a mix, and files of
+swaps it in (``madx_fast.files``): a reader sees the old adapter or the new one, never a mix, and files of
 an earlier save never survive an overwrite.
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import atomic
+from .. import files
+from .._version import __version__
 from .config import AdapterConfigError, MadxConfig
 
 OWN_CONFIG = "madx_adapter.json"
@@ -118,15 +119,15 @@ def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = Fa
                   "name_or_path": getattr(model.config, "name_or_path", "") or ""},
         "head": None if head is None else {"keys": sorted(head), "model_class": type(model).__name__,
                                            "labels": _label_names(model.config)},
-        "madx_fast_version": _version(),
+        "madx_fast_version": __version__,
     }
     save_file(weights, os.path.join(directory, OWN_WEIGHTS), metadata={"format": "pt"})
-    meta["weights_sha256"] = sha256_file(os.path.join(directory, OWN_WEIGHTS))
+    meta["weights_sha256"] = files.sha256_file(os.path.join(directory, OWN_WEIGHTS))
     if head is not None:
         save_file(head, os.path.join(directory, OWN_HEAD_WEIGHTS), metadata={"format": "pt"})
-        meta["head"]["sha256"] = sha256_file(os.path.join(directory, OWN_HEAD_WEIGHTS))
+        meta["head"]["sha256"] = files.sha256_file(os.path.join(directory, OWN_HEAD_WEIGHTS))
     meta["checksum"] = _meta_checksum(meta)
-    atomic.dump_json(meta, os.path.join(directory, OWN_CONFIG))  # last: the config marks a complete adapter
+    files.dump_json(meta, os.path.join(directory, OWN_CONFIG))  # last: the config marks a complete adapter
 
 
 def load_adapter(madx, directory, *, load_as=None, overwrite=False, set_active=False, with_head=False) -> str:
@@ -144,7 +145,7 @@ def load_adapter(madx, directory, *, load_as=None, overwrite=False, set_active=F
 
 def _read_own_meta(directory) -> tuple[str, dict, MadxConfig]:
     config_path = os.path.join(directory, OWN_CONFIG)
-    meta = read_json(config_path)
+    meta = _read_json(config_path)
     if "checksum" in meta and meta["checksum"] != _meta_checksum(meta):
         raise AdapterFileError(f"{config_path}: the file was changed or damaged after it was saved (its checksum "
                                "does not match its content)")
@@ -238,8 +239,8 @@ def export_adapterhub(madx, directory, name: str, *, safetensors: bool = False, 
         save(weights, tmp, HUB_SAFE_WEIGHTS, HUB_WEIGHTS)
         if head is not None:
             save(head, tmp, HUB_SAFE_HEAD_WEIGHTS, HUB_HEAD_WEIGHTS)
-            atomic.dump_json(head_meta, os.path.join(tmp, HUB_HEAD_CONFIG))
-        atomic.dump_json(meta, os.path.join(tmp, HUB_CONFIG))
+            files.dump_json(head_meta, os.path.join(tmp, HUB_HEAD_CONFIG))
+        files.dump_json(meta, os.path.join(tmp, HUB_CONFIG))
 
     _write_adapter_directory(directory, build, overwrite=overwrite, what=f"adapter {name!r}")
 
@@ -248,7 +249,7 @@ def _read_hub_meta(directory) -> tuple[str, dict, str, MadxConfig]:
     config_path = os.path.join(directory, HUB_CONFIG)
     if not os.path.isfile(config_path):
         raise AdapterFileError(f"{directory}: no {HUB_CONFIG} (not an AdapterHub adapter directory)")
-    meta = read_json(config_path)
+    meta = _read_json(config_path)
     if not isinstance(meta.get("config"), dict):
         raise AdapterFileError(f"{config_path}: no adapter 'config' entry")
     file_name = meta.get("name")
@@ -393,7 +394,7 @@ def read_hub_head(directory, prefix: str) -> tuple[str, dict, bool]:
     saved from an HF class, or a flex head (``heads.<name>.<i>.*``) mapped to the matching HF class's names."""
     info = _hub_head_info(directory)
     path, raw = read_hub_weights(directory, HUB_SAFE_HEAD_WEIGHTS, HUB_HEAD_WEIGHTS)
-    meta = read_json(os.path.join(directory, HUB_HEAD_CONFIG)) if os.path.isfile(
+    meta = _read_json(os.path.join(directory, HUB_HEAD_CONFIG)) if os.path.isfile(
         os.path.join(directory, HUB_HEAD_CONFIG)) else {}
     flex = meta.get("config")
     if not isinstance(flex, dict):
@@ -415,7 +416,7 @@ def _hub_head_info(directory) -> HeadInfo:
     config_path = os.path.join(directory, HUB_HEAD_CONFIG)
     if not os.path.isfile(config_path):
         raise AdapterFileError(f"{directory}: no task head saved with this adapter ({HUB_HEAD_CONFIG} missing)")
-    meta = read_json(config_path)
+    meta = _read_json(config_path)
     flex = meta.get("config")
     label2id = meta.get("label2id")
     num_labels = meta.get("num_labels")
@@ -508,25 +509,13 @@ def _write_adapter_directory(directory, build, *, overwrite: bool, what: str) ->
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"cannot save {what}: {directory} exists and is not a directory")
-    atomic.recover_directory(directory)
+    files.recover_directory(directory)
     if os.path.isdir(directory) and not overwrite:
         clash = sorted(f for f in ADAPTER_FILES if os.path.exists(os.path.join(directory, f)))
         if clash:
             raise FileExistsError(f"cannot save {what}: {directory} already holds an adapter ({', '.join(clash)}); "
                                   "pass overwrite=True to replace it")
-    atomic.replace_directory(directory, build, owned=ADAPTER_FILES)
-
-
-def read_json(path, error: type[Exception] = AdapterFileError) -> dict:
-    """A JSON object from ``path``; anything else is an ``error`` naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    files.replace_directory(directory, build, owned=ADAPTER_FILES)
 
 
 def read_safetensors(path) -> dict:
@@ -539,16 +528,8 @@ def read_safetensors(path) -> dict:
         raise AdapterFileError(f"{path}: cannot read safetensors ({type(exc).__name__}: {exc})") from None
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_sha256(path, want: str | None) -> None:
-    if want and os.path.isfile(path) and sha256_file(path) != want:
+    if want and os.path.isfile(path) and files.sha256_file(path) != want:
         raise AdapterFileError(f"{path}: the file was changed or damaged after it was saved (its sha256 differs "
                                f"from the one recorded in {OWN_CONFIG})")
 
@@ -572,6 +553,5 @@ def _cpu_copies(state: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def _version() -> str:
-    from .. import __version__
-    return __version__
+def _read_json(path) -> dict:
+    return files.read_json(path, error=AdapterFileError)

@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 from ._launch import (NUM_STAGES, chunk_width, dot_precision, interpreting, num_warps_for,
-                      pow2_at_least, rows_per_program, splits_for, tile_budget)
+                      pow2_at_least, rows_per_program, sm_count, splits_for, tile_budget)
 from .activations import activation_backward, apply_activation
 from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, fused_linear
-from .tiles import rows_times_weight_t
+from .tiles import load_bias, rows_times_weight_t
 from .weight_grad import tokens_reduce
 
 WIDE_BOTTLENECK = 128  # above this bottleneck width the "gemm" route runs (module docstring)
@@ -56,8 +56,8 @@ def adapter_forward(x, residual, w_down, b_down, w_up, b_up, scaling, activation
     if n == 0:
         return torch.empty((n, h), dtype=x.dtype, device=x.device), torch.empty((n, d), dtype=x.dtype, device=x.device)
     r = x if residual is None else residual
-    # Weights in the activation dtype once per call (they are small): half the on-chip tile for fp32 masters.
-    wd, bd, wu, bu = (t.to(x.dtype).contiguous() for t in (w_down, b_down, w_up, b_up))
+    # Weights in any float dtype: the kernels round them to x.dtype on load (no cast per call).
+    wd, bd, wu, bu = (t.contiguous() for t in (w_down, b_down, w_up, b_up))
     if route(d) == "gemm":
         return _gemm_forward(x, r, wd, bd, wu, bu, scaling, activation)
     return _fused_forward(x, r, residual is not None, wd, bd, wu, bu, scaling, activation, block_m, block_h)
@@ -72,7 +72,7 @@ def adapter_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_in
         f32 = dict(dtype=torch.float32, device=x.device)
         return (torch.empty((n, h), dtype=x.dtype, device=x.device), torch.zeros((d, h), **f32),
                 torch.zeros((d,), **f32), torch.zeros((h, d), **f32), torch.zeros((h,), **f32))
-    w_down, w_up = w_down.to(x.dtype).contiguous(), w_up.to(x.dtype).contiguous()
+    w_down, w_up = w_down.contiguous(), w_up.contiguous()
     if route(d) == "gemm":
         return _gemm_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_input, splits)
     return _fused_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_input, block_m, block_h, splits)
@@ -104,13 +104,16 @@ def _gemm_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_inpu
 @triton.jit
 def _adapter_fwd_kernel(
     X, R, WD, BD, WU, BU, Y, Z,
-    N, H, D,
+    N, H, D, cols_per_program,
     stride_xm, stride_xh, stride_rm, stride_rh, stride_ym, stride_yh,
     scaling,
     ACT: tl.constexpr, HAS_R: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Program (token block, column range): every column range of a block computes z (x is read again from
+    # L2); the first stores it. More than one range only when a batch has too few blocks to fill the GPU.
     pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rmask = rows < N
     dcol = tl.arange(0, BLOCK_D)
@@ -120,19 +123,22 @@ def _adapter_fwd_kernel(
     # z = x W_down^T + b_down, accumulated over H in fp32.
     acc = rows_times_weight_t(X, stride_xm, stride_xh, rows, rmask, WD, H, 1, H, D,
                               DOT_PREC, BLOCK_M, BLOCK_H, BLOCK_D)
-    bd = tl.load(BD + dcol, mask=dmask, other=0.0).to(tl.float32)
+    bd = load_bias(BD, dcol, dmask, dt)
     z = (acc + bd[None, :]).to(dt)
-    tl.store(Z + rows[:, None] * D + dcol[None, :], z, mask=rmask[:, None] & dmask[None, :])
+    if pid_c == 0:
+        tl.store(Z + rows[:, None] * D + dcol[None, :], z, mask=rmask[:, None] & dmask[None, :])
     a = apply_activation(z.to(tl.float32), ACT).to(dt)
 
-    # y = r + s * (a W_up^T + b_up), one H chunk at a time.
-    for h0 in range(0, H, BLOCK_H):
+    # y = r + s * (a W_up^T + b_up), one H chunk of the program's column range at a time.
+    c0 = pid_c * cols_per_program
+    c1 = tl.minimum(c0 + cols_per_program, H)
+    for h0 in range(c0, c1, BLOCK_H):
         hc = h0 + tl.arange(0, BLOCK_H)
-        hmask = hc < H
+        hmask = hc < c1
         m2 = rmask[:, None] & hmask[None, :]
         wu_t = tl.load(WU + hc[None, :] * D + dcol[:, None], mask=hmask[None, :] & dmask[:, None], other=0.0)
         up = tl.dot(a, wu_t.to(dt), input_precision=DOT_PREC)
-        bu = tl.load(BU + hc, mask=hmask, other=0.0).to(tl.float32)
+        bu = load_bias(BU, hc, hmask, dt)
         if HAS_R:
             r = tl.load(R + rows[:, None] * stride_rm + hc[None, :] * stride_rh, mask=m2, other=0.0)
         else:
@@ -227,9 +233,13 @@ def _fused_forward(x, r, has_r, wd, bd_, wu, bu, scaling, activation, block_m, b
     z = torch.empty((n, d), dtype=x.dtype, device=x.device)
     bm, bh, bd = _forward_config(d, x.dtype)
     bm, bh = block_m or bm, block_h or bh
-    _adapter_fwd_kernel[(triton.cdiv(n, bm),)](
+    blocks = triton.cdiv(n, bm)
+    # Small batches: split the output columns so that about one wave of programs covers the SMs.
+    col_split = max(1, min(4, sm_count(x.device) // blocks, triton.cdiv(h, 4 * bh)))
+    cols = triton.cdiv(triton.cdiv(h, col_split), bh) * bh
+    _adapter_fwd_kernel[(blocks, triton.cdiv(h, cols))](
         x, r, wd, bd_, wu, bu, y, z,
-        n, h, d,
+        n, h, d, cols,
         x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
         float(scaling),
         ACT=activation, HAS_R=has_r, DOT_PREC=dot_precision(x.dtype),

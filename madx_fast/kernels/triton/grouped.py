@@ -8,7 +8,7 @@ Layout. ``x: [B*L, H]`` holds ``B`` sequence rows of ``L`` tokens each, a row's 
 Forward and input gradients: a program never crosses a sequence row. Programs are indexed by (row, token
 block of the row[, output-column block]); each reads its row's group id once and offsets its weight pointers
 by ``group * stride``, then runs the same tile code as the single-adapter kernels (``linear.linear_tile``,
-``nice.nice_fwd_block``, ``nice.nice_bwd_block``). Grid sizes depend on shapes only (B, L, H, d, G), never on
+``nice.nice_fwd_block``, ``nice.nice_bwd_b_block``, ``nice.nice_bwd_a_block``). Grid sizes depend on shapes only (B, L, H, d, G), never on
 the group ids, and nothing reads the ids on the host: the launches are CUDA-graph capturable, and a graph
 captured once serves every mix of languages. Token blocks are sized to the row length (``BLOCK_M <=
 next_pow2(L)``), so padding lanes cost little when L is not a multiple of the block.
@@ -45,10 +45,9 @@ import triton.language as tl
 
 from ._launch import NUM_STAGES, dot_precision, interpreting, pow2_at_least, sm_count
 from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, linear_tile
-from .nice import _config as _nice_config
-from .nice import _layout as _nice_layout
-from .nice import nice_bwd_block, nice_fwd_block
-from .weight_grad import tn_accumulate, tn_store
+from .nice import (backward_buffers, block_config, nice_bwd_a_block, nice_bwd_b_block, nice_fwd_block,
+                   stage_layout, coupling_weight_grads)
+from .weight_grad import reduction_config, tn_accumulate, tn_store
 
 # Upper bound on the fp32 partials of one grouped reduction (G * S * M * K elements): 128 MiB.
 PARTIAL_BUDGET = 1 << 25
@@ -146,7 +145,8 @@ def _grouped_nice_fwd_kernel(
     L, NUM_GROUPS, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
     stride_xm, stride_xh, stride_om, stride_oh,
     ACT: tl.constexpr, INVERSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_HB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HA0: tl.constexpr, HA1: tl.constexpr, HB0: tl.constexpr,
+    HB1: tl.constexpr,
 ):
     # Grid (row, token block of the row). The stacked weights are contiguous: a group's slice is one matrix.
     row = tl.program_id(0)
@@ -156,27 +156,39 @@ def _grouped_nice_fwd_kernel(
                    WB1 + g * HB * OUT_A, BB1 + g * HB, WB2 + g * IN_A * HB, BB2 + g * IN_A,
                    row.to(tl.int64) * L + pos, pos < L,
                    IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT, stride_xm, stride_xh, stride_om, stride_oh,
-                   ACT, INVERSE, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HA, BLOCK_HB)
+                   ACT, INVERSE, DOT_PREC, BLOCK_M, BLOCK_K, HA0, HA1, HB0, HB1)
 
 
 @triton.jit
-def _grouped_nice_bwd_kernel(
-    DOUT, OUT, INP, DINP, SRC, ZA, ZB, DZA, DZB,
-    WA1, BA1, WA2, WB1, BB1, WB2, BB2, GROUPS,
-    L, NUM_GROUPS, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
-    stride_inm, stride_inh,
-    ACT: tl.constexpr, INVERSE: tl.constexpr, HAS_INP: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_HB: tl.constexpr,
+def _grouped_nice_bwd_b_kernel(
+    DOUT, OUT, SRC, ZB, DZB, WB1, BB1, WB2, BB2, GROUPS,
+    L, NUM_GROUPS, IN_A, OUT_A, HB, OFF_SRC, OFF_TGT,
+    ACT: tl.constexpr, INVERSE: tl.constexpr, REBUILD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HB0: tl.constexpr, HB1: tl.constexpr,
 ):
     row = tl.program_id(0)
     pos = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     g = _row_group(GROUPS, row, NUM_GROUPS)
-    nice_bwd_block(DOUT, OUT, INP, DINP, SRC, ZA, ZB, DZA, DZB,
-                   WA1 + g * HA * IN_A, BA1 + g * HA, WA2 + g * OUT_A * HA,
-                   WB1 + g * HB * OUT_A, BB1 + g * HB, WB2 + g * IN_A * HB, BB2 + g * IN_A,
-                   row.to(tl.int64) * L + pos, pos < L, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
-                   stride_inm, stride_inh,
-                   ACT, INVERSE, HAS_INP, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HA, BLOCK_HB)
+    nice_bwd_b_block(DOUT, OUT, SRC, ZB, DZB, WB1 + g * HB * OUT_A, BB1 + g * HB, WB2 + g * IN_A * HB,
+                     BB2 + g * IN_A, row.to(tl.int64) * L + pos, pos < L, IN_A, OUT_A, HB, OFF_SRC, OFF_TGT,
+                     ACT, INVERSE, REBUILD, DOT_PREC, BLOCK_M, BLOCK_K, HB0, HB1)
+
+
+@triton.jit
+def _grouped_nice_bwd_a_kernel(
+    DOUT, SRC, DINP, ZA, DZA, DZB, WA1, BA1, WA2, WB1, GROUPS,
+    L, NUM_GROUPS, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT, stride_sm, stride_sk,
+    ACT: tl.constexpr, INVERSE: tl.constexpr, REBUILT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HA0: tl.constexpr, HA1: tl.constexpr, HB0: tl.constexpr,
+    HB1: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pos = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = _row_group(GROUPS, row, NUM_GROUPS)
+    nice_bwd_a_block(DOUT, SRC, DINP, ZA, DZA, DZB, WA1 + g * HA * IN_A, BA1 + g * HA, WA2 + g * OUT_A * HA,
+                     WB1 + g * HB * OUT_A, row.to(tl.int64) * L + pos, pos < L, IN_A, OUT_A, HA, HB,
+                     OFF_SRC, OFF_TGT, stride_sm, stride_sk,
+                     ACT, INVERSE, REBUILT, DOT_PREC, BLOCK_M, BLOCK_K, HA0, HA1, HB0, HB1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -251,13 +263,7 @@ def grouped_tokens_reduce(a, b, segments, num_groups, length, activation=0, with
     if n == 0:
         return torch.zeros((num_groups, m, k), **f32), torch.zeros((num_groups, m), **f32)
     order, seg = segments
-    big = interpreting()
-    fp32 = a.dtype == torch.float32
-    # fp32 (IEEE products on FMA units): 32-token steps; with 64, ptxas spills the gathered tiles (sm_90).
-    bn = 128 if big else (32 if fp32 else 64)
-    tile = 128 if big else (32 if fp32 else 64)
-    bm = min(pow2_at_least(m), tile)
-    bk = min(pow2_at_least(k), 256 if big else tile)
+    bn, bm, bk, warps, stages = reduction_config(m, k, a.dtype)
     tiles = triton.cdiv(m, bm) * triton.cdiv(k, bk)
     if splits is None:
         splits = triton.cdiv(2 * sm_count(a.device), tiles)  # ~2 waves even when one group has every row
@@ -269,7 +275,7 @@ def grouped_tokens_reduce(a, b, segments, num_groups, length, activation=0, with
         a, b, order, seg, c_part, s_part, length, m, k, splits,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         ACT=activation, WITH_SUM=with_sum, DOT_PREC=dot_precision(a.dtype),
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=4, num_stages=NUM_STAGES,
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return c_part.view(num_groups, splits, m, k).sum(1), s_part.view(num_groups, splits, m).sum(1)
 
@@ -287,8 +293,8 @@ def grouped_adapter_forward(x, residual, groups, w_down, b_down, w_up, b_up, sca
         return torch.empty((0, h), dtype=x.dtype, device=x.device), torch.empty((0, d), dtype=x.dtype,
                                                                                 device=x.device)
     r = x if residual is None else residual
-    # Weights in the activation dtype once per call (as the single-adapter launchers do).
-    wd, bd, wu, bu = (t.to(x.dtype).contiguous() for t in (w_down, b_down, w_up, b_up))
+    # Weights in any float dtype: the kernels round them to x.dtype on load (no cast per call).
+    wd, bd, wu, bu = (t.contiguous() for t in (w_down, b_down, w_up, b_up))
     z = grouped_linear(x, wd, (h, 1), d, EPI_BIAS, groups, bias=bd)
     y = grouped_linear(z, wu, (d, 1), h, EPI_RESIDUAL, groups, bias=bu, residual=r, scaling=scaling,
                        activation=activation, a_activation=True)
@@ -308,7 +314,7 @@ def grouped_adapter_backward(dy, x, z, groups, w_down, w_up, scaling, activation
             return (dx,) + _no_weight_grads(x.device, 4)
         return (dx, torch.zeros((num_groups, d, h), **f32), torch.zeros((num_groups, d), **f32),
                 torch.zeros((num_groups, h, d), **f32), torch.zeros((num_groups, h), **f32))
-    wd, wu = w_down.to(x.dtype).contiguous(), w_up.to(x.dtype).contiguous()
+    wd, wu = w_down.contiguous(), w_up.contiguous()
     da = grouped_linear(dy, wu, (1, d), d, EPI_DACT, groups, z=z, scaling=scaling, activation=activation)
     dx = grouped_linear(da, wd, (1, h), h, EPI_ADD, groups, residual=dy if residual_is_input else None)
     if not weight_grads:
@@ -334,17 +340,17 @@ def grouped_nice_coupling(x, groups, weights, activation, inverse, *, block_m=No
     out = torch.empty((n, h), dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = _nice_layout(h, weights, inverse, x.dtype)
+    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = stage_layout(h, weights, inverse)
     in_a, out_a, ha, hb = _nice_dims((wa1, ba1, wa2, ba2, wb1))
     length = row_length(n, groups)
-    bm, bk, bha, bhb, launch = _nice_config(ha, hb, x.dtype, block_m, block_k)
+    bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, x.dtype, block_m, block_k)
     bm = _row_block(length, bm)
     _grouped_nice_fwd_kernel[(groups.shape[0], triton.cdiv(length, bm))](
         x, out, wa1, ba1, wa2, ba2, wb1, bb1, wb2, bb2, groups,
         length, wa1.shape[0], in_a, out_a, ha, hb, off_src, off_tgt,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_HA=bha, BLOCK_HB=bhb, **launch,
+        BLOCK_M=bm, BLOCK_K=bk, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **launch,
     )
     return out
 
@@ -352,45 +358,35 @@ def grouped_nice_coupling(x, groups, weights, activation, inverse, *, block_m=No
 def grouped_nice_coupling_backward(dout, out, inp, groups, weights, activation, inverse, weight_grads, *,
                                    block_m=None, block_k=None, splits=None):
     """``(d_inp, df_w1, df_b1, df_w2, df_b2, dg_w1, dg_b1, dg_w2, dg_b2)``, weight grads fp32 ``[G, ...]`` (empty
-    tensors with ``weight_grads=False``). ``inp=None`` rebuilds the input from ``out``."""
+    tensors with ``weight_grads=False``). ``inp=None`` rebuilds the input from ``out``. The kernels of
+    ``nice.nice_coupling_backward`` per sequence row."""
     n, h = out.shape
     dev, dt = out.device, out.dtype
     num_groups = weights[0].shape[0]
     dout, out = dout.contiguous(), out.contiguous()
-    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = _nice_layout(h, weights, inverse, dt)
-    in_a, out_a, ha, hb = _nice_dims((wa1, ba1, wa2, ba2, wb1))
+    (wa1, ba1, wa2, _), (wb1, bb1, wb2, bb2), off_src, off_tgt = stage_layout(h, weights, inverse)
+    in_a, out_a, ha, hb = _nice_dims((wa1, ba1, wa2, None, wb1))
     length = row_length(n, groups)
-    bm, bk, bha, bhb, launch = _nice_config(ha, hb, dt, block_m, block_k)
+    bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, dt, block_m, block_k)
     bm = _row_block(length, bm)
+    za, zb, dza, dzb, src_a = backward_buffers(n, in_a, ha, hb, inp, off_src, dt, dev)
     dinp = torch.empty((n, h), dtype=dt, device=dev)
-    za = torch.empty((n, ha), dtype=dt, device=dev)
-    zb = torch.empty((n, hb), dtype=dt, device=dev)
-    dza = torch.empty_like(za)
-    dzb = torch.empty_like(zb)
-    src = torch.empty((n, in_a), dtype=dt, device=dev) if inp is None else None
     if n > 0:
-        src_arg = inp if inp is not None else dinp  # a placeholder pointer when unused
-        _grouped_nice_bwd_kernel[(groups.shape[0], triton.cdiv(length, bm))](
-            dout, out, src_arg, dinp, src if src is not None else dinp, za, zb, dza, dzb,
-            wa1, ba1, wa2, wb1, bb1, wb2, bb2, groups,
-            length, num_groups, in_a, out_a, ha, hb, off_src, off_tgt,
-            src_arg.stride(0), src_arg.stride(1),
-            ACT=activation, INVERSE=bool(inverse), HAS_INP=inp is not None, DOT_PREC=dot_precision(dt),
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_HA=bha, BLOCK_HB=bhb, **launch,
-        )
+        grid = (groups.shape[0], triton.cdiv(length, bm))
+        common = dict(ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(dt), BLOCK_M=bm, BLOCK_K=bk,
+                      **launch)
+        _grouped_nice_bwd_b_kernel[grid](
+            dout, out, src_a, zb, dzb, wb1, bb1, wb2, bb2, groups, length, num_groups, in_a, out_a, hb,
+            off_src, off_tgt, REBUILD=inp is None, HB0=hb0, HB1=hb1, **common)
+        _grouped_nice_bwd_a_kernel[grid](
+            dout, src_a, dinp, za, dza, dzb, wa1, ba1, wa2, wb1, groups, length, num_groups, in_a, out_a, ha, hb,
+            off_src, off_tgt, src_a.stride(0), src_a.stride(1),
+            REBUILT=inp is None, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **common)
     if not weight_grads:
         return (dinp,) + _no_weight_grads(dev, 8)
-    sign = -1.0 if inverse else 1.0
-    src_a = inp[:, off_src:off_src + in_a] if inp is not None else src
     segments = row_segments(groups, num_groups)
 
-    def reduce(a, b, act=0):
+    def reduce(a, b, act):
         return grouped_tokens_reduce(a, b, segments, num_groups, length, act, splits=splits)
-    d_wb2, d_bb2 = reduce(dout[:, off_src:off_src + in_a], zb, activation)
-    d_wb1, d_bb1 = reduce(dzb, out[:, off_tgt:off_tgt + out_a])
-    d_wa2, d_ba2 = reduce(dinp[:, off_tgt:off_tgt + out_a], za, activation)
-    d_wa1, d_ba1 = reduce(dza, src_a)
-    grads_a = (d_wa1, d_ba1, sign * d_wa2, sign * d_ba2)
-    grads_b = (d_wb1, d_bb1, sign * d_wb2, sign * d_bb2)
-    f_grads, g_grads = (grads_b, grads_a) if inverse else (grads_a, grads_b)
-    return (dinp, *f_grads, *g_grads)
+    return (dinp, *coupling_weight_grads(reduce, dout, out, dinp, src_a, za, zb, dza, dzb, activation, inverse,
+                                off_src, off_tgt))

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ._launch import NUM_STAGES, dot_precision, interpreting
 from .activations import activation_backward, apply_activation
+from .tiles import load_bias
 
 EPI_BIAS, EPI_RESIDUAL, EPI_DACT, EPI_ADD = 0, 1, 2, 3
 
@@ -53,10 +54,10 @@ def linear_tile(
 
     m2 = rmask[:, None] & cmask[None, :]
     if EPI == 0:
-        out = acc + tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        out = acc + load_bias(BIAS, cols, cmask, dt)[None, :]
     elif EPI == 1:
         r = tl.load(R + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=m2, other=0.0)
-        out = r.to(tl.float32) + scaling * (acc + tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :])
+        out = r.to(tl.float32) + scaling * (acc + load_bias(BIAS, cols, cmask, dt)[None, :])
     elif EPI == 2:
         z = tl.load(Z + rows[:, None] * stride_zm + cols[None, :] * stride_zn, mask=m2, other=0.0)
         out = activation_backward(scaling * acc, z.to(tl.float32), ACT)

@@ -10,7 +10,13 @@ chip: it streams ``dst_A`` out chunk by chunk and feeds every chunk straight int
 so ``dst_A`` is never read back. The direction is the compile-time flag ``INVERSE``; the launcher maps
 (F, G) to (A, B) and picks the column offsets of the halves.
 
-Backward (per token block, one kernel), with ``u = sign * upstream`` of each MLP's output:
+Shapes for Hopper: a program owns 64 tokens (bf16/fp16), so every product is a warpgroup MMA (wgmma, 64-row
+blocks) and the four weight matrices are read from L2 once per 64 tokens (590 KB at H=768: ~0.6 GB of L2
+reads per 65536 tokens, against ~2.4 GB with 16-token blocks). A hidden width is held as two power-of-two
+chunks (``hidden_chunks``: 192 = 128 + 64) instead of one tile padded to the next power of two (256).
+
+Backward (two kernels per token block: stage B's, then stage A's with the input gradient, so that only one
+stage's hidden tiles are live at a time), with ``sign`` the direction's sign:
 
     dzB = sign * (d_dstB W_B2) * act'(zB)         zB = W_B1 dst_A + b_B1
     gA  = d_dstA + dzB W_B1                       total gradient of dst_A  -> d_tgtA
@@ -18,13 +24,15 @@ Backward (per token block, one kernel), with ``u = sign * upstream`` of each MLP
     d_srcA = d_dstB + dzA W_A1
     dW_B2 = sign d_dstB^T act(zB), dW_B1 = dzB^T dst_A, dW_A2 = sign gA^T act(zA), dW_A1 = dzA^T src_A
 
-``src_A`` is read from the saved input, or (recompute mode, the default) rebuilt from the output by
-inverting stage B: ``src_A = dst_B - sign * MLP_B(dst_A)``, which needs zB anyway. Where a token's output
-holds Inf or NaN that inversion is lost (``x + Inf - Inf``): the rebuilt row is not finite, and the kernel
-sets that token's zA and dzA to NaN, so d_src_A and the gradients of W_A1, b_A1, W_A2 are NaN rather than
-a wrong finite number (with the input saved, NaN/Inf follow the reference exactly). The kernel writes the
-small per-token tensors zA, zB, dzA, dzB (H/4 wide each at rf=2); the weight gradients are token
-reductions in ``weight_grad.tokens_reduce`` (fp32 partials, deterministic).
+(dst_B = src_A + sign MLP_B(dst_A) gives d_srcA its direct term d_dstB and dst_A the term sign (d_dstB W_B2
+act'(zB)) W_B1 = dzB W_B1; dst_A = tgt_A + sign MLP_A(src_A) passes gA to tgt_A and gives src_A the term
+dzA W_A1.) ``src_A`` is read from the saved input, or (recompute mode, the default) rebuilt from the output by
+inverting stage B in the stage-B kernel: ``src_A = dst_B - sign * MLP_B(dst_A)``, which needs zB anyway.
+Where a token's output holds Inf or NaN that inversion is lost (``x + Inf - Inf``): the rebuilt row is not
+finite, and the stage-A kernel sets that token's zA and dzA to NaN, so d_src_A and the gradients of W_A1,
+b_A1, W_A2 are NaN rather than a wrong finite number (with the input saved, NaN/Inf follow the reference
+exactly). The kernels write the small per-token tensors zA, zB, dzA, dzB (H/4 wide each at rf=2); the
+weight gradients are token reductions in ``weight_grad.tokens_reduce`` (fp32 partials, deterministic).
 """
 from __future__ import annotations
 
@@ -32,22 +40,69 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import NUM_STAGES, chunk_width, dot_precision, num_warps_for, pow2_at_least, rows_per_program
+from ._launch import NUM_STAGES, dot_precision, interpreting, pow2_at_least
 from .activations import activation_backward, apply_activation
-from .tiles import rows_times_weight_t
+from .tiles import load_bias
 from .weight_grad import tokens_reduce
 
 
 @triton.jit
 def _hidden(SRC, stride_sm, stride_sk, rows, rmask, W1, B1, IN, HID,
-            DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HID: tl.constexpr):
-    """``z = src W1^T + b1`` for a token block: [BLOCK_M, BLOCK_HID] fp32 (padding columns are 0)."""
-    hcol = tl.arange(0, BLOCK_HID)
-    hmask = hcol < HID
-    acc = rows_times_weight_t(SRC, stride_sm, stride_sk, rows, rmask, W1, IN, 1, IN, HID,
-                              DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HID)
-    b = tl.load(B1 + hcol, mask=hmask, other=0.0).to(tl.float32)
-    return acc + b[None, :]
+            CHECK_FINITE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+            H0: tl.constexpr, H1: tl.constexpr):
+    """``z = src W1^T + b1`` for a token block as two column chunks ``[BLOCK_M, H0]``, ``[BLOCK_M, H1]``
+    (hidden units ``[0, H0)`` and ``[H0, H0 + H1)``), fp32 after rounding to the activation dtype; padding
+    columns are exactly 0. Each src chunk is loaded once for both. Also returns which rows of src hold a
+    non-finite value (``CHECK_FINITE``; else all False)."""
+    dt = SRC.dtype.element_ty
+    c0 = tl.arange(0, H0)
+    c1 = H0 + tl.arange(0, H1)
+    acc0 = tl.zeros((BLOCK_M, H0), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, H1), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for k0 in range(0, IN, BLOCK_K):
+        kc = k0 + tl.arange(0, BLOCK_K)
+        kmask = kc < IN
+        s = tl.load(SRC + rows[:, None] * stride_sm + kc[None, :] * stride_sk,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc0, acc1 = _accumulate_wt(acc0, acc1, s, W1, kc, kmask, HID, 1, IN, dt, DOT_PREC, H0, H1)
+        if CHECK_FINITE:
+            bad = tl.maximum(bad, tl.max(tl.where(tl.abs(s.to(tl.float32)) < float("inf"), 0, 1), axis=1))
+    # (padding columns exactly 0 even when src holds Inf: a masked-out weight is 0 and Inf * 0 is NaN)
+    z0 = tl.where((c0 < HID)[None, :], acc0 + load_bias(B1, c0, c0 < HID, dt)[None, :], 0.0)
+    z1 = tl.where((c1 < HID)[None, :], acc1 + load_bias(B1, c1, c1 < HID, dt)[None, :], 0.0)
+    return z0.to(dt).to(tl.float32), z1.to(dt).to(tl.float32), bad != 0
+
+
+@triton.jit
+def _times_wt(a0, a1, W, nc, nmask, HID, stride_n, stride_h, dt,
+              DOT_PREC: tl.constexpr, H0: tl.constexpr, H1: tl.constexpr):
+    """``a @ M`` for rows held as two hidden chunks ``a0 [rows, H0]``, ``a1 [rows, H1]`` and the weight
+    ``M[h, n] = W[n * stride_n + h * stride_h]`` for the columns ``nc``: [rows, len(nc)] fp32. (``W2: [OUT,
+    HID]`` gives ``a W2^T`` with strides (HID, 1); ``W1: [HID, IN]`` gives ``a W1`` with strides (1, IN).)"""
+    c0 = tl.arange(0, H0)
+    c1 = H0 + tl.arange(0, H1)
+    w0 = tl.load(W + nc[None, :] * stride_n + c0[:, None] * stride_h, mask=nmask[None, :] & (c0 < HID)[:, None],
+                 other=0.0)
+    w1 = tl.load(W + nc[None, :] * stride_n + c1[:, None] * stride_h, mask=nmask[None, :] & (c1 < HID)[:, None],
+                 other=0.0)
+    p = tl.dot(a0, w0.to(dt), input_precision=DOT_PREC)
+    return tl.dot(a1, w1.to(dt), p, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _accumulate_wt(acc0, acc1, v, W, nc, nmask, HID, stride_n, stride_h, dt,
+                   DOT_PREC: tl.constexpr, H0: tl.constexpr, H1: tl.constexpr):
+    """``acc += v @ M^T`` into the two hidden chunks, ``v: [rows, len(nc)]``, ``M[h, n]`` as in ``_times_wt``
+    (``W1: [HID, IN]`` gives ``v W1^T`` with strides (1, IN); ``W2: [OUT, HID]`` gives ``v W2`` with (HID, 1))."""
+    c0 = tl.arange(0, H0)
+    c1 = H0 + tl.arange(0, H1)
+    w0 = tl.load(W + c0[None, :] * stride_h + nc[:, None] * stride_n, mask=(c0 < HID)[None, :] & nmask[:, None],
+                 other=0.0)
+    w1 = tl.load(W + c1[None, :] * stride_h + nc[:, None] * stride_n, mask=(c1 < HID)[None, :] & nmask[:, None],
+                 other=0.0)
+    acc0 = tl.dot(v, w0.to(dt), acc0, input_precision=DOT_PREC)
+    return acc0, tl.dot(v, w1.to(dt), acc1, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -56,13 +111,14 @@ def _nice_fwd_kernel(
     N, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
     stride_xm, stride_xh, stride_om, stride_oh,
     ACT: tl.constexpr, INVERSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_HB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HA0: tl.constexpr, HA1: tl.constexpr, HB0: tl.constexpr,
+    HB1: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     nice_fwd_block(X, OUT, WA1, BA1, WA2, BA2, WB1, BB1, WB2, BB2, rows, rows < N,
                    IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT, stride_xm, stride_xh, stride_om, stride_oh,
-                   ACT, INVERSE, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HA, BLOCK_HB)
+                   ACT, INVERSE, DOT_PREC, BLOCK_M, BLOCK_K, HA0, HA1, HB0, HB1)
 
 
 @triton.jit
@@ -71,199 +127,220 @@ def nice_fwd_block(
     IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
     stride_xm, stride_xh, stride_om, stride_oh,
     ACT: tl.constexpr, INVERSE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_HB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HA0: tl.constexpr, HA1: tl.constexpr, HB0: tl.constexpr,
+    HB1: tl.constexpr,
 ):
-    """The coupling of one token block (``rows`` int64, ``rmask``); shared with the grouped kernel."""
+    """The coupling of one token block (``rows`` int64, ``rmask``); shared with the grouped kernel. Hidden
+    activations stay on chip as two chunks (HA0 + HA1 >= HA: 192 = 128 + 64, no padding to 256)."""
     dt = X.dtype.element_ty
     sign = -1.0 if INVERSE else 1.0
-    ha = tl.arange(0, BLOCK_HA)
-    hb = tl.arange(0, BLOCK_HB)
-    ha_mask = ha < HA
-    hb_mask = hb < HB
-
-    # Stage A hidden activations from src_A.
-    za = _hidden(X + OFF_SRC * stride_xh, stride_xm, stride_xh, rows, rmask, WA1, BA1, IN_A, HA,
-                 DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HA).to(dt)
-    aa = apply_activation(za.to(tl.float32), ACT).to(dt)
+    za0, za1, _ = _hidden(X + OFF_SRC * stride_xh, stride_xm, stride_xh, rows, rmask, WA1, BA1, IN_A, HA,
+                          False, DOT_PREC, BLOCK_M, BLOCK_K, HA0, HA1)
+    aa0 = apply_activation(za0, ACT).to(dt)
+    aa1 = apply_activation(za1, ACT).to(dt)
 
     # dst_A = tgt_A + sign * (aA W_A2^T + b_A2), chunk by chunk; each chunk also feeds zB = dst_A W_B1^T.
-    accb = tl.zeros((BLOCK_M, BLOCK_HB), dtype=tl.float32)
+    accb0 = tl.zeros((BLOCK_M, HB0), dtype=tl.float32)
+    accb1 = tl.zeros((BLOCK_M, HB1), dtype=tl.float32)
     for n0 in range(0, OUT_A, BLOCK_K):
         nc = n0 + tl.arange(0, BLOCK_K)
         nmask = nc < OUT_A
         m2 = rmask[:, None] & nmask[None, :]
-        w2 = tl.load(WA2 + nc[None, :] * HA + ha[:, None], mask=nmask[None, :] & ha_mask[:, None], other=0.0)
-        p = tl.dot(aa, w2.to(dt), input_precision=DOT_PREC)
-        p += tl.load(BA2 + nc, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        p = _times_wt(aa0, aa1, WA2, nc, nmask, HA, HA, 1, dt, DOT_PREC, HA0, HA1)
+        p += load_bias(BA2, nc, nmask, dt)[None, :]
         tgt = tl.load(X + rows[:, None] * stride_xm + (OFF_TGT + nc)[None, :] * stride_xh, mask=m2, other=0.0)
         dst = (tgt.to(tl.float32) + sign * p).to(dt)
         tl.store(OUT + rows[:, None] * stride_om + (OFF_TGT + nc)[None, :] * stride_oh, dst, mask=m2)
-        wb1 = tl.load(WB1 + hb[None, :] * OUT_A + nc[:, None], mask=hb_mask[None, :] & nmask[:, None], other=0.0)
-        accb = tl.dot(tl.where(m2, dst, 0.0).to(dt), wb1.to(dt), accb, input_precision=DOT_PREC)
-    accb = tl.where(hb_mask[None, :], accb, 0.0)  # padding columns exactly 0 even when dst_A holds Inf
-    zb = (accb + tl.load(BB1 + hb, mask=hb_mask, other=0.0).to(tl.float32)[None, :]).to(dt)
-    ab = apply_activation(zb.to(tl.float32), ACT).to(dt)
+        accb0, accb1 = _accumulate_wt(accb0, accb1, tl.where(m2, dst, 0.0).to(dt), WB1, nc, nmask, HB, 1, OUT_A,
+                                      dt, DOT_PREC, HB0, HB1)
+    hb0 = tl.arange(0, HB0)
+    hb1 = HB0 + tl.arange(0, HB1)
+    # (padding columns exactly 0 even when dst_A holds Inf)
+    zb0 = tl.where((hb0 < HB)[None, :], accb0 + load_bias(BB1, hb0, hb0 < HB, dt)[None, :], 0.0).to(dt)
+    zb1 = tl.where((hb1 < HB)[None, :], accb1 + load_bias(BB1, hb1, hb1 < HB, dt)[None, :], 0.0).to(dt)
+    ab0 = apply_activation(zb0.to(tl.float32), ACT).to(dt)
+    ab1 = apply_activation(zb1.to(tl.float32), ACT).to(dt)
 
     # dst_B = src_A + sign * (aB W_B2^T + b_B2).
     for n0 in range(0, IN_A, BLOCK_K):
         nc = n0 + tl.arange(0, BLOCK_K)
         nmask = nc < IN_A
         m2 = rmask[:, None] & nmask[None, :]
-        w2 = tl.load(WB2 + nc[None, :] * HB + hb[:, None], mask=nmask[None, :] & hb_mask[:, None], other=0.0)
-        q = tl.dot(ab, w2.to(dt), input_precision=DOT_PREC)
-        q += tl.load(BB2 + nc, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        q = _times_wt(ab0, ab1, WB2, nc, nmask, HB, HB, 1, dt, DOT_PREC, HB0, HB1)
+        q += load_bias(BB2, nc, nmask, dt)[None, :]
         src = tl.load(X + rows[:, None] * stride_xm + (OFF_SRC + nc)[None, :] * stride_xh, mask=m2, other=0.0)
         tl.store(OUT + rows[:, None] * stride_om + (OFF_SRC + nc)[None, :] * stride_oh,
                  (src.to(tl.float32) + sign * q).to(dt), mask=m2)
 
 
 @triton.jit
-def _nice_bwd_kernel(
-    DOUT, OUT, INP, DINP, SRC, ZA, ZB, DZA, DZB,
-    WA1, BA1, WA2, WB1, BB1, WB2, BB2,
-    N, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
-    stride_inm, stride_inh,
-    ACT: tl.constexpr, INVERSE: tl.constexpr, HAS_INP: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_HB: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    nice_bwd_block(DOUT, OUT, INP, DINP, SRC, ZA, ZB, DZA, DZB, WA1, BA1, WA2, WB1, BB1, WB2, BB2,
-                   rows, rows < N, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT, stride_inm, stride_inh,
-                   ACT, INVERSE, HAS_INP, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HA, BLOCK_HB)
+def _store_chunks(PTR, rows, rmask, WIDTH, v0, v1, H0: tl.constexpr, H1: tl.constexpr):
+    """Store a [rows, WIDTH] per-token tensor held as two column chunks (row stride WIDTH)."""
+    c0 = tl.arange(0, H0)
+    c1 = H0 + tl.arange(0, H1)
+    tl.store(PTR + rows[:, None] * WIDTH + c0[None, :], v0, mask=rmask[:, None] & (c0 < WIDTH)[None, :])
+    tl.store(PTR + rows[:, None] * WIDTH + c1[None, :], v1, mask=rmask[:, None] & (c1 < WIDTH)[None, :])
 
 
 @triton.jit
-def nice_bwd_block(
-    DOUT, OUT, INP, DINP, SRC, ZA, ZB, DZA, DZB,
-    WA1, BA1, WA2, WB1, BB1, WB2, BB2, rows, rmask,
-    IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT,
-    stride_inm, stride_inh,
-    ACT: tl.constexpr, INVERSE: tl.constexpr, HAS_INP: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr, BLOCK_HB: tl.constexpr,
+def _load_chunks(PTR, rows, rmask, WIDTH, H0: tl.constexpr, H1: tl.constexpr):
+    c0 = tl.arange(0, H0)
+    c1 = H0 + tl.arange(0, H1)
+    v0 = tl.load(PTR + rows[:, None] * WIDTH + c0[None, :], mask=rmask[:, None] & (c0 < WIDTH)[None, :], other=0.0)
+    v1 = tl.load(PTR + rows[:, None] * WIDTH + c1[None, :], mask=rmask[:, None] & (c1 < WIDTH)[None, :], other=0.0)
+    return v0, v1
+
+
+@triton.jit
+def _nice_bwd_b_kernel(
+    DOUT, OUT, SRC, ZB, DZB, WB1, BB1, WB2, BB2,
+    N, IN_A, OUT_A, HB, OFF_SRC, OFF_TGT,
+    ACT: tl.constexpr, INVERSE: tl.constexpr, REBUILD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HB0: tl.constexpr, HB1: tl.constexpr,
 ):
-    """The backward of one token block; shared with the grouped kernel. DOUT, OUT, DINP are contiguous
-    [N, IN_A + OUT_A]; SRC is [N, IN_A] (written only when not HAS_INP)."""
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    nice_bwd_b_block(DOUT, OUT, SRC, ZB, DZB, WB1, BB1, WB2, BB2, rows, rows < N, IN_A, OUT_A, HB,
+                     OFF_SRC, OFF_TGT, ACT, INVERSE, REBUILD, DOT_PREC, BLOCK_M, BLOCK_K, HB0, HB1)
+
+
+@triton.jit
+def nice_bwd_b_block(
+    DOUT, OUT, SRC, ZB, DZB, WB1, BB1, WB2, BB2, rows, rmask,
+    IN_A, OUT_A, HB, OFF_SRC, OFF_TGT,
+    ACT: tl.constexpr, INVERSE: tl.constexpr, REBUILD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HB0: tl.constexpr, HB1: tl.constexpr,
+):
+    """Stage B's backward for one token block (shared with the grouped kernel): zB from dst_A, then one pass
+    over the src_A columns for ``dzB = sign (d_dstB W_B2) act'(zB)`` and, with ``REBUILD``, the input
+    ``src_A = dst_B - sign MLP_B(dst_A)`` into SRC ``[N, IN_A]``. DOUT and OUT are contiguous
+    ``[N, IN_A + OUT_A]``; writes ZB and DZB ``[N, HB]``."""
     H = IN_A + OUT_A
     dt = DOUT.dtype.element_ty
     sign = -1.0 if INVERSE else 1.0
-    ha = tl.arange(0, BLOCK_HA)
-    hb = tl.arange(0, BLOCK_HB)
-    ha_mask = ha < HA
-    hb_mask = hb < HB
-    mha = rmask[:, None] & ha_mask[None, :]
-    mhb = rmask[:, None] & hb_mask[None, :]
-
-    # zB from dst_A (in the output).
-    zb = _hidden(OUT + OFF_TGT, H, 1, rows, rmask, WB1, BB1, OUT_A, HB,
-                 DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HB).to(dt)
-    ab = apply_activation(zb.to(tl.float32), ACT).to(dt)
-
-    # One pass over the src_A columns: d_dstB W_B2 for stage B's backward, and src_A -> zA.
-    dhb = tl.zeros((BLOCK_M, BLOCK_HB), dtype=tl.float32)
-    acca = tl.zeros((BLOCK_M, BLOCK_HA), dtype=tl.float32)
-    lost = tl.zeros((BLOCK_M,), dtype=tl.int32)  # rows whose rebuilt src_A is not finite (recompute mode)
+    zb0, zb1, _ = _hidden(OUT + OFF_TGT, H, 1, rows, rmask, WB1, BB1, OUT_A, HB, False, DOT_PREC, BLOCK_M, BLOCK_K,
+                          HB0, HB1)
+    ab0 = apply_activation(zb0, ACT).to(dt)
+    ab1 = apply_activation(zb1, ACT).to(dt)
+    hb0 = tl.arange(0, HB0)
+    hb1 = HB0 + tl.arange(0, HB1)
+    dhb0 = tl.zeros((BLOCK_M, HB0), dtype=tl.float32)
+    dhb1 = tl.zeros((BLOCK_M, HB1), dtype=tl.float32)
     for n0 in range(0, IN_A, BLOCK_K):
         nc = n0 + tl.arange(0, BLOCK_K)
         nmask = nc < IN_A
         m2 = rmask[:, None] & nmask[None, :]
         ddst = tl.load(DOUT + rows[:, None] * H + (OFF_SRC + nc)[None, :], mask=m2, other=0.0)
-        wb2 = tl.load(WB2 + nc[:, None] * HB + hb[None, :], mask=nmask[:, None] & hb_mask[None, :], other=0.0)
-        dhb = tl.dot(ddst, wb2.to(dt), dhb, input_precision=DOT_PREC)
-        if HAS_INP:
-            src = tl.load(INP + rows[:, None] * stride_inm + (OFF_SRC + nc)[None, :] * stride_inh,
-                          mask=m2, other=0.0)
-        else:
-            # src_A = dst_B - sign * MLP_B(dst_A): invert stage B instead of having saved the input.
-            q = tl.dot(ab, tl.trans(wb2.to(dt)), input_precision=DOT_PREC)
-            q += tl.load(BB2 + nc, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        dhb0, dhb1 = _accumulate_wt(dhb0, dhb1, ddst, WB2, nc, nmask, HB, HB, 1, dt, DOT_PREC, HB0, HB1)
+        if REBUILD:  # src_A = dst_B - sign * MLP_B(dst_A): invert stage B instead of having saved the input
+            q = _times_wt(ab0, ab1, WB2, nc, nmask, HB, HB, 1, dt, DOT_PREC, HB0, HB1)
+            q += load_bias(BB2, nc, nmask, dt)[None, :]
             dst = tl.load(OUT + rows[:, None] * H + (OFF_SRC + nc)[None, :], mask=m2, other=0.0)
-            src = tl.where(m2, dst.to(tl.float32) - sign * q, 0.0).to(dt)
-            tl.store(SRC + rows[:, None] * IN_A + nc[None, :], src, mask=m2)
-            finite = tl.abs(src.to(tl.float32)) < float("inf")
-            lost = tl.maximum(lost, tl.max(tl.where(finite, 0, 1), axis=1))
-        wa1 = tl.load(WA1 + ha[None, :] * IN_A + nc[:, None], mask=ha_mask[None, :] & nmask[:, None], other=0.0)
-        acca = tl.dot(src, wa1.to(dt), acca, input_precision=DOT_PREC)
-    # (padding columns of the accumulators exactly 0: an Inf in a real column times a masked 0 is NaN)
-    dhb = tl.where(hb_mask[None, :], dhb, 0.0)
-    acca = tl.where(ha_mask[None, :], acca, 0.0)
-    dzb = activation_backward(sign * dhb, zb.to(tl.float32), ACT).to(dt)
-    za = (acca + tl.load(BA1 + ha, mask=ha_mask, other=0.0).to(tl.float32)[None, :]).to(dt)
-    # Where the output held Inf/NaN, src_A cannot be rebuilt (x + Inf - Inf): that row's zA and dzA become
-    # NaN, so every gradient that depends on src_A is NaN rather than a wrong finite number.
-    za = tl.where(lost[:, None] != 0, float("nan"), za.to(tl.float32)).to(dt)
-    tl.store(ZB + rows[:, None] * HB + hb[None, :], zb, mask=mhb)
-    tl.store(DZB + rows[:, None] * HB + hb[None, :], dzb, mask=mhb)
-    tl.store(ZA + rows[:, None] * HA + ha[None, :], za, mask=mha)
-
-    dha = _tgt_grad(DOUT, DINP, WB1, WA2, dzb, rows, rmask, H, OUT_A, HA, HB, OFF_TGT,
-                    DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_HA, BLOCK_HB)
-    dza = activation_backward(sign * dha, za.to(tl.float32), ACT)
-    dza = tl.where(lost[:, None] != 0, float("nan"), dza).to(dt)
-    tl.store(DZA + rows[:, None] * HA + ha[None, :], dza, mask=mha)
-
-    _src_grad(DOUT, DINP, WA1, dza, rows, rmask, H, IN_A, HA, OFF_SRC, DOT_PREC, BLOCK_K, BLOCK_HA)
+            tl.store(SRC + rows[:, None] * IN_A + nc[None, :], (dst.to(tl.float32) - sign * q).to(dt), mask=m2)
+    # (padding columns exactly 0: an Inf in a real column times a masked 0 is NaN)
+    dzb0 = activation_backward(sign * tl.where((hb0 < HB)[None, :], dhb0, 0.0), zb0, ACT).to(dt)
+    dzb1 = activation_backward(sign * tl.where((hb1 < HB)[None, :], dhb1, 0.0), zb1, ACT).to(dt)
+    _store_chunks(ZB, rows, rmask, HB, zb0.to(dt), zb1.to(dt), HB0, HB1)
+    _store_chunks(DZB, rows, rmask, HB, dzb0, dzb1, HB0, HB1)
 
 
 @triton.jit
-def _tgt_grad(DOUT, DINP, WB1, WA2, dzb, rows, rmask, H, OUT_A, HA, HB, OFF_TGT,
-              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr,
-              BLOCK_HB: tl.constexpr):
-    """``gA = d_dstA + dzB W_B1`` (the gradient of tgt_A, stored into DINP) chunk by chunk, and stage A's
-    upstream ``gA W_A2``: [BLOCK_M, BLOCK_HA] fp32, padding columns exactly 0."""
+def _nice_bwd_a_kernel(
+    DOUT, SRC, DINP, ZA, DZA, DZB, WA1, BA1, WA2, WB1,
+    N, IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT, stride_sm, stride_sk,
+    ACT: tl.constexpr, INVERSE: tl.constexpr, REBUILT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HA0: tl.constexpr, HA1: tl.constexpr, HB0: tl.constexpr,
+    HB1: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    nice_bwd_a_block(DOUT, SRC, DINP, ZA, DZA, DZB, WA1, BA1, WA2, WB1, rows, rows < N, IN_A, OUT_A, HA, HB,
+                     OFF_SRC, OFF_TGT, stride_sm, stride_sk,
+                     ACT, INVERSE, REBUILT, DOT_PREC, BLOCK_M, BLOCK_K, HA0, HA1, HB0, HB1)
+
+
+@triton.jit
+def nice_bwd_a_block(
+    DOUT, SRC, DINP, ZA, DZA, DZB, WA1, BA1, WA2, WB1, rows, rmask,
+    IN_A, OUT_A, HA, HB, OFF_SRC, OFF_TGT, stride_sm, stride_sk,
+    ACT: tl.constexpr, INVERSE: tl.constexpr, REBUILT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HA0: tl.constexpr, HA1: tl.constexpr, HB0: tl.constexpr,
+    HB1: tl.constexpr,
+):
+    """Stage A's backward and the input gradient for one token block (shared with the grouped kernel):
+    zA from src_A (``SRC`` with its strides: the saved input's columns, or the rebuilt ``[N, IN_A]``), then
+    ``gA = d_dstA + dzB W_B1`` into DINP's tgt_A columns, ``dzA = sign (gA W_A2) act'(zA)`` and
+    ``d_srcA = d_dstB + dzA W_A1`` into its src_A columns. Writes ZA and DZA ``[N, HA]``."""
+    H = IN_A + OUT_A
     dt = DOUT.dtype.element_ty
-    ha = tl.arange(0, BLOCK_HA)
-    hb = tl.arange(0, BLOCK_HB)
-    ha_mask = ha < HA
-    hb_mask = hb < HB
-    dha = tl.zeros((BLOCK_M, BLOCK_HA), dtype=tl.float32)
-    for n0 in range(0, OUT_A, BLOCK_K):
+    sign = -1.0 if INVERSE else 1.0
+    za0, za1, lost = _hidden(SRC, stride_sm, stride_sk, rows, rmask, WA1, BA1, IN_A, HA, REBUILT, DOT_PREC,
+                             BLOCK_M, BLOCK_K, HA0, HA1)
+    # Where the output held Inf/NaN, the rebuilt src_A is lost (x + Inf - Inf): that row's zA and dzA become
+    # NaN, so every gradient that depends on src_A is NaN rather than a wrong finite number.
+    _store_chunks(ZA, rows, rmask, HA, tl.where(lost[:, None], float("nan"), za0).to(dt),
+                  tl.where(lost[:, None], float("nan"), za1).to(dt), HA0, HA1)
+    dzb0, dzb1 = _load_chunks(DZB, rows, rmask, HB, HB0, HB1)
+    ha0 = tl.arange(0, HA0)
+    ha1 = HA0 + tl.arange(0, HA1)
+    dha0 = tl.zeros((BLOCK_M, HA0), dtype=tl.float32)
+    dha1 = tl.zeros((BLOCK_M, HA1), dtype=tl.float32)
+    for n0 in range(0, OUT_A, BLOCK_K):  # gA = d_dstA + dzB W_B1 (the gradient of tgt_A), and gA W_A2
         nc = n0 + tl.arange(0, BLOCK_K)
         nmask = nc < OUT_A
         m2 = rmask[:, None] & nmask[None, :]
         ddst = tl.load(DOUT + rows[:, None] * H + (OFF_TGT + nc)[None, :], mask=m2, other=0.0)
-        wb1 = tl.load(WB1 + hb[:, None] * OUT_A + nc[None, :], mask=hb_mask[:, None] & nmask[None, :], other=0.0)
-        ga = (ddst.to(tl.float32) + tl.dot(dzb, wb1.to(dt), input_precision=DOT_PREC)).to(dt)
-        tl.store(DINP + rows[:, None] * H + (OFF_TGT + nc)[None, :], ga, mask=m2)
-        wa2 = tl.load(WA2 + nc[:, None] * HA + ha[None, :], mask=nmask[:, None] & ha_mask[None, :], other=0.0)
-        dha = tl.dot(tl.where(m2, ga, 0.0).to(dt), wa2.to(dt), dha, input_precision=DOT_PREC)
-    return tl.where(ha_mask[None, :], dha, 0.0)
-
-
-@triton.jit
-def _src_grad(DOUT, DINP, WA1, dza, rows, rmask, H, IN_A, HA, OFF_SRC,
-              DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_HA: tl.constexpr):
-    """``d_srcA = d_dstB + dzA W_A1``, stored into DINP chunk by chunk."""
-    dt = DOUT.dtype.element_ty
-    ha = tl.arange(0, BLOCK_HA)
-    ha_mask = ha < HA
-    for n0 in range(0, IN_A, BLOCK_K):
+        ga = ddst.to(tl.float32) + _times_wt(dzb0, dzb1, WB1, nc, nmask, HB, 1, OUT_A, dt, DOT_PREC, HB0, HB1)
+        tl.store(DINP + rows[:, None] * H + (OFF_TGT + nc)[None, :], ga.to(dt), mask=m2)
+        dha0, dha1 = _accumulate_wt(dha0, dha1, tl.where(m2, ga, 0.0).to(dt), WA2, nc, nmask, HA, HA, 1, dt,
+                                    DOT_PREC, HA0, HA1)
+    tl.debug_barrier()  # (ZA was written by other threads of this program) read it back: fewer live registers
+    za0, za1 = _load_chunks(ZA, rows, rmask, HA, HA0, HA1)
+    dza0 = activation_backward(sign * tl.where((ha0 < HA)[None, :], dha0, 0.0), za0.to(tl.float32), ACT)
+    dza1 = activation_backward(sign * tl.where((ha1 < HA)[None, :], dha1, 0.0), za1.to(tl.float32), ACT)
+    dza0 = tl.where(lost[:, None], float("nan"), dza0).to(dt)
+    dza1 = tl.where(lost[:, None], float("nan"), dza1).to(dt)
+    _store_chunks(DZA, rows, rmask, HA, dza0, dza1, HA0, HA1)
+    for n0 in range(0, IN_A, BLOCK_K):  # d_srcA = d_dstB + dzA W_A1
         nc = n0 + tl.arange(0, BLOCK_K)
         nmask = nc < IN_A
         m2 = rmask[:, None] & nmask[None, :]
         ddst = tl.load(DOUT + rows[:, None] * H + (OFF_SRC + nc)[None, :], mask=m2, other=0.0)
-        wa1 = tl.load(WA1 + ha[:, None] * IN_A + nc[None, :], mask=ha_mask[:, None] & nmask[None, :], other=0.0)
-        dsrc = ddst.to(tl.float32) + tl.dot(dza, wa1.to(dt), input_precision=DOT_PREC)
+        dsrc = ddst.to(tl.float32) + _times_wt(dza0, dza1, WA1, nc, nmask, HA, 1, IN_A, dt, DOT_PREC, HA0, HA1)
         tl.store(DINP + rows[:, None] * H + (OFF_SRC + nc)[None, :], dsrc.to(dt), mask=m2)
 
 
-def _layout(h, weights, inverse, dtype):
-    """Map (F, G) to stages (A, B) and the column offsets of src_A / tgt_A for a direction; weights are cast
-    to the activation dtype once per call (they are small)."""
-    f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2 = [w.to(dtype).contiguous() for w in weights]
+def stage_layout(h, weights, inverse):
+    """Map (F, G) to stages (A, B) and the column offsets of src_A / tgt_A for a direction: ``((wa1, ba1, wa2,
+    ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt)``. Weights stay in their dtype (the kernels round them on
+    load); shared with the grouped launchers."""
+    f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2 = [w.contiguous() for w in weights]
     len1 = h // 2
     if inverse:  # A = G on y1 (cols [0, len1)), writes x2 (cols [len1, h)); B = F
         return (g_w1, g_b1, g_w2, g_b2), (f_w1, f_b1, f_w2, f_b2), 0, len1
     return (f_w1, f_b1, f_w2, f_b2), (g_w1, g_b1, g_w2, g_b2), len1, 0
 
 
-def _config(ha, hb, dtype, block_m=None, block_k=None):
-    """Both stages' hidden activations and their gradients live on chip (about four tiles at once)."""
-    bha, bhb = pow2_at_least(ha), pow2_at_least(hb)
-    width = max(bha, bhb)
-    bm = block_m or rows_per_program(width, dtype, live_tiles=4)
-    bk = block_k or chunk_width(width, dtype)
-    return bm, bk, bha, bhb, dict(num_warps=num_warps_for(bm * width * 2), num_stages=NUM_STAGES)
+def hidden_chunks(hidden: int) -> tuple[int, int]:
+    """Two power-of-two chunks covering a hidden width with little padding: 192 -> (128, 64), 256 -> (128, 128),
+    96 -> (64, 32); at least 16 each (tl.dot's smallest operand)."""
+    first = max(16, triton.next_power_of_2(max(hidden, 2)) // 2)
+    return first, pow2_at_least(hidden - first)
+
+
+def block_config(ha, hb, dtype, block_m=None, block_k=None):
+    """``(BLOCK_M, BLOCK_K, (HA0, HA1), (HB0, HB1), launch options)`` of the NICE kernels (shared with the
+    grouped launchers). On a GPU in bf16/fp16: 64-token blocks, so every product is a warpgroup MMA (Hopper's
+    wgmma works on 64-row blocks) and a program reads the four weights once per 64 tokens; 32-wide chunks of
+    the halves, 16 wide for hidden widths over 192 (fp32 master weights are converted in registers on their way
+    to shared memory: wider chunks spill in the backward), 8 warps. fp32 (IEEE products on FMA units): 32-token blocks."""
+    chunks_a, chunks_b = hidden_chunks(ha), hidden_chunks(hb)
+    if interpreting():
+        bm, bk = 128, 128
+    else:
+        width = max(sum(chunks_a), sum(chunks_b))
+        bm, bk = (32, 32) if dtype == torch.float32 else (64, 32 if width <= 192 else 16)
+    return block_m or bm, block_k or bk, chunks_a, chunks_b, dict(num_warps=8, num_stages=NUM_STAGES)
 
 
 def nice_coupling(x, weights, activation, inverse, *, block_m=None, block_k=None):
@@ -272,52 +349,67 @@ def nice_coupling(x, weights, activation, inverse, *, block_m=None, block_k=None
     out = torch.empty((n, h), dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = _layout(h, weights, inverse, x.dtype)
+    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = stage_layout(h, weights, inverse)
     in_a, out_a, ha, hb = wa1.shape[1], wa2.shape[0], wa1.shape[0], wb1.shape[0]
-    bm, bk, bha, bhb, launch = _config(ha, hb, x.dtype, block_m, block_k)
+    bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, x.dtype, block_m, block_k)
     _nice_fwd_kernel[(triton.cdiv(n, bm),)](
         x, out, wa1, ba1, wa2, ba2, wb1, bb1, wb2, bb2,
         n, in_a, out_a, ha, hb, off_src, off_tgt,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_HA=bha, BLOCK_HB=bhb, **launch,
+        BLOCK_M=bm, BLOCK_K=bk, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **launch,
     )
     return out
+
+
+def backward_buffers(n, in_a, ha, hb, inp, off_src, dt, dev):
+    """``(za, zb, dza, dzb, src_a)`` of a backward: src_a is the saved input's src_A columns, or a new
+    ``[N, IN_A]`` buffer the stage-B kernel rebuilds it into (shared with the grouped launcher)."""
+    za, zb = torch.empty((n, ha), dtype=dt, device=dev), torch.empty((n, hb), dtype=dt, device=dev)
+    src_a = inp[:, off_src:off_src + in_a] if inp is not None else torch.empty((n, in_a), dtype=dt, device=dev)
+    return za, zb, torch.empty_like(za), torch.empty_like(zb), src_a
+
+
+def coupling_weight_grads(reduce, dout, out, dinp, src_a, za, zb, dza, dzb, activation, inverse, off_src, off_tgt):
+    """The eight weight and bias gradients as token reductions ``reduce(A, B, act) = (A^T act(B), A.sum(0))``
+    (single or per group), in the order (F: w1, b1, w2, b2, G: w1, b1, w2, b2)."""
+    in_a = src_a.shape[1]
+    out_a = dinp.shape[1] - in_a
+    sign = -1.0 if inverse else 1.0
+    d_wb2, d_bb2 = reduce(dout[:, off_src:off_src + in_a], zb, activation)
+    d_wb1, d_bb1 = reduce(dzb, out[:, off_tgt:off_tgt + out_a], 0)
+    d_wa2, d_ba2 = reduce(dinp[:, off_tgt:off_tgt + out_a], za, activation)
+    d_wa1, d_ba1 = reduce(dza, src_a, 0)
+    grads_a = (d_wa1, d_ba1, sign * d_wa2, sign * d_ba2)
+    grads_b = (d_wb1, d_bb1, sign * d_wb2, sign * d_bb2)
+    return (*grads_b, *grads_a) if inverse else (*grads_a, *grads_b)
 
 
 def nice_coupling_backward(dout, out, inp, weights, activation, inverse, *, block_m=None, block_k=None,
                            splits=None):
     """Launcher: ``(d_inp, df_w1, df_b1, df_w2, df_b2, dg_w1, dg_b1, dg_w2, dg_b2)``, weight grads fp32.
-    ``inp=None`` rebuilds the input from ``out``."""
+    ``inp=None`` rebuilds the input from ``out``. Two kernels per token block (stage B, then stage A and
+    the input gradient: each holds one stage's hidden tiles on chip), then the weight-gradient reductions."""
     n, h = out.shape
     dev, dt = out.device, out.dtype
     dout, out = dout.contiguous(), out.contiguous()
-    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = _layout(h, weights, inverse, dt)
+    (wa1, ba1, wa2, _), (wb1, bb1, wb2, bb2), off_src, off_tgt = stage_layout(h, weights, inverse)
     in_a, out_a, ha, hb = wa1.shape[1], wa2.shape[0], wa1.shape[0], wb1.shape[0]
-    bm, bk, bha, bhb, launch = _config(ha, hb, dt, block_m, block_k)
+    bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, dt, block_m, block_k)
+    za, zb, dza, dzb, src_a = backward_buffers(n, in_a, ha, hb, inp, off_src, dt, dev)
     dinp = torch.empty((n, h), dtype=dt, device=dev)
-    za = torch.empty((n, ha), dtype=dt, device=dev)
-    zb = torch.empty((n, hb), dtype=dt, device=dev)
-    dza = torch.empty_like(za)
-    dzb = torch.empty_like(zb)
-    src = torch.empty((n, in_a), dtype=dt, device=dev) if inp is None else None
     if n > 0:
-        src_arg = inp if inp is not None else dinp  # a placeholder pointer when unused
-        _nice_bwd_kernel[(triton.cdiv(n, bm),)](
-            dout, out, src_arg, dinp, src if src is not None else dinp, za, zb, dza, dzb,
-            wa1, ba1, wa2, wb1, bb1, wb2, bb2,
-            n, in_a, out_a, ha, hb, off_src, off_tgt,
-            src_arg.stride(0), src_arg.stride(1),
-            ACT=activation, INVERSE=bool(inverse), HAS_INP=inp is not None, DOT_PREC=dot_precision(dt),
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_HA=bha, BLOCK_HB=bhb, **launch,
-        )
-    sign = -1.0 if inverse else 1.0
-    src_a = inp[:, off_src:off_src + in_a] if inp is not None else src
-    d_wb2, d_bb2 = tokens_reduce(dout[:, off_src:off_src + in_a], zb, activation, splits=splits)
-    d_wb1, d_bb1 = tokens_reduce(dzb, out[:, off_tgt:off_tgt + out_a], splits=splits)
-    d_wa2, d_ba2 = tokens_reduce(dinp[:, off_tgt:off_tgt + out_a], za, activation, splits=splits)
-    d_wa1, d_ba1 = tokens_reduce(dza, src_a, splits=splits)
-    grads_a = (d_wa1, d_ba1, sign * d_wa2, sign * d_ba2)
-    grads_b = (d_wb1, d_bb1, sign * d_wb2, sign * d_bb2)
-    f_grads, g_grads = (grads_b, grads_a) if inverse else (grads_a, grads_b)
-    return (dinp, *f_grads, *g_grads)
+        common = dict(ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(dt), BLOCK_M=bm, BLOCK_K=bk,
+                      **launch)
+        _nice_bwd_b_kernel[(triton.cdiv(n, bm),)](
+            dout, out, src_a, zb, dzb, wb1, bb1, wb2, bb2, n, in_a, out_a, hb, off_src, off_tgt,
+            REBUILD=inp is None, HB0=hb0, HB1=hb1, **common)
+        _nice_bwd_a_kernel[(triton.cdiv(n, bm),)](
+            dout, src_a, dinp, za, dza, dzb, wa1, ba1, wa2, wb1, n, in_a, out_a, ha, hb, off_src, off_tgt,
+            src_a.stride(0), src_a.stride(1),
+            REBUILT=inp is None, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **common)
+
+    def reduce(a, b, act):
+        return tokens_reduce(a, b, act, splits=splits)
+    return (dinp, *coupling_weight_grads(reduce, dout, out, dinp, src_a, za, zb, dza, dzb, activation, inverse,
+                                off_src, off_tgt))

@@ -1,4 +1,8 @@
-"""Device functions shared by the Triton kernels."""
+"""Device functions shared by the Triton kernels.
+
+Weights and biases may come in any float dtype (fp32 master weights with bf16 activations, as in training):
+the kernels round them to the activation dtype on load, where the eager reference casts them
+(``F.linear(x, w.to(x.dtype), b.to(x.dtype))``), so no cast of the weights runs before a launch."""
 import triton
 import triton.language as tl
 
@@ -28,3 +32,9 @@ def rows_times_weight_t(SRC, stride_sm, stride_sk, rows, rmask, W, stride_wo, st
                     mask=omask[None, :] & kmask[:, None], other=0.0)
         acc = tl.dot(s, w.to(dt), acc, input_precision=DOT_PREC)
     return tl.where(rmask[:, None] & omask[None, :], acc, 0.0)
+
+
+@triton.jit
+def load_bias(B, cols, cmask, dt):
+    """A bias vector as fp32 after rounding to the activation dtype ``dt`` (0 in masked lanes): [len(cols)]."""
+    return tl.load(B + cols, mask=cmask, other=0.0).to(dt).to(tl.float32)

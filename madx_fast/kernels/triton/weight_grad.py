@@ -70,6 +70,29 @@ def tn_store(C_PART, S_PART, part, acc, colsum, mc, mmask, kc, kmask, M, K, pid_
             tl.store(S_PART + part * M + mc, colsum, mask=mmask)
 
 
+def _gemm_tile(size: int) -> int:
+    """A tensor-core tile edge for a dimension: 128 or 64, whichever pads less (128 on a tie), at least 64
+    (Hopper's warpgroup MMA works on 64-row blocks; a narrower tile falls back to mma.sync)."""
+    pad128, pad64 = triton.cdiv(size, 128) * 128, triton.cdiv(size, 64) * 64
+    return 128 if pad128 <= pad64 else 64
+
+
+def reduction_config(m: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_N tokens per step, BLOCK_M, BLOCK_K, num_warps, num_stages)`` of a token reduction
+    ``A^T B`` with ``A: [N, m]``, ``B: [N, k]``; shared by the single and grouped reductions.
+
+    bf16/fp16 on a GPU: output tiles up to 128 x 128 (8 warps, 3 stages: 96 KB of shared memory for the
+    staged A and B blocks), so each loaded block feeds up to 128 output rows and columns; 64-token steps.
+    fp32: 32 x 32 tiles, 4 warps (IEEE products run on FMA units; wider tiles spill the gathered blocks).
+    The interpreter: a few large programs (its cost is per program)."""
+    if interpreting():
+        return 128, min(pow2_at_least(m), 128), min(pow2_at_least(k), 256), 4, NUM_STAGES
+    if dtype == torch.float32:
+        return 32, min(pow2_at_least(m), 32), min(pow2_at_least(k), 32), 4, NUM_STAGES
+    bm, bk = _gemm_tile(m), min(_gemm_tile(k), pow2_at_least(k))
+    return 64, bm, bk, 8 if bm * bk >= 128 * 128 else 4, 3
+
+
 def tokens_reduce(a: torch.Tensor, b: torch.Tensor, activation: int = 0, with_sum: bool = True, *,
                   splits: int | None = None):
     """``(A^T act(B), A.sum(0))`` in fp32 for ``A: [N, M]``, ``B: [N, K]`` of one dtype."""
@@ -79,11 +102,7 @@ def tokens_reduce(a: torch.Tensor, b: torch.Tensor, activation: int = 0, with_su
     f32 = dict(dtype=torch.float32, device=dev)
     if n == 0:
         return torch.zeros((m, k), **f32), torch.zeros((m,), **f32)
-    big = interpreting()
-    bn = 128 if big else 64
-    tile = 128 if big else (32 if a.dtype == torch.float32 else 64)
-    bm = min(pow2_at_least(m), tile)
-    bk = min(pow2_at_least(k), 256 if big else tile)
+    bn, bm, bk, warps, stages = reduction_config(m, k, a.dtype)
     grid_mk = triton.cdiv(m, bm) * triton.cdiv(k, bk)
     blocks = triton.cdiv(n, bn)
     n_split = splits or splits_for(n, bn, grid_mk, dev)
@@ -95,6 +114,6 @@ def tokens_reduce(a: torch.Tensor, b: torch.Tensor, activation: int = 0, with_su
         a, b, c_part, s_part, n, m, k, rows_per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         ACT=activation, WITH_SUM=with_sum, DOT_PREC=dot_precision(a.dtype),
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=4, num_stages=NUM_STAGES,
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return c_part.sum(0), s_part.sum(0)

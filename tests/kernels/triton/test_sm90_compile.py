@@ -15,8 +15,9 @@ from tests.helpers import ROOT
 
 SCRIPT = ROOT / "scripts" / "triton_compile_check.py"
 KERNELS = ["_adapter_fwd_kernel", "_adapter_bwd_da_kernel", "_adapter_bwd_dx_dw_kernel", "_linear_kernel",
-           "_tn_kernel", "_nice_fwd_kernel", "_nice_bwd_kernel", "_grouped_linear_kernel", "_grouped_tn_kernel",
-           "_grouped_nice_fwd_kernel", "_grouped_nice_bwd_kernel"]
+           "_tn_kernel", "_nice_fwd_kernel", "_nice_bwd_b_kernel", "_nice_bwd_a_kernel", "_grouped_linear_kernel",
+           "_grouped_tn_kernel", "_grouped_nice_fwd_kernel", "_grouped_nice_bwd_b_kernel",
+           "_grouped_nice_bwd_a_kernel"]
 
 
 def compiler_env():
@@ -41,7 +42,7 @@ def test_every_triton_kernel_variant_compiles_for_sm90():
     assert acts == set(ACTIVATION_CODES.values())
     for dtype in ("bfloat16", "float16", "float32", "float32 tf32"):
         assert any(f" {dtype} act=" in line for line in rows), dtype
-    for kernel in ("_nice_fwd_kernel", "_nice_bwd_kernel"):
+    for kernel in ("_nice_fwd_kernel", "_nice_bwd_b_kernel", "_nice_bwd_a_kernel"):
         assert any(line.startswith(kernel) and " inverse " in line for line in rows)
         assert any(line.startswith(kernel) and " forward " in line for line in rows)
 
@@ -60,12 +61,16 @@ def test_the_check_catches_what_only_the_gpu_compiler_refuses(tmp_path):
     """))
     code = textwrap.dedent(f"""
         import importlib.util, sys
+        import torch
         sys.path.insert(0, {str(tmp_path)!r})
         spec = importlib.util.spec_from_file_location("check", {str(SCRIPT)!r})
         check = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(check)
-        task = ("bad_kernel", "scale_kernel", {{"X": "*fp32", "N": "i32", "BLOCK": "constexpr"}}, {{(2,): 64}},
-                {{"num_warps": 4}}, "test", "BLOCK=64")
+        import bad_kernel
+        log = []
+        with check.aot.recording(log):
+            bad_kernel.scale_kernel[(1,)](torch.empty(64, device="meta"), 64, BLOCK=64)
+        task = (check.aot.specialize(log[0]), "test", "BLOCK=64")
         line, failed = check.compile_one(task, 90, None)
         print(line)
         sys.exit(3 if failed else 0)

@@ -1,0 +1,248 @@
+"""Kernel report: every Triton kernel the library launches at the target shapes, compiled for sm_90 as the JIT
+would compile it, with its grid, registers, spills, shared memory and tensor-core instruction kind.
+
+    python scripts/kernel_report.py --json report.json           # all cases (what CI runs)
+    python scripts/kernel_report.py --markdown                   # the tables of docs/triton_kernels.md
+    python scripts/kernel_report.py --only nice --jobs 2         # cases or kernels containing "nice"
+
+Cases (bf16 activations, fp32 master weights as in training, relu): the bottleneck adapter forward and
+backward at H=768 with d=48 (task adapters, rf 16) and d=384 (language adapters, rf 2); NICE forward and
+inverse with their backward in both modes (input rebuilt / saved); the grouped (per-row) kernels with 8
+languages; each at 65536 tokens (B=64 x L=1024 or 256 x 256 rows) and 4096 (the NER batch, 32 x 128); and the
+hidden sizes of the other models users adapt (1024: XLM-R large; 1536: DeBERTa-v2 xlarge; 2048: Llama 3.2 1B;
+2560: XLM-R XL; 4096: XLM-R XXL, Llama/Mistral 7B) with the bottlenecks of rf 16 and 2 and their NICE.
+
+The launches are recorded by running the real launchers on meta tensors (``madx_fast.kernels.triton.aot``):
+the JIT's own specialization (unit strides as constants, 16-divisibility), the launchers' own block sizes,
+grids and warps (planned for 132 SMs). One JSON record per launch:
+``{"kernel", "case", "tokens", "dtype", "grid", "num_warps", "num_stages", "registers", "spill_bytes",
+"shared_bytes", "mma"}``; ``mma`` is "wgmma", "mma.sync" or "none" as read from the PTX. Identical
+specializations compile once (and Triton's on-disk cache keeps them across runs).
+
+Exits non-zero when a kernel at the MAD-X target shapes (H=768) fails to compile, needs more shared memory
+than sm_90 has, spills, or uses mma.sync (not Hopper's wgmma) in a bf16 kernel. At the other hidden sizes
+the same findings are printed as warnings (``--strict``: failures too).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)  # the launchers must pick GPU block sizes, the kernels stay JIT
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT default (3.9 warns when it is unset)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from madx_fast.kernels.triton import aot, grouped  # noqa: E402
+from madx_fast.kernels.triton import adapter as single  # noqa: E402
+from madx_fast.kernels.triton import nice as coupling  # noqa: E402
+from madx_fast.reference import ACTIVATION_CODES, nice_hidden_sizes, nice_split  # noqa: E402
+
+ARCH = 90
+MAIN_H = 768
+OTHER_H = (1024, 1536, 2048, 2560, 4096)
+TOKENS = (65536, 4096)
+LANGUAGES = 8
+META = torch.device("meta")
+FIELDS = ("kernel", "case", "tokens", "dtype", "grid", "num_warps", "num_stages", "registers", "spill_bytes",
+          "shared_bytes", "mma")
+
+
+def _rows(tokens: int) -> tuple[int, int]:
+    """(sequence rows B, tokens per row L) of a grouped batch: L=256 for the MLM batch, 128 for NER."""
+    length = 256 if tokens >= 65536 else 128
+    return tokens // length, length
+
+
+def _adapter(h, d, tokens, dt, act):
+    x, r = torch.empty(tokens, h, device=META, dtype=dt), torch.empty(tokens, h, device=META, dtype=dt)
+    wd, bd = torch.empty(d, h, device=META), torch.empty(d, device=META)
+    wu, bu = torch.empty(h, d, device=META), torch.empty(h, device=META)
+    yield "forward"
+    _, z = single.adapter_forward(x, r, wd, bd, wu, bu, 1.0, act)
+    yield "backward"
+    single.adapter_backward(x, x, z, wd, wu, 1.0, act, False)
+
+
+def nice_weights(h, groups=None):
+    """fp32 NICE weights (rf 2) on the meta device, stacked over ``groups`` when given."""
+    len1, len2 = nice_split(h)
+    hf, hg = nice_hidden_sizes(h, 2)
+    shapes = [(hf, len2), (hf,), (len1, hf), (len1,), (hg, len1), (hg,), (len2, hg), (len2,)]
+    lead = (groups,) if groups else ()
+    return [torch.empty(lead + s, device=META) for s in shapes]
+
+
+def _nice(h, tokens, dt, act, inverse):
+    x, w = torch.empty(tokens, h, device=META, dtype=dt), nice_weights(h)
+    yield "coupling"
+    out = coupling.nice_coupling(x, w, act, inverse)
+    yield "backward, input rebuilt"
+    coupling.nice_coupling_backward(out, out, None, w, act, inverse)
+    yield "backward, input saved"
+    coupling.nice_coupling_backward(out, out, x, w, act, inverse)
+
+
+def _grouped_adapter(h, d, tokens, dt, act):
+    rows, length = _rows(tokens)
+    groups = torch.empty(rows, device=META, dtype=torch.int64)
+    x = torch.empty(tokens, h, device=META, dtype=dt)
+    wd, bd = torch.empty(LANGUAGES, d, h, device=META), torch.empty(LANGUAGES, d, device=META)
+    wu, bu = torch.empty(LANGUAGES, h, d, device=META), torch.empty(LANGUAGES, h, device=META)
+    yield "forward"
+    _, z = grouped.grouped_adapter_forward(x, x, groups, wd, bd, wu, bu, 1.0, act)
+    yield "backward"
+    grouped.grouped_adapter_backward(x, x, z, groups, wd, wu, 1.0, act, False, True)
+
+
+def _grouped_nice(h, tokens, dt, act, inverse):
+    rows, _ = _rows(tokens)
+    groups = torch.empty(rows, device=META, dtype=torch.int64)
+    x, w = torch.empty(tokens, h, device=META, dtype=dt), nice_weights(h, LANGUAGES)
+    yield "coupling"
+    out = grouped.grouped_nice_coupling(x, groups, w, act, inverse)
+    yield "backward, input rebuilt"
+    grouped.grouped_nice_coupling_backward(out, out, None, groups, w, act, inverse, True)
+    yield "backward, input saved"
+    grouped.grouped_nice_coupling_backward(out, out, x, groups, w, act, inverse, True)
+
+
+def problems():
+    """(case label, tokens, generator of phases that launches the kernels) for every target shape."""
+    dt, act = torch.bfloat16, ACTIVATION_CODES["relu"]
+    for h in (MAIN_H,) + OTHER_H:
+        for tokens in TOKENS:
+            for rf in (16, 2):
+                d = h // rf
+                yield f"adapter H={h} d={d}", tokens, _adapter(h, d, tokens, dt, act)
+            for inverse in (False, True):
+                yield f"NICE H={h} ({'inverse' if inverse else 'forward'})", tokens, _nice(h, tokens, dt, act, inverse)
+    for tokens in TOKENS:
+        rows, length = _rows(tokens)
+        for d in (48, 384):
+            yield (f"grouped adapter G={LANGUAGES} H={MAIN_H} d={d} {rows}x{length}", tokens,
+                   _grouped_adapter(MAIN_H, d, tokens, dt, act))
+        for inverse in (False, True):
+            yield (f"grouped NICE G={LANGUAGES} H={MAIN_H} {rows}x{length} ({'inverse' if inverse else 'forward'})",
+                   tokens, _grouped_nice(MAIN_H, tokens, dt, act, inverse))
+
+
+def record(only: str = ""):
+    """Every launch of every case (or of those whose case or kernel name contains ``only``):
+    ``[(aot.Launch, tokens)]``."""
+    launches, label, tokens_of = [], {"case": ""}, []
+    with aot.recording(launches, lambda: label["case"]):
+        for case, tokens, phases in problems():
+            for phase in phases:  # advancing the generator runs the phase's launchers
+                label["case"] = f"{case}: {phase}"
+            tokens_of.extend([tokens] * (len(launches) - len(tokens_of)))
+    return [(launch, tokens) for launch, tokens in zip(launches, tokens_of)
+            if not only or only in launch.case or only in launch.fn.__name__]
+
+
+def measure_all(launches, jobs: int):
+    """Compile each distinct specialization once (in ``jobs`` processes); one record per launch."""
+    specs = [aot.specialize(launch, ARCH) for launch, _ in launches]
+    distinct = list({spec.key(): spec for spec in specs}.values())
+    if jobs <= 1:
+        measured = [aot.measure(spec, ARCH) for spec in distinct]
+    else:  # fresh processes (spawn): they import the real kernels, not this process's recording
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            measured = list(pool.map(aot.measure, distinct, [ARCH] * len(distinct)))
+    by_key = {spec.key(): m for spec, m in zip(distinct, measured)}
+    records = []
+    for (launch, tokens), spec in zip(launches, specs):
+        dtypes = [str(a.dtype)[6:] for a in launch.args if isinstance(a, torch.Tensor) and a.dtype.is_floating_point]
+        rec = {"kernel": launch.fn.__name__, "case": launch.case, "tokens": tokens,
+               "dtype": dtypes[0] if dtypes else "", "grid": list(launch.grid),
+               "num_warps": spec.options["num_warps"], "num_stages": spec.options["num_stages"]}
+        rec.update(by_key[spec.key()])
+        records.append(rec)
+    return records, len(distinct)
+
+
+def problems_of(rec) -> list[str]:
+    """Why a record fails the report: compile error, shared memory over sm_90's, spills, mma.sync in bf16."""
+    if "error" in rec:
+        return [f"compile error: {rec['error']}"]
+    out = []
+    if rec["shared_bytes"] > aot.SHARED_LIMIT[ARCH]:
+        out.append(f"needs {rec['shared_bytes']} B of shared memory (sm_{ARCH} has {aot.SHARED_LIMIT[ARCH]})")
+    if rec["spill_bytes"] > 0:
+        out.append(f"spills {rec['spill_bytes']} B")
+    if rec["dtype"] == "bfloat16" and rec["mma"] == "mma.sync":
+        out.append("mma.sync (not wgmma) in bf16")
+    return out
+
+
+def is_target(rec) -> bool:
+    """A record at the MAD-X target shapes of the speed goals (hidden size 768)."""
+    return f"H={MAIN_H} " in rec["case"]
+
+
+def ctas(rec) -> int:
+    g = rec["grid"]
+    return g[0] * g[1] * g[2]
+
+
+def markdown(records) -> str:
+    """The report as markdown tables (H=768, then the other hidden sizes); launches of one case and phase
+    that compiled to the same figures are one row (``x2``: two such launches, e.g. the weight gradients)."""
+    head = ("| kernel | case | tokens | CTAs | warps | stages | regs | spill B | smem KB | mma |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = {}
+    for r in records:
+        stats = ("error",) if "error" in r else (ctas(r), r["num_warps"], r["num_stages"], r["registers"],
+                                                  r["spill_bytes"], round(r["shared_bytes"] / 1024), r["mma"])
+        key = (r["kernel"], r["case"], r["tokens"], stats)
+        rows[key] = rows.get(key, 0) + 1
+
+    def line(key, count):
+        kernel, case, tokens, stats = key
+        times = f" x{count}" if count > 1 else ""
+        return f"| `{kernel}`{times} | {case} | {tokens} | " + " | ".join(str(v) for v in stats) + " |\n"
+    main = [line(k, c) for k, c in rows.items() if f"H={MAIN_H} " in k[1]]
+    other = [line(k, c) for k, c in rows.items() if f"H={MAIN_H} " not in k[1]]
+    text = f"Hidden size {MAIN_H} (the MAD-X targets):\n\n" + head + "".join(main)
+    if other:
+        text += "\nOther hidden sizes (rf 16 and 2 bottlenecks, NICE rf 2):\n\n" + head + "".join(other)
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", metavar="PATH", help="write the records here")
+    p.add_argument("--markdown", action="store_true", help="print the markdown tables instead of the text table")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
+    p.add_argument("--only", default="", help="only launches whose case or kernel name contains this")
+    p.add_argument("--strict", action="store_true", help="fail on findings at every hidden size, not only H=768")
+    args = p.parse_args(argv)
+    launches = record(args.only)
+    records, compiled = measure_all(launches, args.jobs)
+    failures = [(r, why) for r in records for why in problems_of(r)]
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"triton": triton.__version__, "arch": ARCH, "records": records}, fh, indent=1)
+    print(f"# triton {triton.__version__}, sm_{ARCH}: {len(records)} launches, {compiled} distinct kernels compiled")
+    if args.markdown:
+        print(markdown(records))
+    else:
+        for r in records:
+            stats = r.get("error") or (f"{r['num_warps']:>3}w {r['num_stages']}s {r['registers']:>4} regs "
+                                       f"{r['spill_bytes']:>5} spill {r['shared_bytes']:>7} smem {r['mma']}")
+            print(f"{r['kernel']:<30} {r['case']:<62} {r['tokens']:>6} {ctas(r):>6} CTAs  {stats}")
+    strict = [(r, why) for r, why in failures if args.strict or is_target(r)]
+    for r, why in failures:
+        tag = "FAIL" if (r, why) in strict else "WARN (beyond the H=768 targets)"
+        print(f"{tag} {r['kernel']} [{r['case']}, {r['tokens']} tokens]: {why}")
+    print(f"# {len(strict)} failures, {len(failures) - len(strict)} warnings")
+    return 1 if strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

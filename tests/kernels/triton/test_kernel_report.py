@@ -1,0 +1,70 @@
+"""The kernel report (scripts/kernel_report.py): every Triton launch at the target shapes compiles for sm_90 with
+the JIT's specialization, and none spills or falls back to mma.sync in bf16 at the MAD-X targets (H=768);
+docs/triton_kernels.md shows the report's tables. Runs without a GPU (the real compiler, ahead of time; in
+parallel over the machine's cores, and Triton's on-disk cache keeps the compiled kernels across runs)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+from tests.kernels.triton.test_sm90_compile import compiler_env
+
+SCRIPT = ROOT / "scripts" / "kernel_report.py"
+DOC = ROOT / "docs" / "triton_kernels.md"
+BEGIN, END = "<!-- kernel-report:begin -->", "<!-- kernel-report:end -->"
+FIELDS = {"kernel", "case", "tokens", "dtype", "grid", "num_warps", "num_stages", "registers", "spill_bytes",
+          "shared_bytes", "mma"}
+KERNELS = {"_adapter_fwd_kernel", "_adapter_bwd_da_kernel", "_adapter_bwd_dx_dw_kernel", "_linear_kernel",
+           "_tn_kernel", "_nice_fwd_kernel", "_nice_bwd_b_kernel", "_nice_bwd_a_kernel", "_grouped_linear_kernel",
+           "_grouped_tn_kernel", "_grouped_nice_fwd_kernel", "_grouped_nice_bwd_b_kernel",
+           "_grouped_nice_bwd_a_kernel"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("report") / "report.json"
+    jobs = max(1, min(os.cpu_count() or 1, 8))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(path), "--markdown", "--jobs", str(jobs)],
+                          env=compiler_env(), capture_output=True, text=True, timeout=2400)
+    return proc, json.loads(path.read_text()) if path.exists() else None
+
+
+def test_report_has_no_spill_and_no_mma_sync_at_the_targets(report):
+    proc, data = report
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    records = data["records"]
+    assert all(FIELDS <= set(r) for r in records)
+    assert {r["kernel"] for r in records} == KERNELS
+    target = [r for r in records if "H=768 " in r["case"]]
+    for r in target:  # the script's own verdict, checked again from the records
+        assert r["spill_bytes"] == 0, r
+        assert r["dtype"] == "bfloat16" and r["mma"] == "wgmma", r
+        assert r["shared_bytes"] <= 232448, r
+    cases = " | ".join(r["case"] for r in target)
+    for want in ("adapter H=768 d=48", "adapter H=768 d=384", "NICE H=768 (forward)", "NICE H=768 (inverse)",
+                 "input rebuilt", "input saved", "grouped adapter G=8", "grouped NICE G=8"):
+        assert want in cases, want
+    assert {r["tokens"] for r in target} == {65536, 4096}
+    for h in (1024, 1536, 2048, 2560, 4096):  # the other architectures' hidden sizes are compiled too
+        assert any(f"H={h} " in r["case"] for r in records), h
+
+
+def test_docs_show_the_report(report):
+    """The doc's tables are the script's (same rows; same figures when the doc was made with this Triton)."""
+    proc, data = report
+    doc = DOC.read_text()
+    assert BEGIN in doc and END in doc, "docs/triton_kernels.md lost its generated section"
+    section = doc[doc.index(BEGIN) + len(BEGIN):doc.index(END)]
+    made_with = re.search(r"triton (\d+\.\d+\.\d+)", section)
+    generated = proc.stdout[proc.stdout.index("Hidden size"):].split("\nWARN")[0].split("\n# ")[0].strip()
+
+    def keys(text):
+        return sorted(tuple(cell.strip() for cell in line.split("|")[1:4]) for line in text.splitlines()
+                      if line.startswith("| `"))
+    assert keys(section) == keys(generated), "regenerate the tables: python scripts/kernel_report.py --markdown"
+    if made_with and made_with.group(1) == data["triton"]:
+        assert generated in section, "regenerate the tables: python scripts/kernel_report.py --markdown"
