@@ -273,29 +273,37 @@ def _grid(grid, args, kwargs) -> tuple:
 
 
 @contextlib.contextmanager
-def recording_launches(counter: DeviceOps):
-    """Within the block every ``kernel[grid](...)`` (a JIT function, or one of Triton's interpreter) is
-    recorded in ``counter``; it runs unless its tensors are on the meta device (no data to run on)."""
+def intercepted_launches(handle):
+    """Within the block every Triton ``kernel[grid](...)`` (a JIT function, or one of Triton's interpreter)
+    calls ``handle(fn, grid, args, kwargs, launch)`` instead; ``launch()`` runs it (compile-only warm-ups run
+    as they are)."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
     saved = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
 
     def patched(cls):
         def run(self, *args, grid, warmup, **kwargs):
-            if not warmup:
-                counter.launch(self, _grid(grid, args, kwargs), args, kwargs)
-            if any(t.is_meta for t in _tensors((args, kwargs))):
-                return None
-            return saved[cls](self, *args, grid=grid, warmup=warmup, **kwargs)
+            def launch():
+                return saved[cls](self, *args, grid=grid, warmup=warmup, **kwargs)
+            return launch() if warmup else handle(self, grid, args, kwargs, launch)
         return run
 
     for cls in saved:
         cls.run = patched(cls)
     try:
-        yield counter
+        yield
     finally:
         for cls, run in saved.items():
             cls.run = run
+
+
+def recording_launches(counter: DeviceOps):
+    """Every Triton launch within the block is recorded in ``counter``; it runs unless its tensors are on the
+    meta device (no data to run on)."""
+    def handle(fn, grid, args, kwargs, launch):
+        counter.launch(fn, _grid(grid, args, kwargs), args, kwargs)
+        return None if any(t.is_meta for t in _tensors((args, kwargs))) else launch()
+    return intercepted_launches(handle)
 
 
 # --------------------------------------------------------------------------------------------------------

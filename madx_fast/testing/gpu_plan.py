@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .device_ops import intercepted_launches
+
 _aten = torch.ops.aten
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FLASH_MAX_HEAD_DIM = 256
@@ -87,21 +89,6 @@ def _no_dtype_check(real_check, devices):
 
 
 @contextlib.contextmanager
-def _skipped_launches():
-    """Triton launches return at once, their outputs unwritten: what is left is the host side of a launch."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-    saved = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
-    for cls in saved:
-        cls.run = lambda self, *args, grid, warmup, **kwargs: None
-    try:
-        yield
-    finally:
-        for cls, run in saved.items():
-            cls.run = run
-
-
-@contextlib.contextmanager
 def planned_gpu(host_proxy: bool = False):
     """Within the block, code on meta tensors takes the paths a CUDA GPU takes (module docstring).
 
@@ -132,7 +119,8 @@ def planned_gpu(host_proxy: bool = False):
     foreach_utils._get_fused_kernels_supported_devices = optimizer_module._get_fused_kernels_supported_devices = (
         lambda: [*fused_devices(), "meta"])
     try:
-        with _skipped_launches() if host_proxy else _CudaKernels():
+        # host proxy: Triton launches return at once (their outputs stay unwritten), the launcher's host side runs
+        with intercepted_launches(lambda *launch: None) if host_proxy else _CudaKernels():
             yield
     finally:
         for module, name, value in saved:

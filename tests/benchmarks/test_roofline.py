@@ -1,19 +1,15 @@
 """Keeps benchmarks/roofline.py working (tiny shapes, every case and implementation) and checks its counts and
 its time model against what they must be by hand."""
-import importlib.util
 import json
 import math
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import load_script
 
 
 def _roofline():
-    spec = importlib.util.spec_from_file_location("roofline", ROOT / "benchmarks" / "roofline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/roofline.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,43 +1,42 @@
 """scripts/gpu_tables.py puts the roofline's predictions beside the figures a GPU session measured: each
 measured row finds its predicted one by case, tokens and implementation, and each target its measured ratio."""
-import importlib.util
 import json
 
-from tests.helpers import ROOT
+from tests.helpers import load_script
 
 
 def _tables():
-    spec = importlib.util.spec_from_file_location("gpu_tables", ROOT / "scripts" / "gpu_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/gpu_tables.py")
 
 
 def _session_files():
     ops = dict(device="H100", torch="2.11", triton="3.6", rows=[
-        dict(op="adapter d=48", tokens=65536, dtype="bfloat16", backend=b, fwd_bwd_ms=ms)
-        for b, ms in (("triton", 0.25), ("eager", 0.75))] + [
-        dict(op="adapter d=48", tokens=65536, dtype="float32", backend="triton", fwd_bwd_ms=9.0)])
+        dict(op="adapter d=48", tokens=65536, dtype=dt, backend=b, fwd_bwd_ms=ms)
+        for dt, b, ms in (("bfloat16", "triton", 0.25), ("bfloat16", "eager", 0.75), ("float32", "triton", 9.0))])
     train = dict(device="H100", lang_rf=16, size="base", rows=[
         dict(workload="ner", B=32, L=128, impl=i, step_ms=ms) for i, ms in (("fused", 8.0), ("adapterhub", 40.0))])
-    rf2 = dict(device="H100", lang_rf=2, size="base", rows=[dict(workload="ner", B=32, L=128, impl="fused", step_ms=1.0)])
-    mixed = dict(rows=[dict(impl="graphs", workload=w, B=256, L=128, ms=ms) for w, ms in (("mixed", 10.0), ("loop", 25.0))])
-    return {"json/bench_ops.json": json.dumps(ops).encode(), "json/bench_train_ner.json": json.dumps(train).encode(),
-            "json/bench_train_mlm_rf2.json": json.dumps(rf2).encode(), "json/bench_mixed.json": json.dumps(mixed).encode()}
+    rf2 = dict(device="H100", lang_rf=2, size="base",
+               rows=[dict(workload="ner", B=32, L=128, impl="fused", step_ms=1.0)])
+    mixed = dict(rows=[dict(impl="graphs", workload=w, B=256, L=128, ms=ms)
+                       for w, ms in (("mixed", 10.0), ("loop", 25.0))])
+    docs = {"bench_ops": ops, "bench_train_ner": train, "bench_train_mlm_rf2": rf2, "bench_mixed": mixed}
+    return {f"json/{name}.json": json.dumps(doc).encode() for name, doc in docs.items()}
 
 
 def _roofline():
     def row(case, tokens, impl, ms, base, x):
         return dict(case=case, tokens=tokens, impl=impl, predicted_ms=ms, baseline=base, x_baseline=x)
-    rows = [row("adapter d=48", 65536, "fused", 0.3, "eager", 1.9), row("adapter d=48", 65536, "eager", 0.57, "eager", 1.0),
+    mixed = "mixed-language infer B=256 L=128"
+    rows = [row("adapter d=48", 65536, "fused", 0.3, "eager", 1.9),
+            row("adapter d=48", 65536, "eager", 0.57, "eager", 1.0),
             row("ner B=32 L=128", 4096, "fused", 30.0, "adapterhub", 1.0),
             row("ner B=32 L=128", 4096, "adapterhub", 30.0, "adapterhub", 1.0),
-            row("mixed-language infer B=256 L=128", 32768, "mixed graphs", 16.0, "loop", 1.1),
+            row(mixed, 32768, "mixed graphs", 16.0, "loop", 1.1),
             row("ner B=32 L=128", 4096, "graphs", 6.0, "adapterhub", 5.0)]
-    targets = [dict(target="adapter", case="adapter d=48", impl="fused", baseline="eager", at_least=2.9, predicted_x=1.9),
-               dict(target="NER", case="ner B=32 L=128", impl="fused", baseline="adapterhub", at_least=5, predicted_x=1.0),
-               dict(target="mixed", case="mixed-language infer B=256 L=128", impl="mixed graphs",
-                    baseline="loop graphs", at_least=2, predicted_x=1.1)]
+    targets = [
+        dict(target="adapter", case="adapter d=48", impl="fused", baseline="eager", at_least=2.9, predicted_x=1.9),
+        dict(target="NER", case="ner B=32 L=128", impl="fused", baseline="adapterhub", at_least=5, predicted_x=1.0),
+        dict(target="mixed", case=mixed, impl="mixed graphs", baseline="loop graphs", at_least=2, predicted_x=1.1)]
     return dict(rows=rows, targets=targets)
 
 

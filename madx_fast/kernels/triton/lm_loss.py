@@ -11,8 +11,8 @@ logits in their own dtype (a second pass), so the caller's next GEMM (``g @ W`` 
 where the logits were. Traffic per logit: read twice, written once, in the logits' dtype (bf16: 6 bytes), where
 casting to float32 and applying logsumexp, exp, subtract and scale as separate passes moves about 40.
 
-One program per row: the row is streamed in ``BLOCK_V`` columns; each lane keeps its own running max and sum
-(rescaled when the max grows), combined once at the end. NaN logits give a NaN loss and gradient as torch's
+Each program takes ``BLOCK_R`` rows (one on a GPU), streamed in ``BLOCK_V`` columns; each lane keeps its own
+running max and sum (rescaled when the max grows), combined once at the end. NaN logits give a NaN loss and gradient as torch's
 cross-entropy does; a row of -inf gives lse = -inf. ``count`` is a one-element device tensor (the number of
 labelled rows of the whole batch): read on the device, never on the host.
 """
@@ -31,39 +31,43 @@ _LOWEST = tl.constexpr(-3.4028234663852886e38)  # float32's lowest finite: a sta
 @triton.jit
 def _softmax_xent_kernel(
     LOGITS, TARGETS, COUNT, LOSS,
-    V, stride_row, ignore_index,
-    GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    R, V, stride_row, ignore_index,
+    GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    base = LOGITS + row * stride_row
-    t = tl.load(TARGETS + row)
-    valid = t != ignore_index
-    cols = tl.arange(0, BLOCK_V)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    base = LOGITS + rows[:, None] * stride_row  # [BLOCK_R, 1] row pointers
+    t = tl.load(TARGETS + rows, mask=rmask, other=ignore_index)
+    valid = (t != ignore_index) & rmask
+    cols = tl.arange(0, BLOCK_V)[None, :]
 
     # pass 1: per-lane running max m and sum s of exp(z - m); a NaN is kept in m (z != z)
-    m = tl.full([BLOCK_V], _LOWEST, tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)
+    m = tl.full([BLOCK_R, BLOCK_V], _LOWEST, tl.float32)
+    s = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
-        z = tl.load(base + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        mask = rmask[:, None] & (start + cols < V)
+        z = tl.load(base + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m_new = tl.where((z > m) | (z != z), z, m)
         s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
         m = m_new
-    big = tl.max(m, axis=0)
-    lse = big + tl.log(tl.sum(s * tl.exp(m - big), axis=0))  # a row of -inf: log(0) = -inf
+    big = tl.max(m, axis=1)
+    total = tl.where(rmask, tl.sum(s * tl.exp(m - big[:, None]), axis=1), 1.0)  # rows past the end: lse 0
+    lse = tl.where(rmask, big, 0.0) + tl.log(total)  # a row of -inf: log(0) = -inf
 
     in_range = valid & (t >= 0) & (t < V)
-    z_t = tl.load(base + tl.where(in_range, t, 0)).to(tl.float32)
-    z_t = tl.where(in_range | (t == ignore_index), z_t, float("nan"))  # an out-of-range target: NaN loss
-    tl.store(LOSS + row, tl.where(valid, lse - z_t, 0.0))
+    z_t = tl.load(LOGITS + rows * stride_row + tl.where(in_range, t, 0), mask=rmask, other=0.0).to(tl.float32)
+    z_t = tl.where(in_range | ~valid, z_t, float("nan"))  # an out-of-range target: NaN loss
+    tl.store(LOSS + rows, tl.where(valid, lse - z_t, 0.0), mask=rmask)
 
     if GRAD:  # pass 2: g = (softmax - onehot) * valid / count, over the logits
-        scale = tl.where(valid, 1.0 / tl.load(COUNT).to(tl.float32), 0.0)
+        scale = tl.where(valid, 1.0 / tl.load(COUNT).to(tl.float32), 0.0)[:, None]
         for start in range(0, V, BLOCK_V):
             idx = start + cols
-            z = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32)
-            g = tl.exp(z - lse) * scale
-            g = tl.where(idx == t, g - scale, g)
-            tl.store(base + idx, g.to(LOGITS.dtype.element_ty), mask=idx < V)
+            mask = rmask[:, None] & (idx < V)
+            z = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(z - lse[:, None]) * scale
+            g = tl.where(idx == t[:, None], g - scale, g)
+            tl.store(base + idx, g.to(LOGITS.dtype.element_ty), mask=mask)
 
 
 def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, count: torch.Tensor, ignore_index: int,
@@ -74,9 +78,12 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, count: to
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
         return loss
-    block = triton.next_power_of_2(min(vocab, 8192 if interpreting() else 2048))
-    _softmax_xent_kernel[(rows,)](
-        logits, targets, count, loss, vocab, logits.stride(0), ignore_index,
-        GRAD=grad, BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+    if interpreting():  # the interpreter's cost is per program: many rows each, the whole row per step
+        block_r, block_v = min(triton.next_power_of_2(rows), 64), triton.next_power_of_2(min(vocab, 4096))
+    else:  # a row per program (a vocabulary row is thousands of columns), streamed 2048 at a time
+        block_r, block_v = 1, triton.next_power_of_2(min(vocab, 2048))
+    _softmax_xent_kernel[(triton.cdiv(rows, block_r),)](
+        logits, targets, count, loss, rows, vocab, logits.stride(0), ignore_index,
+        GRAD=grad, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
     )
     return loss
