@@ -88,6 +88,18 @@ def _no_dtype_check(real_check, devices):
     return check
 
 
+def _import_triton_kernels():
+    """Import every module of the Triton backend now. ``@triton.jit`` reads ``TRITON_INTERPRET`` when a module
+    is imported: one first imported inside ``planned_gpu`` (which unsets it) would hold GPU-only kernels for the
+    rest of a process that runs them through the interpreter."""
+    import importlib
+    import pkgutil
+
+    import madx_fast.kernels.triton as package
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+
+
 @contextlib.contextmanager
 def planned_gpu(host_proxy: bool = False):
     """Within the block, code on meta tensors takes the paths a CUDA GPU takes (module docstring).
@@ -102,6 +114,7 @@ def planned_gpu(host_proxy: bool = False):
     from ..ops import dispatch
 
     devices = ("meta", "cpu") if host_proxy else ("meta",)
+    _import_triton_kernels()  # before the variable goes: the kernels keep the kind this process gave them
     saved_env = os.environ.pop("TRITON_INTERPRET", None)  # launchers read it per call: plan for a GPU
     # every madx_fast module that resolves backends (the ops, the per-row adapters) by the one function
     resolvers = [m for name, m in list(sys.modules.items()) if name.startswith("madx_fast")

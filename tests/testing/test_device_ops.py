@@ -138,3 +138,28 @@ def test_meta_host_reads_are_answered_and_counted():
     assert count.totals()["host_reads"] == 1
     with pytest.raises(Exception), DeviceOps():
         bool(torch.all(mask == 1))
+
+
+def test_planning_for_a_gpu_leaves_the_interpreters_kernels_alone():
+    """planned_gpu unsets TRITON_INTERPRET for the launchers' plans; a kernel module first imported inside it
+    must still be interpreted afterwards in a process that runs the interpreter (a fresh process: this one
+    has imported the kernels already)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+    code = ("import torch\n"
+            "from madx_fast import ops\n"
+            "from madx_fast.testing.device_ops import DeviceOps\n"
+            "from madx_fast.testing.gpu_plan import planned_gpu\n"
+            "x = torch.empty(8, 16, device='meta')\n"
+            "w = [torch.empty(s, device='meta') for s in ((4, 16), (4,), (16, 4), (16,))]\n"
+            "with planned_gpu(), DeviceOps():  # the launchers run: the kernels are imported here\n"
+            "    ops.bottleneck_adapter(x, None, *w)\n"
+            "from madx_fast.kernels.triton import grouped, lm_loss\n"
+            "print(type(grouped._grouped_nice_fwd_kernel).__name__, type(lm_loss._softmax_xent_kernel).__name__)\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["InterpretedFunction", "InterpretedFunction"]
