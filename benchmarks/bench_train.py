@@ -131,9 +131,9 @@ def madx_fast_workloads(size, device, backend, lang_rf, gpu=None):
         if low:
             madx.cast_backbone(low)
         opt = _optimizer(madx.trainable_parameters(), gpu)
-        ids, mask, labels, _ = _batch(vocab, b, l)
-        ids, mask, positions, targets = _on(device, ids, mask, *mlm_positions(labels))
-        mask = encoder_attention_mask(model, mask, padded=False)
+        ids, host_mask, labels, _ = _batch(vocab, b, l)
+        ids, mask, positions, targets = _on(device, ids, host_mask, *mlm_positions(labels))
+        mask = encoder_attention_mask(model, mask, padded=False, host_mask=host_mask)
 
         def step():
             loss = madx.mlm_loss(ids, mask, positions=positions, targets=targets)
@@ -156,8 +156,9 @@ def madx_fast_workloads(size, device, backend, lang_rf, gpu=None):
     def ner(b, l):
         model, madx = ner_model()
         opt = _optimizer(madx.trainable_parameters(), gpu)
-        ids, mask, _, tags = _on(device, *_batch(vocab, b, l))
-        mask = encoder_attention_mask(model, mask, padded=False)
+        batch = _batch(vocab, b, l)
+        ids, mask, _, tags = _on(device, *batch)
+        mask = encoder_attention_mask(model, mask, padded=False, host_mask=batch[1])
 
         def step():
             loss = model(input_ids=ids, attention_mask=mask, labels=tags).loss
@@ -169,8 +170,9 @@ def madx_fast_workloads(size, device, backend, lang_rf, gpu=None):
     def infer(b, l):
         model, _ = ner_model()
         model.eval()
-        ids, mask = _on(device, *_batch(vocab, b, l)[:2])
-        mask = encoder_attention_mask(model, mask, padded=False)
+        host_ids, host_mask = _batch(vocab, b, l)[:2]
+        ids, mask = _on(device, host_ids, host_mask)
+        mask = encoder_attention_mask(model, mask, padded=False, host_mask=host_mask)
 
         def step():
             with torch.no_grad():
