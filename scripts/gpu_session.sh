@@ -35,7 +35,8 @@ PY="${PYTHON:-python3}"
 STANDIN="${STANDIN:-}"           # rehearsal: a --target folder with the GPU image's transformers/hub/tokenizers
 # A rehearsal's caps only catch a hang: a loaded 2-core CI machine runs the interpreter several times slower
 # than an idle one, so each phase gets 5x its GPU cap in wall time (2400 s in all) but, per process, no more
-# CPU time than the GPU cap (ulimit -t): its cost is its work (a few CPU-minutes), whatever the load.
+# CPU time than the GPU cap (ulimit -S -t: SIGXCPU, exit 152): its cost is its work (~2.5 CPU-minutes),
+# whatever the load.
 if [ "$MODE" = gpu ]; then BUDGET="${BUDGET:-540}"; else BUDGET="${BUDGET:-2400}"; fi
 RESERVE=15                       # seconds kept for the last packing and the summary
 mkdir -p "$OUT"
@@ -81,7 +82,7 @@ phase() {
   if [ -n "${PHASES:-}" ] && [[ " $PHASES " != *" $name "* ]]; then return; fi
   left=$((DEADLINE - $(date +%s) - RESERVE))
   local limits=""
-  if [ "$MODE" = rehearsal ]; then limits="ulimit -t $cap; "; cap=$((cap * 5)); fi
+  if [ "$MODE" = rehearsal ]; then limits="ulimit -S -t $cap; "; cap=$((cap * 5)); fi
   if [ "$left" -lt "$min" ]; then
     status="skipped (${left} s left, needs ${min})"
     [ "$MODE" = rehearsal ] && FAILED=$((FAILED + 1))
