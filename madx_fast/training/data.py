@@ -12,8 +12,9 @@ A data *spec* is a string naming where examples come from:
   ``squad``, ``copa``, ``wikipedia:sw``, resolved to the dataset's current Hub repository and config name.
 
 ``{lang}`` in a spec is replaced by the language code (``"wikiann:{lang}"``, ``"data/{lang}/test.jsonl"``). A
-spec that exists on disk, starts with ``.``, ``/`` or ``~``, or ends in a data-file suffix is a path, and a
-missing one is an error (never a silent hub lookup). The splits of the paper's datasets are known: asking for
+spec that exists on disk, looks like a path (``madx_fast.paths``: it starts with ``./``, ``../``, ``/`` or
+``~``, or its first component is a directory here) or ends in a data-file suffix is a path, and a missing one
+is an error naming the nearest existing names (never a silent hub lookup). The splits of the paper's datasets are known: asking for
 one they do not have (XQuAD has only ``validation``, XCOPA no ``train``) is an error naming the splits that
 exist, before anything is downloaded. Everything is read and checked before training starts.
 """
@@ -23,6 +24,8 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+
+from ..paths import LocalPathError, explicit_path, looks_local, missing_message
 
 log = logging.getLogger("madx_fast.training")
 
@@ -136,8 +139,9 @@ def resolve_spec(spec: str, lang: str | None = None) -> Source:
     expanded = os.path.expanduser(spec)
     if os.path.exists(expanded):
         return Source("local", path=expanded)
-    if spec.startswith((".", "/", "~")) or spec.lower().endswith(DATA_SUFFIXES):
-        raise FileNotFoundError(f"data file or directory {expanded!r} does not exist")
+    if looks_local(spec) or spec.lower().endswith(DATA_SUFFIXES):
+        raise LocalPathError(missing_message(spec, "data file or directory",
+                                             hub_hint=looks_local(spec) and not explicit_path(spec)))
     return _hf_source(spec)
 
 

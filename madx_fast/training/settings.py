@@ -152,6 +152,8 @@ class _StageSettings:
         elif not isinstance(given, cls):
             raise TypeError(f"expected {cls.__name__}, got {type(given).__name__}")
         given.check()
+        from .preflight import check_local_inputs
+        check_local_inputs(given)  # every local path, before anything touches the network
         return given
 
     def to_dict(self) -> dict:
