@@ -33,11 +33,13 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends 
 
 def opt(default=dataclasses.MISSING, *, help: str = "", flag: str | None = None, cli: bool = True,  # noqa: A002
         parse: Callable[[str], Any] | None = None, collect: Callable[[list], Any] | None = None, choices=None,
-        nargs=None, metavar=None, const=None, default_factory=None):
+        nargs=None, metavar=None, const=None, default_factory=None, aliases: tuple[str, ...] = (),
+        positional: bool = False):
     """A settings field with its command-line flag (``nargs="?"`` with ``const``: a flag whose value may be
-    left out; ``collect``: turns the parsed list of a ``nargs`` flag into the field's value)."""
+    left out; ``collect``: turns the parsed list of a ``nargs`` flag into the field's value; ``aliases``: other
+    spellings of the flag, kept working; ``positional``: a positional argument instead of a flag)."""
     meta = {"help": help, "flag": flag, "cli": cli, "parse": parse, "collect": collect, "choices": choices,
-            "nargs": nargs, "metavar": metavar, "const": const}
+            "nargs": nargs, "metavar": metavar, "const": const, "aliases": aliases, "positional": positional}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -88,11 +90,16 @@ class TrainConfig:
     device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     compile: str | None = opt(None, nargs="?", const="inductor", choices=COMPILE_BACKENDS, metavar="BACKEND",
                               help="torch.compile the encoder (adapters included) with BACKEND (default inductor)")
+    report_to: list[str] = opt(default_factory=list, parse=csv_list, metavar="TOOLS",
+                               help="also log the loss, learning rate, throughput and evaluation metrics of every "
+                                    "logging step to: tensorboard (<output>/tensorboard), wandb; comma-separated")
 
     def check(self, *, steps_required: bool = True) -> None:
         """``steps_required=False``: ``steps`` may still be None (a stage's settings, where None means "the
         stage decides": the task's epochs)."""
         _check_compile(self.compile)
+        from .reporting import check_report_to
+        check_report_to(self.report_to)
         if self.steps is None and steps_required:
             raise ValueError("steps is not set (None): give steps (or, for a task adapter, epochs)")
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
@@ -423,6 +430,8 @@ def _add_fields(parser, cls, defaults, given_only: bool) -> None:
             kwargs["action"] = "store_false" if default else "store_true"
         else:
             kwargs["type"] = meta.get("parse") or _scalar_type(f)
+            kwargs["metavar"] = _flag(f).lstrip("-").upper().replace("-", "_") if meta.get("choices") is None \
+                else None
             for key in ("choices", "nargs", "metavar", "const"):
                 if meta.get(key) is not None:
                     kwargs[key] = meta[key]
@@ -431,7 +440,11 @@ def _add_fields(parser, cls, defaults, given_only: bool) -> None:
         elif not isinstance(default, bool) and default not in (None, [], {}):
             kwargs["help"] += f" (default {','.join(map(str, default)) if isinstance(default, list) else default})"
         kwargs["default"] = None if required else argparse.SUPPRESS if given_only else default
-        parser.add_argument(_flag(f), **kwargs)
+        if meta.get("positional"):
+            del kwargs["dest"], kwargs["required"]
+            parser.add_argument(f.name, **kwargs)
+        else:
+            parser.add_argument(_flag(f), *meta.get("aliases", ()), **kwargs)
 
 
 def _scalar_type(f: dataclasses.Field):

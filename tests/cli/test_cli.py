@@ -65,7 +65,7 @@ def test_no_hand_written_flag():
     assert set(classes) == set(COMMANDS)
     parser = build_parser()
     for command, cls in classes.items():
-        dests = {a.dest for a in _flags(parser, command).values()} - {"help"}
+        dests = {a.dest for a in _flags(parser, command).values()} - {"help", "quiet", "verbose"}
         fields = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
         if any(f.name == "config" for f in dataclasses.fields(cls)):
             fields = fields - {"config"} | {f.name for f in dataclasses.fields(TrainConfig)}
