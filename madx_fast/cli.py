@@ -6,6 +6,7 @@
                      --eval-data wikiann:{lang} --output runs/transfer
     madx predict     --task-adapter runs/ner-en --lang-adapter sw=runs/lang-sw qu=runs/lang-qu \\
                      --input lines.jsonl --output predictions.jsonl
+    madx push        runs/lang-sw me/madx-lang-sw      (a run or adapter onto the Hugging Face Hub, with a card)
     madx params      [--model NAME] [--langs en,sw]
     madx demo        (offline, CPU, a few minutes)
 
@@ -27,7 +28,7 @@ log = logging.getLogger("madx_fast.training")
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
-    from .training.settings import (LanguageAdapterSettings, ParameterBudgetSettings, PredictSettings,
+    from .training.settings import (LanguageAdapterSettings, ParameterBudgetSettings, PredictSettings, PushSettings,
                                     TaskAdapterSettings, TransferSettings, add_arguments)
 
     parser = argparse.ArgumentParser(prog="madx", description="MAD-X adapters: train, transfer, predict, push, count, "
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("transfer", "stage 3: zero-shot transfer matrix (swap the language adapter)", TransferSettings)
     command("predict", "label JSON lines of many languages in mixed batches (a language adapter per line under one "
             "task adapter)", PredictSettings)
+    command("push", "upload a run, bundle or adapter directory to the Hugging Face Hub, with a model card",
+            PushSettings)
     command("params", "parameter counts per language and task (MAD-X budget)", ParameterBudgetSettings)
     command("demo", "the whole MAD-X pipeline offline on synthetic languages (a few CPU minutes)", DemoConfig,
             given_only=True)
@@ -152,6 +155,12 @@ def cmd_predict(args) -> int:
     return EXIT_LINES_NOT_PREDICTED if bad else 0
 
 
+def cmd_push(args) -> None:
+    from .training.publish import push
+    from .training.settings import PushSettings, from_args
+    print(push(from_args(PushSettings, args))["url"])
+
+
 def cmd_params(args) -> None:
     from .model.params import format_parameter_budget, parameter_budget
     from .training.models import load_config
@@ -174,7 +183,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train-lang": cmd_train_lang, "train-task": cmd_train_task, "transfer": cmd_transfer,
-            "predict": cmd_predict, "params": cmd_params, "demo": cmd_demo}
+            "predict": cmd_predict, "push": cmd_push, "params": cmd_params, "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

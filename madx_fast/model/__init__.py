@@ -11,7 +11,8 @@ Layout: ``config.py`` (MadxConfig, AdapterHub config conversion), ``stack.py`` (
 ``PerRow`` for many languages in one batch), ``wiring.py`` (the modules that replace HF's FFN output, embedding
 dropout and MLM-head LayerNorm), ``per_row.py`` (running a ``PerRow`` entry: each row through its own
 language's adapter), ``controller.py`` (``add_madx`` and the ``MadxAdapters`` handle), ``adapter_files.py``
-(files), ``hub.py`` (adapters by directory or Hugging Face Hub name), ``mlm_loss.py`` (masked-position-only,
+(files), ``pretrained.py`` (``save_pretrained`` / ``from_pretrained`` of a whole model with its adapters),
+``hub.py`` (adapters by directory or Hugging Face Hub name), ``mlm_loss.py`` (masked-position-only,
 chunked fused linear cross-entropy), ``params.py`` (parameter budget command), ``inputs.py`` (batch inputs
 prepared on the host: MLM positions, attention masks, so that a step never waits for the GPU).
 """
@@ -20,10 +21,11 @@ from .config import AdapterConfigError, MadxConfig
 from .controller import AdapterExistsError, MadxAdapters, add_madx, check_adapter_name
 from .hub import AdapterNameError, AdapterNotFoundError, resolve_adapter
 from .mlm_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy, madx_mlm_loss
+from .pretrained import from_pretrained, load_madx
 from .stack import PerRow, Stack
 
 __all__ = [
     "AdapterConfigError", "AdapterExistsError", "AdapterFileError", "AdapterNameError", "AdapterNotFoundError",
     "FusedLinearCrossEntropy", "MadxAdapters", "MadxConfig", "PerRow", "Stack", "add_madx", "check_adapter_name",
-    "fused_linear_cross_entropy", "madx_mlm_loss", "resolve_adapter",
+    "from_pretrained", "fused_linear_cross_entropy", "load_madx", "madx_mlm_loss", "resolve_adapter",
 ]

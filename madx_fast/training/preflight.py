@@ -8,8 +8,8 @@ The settings' fields are found by their names, which mean the same in every sett
 ``tokenizer`` (a directory or a Hub name), ``train_data`` / ``eval_data`` / ``validation_data`` (data specs,
 ``madx_fast.training.data``; ``{lang}`` expanded for the languages the settings name), ``lang_adapter`` /
 ``task_adapter`` / ``task_adapters`` / ``lang_adapters`` (directories or Hub names), ``input`` (a file, or
-``-``), ``output_dir`` / ``output`` (where the outputs go: creatable, and a run directory not holding another
-run unless resumed or overwritten).
+``-``) and ``directory`` (what ``madx push`` uploads), ``output_dir`` / ``output`` (where the outputs go:
+creatable, and a run directory not holding another run unless resumed or overwritten).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ..paths import LocalPathError, check_local, check_writable, looks_local, mi
 from . import data, runs
 
 DATA_FIELDS = ("train_data", "eval_data", "validation_data")
+LOCAL_FIELDS = {"input": "input file", "directory": "directory"}  # always local ("-": stdin)
 NAME_FIELDS = {"model": "model directory", "tokenizer": "tokenizer directory", "lang_adapter": "adapter directory",
                "task_adapter": "adapter directory", "task_adapters": "adapter directory",
                "lang_adapters": "adapter directory"}
@@ -37,9 +38,10 @@ def check_local_inputs(settings) -> None:
         for value in _values(getattr(settings, name, None)):
             if isinstance(value, str) and value and not value.startswith(HUB_PREFIX):
                 check_local(value, what)
-    source = getattr(settings, "input", None)
-    if isinstance(source, str) and source not in ("", "-") and not os.path.exists(source):
-        raise LocalPathError(missing_message(source, "input file"))
+    for name, what in LOCAL_FIELDS.items():
+        source = getattr(settings, name, None)
+        if isinstance(source, str) and source not in ("", "-") and not os.path.exists(os.path.expanduser(source)):
+            raise LocalPathError(missing_message(source, what))
     _check_outputs(settings)
 
 

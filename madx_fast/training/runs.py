@@ -104,12 +104,22 @@ def weights_hash(path: str) -> str:
 def write_bundle(madx, directory: str, name: str, meta: dict, *, with_head: bool = False) -> None:
     """Adapter ``name`` of ``madx`` (with its task head) + ``meta`` as one bundle, swapped in whole."""
     def build(tmp):
-        write_adapter_files(madx, tmp, name, with_head=with_head)
+        write_adapter_files(madx, tmp, name, with_head=with_head, run=card_facts(meta))
         full = dict(meta, adapter=name, weights_sha256=weights_hash(os.path.join(tmp, OWN_WEIGHTS)),
                     madx_fast_version=__version__)
         files.dump_json(full, os.path.join(tmp, RUN_META))
 
     files.replace_directory(directory, build, owned=ADAPTER_FILES + (RUN_META,))
+
+
+def card_facts(meta: dict) -> dict:
+    """A run's facts for its model card: ``meta`` and the Hub datasets its training data came from."""
+    from .data import resolve_spec
+    try:
+        source = resolve_spec(meta.get("train_data") or "", meta.get("language") or meta.get("source_language"))
+    except (OSError, ValueError):  # a spec that no longer resolves (moved files): no datasets entry
+        source = None
+    return dict(meta, datasets=[source.name] if source is not None and source.kind == "hf" else [])
 
 
 def find_bundle(path: str, *, prefer=BUNDLES, model_name: str | None = None) -> str:

@@ -6,6 +6,7 @@ generates the ``madx`` command's flags, and is recorded in ``run.json`` under th
     TaskAdapterSettings         stage 2, ``train_task_adapter`` / ``madx train-task``
     TransferSettings            stage 3, ``evaluate_transfer`` / ``madx transfer``
     PredictSettings             mixed-language inference on JSONL, ``predict`` / ``madx predict``
+    PushSettings                a run or adapter onto the Hugging Face Hub, ``push`` / ``madx push``
 
     ParameterBudgetSettings     the parameter budget table, ``madx params``
 
@@ -396,6 +397,35 @@ class ParameterBudgetSettings(_StageSettings):
     lang_reduction_factor: float = opt(2, help="reduction factor of the language adapters")
     task_reduction_factor: float = opt(16, help="reduction factor of the task adapter")
     invertible: bool = opt(True, flag="--no-invertible", help="language adapters without NICE (MAD-X -INV)")
+
+
+@dataclass
+class PushSettings(_StageSettings):
+    """A run, bundle or adapter directory uploaded to a Hugging Face Hub repository with a model card
+    (``madx push``; ``madx_fast.training.publish.push``)."""
+
+    directory: str = opt(positional=True, metavar="DIR", help="a run directory (madx train-lang / train-task), an "
+                         "adapter bundle, or an adapter directory (madx_fast or AdapterHub format)")
+    repo_id: str = opt(positional=True, metavar="REPO_ID", help="the Hub repository, e.g. me/madx-lang-sw (created "
+                       "if missing)")
+    private: bool = opt(False, help="create the repository private")
+    revision: str | None = opt(None, help="branch to commit to, created if missing (default: main)")
+    message: str | None = opt(None, help="commit message (default: what is pushed)")
+    include_checkpoint: bool = opt(False, help="also push a run's checkpoint.pt (the optimizer state, to resume "
+                                               "elsewhere; large)")
+    token: str | None = opt(None, cli=False)  # default: the token huggingface_hub finds (HF_TOKEN, `hf auth login`)
+
+    def check(self) -> None:
+        super().check()
+        for name in ("directory", "repo_id"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        try:
+            validate_repo_id(self.repo_id)
+        except HFValidationError:
+            raise ValueError(f"{self.repo_id!r} is not a Hub repository id (write 'namespace/name', e.g. "
+                             "me/madx-lang-sw)") from None
 
 
 # --------------------------------------------------------------------------------------------------------

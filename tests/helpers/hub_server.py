@@ -1,13 +1,15 @@
 """A small Hugging Face Hub on loopback that records every request: enough of the Hub's HTTP API for
 huggingface_hub (0.36 and 1.x) to create a repository and commit files to it (``create_repo``,
-``create_commit`` / ``upload_folder``: preupload, then the NDJSON commit with files inline), and the Hub's
+``create_branch``, ``create_commit`` / ``upload_folder``: a README's front matter validated, preupload, then
+the NDJSON commit with files inline), and the Hub's
 answer for anything else: 404 "Repository not found" (``X-Error-Code: RepoNotFound``), as huggingface.co
-answers for a repository that does not exist.
+answers for a repository that does not exist; and 401 for the token ``REFUSED_TOKEN``.
 
     with HubServer() as hub:                  # hub.endpoint: http://127.0.0.1:<port>
         ...                                   # HF_ENDPOINT=hub.endpoint (or huggingface_hub.constants.ENDPOINT)
         hub.requests                          # [Request(method, path, headers, body), ...]
-        hub.repos["me/lang-sw"]               # {"private": bool, "files": {path: bytes}, "commits": [message]}
+        hub.repos["me/lang-sw"]               # Repo(private, files={path: bytes}, commits=[(revision, message)],
+                                              #      branches)
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ class Repo:
     private: bool = False
     files: dict = field(default_factory=dict)
     commits: list = field(default_factory=list)
+    branches: list = field(default_factory=list)
+
+
+REFUSED_TOKEN = "hf_refused"  # a request with this token is answered 401, as the Hub answers a bad token
 
 
 class HubServer:
@@ -51,7 +57,10 @@ class HubServer:
                 body = self.rfile.read(length) if length else b""
                 server.requests.append(Request(self.command, self.path, {k.lower(): v for k, v in
                                                                          self.headers.items()}, body))
-                status, headers, payload = server.answer(self.command, self.path.split("?")[0], body)
+                if self.headers.get("Authorization") == f"Bearer {REFUSED_TOKEN}":
+                    status, headers, payload = _json(401, {"error": "Invalid credentials in Authorization header"})
+                else:
+                    status, headers, payload = server.answer(self.command, self.path.split("?")[0], body)
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
@@ -79,29 +88,36 @@ class HubServer:
         parts = path.strip("/").split("/")
         if path == "/":
             return _json(200, {})
+        if method == "POST" and path == "/api/validate-yaml":  # huggingface_hub checks a README's front matter
+            return _json(200, {"errors": [], "warnings": []})
         if method == "POST" and path == "/api/repos/create":
             request = json.loads(body or b"{}")
             repo_id = f"{request.get('organization') or 'me'}/{request['name']}"
-            self.repos.setdefault(repo_id, Repo(private=bool(request.get("private"))))
+            private = bool(request.get("private")) or request.get("visibility") == "private"  # (1.x: visibility)
+            self.repos.setdefault(repo_id, Repo(private=private))
             return _json(200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id, "id": repo_id})
         if method == "POST" and len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] in ("preupload",
-                                                                                                     "commit"):
+                                                                                                     "commit",
+                                                                                                     "branch"):
             repo_id = "/".join(parts[2:4])
             if repo_id not in self.repos:
                 return _not_found()
+            if parts[4] == "branch":
+                self.repos[repo_id].branches.append(parts[5])
+                return _json(200, {})
             if parts[4] == "preupload":
                 files = json.loads(body)["files"]
                 return _json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
                                               "oid": None} for f in files]})
-            return self._commit(repo_id, body)
+            return self._commit(repo_id, parts[5], body)
         return _not_found()
 
-    def _commit(self, repo_id: str, body: bytes) -> tuple[int, dict, bytes]:
+    def _commit(self, repo_id: str, revision: str, body: bytes) -> tuple[int, dict, bytes]:
         repo = self.repos[repo_id]
         for line in body.decode().splitlines():
             item = json.loads(line)
             if item["key"] == "header":
-                repo.commits.append(item["value"]["summary"])
+                repo.commits.append((revision, item["value"]["summary"]))
             elif item["key"] == "file":
                 value = item["value"]
                 content = value["content"]
