@@ -16,6 +16,7 @@ other than rank 0 of a data-parallel run print as ``-q``, tagged ``[madx rank N]
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -28,6 +29,20 @@ LIBRARIES = ("transformers", "huggingface_hub", "datasets", "torch", "urllib3", 
 # verbosity -> (madx_fast's level, the libraries' level)
 LEVELS = {-1: (logging.WARNING, logging.ERROR), 0: (logging.INFO, logging.WARNING), 1: (logging.DEBUG, logging.INFO),
           2: (logging.DEBUG, logging.DEBUG)}
+
+
+def is_terminal(stream) -> bool:
+    """A terminal a bar can be drawn on: a tty that reports a width (a pseudo-terminal opened without a size,
+    as some job runners do, has 0 columns, where tqdm draws nothing at all)."""
+    try:
+        if not stream.isatty():
+            return False
+    except (AttributeError, ValueError):
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return True  # a tty without a file descriptor to ask
 
 
 def stamp() -> str:
@@ -78,7 +93,6 @@ class StderrHandler(logging.Handler):
 def setup(verbosity: int = 0, rank: int = 0, *, stamped: bool | None = None) -> StderrHandler:
     """Route madx_fast's and the libraries' records through one ``StderrHandler`` (see the module docstring);
     ``stamped`` None: time stamps when stderr is not a terminal. Returns the handler."""
-    from .training.progress import is_terminal
     verbosity = -1 if rank != 0 else max(-1, min(2, verbosity))
     own_level, library_level = LEVELS[verbosity]
     handler = StderrHandler()

@@ -11,7 +11,8 @@ Layout: ``config.py`` (MadxConfig, AdapterHub config conversion), ``stack.py`` (
 ``PerRow`` for many languages in one batch), ``wiring.py`` (the modules that replace HF's FFN output, embedding
 dropout and MLM-head LayerNorm), ``per_row.py`` (running a ``PerRow`` entry: each row through its own
 language's adapter), ``controller.py`` (``add_madx`` and the ``MadxAdapters`` handle), ``adapter_files.py``
-(files), ``pretrained.py`` (``save_pretrained`` / ``from_pretrained`` of a whole model with its adapters),
+(files), ``pretrained.py`` (``from_pretrained`` of a whole model with its adapters; ``pretrained_record.py``:
+what ``save_pretrained`` records), ``card.py`` (model cards), ``push.py`` (to the Hub),
 ``hub.py`` (adapters by directory or Hugging Face Hub name), ``mlm_loss.py`` (masked-position-only,
 chunked fused linear cross-entropy), ``params.py`` (parameter budget command), ``inputs.py`` (batch inputs
 prepared on the host: MLM positions, attention masks, so that a step never waits for the GPU).

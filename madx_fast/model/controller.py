@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..modules import BottleneckAdapter, InvertibleAdapter
-from . import adapter_files, per_row, pretrained
+from . import adapter_files, per_row, pretrained_record
 from .adapter_files import AdapterFileError, check_state_dict
 from .config import AdapterConfigError, MadxConfig
 from .hub import resolve_adapter
@@ -79,7 +79,7 @@ class MadxAdapters:
         self._head_hooks: list = []
         self._undo = wire(self.parts, self.state)
         model.madx = self
-        pretrained.install_save_hook(model)  # save_pretrained records the adapters (pretrained.py)
+        pretrained_record.install_save_hook(model)  # save_pretrained records the adapters (pretrained_record.py)
 
     # ---------------------------------------------------------------------------------------------------
     # adapters
@@ -397,7 +397,7 @@ class MadxAdapters:
             del base._modules["invertible_adapters"]
         if self.model.__dict__.get("madx") is self:
             del self.model.__dict__["madx"]
-            pretrained.remove_save_hook(self.model)
+            pretrained_record.remove_save_hook(self.model)
         self.configs.clear()
         self.state.active = ()
 

@@ -10,7 +10,8 @@
 adapters' weights with the rest of the model, under AdapterHub's parameter names
 (``roberta.encoder.layer.{i}.output.adapters.{name}.*``, ``roberta.invertible_adapters.{name}.*``), so that
 Hugging Face's ``Trainer`` resumes and reloads its checkpoints with the adapters in them. Besides,
-``config.json`` records the adapters under ``"madx"``: ``{"format": "madx_fast.pretrained", "format_version":
+``config.json`` records the adapters under ``"madx"`` (``pretrained_record.py``, the hook ``add_madx`` puts on
+``save_pretrained``): ``{"format": "madx_fast.pretrained", "format_version":
 1, "adapters": {name: MadxConfig}, "active": the active setup, "madx_fast_version"}``. A plain
 ``AutoModel...from_pretrained`` of that directory loads the base model and the head, and names the adapter
 weights it did not use; ``from_pretrained`` / ``load_madx`` here put them back.
@@ -21,75 +22,13 @@ import logging
 import os
 
 from .. import files
-from .._version import __version__
 from .adapter_files import AdapterFileError, adapter_of_key, from_adapterhub_keys
 from .config import MadxConfig
+from .controller import add_madx
+from .pretrained_record import CONFIG_KEY, FORMAT, FORMAT_VERSION
 from .stack import PerRow
 
 log = logging.getLogger("madx_fast")
-
-CONFIG_KEY = "madx"
-FORMAT = "madx_fast.pretrained"
-FORMAT_VERSION = 1
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-
-
-def setup_record(madx) -> dict:
-    """What ``config.json``'s ``"madx"`` entry records about ``madx``: the adapters' configs, the active setup."""
-    active = [{"per_row": list(e.names)} if isinstance(e, PerRow) else e for e in madx.state.active]
-    return {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "adapters": {name: config.to_dict() for name, config in madx.configs.items()}, "active": active,
-            "madx_fast_version": __version__}
-
-
-# --------------------------------------------------------------------------------------------------------
-# saving: model.save_pretrained
-# --------------------------------------------------------------------------------------------------------
-def install_save_hook(model) -> None:
-    """``model.save_pretrained`` records the adapters in ``config.json`` (for this model only; a copy or a pickled
-    and loaded model keeps the hook, bound to itself)."""
-    model.save_pretrained = SavePretrained(model)
-
-
-def remove_save_hook(model) -> None:
-    if isinstance(model.__dict__.get("save_pretrained"), SavePretrained):
-        del model.__dict__["save_pretrained"]
-
-
-class SavePretrained:
-    """``model.save_pretrained`` of a model with MAD-X: HF's, with ``config.madx`` set to the adapters' record
-    while it writes config.json. An object (not a bound method) so that it pickles and copies with the model."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, save_directory, *args, **kwargs):
-        return _save_pretrained(self.model, save_directory, *args, **kwargs)
-
-
-def _save_pretrained(self, save_directory, *args, **kwargs):
-    madx = self.__dict__.get("madx")
-    if madx is None:  # add_madx was undone
-        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    previous = self.config.__dict__.get(CONFIG_KEY, _MISSING)
-    setattr(self.config, CONFIG_KEY, setup_record(madx))
-    try:
-        result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    finally:
-        if previous is _MISSING:
-            self.config.__dict__.pop(CONFIG_KEY, None)
-        else:
-            setattr(self.config, CONFIG_KEY, previous)
-    if madx.configs:
-        log.info("saved %s with MAD-X adapters %s (active %s) in its weights and config.json; load it with "
-                 "madx_fast.model.from_pretrained(%r)", save_directory, ", ".join(madx.configs), madx.active,
-                 os.fspath(save_directory))
-    return result
-
-
-_MISSING = object()
-
 
 # --------------------------------------------------------------------------------------------------------
 # loading
@@ -132,7 +71,6 @@ def load_madx(model, name_or_path=None, *, backend: str | None = None, **hub_kwa
     recorded in ``name_or_path`` (a directory or Hub repository; default: where the model was loaded from).
     The record is ``model.config.madx`` when the model was loaded from there, else read from config.json.
     Everything is read and checked before the model changes. Returns ``model.madx``."""
-    from .controller import add_madx
     where = os.fspath(name_or_path) if name_or_path is not None else model.config._name_or_path
     record = model.config.__dict__.get(CONFIG_KEY) or _read_record(where, hub_kwargs)
     _check_record(record, where)
@@ -215,4 +153,7 @@ def _read_weights(path: str) -> dict:
     return {k: v for k, v in state.items() if adapter_of_key(k)}
 
 
-__all__ = ["from_pretrained", "install_save_hook", "load_madx", "remove_save_hook", "setup_record"]
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+__all__ = ["from_pretrained", "load_madx"]

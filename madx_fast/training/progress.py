@@ -12,29 +12,13 @@ transformers (loading weights), huggingface_hub (downloads) and datasets (prepar
 """
 from __future__ import annotations
 
-import io
 import logging
-import os
 import sys
 import time
 
-from ..logs import stamp
+from ..logs import is_terminal, stamp  # noqa: F401 (is_terminal: also this module's, as before)
 
 log = logging.getLogger("madx_fast.training")
-
-
-def is_terminal(stream) -> bool:
-    """A terminal a bar can be drawn on: a tty that reports a width (a pseudo-terminal opened without a size,
-    as some job runners do, has 0 columns, where tqdm draws nothing at all)."""
-    try:
-        if not stream.isatty():
-            return False
-    except (AttributeError, ValueError):
-        return False
-    try:
-        return os.get_terminal_size(stream.fileno()).columns > 0
-    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
-        return True  # a tty without a file descriptor to ask
 
 
 def progress(iterable, desc: str, min_items: int = 20):
