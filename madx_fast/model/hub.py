@@ -31,6 +31,7 @@ refused with a message that says what to write instead.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -315,6 +316,25 @@ def _probe(endpoint: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def cache_only():
+    """Within the block, huggingface_hub (and datasets, when imported) read their caches only, as with
+    ``HF_HUB_OFFLINE=1``: for libraries that take no ``local_files_only``, once the Hub is known to be out of
+    reach (``unreachable_reason``)."""
+    import sys
+
+    from huggingface_hub import constants
+    targets = [constants] + ([sys.modules["datasets"].config] if "datasets" in sys.modules else [])
+    saved = [t.HF_HUB_OFFLINE for t in targets]
+    for t in targets:
+        t.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for t, value in zip(targets, saved):
+            t.HF_HUB_OFFLINE = value
+
+
 def connection_problem(exc: BaseException) -> str | None:
     """Why a request failed, in words ("connection refused", "the host name could not be resolved", "timed
     out", ...), from the exception and its causes; None when no network failure is among them."""
@@ -338,10 +358,10 @@ def connection_problem(exc: BaseException) -> str | None:
     return None
 
 
-def hub_failure(exc: BaseException, name: str) -> str | None:
+def hub_failure(exc: BaseException, name: str, *, cache: str | None = None) -> str | None:
     """Why ``name`` could not be had from the Hub, as the end of a one-line message ("it is not a local
     directory, and the Hub has no repository ..."): what was tried and what to do, no library text; None when
-    ``exc`` is not a Hub or network failure."""
+    ``exc`` is not a Hub or network failure. ``cache``: the cache that was read (default huggingface_hub's)."""
     from huggingface_hub import errors
     kinds, seen = set(), exc
     while seen is not None and len(kinds) < 16:
@@ -366,18 +386,20 @@ def hub_failure(exc: BaseException, name: str) -> str | None:
         return f"the Hub repository {name} has no file {missing.group(1)}"
     reason = connection_problem(exc)
     if _offline() or reason or has(errors.LocalEntryNotFoundError) or has(errors.OfflineModeIsEnabled):
-        return f"{start} {_not_cached(reason or unreachable_reason() or 'no answer')}"
+        probed = None if _offline() else unreachable_reason()
+        return f"{start} {_not_cached(probed or reason or 'no answer', cache)}"
     return None
 
 
-def _not_cached(reason: str) -> str:
+def _not_cached(reason: str, cache: str | None = None) -> str:
     """The end of a message for a Hub name that is not in the cache while the Hub cannot be used."""
     from huggingface_hub import constants
+    cache = cache or _cache_dir()
     if _offline():
-        return (f"it is not in the Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE=1 is set: run once with "
+        return (f"it is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 is set: run once with "
                 "network access (without HF_HUB_OFFLINE), or pass a local directory")
     return (f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({reason}) and it is not in the cache "
-            f"({_cache_dir()}): check the network (or HF_ENDPOINT, a proxy), set HF_HUB_OFFLINE=1 to read only the "
+            f"({cache}): check the network (or HF_ENDPOINT, a proxy), set HF_HUB_OFFLINE=1 to read only the "
             "cache, or pass a local directory")
 
 
@@ -393,4 +415,4 @@ def _offline() -> bool:
 
 
 __all__ = ["ADAPTERHUB_INDEX", "AdapterNameError", "AdapterNotFoundError", "ResolvedAdapter", "adapterhub_short_name",
-           "connection_problem", "hub_failure", "parse_hub_location", "resolve_adapter", "unreachable_reason"]
+           "cache_only", "connection_problem", "hub_failure", "parse_hub_location", "resolve_adapter", "unreachable_reason"]

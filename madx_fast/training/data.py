@@ -20,6 +20,7 @@ exist, before anything is downloaded. Everything is read and checked before trai
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -188,9 +189,15 @@ def load_hf_dataset(source: Source, split: str, streaming: bool = False):
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise DataError(f"loading the dataset {source} needs the 'datasets' package ({exc})") from None
     split = hf_split(source, split)
+    from ..model import hub
+    unreachable = None if datasets.config.HF_HUB_OFFLINE else hub.unreachable_reason()
     try:
-        return datasets.load_dataset(source.name, source.config, split=split, streaming=streaming)
+        with hub.cache_only() if unreachable else contextlib.nullcontext():  # no minute of retries
+            return datasets.load_dataset(source.name, source.config, split=split, streaming=streaming)
     except Exception as exc:  # noqa: BLE001 - hub, network and config errors all mean: cannot use this spec
+        if unreachable or hub.connection_problem(exc):
+            raise DataError(f"cannot load dataset {source} (split {split!r}): "
+                            f"{hub.hub_failure(exc, source.name, cache=datasets.config.HF_DATASETS_CACHE)}") from None
         hint = " (HF_DATASETS_OFFLINE=1 is set: only the datasets cache was read)" if datasets.config.HF_HUB_OFFLINE \
             else ""
         if "split" in str(exc).lower():

@@ -89,6 +89,25 @@ def test_an_unreachable_hub_is_one_line_at_once(workdir, capsys, monkeypatch, tm
             assert library_text not in err
 
 
+def test_a_dataset_with_an_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path):
+    import datasets
+
+    from madx_fast.training import data
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    t0 = time.perf_counter()
+    with pytest.raises(data.DataError) as error:
+        data.read_texts("wikiann:sw")
+    assert time.perf_counter() - t0 < 10  # datasets' own retries take ~25 s here
+    message = str(error.value)
+    assert "unimelb-nlp/wikiann" in message and "cannot be reached (connection refused)" in message
+    assert "\n" not in message and str(tmp_path / "datasets-cache") in message
+    assert datasets.config.HF_HUB_OFFLINE is False and huggingface_hub.constants.HF_HUB_OFFLINE is False  # restored
+
+
 def test_a_missing_hub_repository_is_named(hub, workdir, capsys):
     err = _error(capsys, "train-lang", "--model", "someone/no-such-model", "--lang", "sw", "--train-data",
                  "text.txt", "--output", "out")
