@@ -27,6 +27,7 @@ from .config import MadxConfig
 from .controller import add_madx
 from .pretrained_record import CONFIG_KEY, FORMAT, FORMAT_VERSION
 from .stack import PerRow
+from .wiring import find_parts
 
 log = logging.getLogger("madx_fast")
 
@@ -56,8 +57,9 @@ def from_pretrained(name_or_path, model_class=None, *, backend: str | None = Non
         model, info = cls.from_pretrained(name_or_path, config=config, output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
-    missing = [k for k in info.get("missing_keys", ()) if not adapter_of_key(k)]
-    unused = [k for k in info.get("unexpected_keys", ()) if not adapter_of_key(k)]
+    parts = find_parts(model)
+    missing = [k for k in info.get("missing_keys", ()) if not adapter_of_key(k, parts)]
+    unused = [k for k in info.get("unexpected_keys", ()) if not adapter_of_key(k, parts)]
     if missing or unused:
         log.warning("%s: %s", name_or_path, "; ".join(
             f"{what} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
@@ -74,12 +76,13 @@ def load_madx(model, name_or_path=None, *, backend: str | None = None, **hub_kwa
     where = os.fspath(name_or_path) if name_or_path is not None else model.config._name_or_path
     record = model.config.__dict__.get(CONFIG_KEY) or _read_record(where, hub_kwargs)
     _check_record(record, where)
-    weights = _adapter_weights(where, hub_kwargs)
+    parts = find_parts(model)
+    weights = _adapter_weights(where, parts, hub_kwargs)
     madx = add_madx(model, backend=backend)
     states = {}
     for name, config in record["adapters"].items():
-        own = {k: v for k, v in weights.items() if adapter_of_key(k) == name}
-        states[name] = (MadxConfig.from_dict(config), from_adapterhub_keys(own, name, madx.parts.prefix, where))
+        own = {k: v for k, v in weights.items() if adapter_of_key(k, parts) == name}
+        states[name] = (MadxConfig.from_dict(config), from_adapterhub_keys(own, name, madx.parts, where))
     for name, (config, state) in states.items():
         madx.install_adapter(name, config, state, overwrite=name in madx.configs, source=where)
     active = [PerRow(*e["per_row"]) if isinstance(e, dict) else e for e in record["active"]]
@@ -121,36 +124,37 @@ def _file(where: str, name: str, hub_kwargs: dict) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _adapter_weights(where: str, hub_kwargs: dict) -> dict:
-    """Every MAD-X adapter weight of the saved model's weight files (one file, or the shards of an index)."""
+def _adapter_weights(where: str, parts, hub_kwargs: dict) -> dict:
+    """Every MAD-X adapter weight (keys of ``parts``' model family) of the saved model's weight files (one file,
+    or the shards of an index)."""
     for name in WEIGHT_FILES:
         path = _file(where, name, hub_kwargs)
         if path is None:
             continue
         if name.endswith(".index.json"):
             weight_map = files.read_json(path, error=AdapterFileError).get("weight_map", {})
-            shards = sorted({f for k, f in weight_map.items() if adapter_of_key(k)})
+            shards = sorted({f for k, f in weight_map.items() if adapter_of_key(k, parts)})
             out = {}
             for shard in shards:
                 out.update(_read_weights(_file(where, shard, hub_kwargs) or os.path.join(os.path.dirname(path),
-                                                                                         shard)))
+                                                                                         shard), parts))
             return out
-        return _read_weights(path)
+        return _read_weights(path, parts)
     raise AdapterFileError(f"{where}: no model weights ({', '.join(WEIGHT_FILES)})")
 
 
-def _read_weights(path: str) -> dict:
+def _read_weights(path: str, parts) -> dict:
     """The adapter weights of one weights file (safetensors: only those tensors are read; ``.bin``: weights-only)."""
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
             with safe_open(path, framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in f.keys() if adapter_of_key(k)}
+                return {k: f.get_tensor(k) for k in f.keys() if adapter_of_key(k, parts)}
         import torch
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any parse problem is a bad file
         raise AdapterFileError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc})") from None
-    return {k: v for k, v in state.items() if adapter_of_key(k)}
+    return {k: v for k, v in state.items() if adapter_of_key(k, parts)}
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

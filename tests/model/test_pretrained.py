@@ -104,6 +104,25 @@ def test_a_per_row_setup_round_trips(wired, tmp_path):
     assert loaded.madx.active == Stack(PerRow("en", "qu"), "ner")
 
 
+@pytest.mark.parametrize("family,cls", [("deberta-v2", "DebertaV2ForTokenClassification"),
+                                        ("distilbert", "DistilBertForTokenClassification"),
+                                        ("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM")])
+def test_other_model_families_round_trip(tmp_path, family, cls):
+    """Each family keeps its adapters under its own AdapterHub names (``parts.hub_key``); they come back."""
+    import transformers
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(tiny_config(family)).eval()
+    madx = add_madx(model, backend="eager")
+    madx.add_adapter("en", MadxConfig.language())
+    madx.add_adapter("task", MadxConfig.task())
+    randomize(model)
+    madx.set_active(Stack("en", "task"))
+    model.save_pretrained(tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m", backend="eager", attn_implementation="eager").eval()
+    assert type(loaded) is type(model) and loaded.madx.active == Stack("en", "task")
+    assert torch.equal(_logits(loaded, _ids()), _logits(model, _ids()))
+
+
 def test_a_model_without_adapters_is_refused_by_name(tmp_path):
     XLMRobertaForTokenClassification(tiny_config(num_labels=5)).save_pretrained(tmp_path / "plain")
     with pytest.raises(AdapterFileError, match="config.json records no MAD-X adapters"):
