@@ -97,7 +97,7 @@ def check_names(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         if arg == "--":
             break
         flag = arg.split("=", 1)[0]
-        if not flag.startswith("-") or _number(flag) or flag in known or flag in top:
+        if not flag.startswith("-") or flag == "-" or _number(flag) or flag in known or flag in top:  # "-": stdin
             continue
         prefixed = [o for o in known if o.startswith(flag) and flag.startswith("--")]
         if len(prefixed) == 1:  # argparse's unique abbreviation

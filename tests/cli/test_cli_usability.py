@@ -46,6 +46,7 @@ def test_what_argparse_accepts_is_not_taken_for_a_typo(capsys):
     assert args.overwrite and args.learning_rate == -0.5 and args.verbose == 1
     from madx_fast.cli import check_names
     check_names(parser, ["-q", "train-task", "--overwr", "--lr", "-0.5", "--", "--not-a-flag"])  # no exit
+    check_names(parser, ["predict", "--input", "-", "--output", "-"])  # "-": stdin / stdout
     assert main(["-q", "train-task", "--task", "ner", "--train-data", "d", "--output", "o", "--lr", "-1"]) == 2
     assert "learning_rate must be" in capsys.readouterr().err  # the value's own check, not a usage error
 
