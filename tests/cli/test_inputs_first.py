@@ -120,7 +120,7 @@ def test_offline_without_a_cached_copy_is_one_line(workdir, tmp_path):
     env = env_for_subprocess(HF_HUB_CACHE=str(tmp_path / "empty-cache"), HF_HUB_OFFLINE="1")
     proc = subprocess.run(madx_command("train-lang", "--model", "someone/tiny-model", "--lang", "sw", "--train-data",
                                        "text.txt", "--output", "out"), cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          stdin=subprocess.DEVNULL, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

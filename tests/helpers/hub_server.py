@@ -48,6 +48,7 @@ class HubServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = 30  # a connection silent this long is closed (a stuck client never holds a thread for good)
 
             def log_message(self, *args):  # quiet
                 pass
@@ -82,6 +83,7 @@ class HubServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.thread.join(timeout=10)
 
     # ---------------------------------------------------------------------------------------------------
     def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict, bytes]:

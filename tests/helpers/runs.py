@@ -73,6 +73,10 @@ def madx_command(*args) -> list[str]:
 
 
 def run_madx(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    """``madx ARGS`` in a subprocess, killed after 5 minutes; stdin is empty unless ``input=`` feeds it (a command
+    that reads stdin, such as ``madx predict`` without ``--input``, never waits on the test runner's stdin)."""
+    if "input" not in kwargs:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
     proc = subprocess.run(madx_command(*args), env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True,
                           timeout=300, **kwargs)
     if check and proc.returncode != 0:

@@ -12,6 +12,7 @@ import select
 import struct
 import subprocess
 import termios
+import time
 
 import pytest
 
@@ -119,7 +120,7 @@ def test_a_command_logging_to_a_file_writes_lines_not_bar_frames(tmp_path, tiny_
     err_path = tmp_path / "stderr.log"
     with open(err_path, "w") as err:
         proc = subprocess.run(_train_lang(tiny_base, corpus, tmp_path / "run"), env=env_for_subprocess(), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=err, text=True, timeout=300)
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True, timeout=300)
     log = err_path.read_text()
     assert proc.returncode == 0, log
     assert "\r" not in log and "it/s" not in log and "%|" not in log, log
@@ -132,23 +133,27 @@ def test_a_command_on_a_terminal_draws_a_bar(tmp_path, tiny_base, corpus):
     parent, child = pty.openpty()
     _set_size(child, 100)
     proc = subprocess.Popen(_train_lang(tiny_base, corpus, tmp_path / "run"), env=env_for_subprocess(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=child)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child)
     os.close(child)
-    chunks = []
-    while True:
-        ready, _, _ = select.select([parent], [], [], 300)
-        if not ready:
+    chunks, deadline = [], time.monotonic() + 300
+    try:
+        while True:
+            ready, _, _ = select.select([parent], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                pytest.fail("the command on the terminal did not finish in 300 s")
+            try:
+                data = os.read(parent, 4096)
+            except OSError:  # the command closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(parent)
+        if proc.poll() is None:
             proc.kill()
-            pytest.fail("no output from the command on the terminal")
-        try:
-            data = os.read(parent, 4096)
-        except OSError:  # the command closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(parent)
-    assert proc.wait(timeout=60) == 0
+            proc.wait(timeout=60)
     text = b"".join(chunks).decode(errors="replace")
     assert "\r" in text and "train:" in text and "6/6" in text, text  # tqdm's bar, redrawn in place
     assert not any(LINE.match(line.strip("\r")) for line in text.splitlines())

@@ -98,7 +98,7 @@ def test_push_through_hf_endpoint_from_a_shell(lang_run):
     with HubServer() as server:
         env = env_for_subprocess(HF_ENDPOINT=server.endpoint, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0")
         proc = subprocess.run(madx_command("push", os.path.join(lang_run, "adapter"), "me/alpha"), env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert "madx_adapter.safetensors" in server.repos["me/alpha"].files
         assert [r for r in server.requests if r.headers.get("authorization") == f"Bearer {TOKEN}"]
