@@ -4,7 +4,6 @@ and what to do, at once: a Hub on loopback records every request, and a closed l
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 import huggingface_hub
@@ -13,7 +12,7 @@ import pytest
 
 from madx_fast.cli import main
 from tests.helpers.hub_server import HubServer, closed_port, use_endpoint
-from tests.helpers.runs import env_for_subprocess, madx_command
+from tests.helpers.runs import env_for_subprocess, madx_command, run_bounded
 
 
 @pytest.fixture
@@ -118,9 +117,8 @@ def test_a_missing_hub_repository_is_named(hub, workdir, capsys):
 def test_offline_without_a_cached_copy_is_one_line(workdir, tmp_path):
     """The ``madx`` command as run from a shell with HF_HUB_OFFLINE=1 and an empty cache."""
     env = env_for_subprocess(HF_HUB_CACHE=str(tmp_path / "empty-cache"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run(madx_command("train-lang", "--model", "someone/tiny-model", "--lang", "sw", "--train-data",
-                                       "text.txt", "--output", "out"), cwd=workdir, env=env, capture_output=True,
-                          stdin=subprocess.DEVNULL, text=True, timeout=300)
+    proc = run_bounded(madx_command("train-lang", "--model", "someone/tiny-model", "--lang", "sw", "--train-data",
+                                    "text.txt", "--output", "out"), cwd=workdir, env=env)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
