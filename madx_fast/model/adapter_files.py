@@ -11,6 +11,7 @@ Own format, one directory per adapter (docs/file_formats.md):
                               invertible.F.0.weight, ... (float32 master weights)
     madx_head.safetensors     the task head (``with_head=True``): model parameter names, e.g. classifier.weight
                               (run bundles written before this format had ``task_head.safetensors``: still read)
+    README.md                 a model card in the Hub's format (card.py; one you wrote yourself is kept)
 
 AdapterHub format (what ``adapters``' ``model.save_adapter(dir, name)`` writes):
     adapter_config.json       {"config": full BnConfig, "hidden_size", "model_class", "model_name",
@@ -40,6 +41,7 @@ import torch
 
 from .. import files
 from .._version import __version__
+from .card import CARD_FILE, adapter_card, keeps_own_card
 from .config import AdapterConfigError, MadxConfig
 
 OWN_CONFIG = "madx_adapter.json"
@@ -95,13 +97,19 @@ class AdapterInfo:
 # own format
 # --------------------------------------------------------------------------------------------------------
 def save_adapter(madx, directory, name: str, *, overwrite: bool = False, with_head: bool = False) -> None:
-    _write_adapter_directory(directory, lambda tmp: write_adapter_files(madx, tmp, name, with_head=with_head),
-                             overwrite=overwrite, what=f"adapter {name!r}")
+    keep_card = os.path.isdir(os.fspath(directory)) and keeps_own_card(os.fspath(directory))
+
+    def build(tmp):
+        write_adapter_files(madx, tmp, name, with_head=with_head)
+        if keep_card:  # the user's own README.md stays (carried over from the directory)
+            os.remove(os.path.join(tmp, CARD_FILE))
+    _write_adapter_directory(directory, build, overwrite=overwrite, what=f"adapter {name!r}")
 
 
-def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = False) -> None:
-    """The files of adapter ``name`` in madx_fast's format, into the (new, empty) ``directory``; used inside
-    an atomic directory write (``save_adapter``, run bundles)."""
+def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = False, run: dict | None = None) -> None:
+    """The files of adapter ``name`` in madx_fast's format, and its model card (README.md; ``run``: the facts of
+    the run that trained it, ``card.adapter_card``), into the (new, empty) ``directory``; used inside an atomic
+    directory write (``save_adapter``, run bundles)."""
     from safetensors.torch import save_file
 
     if name not in madx.configs:
@@ -127,6 +135,9 @@ def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = Fa
         save_file(head, os.path.join(directory, OWN_HEAD_WEIGHTS), metadata={"format": "pt"})
         meta["head"]["sha256"] = files.sha256_file(os.path.join(directory, OWN_HEAD_WEIGHTS))
     meta["checksum"] = _meta_checksum(meta)
+    with open(os.path.join(directory, CARD_FILE), "w", encoding="utf-8") as f:
+        f.write(adapter_card(name, meta["config"], base_model=meta["model"]["name_or_path"],
+                             model_class=type(model).__name__, with_head=head is not None, run=run))
     files.dump_json(meta, os.path.join(directory, OWN_CONFIG))  # last: the config marks a complete adapter
 
 
@@ -334,6 +345,13 @@ def to_adapterhub_keys(state: dict, name: str, parts) -> dict:
         else:
             out[f"{parts.prefix}.invertible_adapters.{name}.{rest}"] = value
     return out
+
+
+def adapter_of_key(key: str, parts) -> str | None:
+    """The adapter a model weight belongs to (its name), for the keys of MAD-X adapter weights in the state dict
+    of a model of ``parts``' family or in AdapterHub's files; None for any other key."""
+    m = _layer_key(parts).match(key) or _INV_KEY.match(key)
+    return m.group("name") if m else None
 
 
 def from_adapterhub_keys(raw: dict, name: str, parts, source: str) -> dict:

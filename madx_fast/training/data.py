@@ -12,17 +12,21 @@ A data *spec* is a string naming where examples come from:
   ``squad``, ``copa``, ``wikipedia:sw``, resolved to the dataset's current Hub repository and config name.
 
 ``{lang}`` in a spec is replaced by the language code (``"wikiann:{lang}"``, ``"data/{lang}/test.jsonl"``). A
-spec that exists on disk, starts with ``.``, ``/`` or ``~``, or ends in a data-file suffix is a path, and a
-missing one is an error (never a silent hub lookup). The splits of the paper's datasets are known: asking for
+spec that exists on disk, looks like a path (``madx_fast.paths``: it starts with ``./``, ``../``, ``/`` or
+``~``, or its first component is a directory here) or ends in a data-file suffix is a path, and a missing one
+is an error naming the nearest existing names (never a silent hub lookup). The splits of the paper's datasets are known: asking for
 one they do not have (XQuAD has only ``validation``, XCOPA no ``train``) is an error naming the splits that
 exist, before anything is downloaded. Everything is read and checked before training starts.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from dataclasses import dataclass
+
+from ..paths import LocalPathError, explicit_path, looks_local, missing_message
 
 log = logging.getLogger("madx_fast.training")
 
@@ -136,8 +140,9 @@ def resolve_spec(spec: str, lang: str | None = None) -> Source:
     expanded = os.path.expanduser(spec)
     if os.path.exists(expanded):
         return Source("local", path=expanded)
-    if spec.startswith((".", "/", "~")) or spec.lower().endswith(DATA_SUFFIXES):
-        raise FileNotFoundError(f"data file or directory {expanded!r} does not exist")
+    if looks_local(spec) or spec.lower().endswith(DATA_SUFFIXES):
+        raise LocalPathError(missing_message(spec, "data file or directory",
+                                             hub_hint=looks_local(spec) and not explicit_path(spec)))
     return _hf_source(spec)
 
 
@@ -184,9 +189,15 @@ def load_hf_dataset(source: Source, split: str, streaming: bool = False):
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise DataError(f"loading the dataset {source} needs the 'datasets' package ({exc})") from None
     split = hf_split(source, split)
+    from ..model import hub
+    unreachable = None if datasets.config.HF_HUB_OFFLINE else hub.unreachable_reason()
     try:
-        return datasets.load_dataset(source.name, source.config, split=split, streaming=streaming)
+        with hub.cache_only() if unreachable else contextlib.nullcontext():  # no minute of retries
+            return datasets.load_dataset(source.name, source.config, split=split, streaming=streaming)
     except Exception as exc:  # noqa: BLE001 - hub, network and config errors all mean: cannot use this spec
+        if unreachable or hub.connection_problem(exc):
+            raise DataError(f"cannot load dataset {source} (split {split!r}): "
+                            f"{hub.hub_failure(exc, source.name, cache=datasets.config.HF_DATASETS_CACHE)}") from None
         hint = " (HF_DATASETS_OFFLINE=1 is set: only the datasets cache was read)" if datasets.config.HF_HUB_OFFLINE \
             else ""
         if "split" in str(exc).lower():

@@ -41,6 +41,7 @@ from .data import DataError
 from .distributed import Dist
 from .devices import PeakMemory, pick_device
 from .progress import StepProgress
+from .reporting import Reporters
 from .runs import CHECKPOINT, LOG_FILE
 from .settings import TrainConfig
 from .tasks.base import Objective
@@ -137,6 +138,7 @@ class _RunState:
     pending: list = field(default_factory=list)
     checkpoint_step: int = 0
     segment_start: float = 0.0  # when the time not yet in ``elapsed`` started
+    interval: "_Interval | None" = None  # since the last logging step
 
     _SAVED = ("step", "history", "best", "elapsed", "tokens", "nonfinite")
 
@@ -149,6 +151,31 @@ class _RunState:
         state = cls(**{k: ckpt.get(k, getattr(defaults, k)) for k in cls._SAVED})
         state.checkpoint_step = state.step
         return state
+
+
+@dataclass
+class _Interval:
+    """The steps since the last logging step: where they started (step, time, tokens) and the seconds spent on
+    evaluations and checkpoints meanwhile (left out of the throughput)."""
+
+    step: int
+    time: float
+    tokens: int
+    paused: float = 0.0
+
+    def summary(self, state: _RunState, now: float) -> dict:
+        """The logging step's values: the mean loss of the interval's steps (skipped ones left out), the last
+        step's learning rate, tokens and steps per second."""
+        losses = []
+        for entry in reversed(state.history):
+            if entry["step"] <= self.step:
+                break
+            if "loss" in entry and not entry.get("skipped"):
+                losses.append(entry["loss"])
+        last = next(e for e in reversed(state.history) if "lr" in e)
+        seconds = max(now - self.time - self.paused, 1e-9)
+        return {"loss": sum(losses) / len(losses) if losses else float("nan"), "lr": last["lr"],
+                "tokens_per_s": (state.tokens - self.tokens) / seconds, "steps_per_s": (state.step - self.step) / seconds}
 
 
 class _LossModule(torch.nn.Module):
@@ -210,12 +237,16 @@ class Trainer:
         self.model.train()
         memory = PeakMemory(self.device)
         progress = StepProgress(cfg.steps, state.step, enabled=cfg.progress and procs.main)
+        self.reporters = Reporters(cfg.report_to if procs.main else [], self.output_dir, config=self.identity,
+                                   start_step=state.step)
         state.segment_start = time.perf_counter()
+        state.interval = _Interval(state.step, state.segment_start, state.tokens)
         try:
             while state.step < cfg.steps:
                 self._train_step(state, opt, ddp or module, ddp, progress)
         finally:
             progress.close()
+            self.reporters.close()
         state.elapsed += time.perf_counter() - state.segment_start
         evals = [h["eval"] for h in state.history if "eval" in h]
         return {"steps": cfg.steps,
@@ -268,19 +299,33 @@ class Trainer:
         logged = cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps)
         if logged or evaluate or save or not cfg.log_every:
             self._flush(state)
-        last = state.history[-1] if logged else {}
-        progress.update(step, loss=last.get("loss"), lr=last.get("lr"), tokens=tokens)
+        interval = self._log_interval(state) if logged or not cfg.log_every else {}
+        progress.update(step, loss=interval.get("loss") if logged else None, lr=interval.get("lr"), tokens=tokens)
         if logged and not progress.enabled and self.procs.main:
-            log.info("step %d/%d  loss %.4f  lr %.3e", step, cfg.steps, last["loss"], last["lr"])
+            log.info("step %d/%d  loss %.4f  lr %.3e", step, cfg.steps, interval["loss"], interval["lr"])
+        paused = time.perf_counter()
         if evaluate:
             metrics = self._evaluate(step, state)
             state.history.append({"step": step, "eval": metrics})
             self._append_log(state.history[-1])
+            self.reporters.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
         if save:
             now = time.perf_counter()
             state.elapsed += now - state.segment_start
             state.segment_start = now
             self._save_checkpoint(state, opt)
+        state.interval.paused += time.perf_counter() - paused
+
+    def _log_interval(self, state: _RunState) -> dict:
+        """A logging step: the interval's mean loss, learning rate and throughput, reported to the trackers;
+        the next interval starts."""
+        now = time.perf_counter()
+        values = state.interval.summary(state, now)
+        self.reporters.scalars(state.step, {"train/loss": values["loss"], "train/learning_rate": values["lr"],
+                                            "train/tokens_per_s": values["tokens_per_s"],
+                                            "train/steps_per_s": values["steps_per_s"]})
+        state.interval = _Interval(state.step, now, state.tokens)
+        return values
 
     def _flush(self, state: _RunState) -> None:
         """Read the pending steps' losses from the device into the history and the log; stop the run when

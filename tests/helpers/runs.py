@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -72,9 +73,30 @@ def madx_command(*args) -> list[str]:
     return [sys.executable, "-m", "madx_fast.cli", *map(str, args)]
 
 
+def run_bounded(cmd: list[str], *, timeout: float = 300, input: str | None = None, **kwargs
+                ) -> subprocess.CompletedProcess:
+    """``cmd`` with its output captured (text), killed with every process it started after ``timeout`` seconds
+    (``subprocess.run`` kills only the first one, then waits for the pipes that a surviving child, such as a
+    torchrun worker, still holds). stdin is empty unless ``input`` feeds it."""
+    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=60)
+            raise
+        finally:
+            if proc.poll() is None:  # an exception other than the timeout (KeyboardInterrupt)
+                os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_madx(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(madx_command(*args), env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, **kwargs)
+    """``madx ARGS`` in a subprocess (``run_bounded``: killed after 5 minutes, stdin empty unless ``input=``
+    feeds it, so ``madx predict`` without ``--input`` never waits on the test runner's stdin)."""
+    proc = run_bounded(madx_command(*args), env=env_for_subprocess(), cwd=ROOT, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"madx {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -63,7 +63,7 @@ def test_own_format_round_trip(tmp_path):
     want = _logits(model, batch)
     madx.save_adapter(tmp_path / "en", "en")
     madx.save_adapter(tmp_path / "ner", "ner", with_head=True)
-    assert sorted(os.listdir(tmp_path / "en")) == ["madx_adapter.json", "madx_adapter.safetensors"]
+    assert sorted(os.listdir(tmp_path / "en")) == ["README.md", "madx_adapter.json", "madx_adapter.safetensors"]
     meta = json.loads((tmp_path / "en" / "madx_adapter.json").read_text())
     assert meta["config"]["inv_adapter"] == "nice" and meta["model"]["hidden_size"] == 32
 
