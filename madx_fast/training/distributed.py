@@ -26,6 +26,14 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def share(self, value):
+        """Process 0's ``value`` (picklable) on every process."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def init_distributed(device: str | None = None) -> Dist:
     """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK); one process otherwise.
