@@ -20,10 +20,11 @@ out in input order before the next chunk is read, so memory holds one chunk what
 
 A malformed line (not JSON, not an object, a field missing or of the wrong type) or one in a language without
 an adapter is reported with its line number (a warning on stderr; counted in ``Predictions``) and, by
-``on_error``: skipped (no output record), replaced by ``{"line": n, "error": "..."}``, or fatal (a
-``DataError``). Blank lines are ignored. Long inputs: NER texts are cut into windows of whole words, QA
-contexts into overlapping windows (the best span of all wins), COPA pairs are truncated (marked in the
-output). docs/training.md ("Predict") has the formats.
+``on_error``: skipped (no output record), replaced by ``{"line": n, "error": "..."}`` (with the line's ``id``
+and ``lang`` when it parsed), or fatal (a ``DataError``). Blank lines are ignored; a line longer than
+``max_line_bytes`` is an error of its own, skipped unread (``bounded_lines``). Long inputs: NER texts are
+cut into windows of whole words, QA contexts into overlapping windows (the best span of all wins), COPA pairs
+are truncated (marked in the output). docs/training.md ("Predict") has the formats.
 """
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ class Predictor:
                 rec = _record(item, self.settings.max_line_bytes)
                 if rec is None:
                     continue
-                heads[pos] = {"line": number, **{k: rec[k] for k in ("id", "lang") if k in rec}}
+                heads[pos] = {"line": number, **({"id": rec["id"]} if "id" in rec else {}),
+                              **({"lang": rec["lang"]} if isinstance(rec.get("lang"), str) else {})}
                 lang = self._language(rec)
                 examples.append(self.format.parse(rec))
                 todo.append(pos)

@@ -258,9 +258,7 @@ class Trainer:
             log.info("resumed from %s at step %d of %d", self.checkpoint_path, state.step, self.config.steps)
         elif resume:
             log.info("no checkpoint in %s: starting the run from step 0", self.output_dir)
-        if self.procs.main:
-            files.write_file(self.log_path, lambda p: _write_log(p, state.history))
-        self.procs.barrier()
+        self.procs.on_main(lambda: files.write_file(self.log_path, lambda p: _write_log(p, state.history)))
         return state
 
     def _train_step(self, state: _RunState, opt: _Optimization, runner, ddp, progress: StepProgress) -> None:
@@ -389,9 +387,7 @@ class Trainer:
             better = best is None or (value > best["value"] if self.greater else value < best["value"])
             if better:
                 state.best = {"step": step, "value": value, "metric": self.main_metric}
-                if self.procs.main and self.on_best:
-                    self.on_best(step, metrics)
-                self.procs.barrier()
+                self.procs.on_main(lambda: self.on_best and self.on_best(step, metrics))
         return metrics
 
     def _append_log(self, entry: dict) -> None:
@@ -404,15 +400,13 @@ class Trainer:
         if self.procs.enabled:
             rngs = [None] * self.procs.world
             dist.all_gather_object(rngs, rng_state())
-        if self.procs.main:
-            write_checkpoint(self.checkpoint_path, {
-                "identity": self.identity, **state.checkpoint(), "world_size": self.procs.world,
-                "trainable": {n: p.detach().to("cpu").clone() for n, p in self.params},
-                "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
-                "stream": opt.stream.state_dict(), "mask_generator": opt.mask_gen.get_state(), "rng": rngs,
-                "scaler": opt.scaler.state_dict() if opt.scaler is not None else None})
+        self.procs.on_main(lambda: write_checkpoint(self.checkpoint_path, {
+            "identity": self.identity, **state.checkpoint(), "world_size": self.procs.world,
+            "trainable": {n: p.detach().to("cpu").clone() for n, p in self.params},
+            "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
+            "stream": opt.stream.state_dict(), "mask_generator": opt.mask_gen.get_state(), "rng": rngs,
+            "scaler": opt.scaler.state_dict() if opt.scaler is not None else None}))
         state.checkpoint_step = state.step
-        self.procs.barrier()
 
     def _load_checkpoint(self, opt: _Optimization) -> _RunState:
         ckpt = read_checkpoint(self.checkpoint_path)

@@ -4,6 +4,7 @@ synthetic data, and a way to run the ``madx`` command in a subprocess.
 The session fixtures built from these (``corpus``, ``tiny_base``, ...) are in tests/training/conftest.py."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -101,3 +102,26 @@ def snapshot(directory) -> dict:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, directory)] = hashlib.sha256(fh.read()).hexdigest()
     return out
+
+
+class StoppedAfterCheckpoint(Exception):
+    """Raised by ``stop_after_checkpoint``: the run stopped as a kill right after a checkpoint would stop it."""
+
+
+@contextlib.contextmanager
+def stop_after_checkpoint(step: int):
+    """Within the block, a training run raises StoppedAfterCheckpoint right after writing its checkpoint of
+    ``step``: what a run killed then leaves (a run with fewer steps would have another schedule)."""
+    import madx_fast.training.trainer as trainer_mod
+    original = trainer_mod.Trainer._save_checkpoint
+
+    def save_then_stop(self, state, *args):
+        original(self, state, *args)
+        if state.step == step:
+            raise StoppedAfterCheckpoint(step)
+
+    trainer_mod.Trainer._save_checkpoint = save_then_stop
+    try:
+        yield
+    finally:
+        trainer_mod.Trainer._save_checkpoint = original

@@ -15,8 +15,9 @@ is its own (its data, objective, model wiring, record and outputs).
  6. record the run's facts (``record``), the digests of its data (``digested_data``) and parameter counts;
     train (``Trainer``, resumable: a checkpoint of other settings or data is refused, other data accepted
     with ``allow_data_change``)
- 7. on process 0: write the stage's outputs (``save``) and ``run.json``; every process meets in a barrier;
-    the lock is released (also when the run fails; when the process dies, by the operating system)
+ 7. on process 0: write the stage's outputs (``save``) and ``run.json`` while the others wait (a failure
+    stops them all: ``Dist.on_main``, as for every write of process 0 that the others wait for); the lock is
+    released (also when the run fails; when the process dies, by the operating system)
 
 ``run.json`` has the same keys for every stage (``RUN_FACTS``, then ``settings``, ``config``, ``epochs``, the
 parameter counts, the trainer's results, ``wall_time_s``, ``madx_fast_version``; docs/file_formats.md): a
@@ -182,13 +183,13 @@ class TrainingStage:
         result = trainer.run(resume=self.s.resume)
         summary = {**facts, "settings": self.s.to_dict(), "config": dataclasses.asdict(self.loop),
                    "epochs": self.epochs, **counts, **result, "madx_fast_version": __version__}
-        if self.procs.main:
+        def finish():
             written = self.save(result)
             summary["wall_time_s"] = time.perf_counter() - t_start
             files.write_json(os.path.join(self.s.output_dir, runs.RUN_SUMMARY), summary)
             log.info("%s (train %.1fs, peak memory %.0f MB)", written, result["train_time_s"],
                      result["peak_memory_mb"])
-        self.procs.barrier()
+        self.procs.on_main(finish)
         return summary
 
     def _set_up(self) -> None:
@@ -209,24 +210,12 @@ class TrainingStage:
         self.wire()
         self.backbone_dtype = self.place()
         models.compile_encoder(self.model, self.loop.compile)
-        runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite, main=self.procs.main)
+        self.procs.on_main(lambda: runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite))
 
 
 def _lock_output(directory: str, procs) -> files.DirectoryLock | None:
-    """Process 0 locks the output directory (``files.DirectoryLock``); every process learns whether it could,
-    so that a refusal stops all of them (none is left waiting for the others in a collective)."""
-    lock, error = None, None
-    if procs.main:
-        try:
-            lock = files.DirectoryLock(directory)
-        except OSError as exc:
-            error = exc
-    message = procs.share(None if error is None else str(error))
-    if error is not None:
-        raise error
-    if message is not None:  # another process: process 0 could not lock
-        raise files.DirectoryInUseError(message)
-    return lock
+    """Process 0 locks the output directory (``files.DirectoryLock``); a refusal stops every process."""
+    return procs.on_main(lambda: files.DirectoryLock(directory))
 
 
 def data_digest(data) -> str:
