@@ -13,6 +13,7 @@ import sys
 import torch
 
 from tests.helpers import ROOT as REPO
+from tests.helpers.processes import run_bounded
 
 ROOT = str(REPO)
 H, LAYERS = 32, 2
@@ -74,8 +75,8 @@ def madx_command(*args) -> list[str]:
 
 
 def run_madx(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(madx_command(*args), env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, **kwargs)
+    proc = run_bounded(madx_command(*args), env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"madx {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

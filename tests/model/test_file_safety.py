@@ -20,6 +20,7 @@ from transformers import XLMRobertaForTokenClassification
 from madx_fast.model import AdapterConfigError, AdapterFileError, MadxConfig, Stack, add_madx
 from madx_fast.training.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from tests.helpers.models import randomize, tiny_config
+from tests.helpers.processes import FifoReader, run_bounded, unshare_available
 
 CLEAR = (AdapterFileError, AdapterConfigError)
 
@@ -241,34 +242,9 @@ def test_a_save_killed_at_any_point_leaves_the_old_or_the_new_adapter(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # output paths: only regular files and directories are replaced; devices, FIFOs and descriptors written through
 # ------------------------------------------------------------------------------------------------------------
-def _fifo_reader(path, got, deadline):
-    """Read a FIFO until its writer has written and closed it (or the deadline passes: a writer that replaced
-    the FIFO instead never comes)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    data, seen = b"", False
-    try:
-        while time.time() < deadline:
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except BlockingIOError:  # a writer is there, nothing written yet
-                seen = True
-                time.sleep(0.005)
-                continue
-            if chunk:
-                data, seen = data + chunk, True
-            elif seen:
-                break
-            else:
-                time.sleep(0.005)  # no writer yet
-    finally:
-        os.close(fd)
-    got.append(data)
-
-
 def test_output_paths_are_written_through_or_refused_never_replaced(tmp_path):
     import socket
     import stat
-    import threading
 
     from madx_fast import files
 
@@ -278,13 +254,9 @@ def test_output_paths_are_written_through_or_refused_never_replaced(tmp_path):
     # a FIFO: its reader gets the output, and the FIFO stays a FIFO
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    got = []
-    reader = threading.Thread(target=_fifo_reader, args=(str(fifo), got, time.time() + 20))
-    reader.start()
-    time.sleep(0.05)
-    write(fifo, "through the pipe\n")
-    reader.join()
-    assert got == [b"through the pipe\n"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    with FifoReader(fifo) as reader:
+        write(fifo, "through the pipe\n")
+        assert reader.close() == b"through the pipe\n" and stat.S_ISFIFO(os.lstat(fifo).st_mode)
     # a link to /dev/null: written through; the link stays a link, /dev/null a device
     null_link = tmp_path / "null"
     os.symlink("/dev/null", null_link)
@@ -442,6 +414,7 @@ def test_a_file_size_limit_hit_while_saving_is_reported_by_the_kernel_errno(tmp_
     pid = os.fork()
     if pid == 0:  # the child never returns into pytest
         try:
+            signal.alarm(120)  # a child stuck on a lock another thread held at the fork dies, and the test fails
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
             out = []
@@ -465,18 +438,9 @@ def test_a_file_size_limit_hit_while_saving_is_reported_by_the_kernel_errno(tmp_
     assert (_tree(tmp_path), _tree(tmp_path / "adapter")) == before
 
 
-def _unshare_available() -> bool:
-    import shutil
-    import subprocess
-    if not shutil.which("unshare") or not shutil.which("mount"):
-        return False
-    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not _unshare_available(), reason="needs user and mount namespaces (unshare -rm) for a small tmpfs")
+@pytest.mark.skipif(not unshare_available(), reason="needs user and mount namespaces (unshare -rm) for a small tmpfs")
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_files(tmp_path):
     """On a real tmpfs of 256 KiB filled up: ENOSPC from the kernel, while checkpointing and saving adapters."""
-    import subprocess
     import sys
     script = f"""
 import json, os, subprocess, torch
@@ -484,7 +448,8 @@ from tests.model.test_file_safety import _trained, _tree
 from madx_fast.training.checkpoint import write_checkpoint
 d = {str(tmp_path / 'disk')!r}
 os.makedirs(d)
-subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "none", d], check=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "none", d], check=True, stdin=subprocess.DEVNULL,
+               timeout=60)
 _, madx = _trained()
 write_checkpoint(d + "/checkpoint.pt", {{"w": torch.zeros(3)}})
 madx.save_adapter(d + "/adapter", "en")
@@ -509,8 +474,8 @@ out.append([f for f in os.listdir(d) if f.endswith(".tmp")])
 print(json.dumps(out))
 """
     from tests.helpers import ROOT
-    proc = subprocess.run(["unshare", "-rm", sys.executable, "-c", script], cwd=str(ROOT), capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = run_bounded(["unshare", "-rm", sys.executable, "-c", script], cwd=str(ROOT), capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     *errors, intact, leftovers = json.loads(proc.stdout.strip().splitlines()[-1])
     disk = tmp_path / "disk"
@@ -590,17 +555,20 @@ def test_a_directory_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
     pid = os.fork()
     if pid == 0:
         try:
+            signal.alarm(120)  # never outlives the test by long, whatever happens to it
             DirectoryLock(run)
             os.write(w, b"locked")
-            time.sleep(60)
+            time.sleep(120)
         finally:
             os._exit(0)
     os.close(w)
-    assert os.read(r, 10) == b"locked"
-    os.close(r)
-    with pytest.raises(DirectoryInUseError, match=f"process {pid}\\)"):
-        DirectoryLock(run)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    try:
+        assert os.read(r, 10) == b"locked"  # or b"": the child ended without the lock
+        with pytest.raises(DirectoryInUseError, match=f"process {pid}\\)"):
+            DirectoryLock(run)
+    finally:
+        os.close(r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
     with DirectoryLock(run):
         pass

@@ -401,25 +401,24 @@ def test_allowed_data_change_of_another_size_continues_the_run(tmp_path, tiny_ba
 
 def test_a_second_run_on_the_same_output_is_refused_and_a_dead_ones_lock_never_blocks(capsys, tmp_path, tiny_base,
                                                                                      corpus):
-    import signal
     import subprocess
     import time
 
+    from tests.helpers.processes import Bounded
     from tests.helpers.runs import ROOT, env_for_subprocess, madx_command
     out = tmp_path / "o"
-    first = subprocess.Popen(madx_command(*_lang_args(tiny_base, corpus, out, "--steps", 1_000_000, "--save-every", 0)),
-                             env=env_for_subprocess(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    first_err = tmp_path / "first.err"  # a file, not a pipe: the first run never waits for the test to read it
+    with open(first_err, "wb") as err_file, Bounded(
+            madx_command(*_lang_args(tiny_base, corpus, out, "--steps", 1_000_000, "--save-every", 0)),
+            env=env_for_subprocess(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file) as first:
         deadline = time.time() + 240
         while not (out / "log.jsonl").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        assert first.poll() is None, first.stderr.read().decode()[-3000:]
+        assert (out / "log.jsonl").exists() and first.poll() is None, first_err.read_text()[-3000:]
         code, err = _cli(capsys, *_lang_args(tiny_base, corpus, out, "--steps", 2))
         assert code == 2 and f"{out} is in use by another madx run (process {first.pid})" in err, err
         assert first.poll() is None and not (out / "run.json").exists()
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=60)
+    # leaving the block killed the first run (SIGKILL)
     # the killed run's lock went with it: the next run (here, resuming: no checkpoint yet, so from step 0) goes
     code, err = _cli(capsys, *_lang_args(tiny_base, corpus, out, "--steps", 2, "--resume"))
     assert code == 0, err
@@ -432,17 +431,17 @@ def test_a_refusal_or_failed_write_of_process_0_stops_every_data_parallel_proces
     the other in a collective, which would end in a timeout or a connection error)."""
     import resource
     import signal
-    import subprocess
     import sys
 
     from madx_fast.files import DirectoryLock
+    from tests.helpers.processes import run_bounded
     from tests.helpers.runs import ROOT, env_for_subprocess
 
     def torchrun(out, **kwargs):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                "madx_fast.cli", *map(str, _lang_args(tiny_base, corpus, out, "--device", "cpu"))]
-        return subprocess.run(cmd, env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=240,
-                              **kwargs)
+        return run_bounded(cmd, env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=240,
+                           **kwargs)
 
     out = tmp_path / "o"
     with DirectoryLock(out):
@@ -464,22 +463,14 @@ def test_a_refusal_or_failed_write_of_process_0_stops_every_data_parallel_proces
                               "File too large (EFBIG); nothing was written there" for p in ("", "process 0 stopped: ")]
 
 
-def _unshare_available() -> bool:
-    import shutil as sh
-    import subprocess
-    if not sh.which("unshare") or not sh.which("mount"):
-        return False
-    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
-
-
 def test_a_full_disk_while_checkpointing_is_one_line(tmp_path, tiny_base, corpus):
     """The first checkpoint (74 KB here) cannot be written: a file size limit (EFBIG from the kernel) and,
     where this system lets a test mount one, a full 48 KiB tmpfs (ENOSPC): status 2, one line naming
     checkpoint.pt and the cause, no traceback, no temporary left."""
     import resource
     import signal
-    import subprocess
 
+    from tests.helpers.processes import run_bounded, unshare_available
     from tests.helpers.runs import ROOT, env_for_subprocess, madx_command
 
     def limit():
@@ -487,21 +478,21 @@ def test_a_full_disk_while_checkpointing_is_one_line(tmp_path, tiny_base, corpus
         resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
 
     out = tmp_path / "limited"
-    proc = subprocess.run(madx_command(*_lang_args(tiny_base, corpus, out)), env=env_for_subprocess(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    proc = run_bounded(madx_command(*_lang_args(tiny_base, corpus, out)), env=env_for_subprocess(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, preexec_fn=limit)
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert errors == [f"madx train-lang: error: cannot write {out / 'checkpoint.pt'}: File too large (EFBIG); "
                       "nothing was written there"], proc.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["log.jsonl"]
-    if not _unshare_available():
+    if not unshare_available():
         return
     disk = tmp_path / "disk"
     disk.mkdir()
     script = f'mount -t tmpfs -o size=48k none {disk} && exec "$@"'
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *madx_command(*_lang_args(tiny_base, corpus,
-                                                                                              disk / "run"))],
-                          env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_bounded(["unshare", "-rm", "sh", "-c", script, "sh", *madx_command(*_lang_args(tiny_base, corpus,
+                                                                                           disk / "run"))],
+                       env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"madx train-lang: error: cannot write {disk / 'run' / 'checkpoint.pt'}: No space left on device (ENOSPC); " \
            "nothing was written there" in proc.stderr.splitlines(), proc.stderr[-3000:]

@@ -10,13 +10,12 @@ import shlex
 import socket
 import stat
 import subprocess
-import threading
 import time
 
 from madx_fast.cli import main
 from madx_fast.training.predict import predict_stream
+from tests.helpers.processes import Bounded, FifoReader, run_bounded
 from tests.helpers.runs import ROOT, env_for_subprocess, madx_command
-from tests.model.test_file_safety import _fifo_reader
 from tests.training.test_predict import COMMON, _flags, _langs, _ner_sentences, adapters, run_dirs  # noqa: F401
 
 
@@ -31,13 +30,11 @@ def test_output_to_a_fifo_is_written_through_and_a_socket_refused(run_dirs, corp
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     os.symlink("fifo", tmp_path / "to-fifo")  # through a link, as /dev/stdout would be
-    got = []
-    reader = threading.Thread(target=_fifo_reader, args=(str(fifo), got, time.time() + 120))
-    reader.start()
-    code = main(["predict", *_flags(run_dirs), "--input", str(source), "--output", str(tmp_path / "to-fifo")])
-    reader.join()
+    with FifoReader(fifo) as reader:
+        code = main(["predict", *_flags(run_dirs), "--input", str(source), "--output", str(tmp_path / "to-fifo")])
+        got = reader.close()
     assert code == 0, capsys.readouterr().err
-    records = [json.loads(line) for line in got[0].decode().splitlines()]
+    records = [json.loads(line) for line in got.decode().splitlines()]
     assert [r["id"] for r in records] == ["s0", "s1", "s2", "s3"] and all("tags" in r for r in records)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.path.islink(tmp_path / "to-fifo")
     sock_path = tmp_path / "sock"
@@ -52,8 +49,8 @@ def test_output_to_a_fifo_is_written_through_and_a_socket_refused(run_dirs, corp
 
 
 def _shell(command: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", command], env=env_for_subprocess(), cwd=ROOT, capture_output=True,
-                          timeout=300, **kwargs)
+    return run_bounded(["bash", "-c", command], env=env_for_subprocess(), cwd=ROOT, capture_output=True,
+                       timeout=300, **kwargs)
 
 
 def test_closed_standard_input_or_output_is_a_one_line_refusal(run_dirs, tmp_path):  # noqa: F811
@@ -70,10 +67,10 @@ def test_a_reader_that_goes_away_ends_predict_silently(run_dirs, corpus, tmp_pat
     line, with status 141 (what a shell shows for a program stopped by SIGPIPE)."""
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(_lines(corpus, 8) * 50) + "\n")
-    proc = subprocess.Popen(madx_command("predict", *_flags(run_dirs), "--input", source), env=env_for_subprocess(),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.close()  # the reader is gone before the first line is written
-    _, err = proc.communicate(timeout=300)
+    with Bounded(madx_command("predict", *_flags(run_dirs), "--input", source), env=env_for_subprocess(), cwd=ROOT,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        proc.stdout.close()  # the reader is gone before the first line is written
+        _, err = proc.communicate(timeout=300)
     assert proc.returncode == 141, err.decode()[-3000:]
     assert b"Traceback" not in err and b"Broken pipe" not in err and b"error" not in err, err.decode()[-3000:]
 
