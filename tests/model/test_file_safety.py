@@ -506,6 +506,47 @@ def test_deeply_nested_json_is_a_one_line_refusal(tmp_path):
         assert _same(_state(model), before) and "ner" not in target and "en" not in target
 
 
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.exists("/proc/self/statm"),
+                    reason="needs os.fork and /proc/self/statm to limit a child's memory")
+def test_json_too_large_for_memory_is_a_one_line_refusal(tmp_path):
+    """A real MemoryError: a child whose address space may grow by 32 MiB parses a 24 MB JSON list (12M items:
+    ~100 MB of list alone): ``parse_json`` and ``read_json`` refuse it in one line naming the file."""
+    import resource
+
+    from madx_fast.files import parse_json, read_json
+    path = tmp_path / "big.json"
+    path.write_text("[" + "0," * 12_000_000 + "0]")
+    text = path.read_text()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        try:
+            signal.alarm(120)
+            page = os.sysconf("SC_PAGE_SIZE")
+            size = int(open("/proc/self/statm").read().split()[0]) * page
+            resource.setrlimit(resource.RLIMIT_AS, (size + (32 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+            out = []
+            for call in (lambda: parse_json(text, AdapterFileError, str(path)),
+                         lambda: read_json(path, AdapterFileError)):
+                try:
+                    call()
+                    out.append("parsed")
+                except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                    out.append(f"{type(exc).__name__}: {exc}")
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        got = json.loads(os.read(r, 1 << 16) or b"null")
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert got is not None and len(got) == 2, got
+    for message in got:
+        assert message == f"AdapterFileError: {path}: not readable JSON (too large to parse in memory)", got
+
+
 def test_an_adapterhub_adapter_of_another_model_type_is_refused(tmp_path):
     """A config recorded for BERT, with keys saved without a model prefix (so they would fit): refused, as
     madx_fast's own format refuses it."""

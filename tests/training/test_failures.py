@@ -377,7 +377,8 @@ def test_resume_on_other_data_is_refused_unless_allowed(capsys, tmp_path, lang_r
     summary = json.load(open(run / "run.json"))
     old = json.load(open(os.path.join(lang_run, "run.json")))["train_data_sha256"]
     assert summary["settings"]["allow_data_change"] is True
-    assert summary["data_changes"] == [{"step": 4, "changed": {"train_data_sha256": [old, summary["train_data_sha256"]]}}]
+    new = summary["train_data_sha256"]
+    assert summary["data_changes"] == [{"step": 4, "changed": {"train_data_sha256": [old, new]}}]
 
 
 def test_allowed_data_change_of_another_size_continues_the_run(tmp_path, tiny_base, corpus):
@@ -386,7 +387,8 @@ def test_allowed_data_change_of_another_size_continues_the_run(tmp_path, tiny_ba
     text = os.path.join(corpus, "alpha", "text", "train.txt")
     more = tmp_path / "more.txt"
     more.write_text(open(text, encoding="utf-8").read() * 2, encoding="utf-8")
-    kw = dict(model=tiny_base, lang="alpha", output_dir=str(tmp_path / "run"), config=quiet_config(steps=4, save_every=2),
+    kw = dict(model=tiny_base, lang="alpha", output_dir=str(tmp_path / "run"),
+              config=quiet_config(steps=4, save_every=2),
               max_length=32, backend="eager", eval_fraction=0)
     with stop_after_checkpoint(2), pytest.raises(StoppedAfterCheckpoint):
         train_language_adapter(train_data=text, **kw)
@@ -394,7 +396,8 @@ def test_allowed_data_change_of_another_size_continues_the_run(tmp_path, tiny_ba
         train_language_adapter(train_data=str(more), resume=True, **kw)
     summary = train_language_adapter(train_data=str(more), resume=True, allow_data_change=True, **kw)
     changed = summary["data_changes"][0]["changed"]
-    assert summary["data_changes"][0]["step"] == 2 and {"train_blocks", "data_tokens", "train_data_sha256"} <= set(changed)
+    assert summary["data_changes"][0]["step"] == 2
+    assert {"train_blocks", "data_tokens", "train_data_sha256"} <= set(changed)
     assert changed["train_blocks"][1] == summary["train_blocks"] > changed["train_blocks"][0]
     assert len(step_losses(str(tmp_path / "run"))) == 4
 
@@ -494,7 +497,8 @@ def test_a_full_disk_while_checkpointing_is_one_line(tmp_path, tiny_base, corpus
                                                                                            disk / "run"))],
                        env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert f"madx train-lang: error: cannot write {disk / 'run' / 'checkpoint.pt'}: No space left on device (ENOSPC); " \
+    assert f"madx train-lang: error: cannot write {disk / 'run' / 'checkpoint.pt'}: " \
+           "No space left on device (ENOSPC); " \
            "nothing was written there" in proc.stderr.splitlines(), proc.stderr[-3000:]
 
 

@@ -55,7 +55,8 @@ def _shell(command: str, **kwargs) -> subprocess.CompletedProcess:
 
 def test_closed_standard_input_or_output_is_a_one_line_refusal(run_dirs, tmp_path):  # noqa: F811
     madx = " ".join(shlex.quote(str(a)) for a in madx_command("predict", *_flags(run_dirs)))
-    for redirect, message in (("<&-", "standard input is closed"), (">&-", "cannot write standard output: it is closed")):
+    for redirect, message in (("<&-", "standard input is closed"),
+                              (">&-", "cannot write standard output: it is closed")):
         proc = _shell(f"{madx} {redirect}", text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.strip().splitlines() == [f"madx predict: error: {message}" + (
