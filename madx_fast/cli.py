@@ -12,9 +12,14 @@
 
 Data-parallel training: ``torchrun --nproc_per_node N -m madx_fast.cli train-lang ...`` (same arguments;
 ``--batch-size`` stays the global batch). Every command checks its inputs before it starts working and
-exits with status 2 and a one-line reason when one is wrong; a run that diverges (non-finite loss) stops with
-status 1 without writing outputs from the diverged state. ``madx predict`` exits with status 3 when it
-finished but left lines unpredicted (malformed, or in a language without an adapter; each reported on stderr).
+exits with status 2 and a one-line reason when one is wrong; so does a command that cannot write an output
+(no space, read-only, ...: the line names the file and the cause, and what was there before is unchanged). A
+run that diverges (non-finite loss) stops with status 1 without writing outputs from the diverged state.
+``madx predict`` exits with status 3 when it finished but left lines unpredicted (malformed, too long, or in
+a language without an adapter; each reported on stderr), with status 2 when it has to read a standard input
+the process was started without (``<&-``) or write a standard output it was started without (``>&-``), and
+with status 141 (what a shell shows for a program stopped by SIGPIPE), silently, when the reader of its
+standard output went away (``madx predict ... | head``). An interrupted command (Ctrl-C) exits with 130.
 """
 from __future__ import annotations
 
@@ -139,6 +144,8 @@ def cmd_transfer(args) -> None:
 
 # ``madx predict`` finished, but some lines were not predicted (each reported on stderr with its number).
 EXIT_LINES_NOT_PREDICTED = 3
+# The reader of standard output went away (a closed pipe): stop silently, as a Unix tool stopped by SIGPIPE.
+EXIT_BROKEN_PIPE = 128 + 13
 
 
 def cmd_predict(args) -> int:
@@ -186,7 +193,44 @@ COMMANDS = {"train-lang": cmd_train_lang, "train-task": cmd_train_task, "transfe
             "predict": cmd_predict, "push": cmd_push, "params": cmd_params, "demo": cmd_demo}
 
 
+def _hold_standard_descriptors() -> None:
+    """A standard descriptor the process was started without (``<&-``, ``>&-``, ``2>&-``) gets /dev/null, so
+    that no file opened later takes its number and receives what was meant for it. Python has already set
+    ``sys.stdin`` / ``sys.stdout`` to None for such a descriptor (commands that need one refuse: predict);
+    a missing ``sys.stderr`` becomes /dev/null."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the rest of the process
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe or socket whose reader has gone (poll says error or hang-up)."""
+    import select
+    try:
+        poller = select.poll()
+        poller.register(1, select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _silence_stdout() -> None:
+    """/dev/null in place of a standard output whose reader has gone, so that nothing else fails writing to
+    it (Python's own flush at exit included)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+
+
 def main(argv=None) -> int:
+    _hold_standard_descriptors()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
     check_names(parser, argv)
@@ -207,6 +251,12 @@ def main(argv=None) -> int:
     try:
         status = COMMANDS[args.command](args)
         finished = True
+    except BrokenPipeError as exc:
+        if not _stdout_gone():
+            print(f"madx {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except TrainingDiverged as exc:  # the inputs were fine; the run failed
         if os.environ.get("MADX_DEBUG"):
             raise

@@ -110,8 +110,6 @@ def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = Fa
     """The files of adapter ``name`` in madx_fast's format, and its model card (README.md; ``run``: the facts of
     the run that trained it, ``card.adapter_card``), into the (new, empty) ``directory``; used inside an atomic
     directory write (``save_adapter``, run bundles)."""
-    from safetensors.torch import save_file
-
     if name not in madx.configs:
         raise KeyError(f"no adapter named {name!r} in the model (adapters: {sorted(madx.configs) or 'none'})")
     parts, model = madx.parts, madx.model
@@ -129,10 +127,10 @@ def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = Fa
                                            "labels": _label_names(model.config)},
         "madx_fast_version": __version__,
     }
-    save_file(weights, os.path.join(directory, OWN_WEIGHTS), metadata={"format": "pt"})
+    write_safetensors(weights, os.path.join(directory, OWN_WEIGHTS))
     meta["weights_sha256"] = files.sha256_file(os.path.join(directory, OWN_WEIGHTS))
     if head is not None:
-        save_file(head, os.path.join(directory, OWN_HEAD_WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(head, os.path.join(directory, OWN_HEAD_WEIGHTS))
         meta["head"]["sha256"] = files.sha256_file(os.path.join(directory, OWN_HEAD_WEIGHTS))
     meta["checksum"] = _meta_checksum(meta)
     with open(os.path.join(directory, CARD_FILE), "w", encoding="utf-8") as f:
@@ -179,11 +177,11 @@ def _load_own(madx, directory, *, load_as, overwrite, set_active, with_head) -> 
     config_path, meta, config = _read_own_meta(directory)
     parts = madx.parts
     model_meta = meta["model"]
-    for key, have in (("hidden_size", parts.hidden_size), ("num_hidden_layers", parts.num_layers),
-                      ("model_type", parts.model_type)):
+    for key, have in (("hidden_size", parts.hidden_size), ("num_hidden_layers", parts.num_layers)):
         if key in model_meta and model_meta[key] != have:
             raise AdapterFileError(f"{config_path}: adapter {meta['name']!r} was saved for {key}="
                                    f"{model_meta[key]!r} but this model has {key}={have!r}")
+    check_model_type(model_meta.get("model_type"), parts.model_type, f"{config_path}: adapter {meta['name']!r}")
     name = load_as or meta["name"]
     madx.check_new_name(name, overwrite)  # before reading the weights: a clear error, nothing touched
     weights_path = os.path.join(directory, OWN_WEIGHTS)
@@ -241,10 +239,10 @@ def export_adapterhub(madx, directory, name: str, *, safetensors: bool = False, 
 
     def save(state, tmp, safe_name, bin_name):
         if safetensors:
-            from safetensors.torch import save_file
-            save_file(state, os.path.join(tmp, safe_name), metadata={"format": "pt"})
+            write_safetensors(state, os.path.join(tmp, safe_name))
         else:
-            torch.save(state, os.path.join(tmp, bin_name))
+            with open(os.path.join(tmp, bin_name), "wb") as f:  # a failed write raises its OSError
+                torch.save(state, f)
 
     def build(tmp):
         save(weights, tmp, HUB_SAFE_WEIGHTS, HUB_WEIGHTS)
@@ -284,6 +282,7 @@ def import_adapterhub(madx, directory, *, load_as=None, overwrite=False, set_act
     if meta.get("hidden_size") not in (None, parts.hidden_size):
         raise AdapterFileError(f"{config_path}: adapter {file_name!r} is for hidden size {meta['hidden_size']}, "
                                f"this model has {parts.hidden_size}")
+    check_model_type(meta.get("model_type"), parts.model_type, f"{config_path}: adapter {file_name!r}")
     name = load_as or file_name
     madx.check_new_name(name, overwrite)
     weights_path, raw = read_hub_weights(directory, HUB_SAFE_WEIGHTS, HUB_WEIGHTS)
@@ -522,6 +521,17 @@ def read_adapter_info(directory) -> AdapterInfo:
 # --------------------------------------------------------------------------------------------------------
 # checks and low-level reading / writing
 # --------------------------------------------------------------------------------------------------------
+def check_model_type(recorded, model_type: str, where: str) -> None:
+    """An adapter recorded for another model type (BERT's in XLM-R, ...) is refused: the same shapes can
+    hold, but the function learned on another backbone's representations is not the one here. A file
+    without a model type (older AdapterHub files) is not refused."""
+    if recorded in (None, ""):
+        return
+    if not isinstance(recorded, str) or recorded.replace("_", "-") != model_type.replace("_", "-"):
+        raise AdapterFileError(f"{where} was saved for model_type {recorded!r}, but this model is "
+                               f"{model_type!r}: load it into a {recorded!r} model")
+
+
 def check_state_dict(state_dict: dict, expected: dict[str, tuple], where: str,
                      optional: tuple[str, ...] = ()) -> None:
     """Raise AdapterFileError listing missing keys, unexpected keys, wrong shapes / dtypes and non-finite
@@ -561,6 +571,15 @@ def _write_adapter_directory(directory, build, *, overwrite: bool, what: str) ->
             raise FileExistsError(f"cannot save {what}: {directory} already holds an adapter ({', '.join(clash)}); "
                                   "pass overwrite=True to replace it")
     files.replace_directory(directory, build, owned=ADAPTER_FILES)
+
+
+def write_safetensors(state: dict, path: str) -> None:
+    """``state`` as a safetensors file, the bytes written by Python: a failed write raises its OSError (which
+    ``madx_fast.files`` reports naming the file), where safetensors' own writer would raise its own error."""
+    from safetensors.torch import save
+    data = save(state, metadata={"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def read_safetensors(path) -> dict:

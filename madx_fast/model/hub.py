@@ -206,7 +206,8 @@ class HubLocation:
 
 
 def parse_hub_location(text: str) -> HubLocation:
-    """``org/name[@revision][/folder]`` -> its parts (``revision`` URL-decoded)."""
+    """``org/name[@revision][/folder]`` -> its parts (``revision`` URL-decoded), each checked
+    (``check_hub_location``)."""
     head, at, tail = text.partition("@")
     if at:
         repo_id = head
@@ -221,9 +222,38 @@ def parse_hub_location(text: str) -> HubLocation:
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise AdapterNameError(f"{text!r} is not a directory here, and not a Hub repository id ('namespace/name', "
                                "optionally '@revision' and '/folder')")
-    if any(part in ("", ".", "..") for part in subfolder.split("/")) and subfolder:
-        raise AdapterNameError(f"{text!r}: the folder inside the repository must be a plain relative path")
-    return HubLocation(repo_id, revision, subfolder)
+    location = HubLocation(repo_id, revision, subfolder)
+    check_hub_location(location, text)
+    return location
+
+
+# A namespace or repository name on the Hub (huggingface_hub's rule): word characters, "-" and ".", not at either
+# end, no "--" or "..", at most 96 characters.
+_HUB_NAME = re.compile(r"^(?!.*(--|\.\.))[\w](?:[\w.-]{0,94}[\w])?$")
+_UNSAFE_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
+_REF_CHARS = re.compile(r"[~^:?*\[]|@\{")
+
+
+def check_hub_location(where: HubLocation, text: str) -> None:
+    """Every part of a Hub location, after URL-decoding: the namespace and name are Hub names, the revision
+    a git ref or commit (no ``..``, no empty or dot-led component, none of git's forbidden characters), the
+    folder a plain relative path (no ``.`` / ``..`` / empty component, no backslash or control character).
+    Anything else is an AdapterNameError, before the cache or the network is asked."""
+    for part in where.repo_id.split("/"):
+        if not _HUB_NAME.match(unquote(part)) or unquote(part) != part:
+            raise AdapterNameError(f"{text!r}: {part!r} is not a valid Hub repository id part (letters, digits, "
+                                   "'-', '_', '.'; not at either end; no '--' or '..')")
+    if where.revision is not None:
+        rev = where.revision
+        parts = rev.split("/")
+        if (_UNSAFE_CHARS.search(rev) or _REF_CHARS.search(rev) or rev.endswith(".lock")
+                or any(p in ("", ".", "..") or p.startswith(".") for p in parts) or ".." in rev):
+            raise AdapterNameError(f"{text!r}: revision {rev!r} (URL-decoded) is not a branch, tag or commit name")
+    if where.subfolder:
+        for form in (where.subfolder, unquote(where.subfolder)):
+            if _UNSAFE_CHARS.search(form) or any(p in ("", ".", "..") for p in form.split("/")):
+                raise AdapterNameError(f"{text!r}: the folder inside the repository must be a plain relative path "
+                                       f"(got {form!r})")
 
 
 def resolve_adapter(spec, *, model_name: str | None = None, files=ADAPTER_FILES, subdirs=()) -> ResolvedAdapter:
@@ -246,6 +276,8 @@ def resolve_adapter(spec, *, model_name: str | None = None, files=ADAPTER_FILES,
             raise AdapterNotFoundError(str(exc)) from None
     repo_id = adapterhub_short_name(text, model_name)
     location = HubLocation(repo_id, None, "") if repo_id else parse_hub_location(text)
+    if repo_id:
+        check_hub_location(location, text)
     return _download(spec, location, files, subdirs)
 
 
@@ -286,10 +318,23 @@ def _download(spec: str, where: HubLocation, files, subdirs) -> ResolvedAdapter:
     path = os.path.join(snapshot, where.subfolder) if where.subfolder else snapshot
     found = [p for p in [path] + [os.path.join(path, s) for s in subdirs]
              if any(os.path.isfile(os.path.join(p, f)) for f in files)]
+    _check_inside_cache(named, [snapshot, path] + [os.path.join(p, f) for p in found for f in files
+                                                   if os.path.lexists(os.path.join(p, f))])
     if not found:
         raise AdapterNotFoundError(f"{named} holds no adapter files ({', '.join(files[:4])}, ...)"
                                    + (" in its cached copy (HF_HUB_OFFLINE=1)" if offline else ""))
     return ResolvedAdapter(path, spec, where.repo_id, where.revision, os.path.basename(snapshot), where.subfolder)
+
+
+def _check_inside_cache(named: str, paths: list[str]) -> None:
+    """Whatever a Hub location resolved to (its snapshot, folder and adapter files, links followed) lies inside
+    the Hugging Face cache; anything else (a ref or link in the cache pointing out of it) is refused."""
+    cache = os.path.realpath(_cache_dir())
+    for path in paths:
+        real = os.path.realpath(path)
+        if os.path.commonpath([cache, real]) != cache:
+            raise AdapterNameError(f"{named}: {path} resolves to {real}, outside the Hugging Face cache ({cache}); "
+                                   "refused (a reference or link in the cache points out of it)")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 
 from ..paths import LocalPathError, explicit_path, looks_local, missing_message
+from .. import files
 
 log = logging.getLogger("madx_fast.training")
 
@@ -277,7 +278,9 @@ def read_json_records(path: str) -> list[dict]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            data = None
+            data = None  # JSON lines, then
+        except (RecursionError, MemoryError) as exc:
+            raise DataError(f"{path}: {files.unreadable_json(exc)}") from None
         if isinstance(data, list):
             return data
         if isinstance(data, dict):
@@ -287,10 +290,7 @@ def read_json_records(path: str) -> list[dict]:
     records = []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{i}: not valid JSON ({exc})") from None
+            records.append(files.parse_json(line, DataError, f"{path}:{i}"))
     return records
 
 
@@ -301,15 +301,15 @@ def text_files(path: str) -> list[str]:
     """A file, or every text/JSON file under a directory (sorted, hidden files skipped)."""
     if os.path.isfile(path):
         return [path]
-    files = []
+    found = []
     for root, dirs, names in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for n in sorted(names):
             if not n.startswith(".") and n.lower().endswith(TEXT_SUFFIXES + JSON_SUFFIXES):
-                files.append(os.path.join(root, n))
-    if not files:
+                found.append(os.path.join(root, n))
+    if not found:
         raise DataError(f"{path}: no text files ({', '.join(TEXT_SUFFIXES + JSON_SUFFIXES)}) found")
-    return files
+    return found
 
 
 def read_texts(spec: str, *, lang: str | None = None, split: str = "train", text_column: str = "text",

@@ -68,11 +68,9 @@ def check_output_dir(directory: str, *, resume: bool, overwrite: bool, inputs=()
             "continue it, --overwrite to replace it, or choose another --output")
 
 
-def prepare_output(directory: str, *, resume: bool, overwrite: bool, main: bool = True) -> None:
-    """After every input has been checked: with ``overwrite``, remove the earlier run's outputs; clean what
-    killed runs left behind."""
-    if not main:
-        return
+def prepare_output(directory: str, *, resume: bool, overwrite: bool) -> None:
+    """After every input has been checked (on process 0 only): with ``overwrite``, remove the earlier run's
+    outputs; clean what killed runs left behind."""
     if overwrite and not resume and os.path.isdir(directory):
         clear_run_outputs(directory)
     os.makedirs(directory, exist_ok=True)

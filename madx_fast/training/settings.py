@@ -203,6 +203,8 @@ class LanguageAdapterSettings(_StageSettings):
     backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
     resume: bool = opt(False, help="continue the run in --output from its last checkpoint (fresh if none)")
     overwrite: bool = opt(False, help="replace an earlier run's outputs in --output")
+    allow_data_change: bool = opt(False, help="with --resume: continue although the training or evaluation data "
+                                             "differ from the checkpoint's (recorded in run.json's data_changes)")
     max_eval_blocks: int = opt(512, cli=False)
     config: TrainConfig = opt(default_factory=lambda: TrainConfig(**PAPER_LANG_LOOP), cli=False)
 
@@ -251,6 +253,8 @@ class TaskAdapterSettings(_StageSettings):
     backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
     resume: bool = opt(False, help="continue the run in --output from its last checkpoint (fresh if none)")
     overwrite: bool = opt(False, help="replace an earlier run's outputs in --output")
+    allow_data_change: bool = opt(False, help="with --resume: continue although the training or evaluation data "
+                                             "differ from the checkpoint's (recorded in run.json's data_changes)")
     config: TrainConfig = opt(default_factory=lambda: TrainConfig(**PAPER_TASK_LOOP), cli=False)
 
     def check(self) -> None:
@@ -367,6 +371,8 @@ class PredictSettings(_StageSettings):
                                         "fixed shapes)")
     backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
     progress: bool = opt(True, flag="--no-progress", help="no progress bar or progress lines")
+    max_line_bytes: int = opt(1 << 20, help="longest input line read (bytes); a longer one is that line's error, "
+                                            "skipped unread")
 
     def check(self) -> None:
         super().check()
@@ -379,7 +385,7 @@ class PredictSettings(_StageSettings):
             check_adapter_name(lang, "language")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error {self.on_error!r}: choose one of {', '.join(ON_ERROR)}")
-        for name in ("batch_size", "chunk_lines"):
+        for name in ("batch_size", "chunk_lines", "max_line_bytes"):
             _number(name, getattr(self, name), minimum=1, integer=True)
         if self.max_length is not None:
             _number("max_length", self.max_length, minimum=3, integer=True)

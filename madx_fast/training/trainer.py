@@ -103,7 +103,11 @@ class ShuffledStream:
         return {"size": self.size, "seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch,
                 "offset": self.offset}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, resized: bool = False) -> None:
+        """Continue where ``state`` stood; ``resized``: the data were allowed to change size, so the order
+        continues with the next epoch of the new size."""
+        if resized and state["size"] != self.size:
+            state = dict(state, size=self.size, epoch=state["epoch"] + 1, offset=0)
         for key in ("size", "seed", "shuffle"):
             if state[key] != getattr(self, key):
                 raise DataError(f"the checkpoint's data stream has {key}={state[key]!r} but this run has "
@@ -126,8 +130,9 @@ class _Optimization:
 @dataclass
 class _RunState:
     """Where a run stands: ``step`` (the last one taken), ``history`` (log entries), ``best`` score, ``elapsed``
-    training seconds, ``tokens`` seen, ``nonfinite`` steps skipped (all in checkpoints); ``pending``: steps
-    whose loss is still on the device; ``checkpoint_step``: the step of the last checkpoint (0: none)."""
+    training seconds, ``tokens`` seen, ``nonfinite`` steps skipped, ``data_changes`` accepted on resume (all
+    in checkpoints); ``pending``: steps whose loss is still on the device; ``checkpoint_step``: the step of
+    the last checkpoint (0: none)."""
 
     step: int = 0
     history: list = field(default_factory=list)
@@ -135,12 +140,13 @@ class _RunState:
     elapsed: float = 0.0
     tokens: int = 0
     nonfinite: int = 0
+    data_changes: list = field(default_factory=list)
     pending: list = field(default_factory=list)
     checkpoint_step: int = 0
     segment_start: float = 0.0  # when the time not yet in ``elapsed`` started
     interval: "_Interval | None" = None  # since the last logging step
 
-    _SAVED = ("step", "history", "best", "elapsed", "tokens", "nonfinite")
+    _SAVED = ("step", "history", "best", "elapsed", "tokens", "nonfinite", "data_changes")
 
     def checkpoint(self) -> dict:
         return {k: getattr(self, k) for k in self._SAVED}
@@ -196,18 +202,22 @@ class Trainer:
 
     ``evaluate()`` returns a metrics dict (called on process 0 every ``eval_every`` steps and at the end);
     with ``main_metric`` set, ``on_best(step, metrics)`` is called on process 0 whenever it improves.
-    ``identity`` describes the run (model, data, settings); a checkpoint of another identity is refused."""
+    ``identity`` describes the run (model, data, settings); a checkpoint of another identity is refused, one
+    whose data alone differ only without ``allow_data_change`` (the change is then logged and returned in
+    ``data_changes``)."""
 
     def __init__(self, model, objective: Objective, items: Sequence, config: TrainConfig, output_dir: str, *,
                  evaluate: Callable[[], dict] | None = None, main_metric: str | None = None,
                  greater_is_better: bool = True, on_best: Callable[[int, dict], None] | None = None,
-                 identity: dict | None = None, procs: Dist | None = None, device: torch.device | None = None):
+                 identity: dict | None = None, procs: Dist | None = None, device: torch.device | None = None,
+                 allow_data_change: bool = False):
         config.check()
         self.model, self.objective, self.items, self.config = model, objective, items, config
         self.output_dir = output_dir
         self.evaluate_fn, self.main_metric, self.greater = evaluate, main_metric, greater_is_better
         self.on_best = on_best
         self.identity = dict(identity or {}, **config.identity())
+        self.allow_data_change = allow_data_change
         self.procs = procs or Dist()
         self.device = device or pick_device(config.device, self.procs.local_rank)
         config.check_split(self.procs.world)
@@ -254,7 +264,8 @@ class Trainer:
                 "final_eval": evals[-1] if evals else None, "best": state.best,
                 "train_time_s": state.elapsed, "train_tokens": state.tokens,
                 "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), "world_size": procs.world,
-                "nonfinite_steps": state.nonfinite, "loss_scale": opt.scaler.get_scale() if opt.scaler else None,
+                "nonfinite_steps": state.nonfinite, "data_changes": state.data_changes,
+                "loss_scale": opt.scaler.get_scale() if opt.scaler else None,
                 "device": str(self.device), **memory.read()}
 
     def _optimization(self) -> _Optimization:
@@ -278,9 +289,7 @@ class Trainer:
             log.info("resumed from %s at step %d of %d", self.checkpoint_path, state.step, self.config.steps)
         elif resume:
             log.info("no checkpoint in %s: starting the run from step 0", self.output_dir)
-        if self.procs.main:
-            files.write_file(self.log_path, lambda p: _write_log(p, state.history))
-        self.procs.barrier()
+        self.procs.on_main(lambda: files.write_file(self.log_path, lambda p: _write_log(p, state.history)))
         return state
 
     def _train_step(self, state: _RunState, opt: _Optimization, runner, ddp, progress: StepProgress) -> None:
@@ -423,15 +432,12 @@ class Trainer:
             better = best is None or (value > best["value"] if self.greater else value < best["value"])
             if better:
                 state.best = {"step": step, "value": value, "metric": self.main_metric}
-                if self.procs.main and self.on_best:
-                    self.on_best(step, metrics)
-                self.procs.barrier()
+                self.procs.on_main(lambda: self.on_best and self.on_best(step, metrics))
         return metrics
 
     def _append_log(self, entry: dict) -> None:
         if self.procs.main:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(_json_line(entry))
+            files.append_text(self.log_path, _json_line(entry))
 
     # ---------------------------------------------------------------------------------------------------
     def _save_checkpoint(self, state: _RunState, opt: _Optimization) -> None:
@@ -439,20 +445,20 @@ class Trainer:
         if self.procs.enabled:
             rngs = [None] * self.procs.world
             dist.all_gather_object(rngs, rng_state())
-        if self.procs.main:
-            write_checkpoint(self.checkpoint_path, {
-                "identity": self.identity, **state.checkpoint(), "world_size": self.procs.world,
-                "trainable": {n: p.detach().to("cpu").clone() for n, p in self.params},
-                "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
-                "stream": opt.stream.state_dict(), "mask_generator": opt.mask_gen.get_state(), "rng": rngs,
-                "scaler": opt.scaler.state_dict() if opt.scaler is not None else None})
+        self.procs.on_main(lambda: write_checkpoint(self.checkpoint_path, {
+            "identity": self.identity, **state.checkpoint(), "world_size": self.procs.world,
+            "trainable": {n: p.detach().to("cpu").clone() for n, p in self.params},
+            "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
+            "stream": opt.stream.state_dict(), "mask_generator": opt.mask_gen.get_state(), "rng": rngs,
+            "scaler": opt.scaler.state_dict() if opt.scaler is not None else None}))
         state.checkpoint_step = state.step
-        self.procs.barrier()
 
     def _load_checkpoint(self, opt: _Optimization) -> _RunState:
         ckpt = read_checkpoint(self.checkpoint_path)
-        check_checkpoint(self.checkpoint_path, ckpt, self.identity, self.params)
-        opt.stream.load_state_dict(ckpt["stream"])  # checks size and seed before anything else changes
+        changed = check_checkpoint(self.checkpoint_path, ckpt, self.identity, self.params,
+                                   allow_data_change=self.allow_data_change)
+        # checks size and seed before anything else changes
+        opt.stream.load_state_dict(ckpt["stream"], resized=bool(changed))
         opt.optimizer.load_state_dict(ckpt["optimizer"])
         opt.scheduler.load_state_dict(ckpt["scheduler"])
         with torch.no_grad():
@@ -466,7 +472,12 @@ class Trainer:
             log.warning("the checkpoint was written by %d process(es), this run has %d: the data order and masks "
                         "continue exactly, the dropout random streams do not", len(rngs), self.procs.world)
         set_rng_state(rngs[self.procs.rank % len(rngs)])
-        return _RunState.from_checkpoint(ckpt)
+        state = _RunState.from_checkpoint(ckpt)
+        if changed:
+            state.data_changes.append({"step": state.step, "changed": {k: list(v) for k, v in sorted(changed.items())}})
+            log.warning("resuming at step %d on other data than the checkpoint's (--allow-data-change): %s", state.step,
+                        ", ".join(sorted(changed)))
+        return state
 
 
 def _json_line(entry: dict) -> str:

@@ -12,7 +12,8 @@ import pytest
 
 from madx_fast.cli import main
 from tests.helpers.hub_server import HubServer, closed_port, use_endpoint
-from tests.helpers.runs import env_for_subprocess, madx_command, run_bounded
+from tests.helpers.processes import run_bounded
+from tests.helpers.runs import env_for_subprocess, madx_command
 
 
 @pytest.fixture
@@ -118,7 +119,8 @@ def test_offline_without_a_cached_copy_is_one_line(workdir, tmp_path):
     """The ``madx`` command as run from a shell with HF_HUB_OFFLINE=1 and an empty cache."""
     env = env_for_subprocess(HF_HUB_CACHE=str(tmp_path / "empty-cache"), HF_HUB_OFFLINE="1")
     proc = run_bounded(madx_command("train-lang", "--model", "someone/tiny-model", "--lang", "sw", "--train-data",
-                                    "text.txt", "--output", "out"), cwd=workdir, env=env)
+                                    "text.txt", "--output", "out"), cwd=workdir, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

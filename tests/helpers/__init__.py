@@ -1,6 +1,7 @@
 """Helpers shared by the test suite: devices and dtypes (``devices``), fused-vs-reference comparison
-(``parity``), tiny HF models (``models``), tiny training runs and the ``madx`` command (``runs``), the CUDA
-backend's inputs and emulator (``cuda``)."""
+(``parity``), tiny HF models (``models``), tiny training runs and the ``madx`` command (``runs``),
+subprocesses and FIFOs that cannot hang a test (``processes``), the CUDA backend's inputs and emulator
+(``cuda``)."""
 import importlib.util
 import pathlib
 

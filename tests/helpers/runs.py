@@ -4,15 +4,16 @@ synthetic data, and a way to run the ``madx`` command in a subprocess.
 The session fixtures built from these (``corpus``, ``tiny_base``, ...) are in tests/training/conftest.py."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import torch
 
 from tests.helpers import ROOT as REPO
+from tests.helpers.processes import run_bounded
 
 ROOT = str(REPO)
 H, LAYERS = 32, 2
@@ -73,30 +74,11 @@ def madx_command(*args) -> list[str]:
     return [sys.executable, "-m", "madx_fast.cli", *map(str, args)]
 
 
-def run_bounded(cmd: list[str], *, timeout: float = 300, input: str | None = None, **kwargs
-                ) -> subprocess.CompletedProcess:
-    """``cmd`` with its output captured (text), killed with every process it started after ``timeout`` seconds
-    (``subprocess.run`` kills only the first one, then waits for the pipes that a surviving child, such as a
-    torchrun worker, still holds). stdin is empty unless ``input`` feeds it."""
-    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                          **kwargs) as proc:
-        try:
-            out, err = proc.communicate(input, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=60)
-            raise
-        finally:
-            if proc.poll() is None:  # an exception other than the timeout (KeyboardInterrupt)
-                os.killpg(proc.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 def run_madx(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     """``madx ARGS`` in a subprocess (``run_bounded``: killed after 5 minutes, stdin empty unless ``input=``
     feeds it, so ``madx predict`` without ``--input`` never waits on the test runner's stdin)."""
-    proc = run_bounded(madx_command(*args), env=env_for_subprocess(), cwd=ROOT, **kwargs)
+    proc = run_bounded(madx_command(*args), env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"madx {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -123,3 +105,26 @@ def snapshot(directory) -> dict:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, directory)] = hashlib.sha256(fh.read()).hexdigest()
     return out
+
+
+class StoppedAfterCheckpoint(Exception):
+    """Raised by ``stop_after_checkpoint``: the run stopped as a kill right after a checkpoint would stop it."""
+
+
+@contextlib.contextmanager
+def stop_after_checkpoint(step: int):
+    """Within the block, a training run raises StoppedAfterCheckpoint right after writing its checkpoint of
+    ``step``: what a run killed then leaves (a run with fewer steps would have another schedule)."""
+    import madx_fast.training.trainer as trainer_mod
+    original = trainer_mod.Trainer._save_checkpoint
+
+    def save_then_stop(self, state, *args):
+        original(self, state, *args)
+        if state.step == step:
+            raise StoppedAfterCheckpoint(step)
+
+    trainer_mod.Trainer._save_checkpoint = save_then_stop
+    try:
+        yield
+    finally:
+        trainer_mod.Trainer._save_checkpoint = original

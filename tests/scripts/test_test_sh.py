@@ -4,13 +4,13 @@ from __future__ import annotations
 import os
 
 from tests.helpers import ROOT
-from tests.helpers.runs import run_bounded
+from tests.helpers.processes import run_bounded
 
 
 def _collect(*args) -> list[str]:
     env = dict(os.environ, MADX_NO_SETUP="1")
     proc = run_bounded(["bash", "scripts/test.sh", *args, "--collect-only", "-n", "0"], cwd=ROOT, env=env,
-                       timeout=600)
+                       capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return [line for line in proc.stdout.splitlines() if "::" in line]
 

@@ -20,7 +20,8 @@ from madx_fast.training.runs import card_facts
 from tests.helpers.hub_cache import add_files
 from tests.helpers.hub_server import REFUSED_TOKEN, HubServer, closed_port, use_endpoint
 from tests.helpers.models import randomize, tiny_config
-from tests.helpers.runs import ROOT, env_for_subprocess, madx_command, quiet_config, run_bounded
+from tests.helpers.processes import run_bounded
+from tests.helpers.runs import ROOT, env_for_subprocess, madx_command, quiet_config
 
 TOKEN = "hf_test_token"
 
@@ -96,7 +97,8 @@ def test_push_through_hf_endpoint_from_a_shell(lang_run):
     """The command as a user runs it: HF_ENDPOINT and HF_TOKEN in the environment."""
     with HubServer() as server:
         env = env_for_subprocess(HF_ENDPOINT=server.endpoint, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0")
-        proc = run_bounded(madx_command("push", os.path.join(lang_run, "adapter"), "me/alpha"), env=env, cwd=ROOT)
+        proc = run_bounded(madx_command("push", os.path.join(lang_run, "adapter"), "me/alpha"), env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert "madx_adapter.safetensors" in server.repos["me/alpha"].files
         assert [r for r in server.requests if r.headers.get("authorization") == f"Bearer {TOKEN}"]
