@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -393,9 +394,10 @@ def test_progress_lines_off_a_terminal():
     bar.update(4, 1)
     bar.update(6)
     bar.close()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[madx\] predict: "  # each line time stamped, as in a log
     first, last = stream.getvalue().splitlines()
-    assert first.startswith("[madx] predict: 4/10 lines  1 not predicted  ") and "ETA" in first
-    assert last.startswith("[madx] predict: 10/10 lines  1 not predicted  ") and "ETA" not in last
+    assert re.match(stamp + "4/10 lines  1 not predicted  ", first) and "ETA" in first, first
+    assert re.match(stamp + "10/10 lines  1 not predicted  ", last) and "ETA" not in last, last
     quiet = io.StringIO()
     LineProgress(10, stream=quiet, interval=0.0, enabled=False).update(3)
     assert quiet.getvalue() == ""
