@@ -176,7 +176,7 @@ class MadxAdapters:
     # ---------------------------------------------------------------------------------------------------
     @property
     def active(self):
-        """The active setup: None, a name, or a Stack."""
+        """The active setup: None, a name (or Average / PerRow block), or a Stack."""
         return setup_repr(self.state.active)
 
     @active.setter
@@ -186,7 +186,8 @@ class MadxAdapters:
     def set_active(self, setup: Setup) -> None:
         """Activate ``setup``: an adapter name, ``Stack(lang, task)`` (or a list of names), or None for the
         plain model. Takes effect on the next forward; switch at any time (e.g. swap the language).
-        ``Stack(PerRow("en", "sw"), task)`` runs each row of a batch in its own language (``row_languages``)."""
+        ``Stack(PerRow("en", "sw"), task)`` runs each row of a batch in its own language (``row_languages``);
+        ``Stack(Average("es", "pt", weights=[0.7, 0.3]), task)`` a weighted average of adapters (``Average``)."""
         names = normalize_setup(setup)
         for n in adapter_names(names):
             self._require(n)
@@ -194,6 +195,7 @@ class MadxAdapters:
             if isinstance(entry, PerRow):  # many languages in one batch: see per_row.py
                 per_row.check_compatible(self, entry)
         self.state.active = names
+        self.state.mixes = {}  # the Averages' coefficients, made on the device at the next forward
 
     @contextlib.contextmanager
     def activated(self, setup: Setup):
