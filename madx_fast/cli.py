@@ -6,6 +6,7 @@
                      --eval-data wikiann:{lang} --output runs/transfer
     madx predict     --task-adapter runs/ner-en --lang-adapter sw=runs/lang-sw qu=runs/lang-qu \\
                      --input lines.jsonl --output predictions.jsonl
+    madx merge       --output runs/lang-qu es=runs/lang-es pt=runs/lang-pt --weights 0.7,0.3 --name qu
     madx params      [--model NAME] [--langs en,sw]
     madx demo        (offline, CPU, a few minutes)
 
@@ -27,7 +28,7 @@ log = logging.getLogger("madx_fast.training")
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
-    from .training.settings import (LanguageAdapterSettings, ParameterBudgetSettings, PredictSettings,
+    from .training.settings import (LanguageAdapterSettings, MergeSettings, ParameterBudgetSettings, PredictSettings,
                                     TaskAdapterSettings, TransferSettings, add_arguments)
 
     parser = argparse.ArgumentParser(prog="madx", description="MAD-X adapters: train, transfer, predict, count, demo.")
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "adapter)"), TransferSettings)
     add_arguments(sub.add_parser("predict", help="label JSON lines of many languages in mixed batches (a language "
                                  "adapter per line under one task adapter)"), PredictSettings)
+    add_arguments(sub.add_parser("merge", help="one adapter averaged from several (a language without text of its "
+                                 "own from related languages' adapters)"), MergeSettings)
 
     add_arguments(sub.add_parser("params", help="parameter counts per language and task (MAD-X budget)"),
                   ParameterBudgetSettings)
@@ -89,6 +92,14 @@ def cmd_predict(args) -> int:
     return EXIT_LINES_NOT_PREDICTED if bad else 0
 
 
+def cmd_merge(args) -> None:
+    from .training.merge import merge_adapters
+    from .training.settings import MergeSettings, from_args
+    result = merge_adapters(from_args(MergeSettings, args))
+    weights = ", ".join(f"{n} {w:.4g}" for n, w in zip(result["inputs"], result["weights"]))
+    print(f"merged adapter {result['name']!r} ({weights}) written to {result['path']}")
+
+
 def cmd_params(args) -> None:
     from .model.params import format_parameter_budget, parameter_budget
     from .training.models import load_config
@@ -111,7 +122,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train-lang": cmd_train_lang, "train-task": cmd_train_task, "transfer": cmd_transfer,
-            "predict": cmd_predict, "params": cmd_params, "demo": cmd_demo}
+            "predict": cmd_predict, "merge": cmd_merge, "params": cmd_params, "demo": cmd_demo}
 
 
 class _ProgressAwareHandler(logging.StreamHandler):

@@ -6,10 +6,12 @@ generates the ``madx`` command's flags, and is recorded in ``run.json`` under th
     TaskAdapterSettings         stage 2, ``train_task_adapter`` / ``madx train-task``
     TransferSettings            stage 3, ``evaluate_transfer`` / ``madx transfer``
     PredictSettings             mixed-language inference on JSONL, ``predict`` / ``madx predict``
+    MergeSettings               one adapter averaged from several, ``merge_adapters`` / ``madx merge``
 
     ParameterBudgetSettings     the parameter budget table, ``madx params``
 
-A field's flag is ``--`` + its name with dashes, unless its metadata says otherwise (``flag``); ``help``,
+A field's flag is ``--`` + its name with dashes, unless its metadata says otherwise (``flag``; the field's own
+name without dashes: a positional argument); ``help``,
 ``choices``, ``nargs``, a ``parse`` function for each command-line string and a ``collect`` function for the
 parsed value (e.g. ``LANG=DIR`` items into a dict) come from the metadata too. Fields without a flag
 (``cli=False``) exist for Python callers only. ``check()`` validates what can be validated without reading
@@ -377,6 +379,59 @@ class PredictSettings(_StageSettings):
             raise ValueError("input is required (a file, or - for stdin)")
 
 
+def _merge_inputs(items) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"madx merge takes NAME=DIR for each adapter to average, got {item!r}")
+        if name in out:
+            raise ValueError(f"madx merge names adapter {name!r} twice")
+        out[name] = path
+    return out
+
+
+def csv_floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in csv_list(text)]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@dataclass
+class MergeSettings(_StageSettings):
+    """One adapter whose parameters are the weighted average of several adapters' (``madx merge``;
+    ``MadxAdapters.average_adapter``): written as a normal adapter directory."""
+
+    adapters: dict[str, str] = opt(flag="adapters", nargs="+", metavar="NAME=DIR", collect=_merge_inputs,
+                                   help="the adapters to average, in order: a name and a run, bundle or adapter "
+                                        "directory (or Hub name) each, e.g. es=runs/lang-es pt=runs/lang-pt")
+    output_dir: str = opt(flag="--output", help="directory of the merged adapter")
+    weights: list[float] | None = opt(None, parse=csv_floats, help="comma-separated weights, one per adapter in "
+                                                                   "order (default: equal)")
+    normalize_weights: bool = opt(True, flag="--no-normalize", help="use --weights as given instead of dividing "
+                                                                    "them by their sum")
+    name: str | None = opt(None, help="name of the merged adapter (default: the names joined by '+')")
+    model: str | None = opt(None, help="base model (default: the one the adapters record)")
+    overwrite: bool = opt(False, help="replace an adapter already in --output")
+
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.adapters, dict) or not self.adapters:
+            raise ValueError("no adapters to merge: give NAME=DIR for each, e.g. es=runs/lang-es pt=runs/lang-pt")
+        for name in self.adapters:
+            check_adapter_name(name)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError("output_dir is required (--output DIR)")
+        if self.name is not None:
+            check_adapter_name(self.name)
+        if self.weights is not None:
+            if len(self.weights) != len(self.adapters):
+                raise ValueError(f"{len(self.weights)} weights for {len(self.adapters)} adapters: give one per adapter")
+            for w in self.weights:
+                _number("weight", w)
+
+
 @dataclass
 class ParameterBudgetSettings(_StageSettings):
     """What MAD-X adds per language and per task to a base model (``madx params``;
@@ -429,6 +484,9 @@ def _add_fields(parser, cls, defaults, given_only: bool) -> None:
         elif not isinstance(default, bool) and default not in (None, [], {}):
             kwargs["help"] += f" (default {','.join(map(str, default)) if isinstance(default, list) else default})"
         kwargs["default"] = None if required else argparse.SUPPRESS if given_only else default
+        if not _flag(f).startswith("-"):  # a positional argument (its flag is the field's name): argparse's dest
+            del kwargs["dest"]
+            kwargs.pop("required", None)
         parser.add_argument(_flag(f), **kwargs)
 
 

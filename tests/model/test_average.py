@@ -210,3 +210,42 @@ def test_deleting_an_averaged_adapter_drops_the_block():
     madx.set_active(Stack(Average("es", "pt"), "ner"))
     madx.delete_adapter("pt")
     assert madx.active == "ner"
+
+
+# --------------------------------------------------------------------------------------------------------
+# average_adapter: a new adapter whose parameters are the weighted sum of others'
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weights,normalize", [(None, True), ([0.7, 0.3], True), ([2.0, -0.5], False)])
+def test_average_adapter_equals_adapterhubs_base_model_average_adapter(weights, normalize):
+    """Bit for bit, NICE included (AdapterHub's base-model method averages it; its top-level method on an
+    ``adapters.init`` model leaves the new adapter without one, which madx_fast does not copy)."""
+    ours, hub, madx = _pair()
+    hub.base_model.average_adapter("avg", ["es", "pt"], weights=weights, normalize_weights=normalize)
+    madx.average_adapter("avg", ["es", "pt"], weights=weights, normalize_weights=normalize)
+    want = {k: v for k, v in hub.state_dict().items() if ".avg." in k}
+    got = {k: v for k, v in ours.state_dict().items() if ".avg." in k}
+    assert set(got) == set(want) and any("invertible" in k for k in got)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    hub.average_adapter("top", ["es", "pt"], weights=weights, normalize_weights=normalize)
+    assert not any("invertible_adapters.top." in k for k in hub.state_dict())
+
+
+def test_average_adapter_options_and_refusals():
+    ours, _, madx = _pair()
+    madx.average_adapter("avg", {"es": 1.0, "pt": 3.0}, set_active=True)  # dict weights, normalised
+    assert madx.active == "avg"
+    es, pt, avg = (madx.adapter_state_dict(n) for n in ("es", "pt", "avg"))
+    assert all(torch.allclose(avg[k], 0.25 * es[k] + 0.75 * pt[k]) for k in avg)
+    with pytest.raises(ValueError, match="already in the model"):
+        madx.average_adapter("avg", ["es", "pt"])
+    madx.average_adapter("avg", ["es"], overwrite=True)
+    assert all(torch.equal(madx.adapter_state_dict("avg")[k], es[k]) for k in es)
+    with pytest.raises(ValueError, match="different configurations"):
+        madx.average_adapter("x", ["es", "ner"])
+    with pytest.raises(KeyError, match="zz"):
+        madx.average_adapter("x", ["es", "zz"])
+    with pytest.raises(ValueError, match="combine_strategy"):
+        madx.average_adapter("x", ["es", "pt"], combine_strategy="lora_delta_w_svd")
+    with pytest.raises(ValueError, match="at least one"):
+        madx.average_adapter("x", [])
+    assert "x" not in madx
