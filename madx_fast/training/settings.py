@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..model.controller import check_adapter_name
+from .ensemble import check_ensembles
 
 BACKENDS = ("auto", "eager", "triton", "cuda")
 BACKBONE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -275,6 +276,22 @@ def _lang_adapter_map(items) -> dict[str, str]:
     return out
 
 
+# Test-time ensembles (``madx_fast.training.ensemble``): madx_fast's defaults, not tuned on any benchmark.
+EMEA_STEPS, EMEA_LR = 3, 1.0
+
+
+def _check_ensembles(s) -> None:
+    """The ensembles among ``--lang-adapter`` entries name adapter entries; EMEA's settings are sane and its
+    eager steps are not asked to run inside a captured forward."""
+    ensembles = check_ensembles(s.lang_adapters if isinstance(s.lang_adapters, dict) else {})
+    _number("emea_steps", s.emea_steps, minimum=0, integer=True)
+    _number("emea_lr", s.emea_lr, minimum=0)
+    emea = sorted(lang for lang, spec in ensembles.items() if spec.kind == "emea")
+    if emea and (s.cuda_graphs or getattr(s, "compile", None)):
+        raise ValueError(f"EMEA ensembles ({', '.join(emea)}) tune their weights eagerly before each batch: they do "
+                         "not combine with --cuda-graphs or --compile")
+
+
 # the configurations stage 3 evaluates a task adapter in (``settings=``; madx_fast.training.transfer)
 TRANSFER_SETTINGS = {"target": "Stack(target, task)", "source": "Stack(source, task)", "none": "task adapter alone"}
 
@@ -289,7 +306,10 @@ class TransferSettings(_StageSettings):
     eval_data: str = opt(help="evaluation data spec with {lang}, e.g. wikiann:{lang}")
     output_dir: str | None = opt(None, flag="--output", help="directory for the CSV / JSON / PNG report")
     lang_adapters: dict[str, str] = opt(default_factory=dict, flag="--lang-adapter", nargs="*", metavar="LANG=DIR",
-                                        collect=_lang_adapter_map, help="language adapters, e.g. sw=runs/lang-sw")
+                                        collect=_lang_adapter_map,
+                                        help="language adapters, e.g. sw=runs/lang-sw; a language without one: an "
+                                             "ensemble of others, qu=avg:es,pt (weights: avg:es=0.7,pt=0.3) or "
+                                             "qu=emea:es,pt (weights tuned per batch)")
     split: str | None = opt(None, help="split of the evaluation data (default: test, or the dataset's evaluation "
                                        "split where it has no test split: validation for XQuAD)")
     settings: list[str] = opt(default_factory=lambda: ["target"], parse=csv_list,
@@ -306,12 +326,15 @@ class TransferSettings(_StageSettings):
     backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
     compile: str | None = opt(None, nargs="?", const="inductor", choices=COMPILE_BACKENDS, metavar="BACKEND",
                               help="torch.compile the encoder (adapters included) with BACKEND (default inductor)")
+    emea_steps: int = opt(EMEA_STEPS, help="entropy-minimisation steps per batch of an emea: ensemble")
+    emea_lr: float = opt(EMEA_LR, help="step size of the emea: ensembles' weights (exponentiated gradient)")
 
     def check(self) -> None:
         super().check()
         _check_compile(self.compile)
         if self.compile and self.cuda_graphs:
             raise ValueError("--compile and --cuda-graphs each capture the evaluation forward: choose one")
+        _check_ensembles(self)
         if not self.task_adapters:
             raise ValueError("no task adapters to evaluate")
         if not self.targets:
@@ -339,7 +362,8 @@ class PredictSettings(_StageSettings):
     lang_adapters: dict[str, str] = opt(flag="--lang-adapter", nargs="+", metavar="LANG=DIR",
                                         collect=_lang_adapter_map,
                                         help="a language adapter per value of the lines' 'lang' field, e.g. "
-                                             "sw=runs/lang-sw qu=runs/lang-qu")
+                                             "sw=runs/lang-sw qu=runs/lang-qu; or an ensemble of others, "
+                                             "qu=avg:es,pt or qu=emea:es,pt")
     input: str = opt("-", help="JSONL input file, or - for stdin")
     output: str | None = opt(None, help="JSONL output file, written atomically (default: stdout)")
     on_error: str = opt("skip", choices=ON_ERROR, help="a malformed line or one in a language without an adapter: "
@@ -359,9 +383,12 @@ class PredictSettings(_StageSettings):
                                         "fixed shapes)")
     backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
     progress: bool = opt(True, flag="--no-progress", help="no progress bar or progress lines")
+    emea_steps: int = opt(EMEA_STEPS, help="entropy-minimisation steps per batch of an emea: ensemble")
+    emea_lr: float = opt(EMEA_LR, help="step size of the emea: ensembles' weights (exponentiated gradient)")
 
     def check(self) -> None:
         super().check()
+        _check_ensembles(self)
         if not isinstance(self.task_adapter, str) or not self.task_adapter:
             raise ValueError("task_adapter is required")
         if not isinstance(self.lang_adapters, dict) or not self.lang_adapters:

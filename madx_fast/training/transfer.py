@@ -15,6 +15,10 @@ adapter directory, from its files (head class, label names, base model name). A 
 a language adapter (MAD-X -LAD -INV) is evaluated alone ("none") on every target; a plain adapter directory
 does not record its source language, so its "source" setting needs the run record.
 
+A target language without an adapter of its own is served by an ensemble of other languages' adapters
+(``--lang-adapter qu=avg:es,pt`` or ``qu=emea:es,pt``; ``madx_fast.training.ensemble``): its "target" setting
+then runs ``Stack(Average(es, pt), task)``, with EMEA's weights tuned on every evaluation batch.
+
 Metrics: seqeval F1 (NER), SQuAD F1 / EM (QA), accuracy (COPA); the report's cells are the main metric in
 percent. Everything (adapters, metadata, labels, data of every target) is checked before evaluating.
 """
@@ -32,7 +36,8 @@ from ..model import Stack
 from . import models, runs
 from .data import default_eval_split
 from .devices import PeakMemory, pick_device
-from .loading import check_same_base, load_task_model, resolve_language_adapter, resolve_task_adapter
+from .ensemble import ensemble_block, entropy_minimisation
+from .loading import check_same_base, ensembles_for, load_task_model, resolve_language_adapter, resolve_task_adapter
 from .settings import TRANSFER_SETTINGS, TransferSettings
 from .tasks import make_task
 
@@ -85,6 +90,11 @@ def _plan(path: str, s: TransferSettings) -> dict:
                 runs_.append((target, setting, lang))
                 if lang:
                     needed[lang] = ""
+    ensembles = ensembles_for(needed, s.lang_adapters)  # a language served by others: load those instead
+    for lang in list(needed):
+        if lang in ensembles:
+            del needed[lang]
+            needed.update({m: "" for m in ensembles[lang].members if m not in needed})
     for lang in needed:
         where = s.lang_adapters.get(lang)
         if where is None and lang == source and meta.get("language_adapter"):
@@ -102,7 +112,8 @@ def _plan(path: str, s: TransferSettings) -> dict:
         if want and have and want != have:
             log.warning("the %r language adapter in %s is not the one %s was trained with (weights differ)",
                         source, needed[source], bundle)
-    return dict(plan, source=source or meta.get("source_language") or "-", runs=runs_, lang_paths=needed)
+    return dict(plan, source=source or meta.get("source_language") or "-", runs=runs_, lang_paths=needed,
+                ensembles=ensembles)
 
 
 def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
@@ -123,14 +134,17 @@ def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
     records = []
     for target, setting, lang in plan["runs"]:
         examples, features, split = data[target]
-        madx.set_active(Stack(lang, task_name) if lang else task_name)
+        spec = plan["ensembles"].get(lang)
+        entry = ensemble_block(lang, spec, device) if spec else lang
+        madx.set_active(Stack(entry, task_name) if lang else task_name)
         t0 = time.perf_counter()
-        metrics = task.evaluate(model, examples, features, batch_size=s.batch_size, device=device, bf16=s.bf16,
-                                graphs=s.cuda_graphs)
+        with entropy_minimisation(model, madx, s.emea_steps, s.emea_lr):  # acts on emea: ensembles only
+            metrics = task.evaluate(model, examples, features, batch_size=s.batch_size, device=device, bf16=s.bf16,
+                                    graphs=s.cuda_graphs)
         value = metrics[task.main_metric]
         percent = value if task.name == "qa" else 100.0 * value
         rec = {"system": s.system, "task": task.name, "task_adapter": plan["path"], "source": plan["source"],
-               "target": target, "setting": setting, "language_adapter": lang, "split": split,
+               "target": target, "setting": setting, "language_adapter": str(spec) if spec else lang, "split": split,
                "metric": task.main_metric,
                "value": percent, "metrics": metrics, "eval_time_s": time.perf_counter() - t0, **memory.read()}
         records.append(rec)
