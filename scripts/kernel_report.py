@@ -8,7 +8,8 @@ would compile it, with its grid, registers, spills, shared memory and tensor-cor
 Cases (bf16 activations, fp32 master weights as in training, relu): the bottleneck adapter forward and
 backward at H=768 with d=48 (task adapters, rf 16) and d=384 (language adapters, rf 2); NICE forward and
 inverse with their backward in both modes (input rebuilt / saved); the grouped (per-row) kernels with 8
-languages; each at 65536 tokens (B=64 x L=1024 or 256 x 256 rows) and 4096 (the NER batch, 32 x 128); and the
+languages; the averaged adapters (an ``Average`` of K = 2, 4, 8 language adapters, d=384, coefficients
+with gradients as test-time ensembling needs them); each at 65536 tokens (B=64 x L=1024 or 256 x 256 rows) and 4096 (the NER batch, 32 x 128); and the
 hidden sizes of the other models users adapt (1024: XLM-R large; 1536: DeBERTa-v2 xlarge; 2048: Llama 3.2 1B;
 2560: XLM-R XL; 4096: XLM-R XXL, Llama/Mistral 7B) with the bottlenecks of rf 16 and 2 and their NICE.
 
@@ -39,6 +40,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from madx_fast.kernels.triton import aot, grouped  # noqa: E402
+from madx_fast.kernels.triton import average as averaged  # noqa: E402
 from madx_fast.kernels.triton import adapter as single  # noqa: E402
 from madx_fast.kernels.triton import nice as coupling  # noqa: E402
 from madx_fast.reference import ACTIVATION_CODES, nice_hidden_sizes, nice_split  # noqa: E402
@@ -112,6 +114,17 @@ def _grouped_nice(h, tokens, dt, act, inverse):
     grouped.grouped_nice_coupling_backward(out, out, x, groups, w, act, inverse, True)
 
 
+def _average(h, d, k, tokens, dt, act):
+    x = torch.empty(tokens, h, device=META, dtype=dt)
+    mix = torch.empty(k, device=META)
+    wd, bd = torch.empty(k, d, h, device=META), torch.empty(k, d, device=META)
+    wu, bu = torch.empty(k, h, d, device=META), torch.empty(k, h, device=META)
+    yield "forward"
+    _, z = averaged.average_adapter_forward(x, x, None, mix, wd, bd, wu, bu, 1.0, act)
+    yield "backward"
+    averaged.average_adapter_backward(x, x, z, x, None, mix, wd, wu, bu, 1.0, act, False, True, True)
+
+
 def problems():
     """(case label, tokens, generator of phases that launches the kernels) for every target shape."""
     dt, act = torch.bfloat16, ACTIVATION_CODES["relu"]
@@ -130,6 +143,8 @@ def problems():
         for inverse in (False, True):
             yield (f"grouped NICE G={LANGUAGES} H={MAIN_H} {rows}x{length} ({'inverse' if inverse else 'forward'})",
                    tokens, _grouped_nice(MAIN_H, tokens, dt, act, inverse))
+        for k in (2, 4, 8):
+            yield f"Average K={k} H={MAIN_H} d=384", tokens, _average(MAIN_H, 384, k, tokens, dt, act)
 
 
 def record(only: str = ""):

@@ -32,6 +32,10 @@ tokens: the quick set in bf16 with relu, ``--full`` also fp16, fp32, gelu, short
 at row ends) and d=48 (their activation code is the same device functions the other kernels compile with
 every activation); ``--all`` every combination.
 
+The averaged-adapter kernels of ``average.py`` (an ``Average`` of K=3 adapters, and per-row ensembles of 4
+groups) likewise: the quick set in bf16 with relu, ``--full`` also fp16, fp32, gelu, d=48, short rows and the
+input as the residual.
+
 ``--all`` multiplies everything out (also d=24 and 192, every activation in every dtype, block
 configuration and direction): about 1000 specializations, a quarter of an hour on 2 cores, against about
 170 and a minute or two for ``--full``. Launches that compile to the same specialization are compiled once.
@@ -54,7 +58,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT default (3.9 w
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from madx_fast.kernels.triton import adapter, aot, grouped, nice  # noqa: E402
+from madx_fast.kernels.triton import adapter, aot, average, grouped, nice  # noqa: E402
 from madx_fast.reference import ACTIVATION_CODES  # noqa: E402
 
 SHARED_LIMIT = aot.SHARED_LIMIT
@@ -106,6 +110,7 @@ def record_launches(mode: str):
     with aot.recording(log, lambda: current["label"]):
         _record_single(mode, current)
         _record_grouped(mode, current)
+        _record_average(mode, current)
     return log
 
 
@@ -169,6 +174,37 @@ def _record_grouped(mode: str, current: dict) -> None:
                 out = grouped.grouped_nice_coupling(x, groups, w, act, inverse)
                 for inp in (None, x):
                     grouped.grouped_nice_coupling_backward(out, out, inp, groups, w, act, inverse, True, splits=2)
+
+
+def _record_average(mode: str, current: dict) -> None:
+    """The averaged-adapter kernels (``average.py``): K=3 adapters, one ensemble for the batch and per-row
+    ensembles (4 groups, rows of 128 tokens and of 9); the quick set bf16 relu, ``--full`` also fp16, fp32,
+    gelu, d=48 and the input as the residual, ``--all`` every combination."""
+    meta = torch.device("meta")
+    k, g, h = 3, 4, 768
+    relu, every = ACTIVATION_CODES["relu"], sorted(set(ACTIVATION_CODES.values()))
+    if mode == "quick":
+        problems = [(torch.bfloat16, 128, 384, relu, False)]
+    elif mode == "full":
+        problems = [(dt, 128, 384, relu, False) for dt in (torch.bfloat16, torch.float16, torch.float32)]
+        problems += [(torch.bfloat16, 128, 384, ACTIVATION_CODES["gelu"], False), (torch.bfloat16, 9, 48, relu, True),
+                     (torch.float32, 9, 48, relu, True)]
+    else:
+        problems = [(dt, length, d, act, same) for dt in (torch.bfloat16, torch.float16, torch.float32)
+                    for length in (128, 9) for d in (48, 384) for act in every for same in (False, True)]
+    for dt, length, d, act, same in problems:
+        rows = 256 if length == 128 else 1024
+        x = torch.empty(rows * length, h, device=meta, dtype=dt)
+        residual = None if same else torch.empty_like(x)
+        for groups in (None, torch.empty(rows, device=meta, dtype=torch.int64)):
+            lead = (k,) if groups is None else (g, k)
+            current["label"] = f"average K={k}{'' if groups is None else f' G={g}'} L={length} d={d} {str(dt)[6:]}"
+            mix = torch.empty(lead, device=meta)
+            wd, bd = torch.empty(*lead, d, h, device=meta), torch.empty(*lead, d, device=meta)
+            wu, bu = torch.empty(*lead, h, d, device=meta), torch.empty(*lead, h, device=meta)
+            _, z = average.average_adapter_forward(x, residual, groups, mix, wd, bd, wu, bu, 1.0, act)
+            average.average_adapter_backward(x, x, z, residual, groups, mix, wd, wu, bu, 1.0, act, same, True,
+                                             groups is None, splits=2)
 
 
 def compile_tasks(mode: str, arch: int = 90):

@@ -7,20 +7,20 @@ adapters side by side are one adapter of bottleneck ``K*d`` whose hidden activat
 
     z   = x [W_down[0]; ...; W_down[K-1]]^T + b_down          [N, K*d]   one GEMM (``fused_linear`` /
                                                                           ``grouped_linear``: K*d columns)
-    y   = c r + sum_k m_k s (act(z_k) W_up[k]^T + b_up[k])    [N, H]     ``_up_kernel``: loops over the K adapters'
+    y   = c r + sum_k m_k s (act(z_k) W_up[k]^T + b_up[k])    [N, H]     ``_average_up_kernel``: loops over the K adapters'
                                                                           slices of z, m_k s applied to each
                                                                           activation tile as it loads; the
                                                                           bias sum and c r in the epilogue
-    dz_k = m_k s (dy W_up[k]) * act'(z_k)                     [N, K*d]   ``_dz_kernel``: programs over
+    dz_k = m_k s (dy W_up[k]) * act'(z_k)                     [N, K*d]   ``_average_dz_kernel``: programs over
                                                                           (token block, adapter, column block),
                                                                           m_k s in the epilogue
-    dx  = dz [W_down[0]; ...]  (+ c dy when r is x)           [N, H]     ``_dx_kernel``: one GEMM over K*d;
+    dx  = dz [W_down[0]; ...]  (+ c dy when r is x)           [N, H]     ``_average_dx_kernel``: one GEMM over K*d;
     dr  = c dy                                                            c dy in the epilogue, dr beside it
 
 with ``c = sum_k m_k`` (``ops/average.py`` derives these). Weight gradients are token reductions over all K
 adapters at once (``weight_grad.tokens_reduce`` on the ``[N, K*d]`` tensors, or per group
 ``grouped.grouped_tokens_reduce``), scaled per adapter afterwards (``[K, d, H]``-sized work). The gradient of
-the coefficients needs ``<dy W_up[k], act(z_k)>`` per adapter: ``_dz_kernel`` has ``dy W_up[k]`` in its
+the coefficients needs ``<dy W_up[k], act(z_k)>`` per adapter: ``_average_dz_kernel`` has ``dy W_up[k]`` in its
 accumulator and writes one partial sum per program (``MIX_GRAD``); ``<dy, r>`` and the bias term are one pass
 over dy outside the kernels, only when the coefficients need a gradient (test-time ensembling).
 
@@ -81,7 +81,7 @@ def _tokens(pid_m, L, GROUPS, NUM_GROUPS, HAS_GROUPS: tl.constexpr, BLOCK_M: tl.
 # kernels
 # --------------------------------------------------------------------------------------------------------
 @triton.jit
-def _up_kernel(
+def _average_up_kernel(
     Z, WU, BU, MIX, R, OUT, GROUPS,
     ROWS, L, H, D, K, NUM_GROUPS,
     stride_zm, stride_rm, stride_rh, stride_om, stride_oh,
@@ -119,7 +119,7 @@ def _up_kernel(
 
 
 @triton.jit
-def _dz_kernel(
+def _average_dz_kernel(
     DY, WU, Z, MIX, DZ, PART, GROUPS,
     ROWS, L, H, D, K, NUM_GROUPS, N_JB,
     stride_dym, stride_dyh, stride_zm,
@@ -156,7 +156,7 @@ def _dz_kernel(
 
 
 @triton.jit
-def _dx_kernel(
+def _average_dx_kernel(
     DZ, WD, DY, MIX, DX, DR, GROUPS,
     ROWS, L, H, KD, K, NUM_GROUPS,
     stride_zm, stride_dym, stride_dyh, stride_dxm, stride_dxh, stride_drm, stride_drh,
@@ -211,9 +211,11 @@ def _config(length: int, dtype: torch.dtype, n_cols: int, k_dim: int):
     elif dtype == torch.float32:
         bm, bn, bk, warps, stages = 64, 64, 32, 4, NUM_STAGES
     else:
-        bm, bn, bk, warps, stages = 128, 64, 64, 4, 3
-    bm = min(bm, pow2_at_least(length))
-    return bm, min(bn, pow2_at_least(n_cols)), min(bk, pow2_at_least(k_dim)), warps, stages
+        bm, bn, bk, warps, stages = 128, 64, 64, 8, 3
+    bm, bn = min(bm, pow2_at_least(length)), min(bn, pow2_at_least(n_cols))
+    if bm * bn <= 64 * 64:  # small tiles (short rows, narrow outputs)
+        warps = 4
+    return bm, bn, min(bk, pow2_at_least(k_dim)), warps, stages
 
 
 def _flat(groups, mix, *weights):
@@ -240,7 +242,7 @@ def average_adapter_forward(x, residual, groups, mix, w_down, b_down, w_up, b_up
     rows, length, has_groups = _layout(n, groups)
     bm, bn, bk, warps, stages = _config(length, x.dtype, h, d)
     grid = (rows * triton.cdiv(length, bm) * triton.cdiv(h, bn),)
-    _up_kernel[grid](
+    _average_up_kernel[grid](
         z, wu, bu, mix, r, y, groups if has_groups else mix,
         rows, length, h, d, k, num_groups,
         z.stride(0), r.stride(0), r.stride(1), y.stride(0), y.stride(1), float(scaling),
@@ -261,7 +263,7 @@ def _input_grads(dy, z, groups, mix, wd, wu, scaling, activation, residual_is_in
     blocks, n_jb = rows * triton.cdiv(length, bm), triton.cdiv(d, bn)
     dz = torch.empty_like(z)
     part = torch.empty((blocks, k, n_jb), dtype=torch.float32, device=dy.device) if mix_grad else dz
-    _dz_kernel[(blocks * k * n_jb,)](
+    _average_dz_kernel[(blocks * k * n_jb,)](
         dy, wu, z, mix, dz, part, ids, rows, length, h, d, k, num_groups, n_jb,
         dy.stride(0), dy.stride(1), z.stride(0), float(scaling),
         ACT=activation, HAS_GROUPS=has_groups, MIX_GRAD=bool(mix_grad), DOT_PREC=dot_precision(dy.dtype),
@@ -271,7 +273,7 @@ def _input_grads(dy, z, groups, mix, wd, wu, scaling, activation, residual_is_in
     dr = dx.new_empty((0,)) if residual_is_input else torch.empty_like(dy)
     bm, bn, bk, warps, stages = _config(length, dy.dtype, h, k * d)
     drs = (dr.stride(0), dr.stride(1)) if dr.dim() == 2 else (0, 0)
-    _dx_kernel[(rows * triton.cdiv(length, bm) * triton.cdiv(h, bn),)](
+    _average_dx_kernel[(rows * triton.cdiv(length, bm) * triton.cdiv(h, bn),)](
         dz, wd, dy, mix, dx, dr, ids, rows, length, h, k * d, k, num_groups,
         dz.stride(0), dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), *drs,
         HAS_GROUPS=has_groups, RESIDUAL_IS_INPUT=bool(residual_is_input), WRITE_DR=not residual_is_input,

@@ -21,7 +21,7 @@ FIELDS = {"kernel", "case", "tokens", "dtype", "grid", "num_warps", "num_stages"
 KERNELS = {"_adapter_fwd_kernel", "_adapter_bwd_da_kernel", "_adapter_bwd_dx_dw_kernel", "_linear_kernel",
            "_tn_kernel", "_nice_fwd_kernel", "_nice_bwd_b_kernel", "_nice_bwd_a_kernel", "_grouped_linear_kernel",
            "_grouped_tn_kernel", "_grouped_nice_fwd_kernel", "_grouped_nice_bwd_b_kernel",
-           "_grouped_nice_bwd_a_kernel"}
+           "_grouped_nice_bwd_a_kernel", "_average_up_kernel", "_average_dz_kernel", "_average_dx_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_report_has_no_spill_and_no_mma_sync_at_the_targets(report):
         assert r["shared_bytes"] <= 232448, r
     cases = " | ".join(r["case"] for r in target)
     for want in ("adapter H=768 d=48", "adapter H=768 d=384", "NICE H=768 (forward)", "NICE H=768 (inverse)",
-                 "input rebuilt", "input saved", "grouped adapter G=8", "grouped NICE G=8"):
+                 "input rebuilt", "input saved", "grouped adapter G=8", "grouped NICE G=8", "Average K=8"):
         assert want in cases, want
     assert {r["tokens"] for r in target} == {65536, 4096}
     for h in (1024, 1536, 2048, 2560, 4096):  # the other architectures' hidden sizes are compiled too

@@ -17,7 +17,7 @@ SCRIPT = ROOT / "scripts" / "triton_compile_check.py"
 KERNELS = ["_adapter_fwd_kernel", "_adapter_bwd_da_kernel", "_adapter_bwd_dx_dw_kernel", "_linear_kernel",
            "_tn_kernel", "_nice_fwd_kernel", "_nice_bwd_b_kernel", "_nice_bwd_a_kernel", "_grouped_linear_kernel",
            "_grouped_tn_kernel", "_grouped_nice_fwd_kernel", "_grouped_nice_bwd_b_kernel",
-           "_grouped_nice_bwd_a_kernel"]
+           "_grouped_nice_bwd_a_kernel", "_average_up_kernel", "_average_dz_kernel", "_average_dx_kernel"]
 
 
 def compiler_env():
