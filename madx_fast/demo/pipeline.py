@@ -13,7 +13,12 @@ With no arguments it
    without any language adapter (MAD-X -LAD -INV);
 5. evaluates zero-shot transfer to every language: with the target's language adapter (MAD-X), with the
    source's left in place, and with none; prints the table and writes CSV / JSON / a heatmap PNG to
-   ``<out>/transfer`` and every adapter to ``<out>``.
+   ``<out>/transfer`` and every adapter to ``<out>``;
+6. (synthetic languages, ``--no-related`` to skip) a language without text of its own: delta, built from alpha's
+   and beta's words and grammar, has NER test data but no text, so no language adapter. Each MAD-X task
+   adapter is evaluated on it with no language adapter, with alpha's, with beta's, with their ``Average``, with
+   the two merged into one adapter (``madx merge``) and with EMEA (weights tuned per batch); the table goes to
+   ``<out>/related`` and the summary says which did best, measured.
 
 It reports what it measured (F1 on the generated test sets, time, peak memory, parameter counts). The step
 counts and learning rates below were chosen so that the small model learns the three languages within a few
@@ -42,7 +47,7 @@ from . import synthetic
 log = logging.getLogger("madx_fast.training")
 
 DEMO_MARKER = "demo_summary.json"
-DEMO_OUTPUTS = ("data", "base", "base-pretraining", "transfer", DEMO_MARKER)
+DEMO_OUTPUTS = ("data", "base", "base-pretraining", "transfer", "related", DEMO_MARKER)
 DEMO_PREFIXES = ("lang-", "ner-", "task-")
 CACHE_VERSION = 1
 
@@ -85,6 +90,8 @@ class DemoConfig:
     batch_size: int = opt(64, help="MLM batch (pretraining, language adapters)")
     task_batch_size: int = opt(32, help="NER batch")
     ablations: bool = opt(True, flag="--no-ablations", help="skip MAD-X -INV and -LAD -INV")
+    related: bool = opt(True, flag="--no-related", help="skip step 6, the language without text (delta, served by "
+                        "alpha's and beta's adapters)")
     # synthetic data sizes
     text_sentences: int = opt(6000, cli=False)
     ner_train: int = opt(1000, cli=False)
@@ -158,9 +165,12 @@ class _Demo:
         lang_dirs = self._timed("language_adapters", self._language_adapters, base, specs, systems)
         task_dirs = self._timed("task_adapters", self._task_adapters, base, specs, systems, lang_dirs)
         records, report = self._timed("transfer", self._transfer, specs, lang_dirs, task_dirs)
+        related = self._timed("related_language", self._related_language, paths, lang_dirs, task_dirs)
         self.timings["total"] = time.perf_counter() - t0
         summary = {"config": asdict(cfg), "base_model": base, "runs": self.runs, "transfer": records,
                    "report": report, "timings_s": self.timings}
+        if related is not None:
+            summary["related_language"] = related
         files.write_json(os.path.join(out, DEMO_MARKER), summary)
         _print_summary(summary, out)
         return summary
@@ -266,6 +276,40 @@ class _Demo:
                                                           "adapter", lang=src))
         return task_dirs
 
+    def _related_language(self, paths, lang_dirs, task_dirs) -> dict | None:
+        """Step 6: delta, which has NER data but no text (so no adapter), served by alpha's and beta's adapters:
+        alone, averaged, merged and ensembled with EMEA, under every MAD-X task adapter."""
+        from ..training import evaluate_transfer
+        from ..training.merge import merge_adapters
+        cfg = self.cfg
+        lang, (a, b) = "delta", synthetic.RELATED["delta"]
+        if not cfg.related or paths is None or lang in paths or not {a, b} <= set(lang_dirs.get("MAD-X", {})):
+            return None  # (real data, delta given text of its own, or alpha / beta not among the languages)
+        _banner(f"6 a language without text: {lang}, served by {a}'s and {b}'s adapters")
+        data = os.path.join(self.out, "data")
+        synthetic.write_corpus(data, [lang], text=False, ner_train=0, ner_validation=0, ner_test=cfg.ner_test,
+                               seed=cfg.seed)
+        merged = os.path.join(self.out, f"lang-{lang}-merged")
+        merge_adapters(adapters={a: lang_dirs["MAD-X"][a], b: lang_dirs["MAD-X"][b]}, output_dir=merged, name=lang)
+        given = {a: lang_dirs["MAD-X"][a], b: lang_dirs["MAD-X"][b]}
+        rows, records = [], []
+        for label, value, setting in RELATED_ROWS:
+            value = merged if value == "merged" else value.format(a=a, b=b) if value else None
+            res = evaluate_transfer(task_adapters=task_dirs["MAD-X"], targets=[lang], settings=[setting],
+                                    lang_adapters={**given, **({lang: value} if value else {})},
+                                    eval_data=os.path.join(data, "{lang}", "ner"), split="test",
+                                    system=label.format(a=a, b=b), device=cfg.device, bf16=cfg.bf16,
+                                    backend=cfg.backend)
+            for rec in res["records"]:
+                records.append(rec)
+                rows.append({"method": rec["system"], "source": rec["source"], "f1": rec["value"],
+                             "language_adapter": rec["language_adapter"]})
+        from ..training import write_transfer_report
+        report = write_transfer_report(records, os.path.join(self.out, "related"),
+                                       title=f"NER on {lang} (no text of its own), entity F1 (%)")
+        return {"language": lang, "related": [a, b], "rows": rows, "finding": related_finding(rows),
+                "report": report, "merged_adapter": merged}
+
     def _transfer(self, specs: dict, lang_dirs, task_dirs):
         """Step 5: zero-shot transfer of every system's task adapters to every target; the report."""
         from ..training import evaluate_transfer, write_transfer_report
@@ -283,6 +327,38 @@ class _Demo:
         return records, report
 
 
+# Step 6: how the language without text is served (label, --lang-adapter value, transfer setting); {a}, {b}:
+# the related languages. The ensembles name their members by the related languages' own entries.
+RELATED_ROWS = (("no language adapter", None, "none"), ("{a}'s adapter", "{a}", "target"),
+                ("{b}'s adapter", "{b}", "target"), ("Average({a}, {b})", "avg:{a},{b}", "target"),
+                ("merged {a}+{b}", "merged", "target"), ("EMEA({a}, {b})", "emea:{a},{b}", "target"))
+
+
+def _related_table(rows: list[dict]) -> str:
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    width = max(len(r["method"]) for r in rows)
+    lines = [f"{'':<{width}}  " + "  ".join(f"{'src ' + s:>10}" for s in sources)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = {r["source"]: r["f1"] for r in rows if r["method"] == method}
+        lines.append(f"{method:<{width}}  " + "  ".join(f"{cells.get(s, float('nan')):>10.2f}" for s in sources))
+    return "\n".join(lines)
+
+
+def related_finding(rows: list[dict]) -> str:
+    """What the rows show, in words computed from them: the best method per task adapter and its margin over
+    the better single related adapter."""
+    parts = []
+    for src in dict.fromkeys(r["source"] for r in rows):
+        mine = {r["method"]: r["f1"] for r in rows if r["source"] == src}
+        best = max(mine, key=mine.get)
+        singles = {m: v for m, v in mine.items() if m.endswith("'s adapter")}
+        top = max(singles, key=singles.get)
+        parts.append(f"task adapter on {src}: best is {best} ({mine[best]:.1f} F1), "
+                     f"{mine[best] - singles[top]:+.1f} over the better single adapter ({top}, {singles[top]:.1f}); "
+                     f"no language adapter {mine['no language adapter']:.1f}")
+    return "; ".join(parts)
+
+
 def _print_summary(summary: dict, out: str) -> None:
     from ..training.transfer import format_table
     report = summary["report"]
@@ -294,6 +370,13 @@ def _print_summary(summary: dict, out: str) -> None:
     print()
     print(f"report: {report['transfer_heatmap.png']}, {report['transfer_matrix.csv']}, "
           f"{report['transfer_results.json']}")
+    related = summary.get("related_language")
+    if related:
+        print()
+        print(f"A language without text: {related['language']} (related to {', '.join(related['related'])}), "
+              "NER entity F1 % on its test set:")
+        print(_related_table(related["rows"]))
+        print(f"measured: {related['finding']}")
     print(f"adapters: {out}/lang-*/adapter, {out}/ner-*/best;  total wall time {summary['timings_s']['total']:.1f} s")
 
 

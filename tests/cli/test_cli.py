@@ -10,7 +10,7 @@ from madx_fast.cli import COMMANDS, build_parser, main
 from madx_fast.demo import DemoConfig, real_model_config
 from madx_fast.training import (LanguageAdapterSettings, PredictSettings, TaskAdapterSettings, TrainConfig,
                                 TransferSettings)
-from madx_fast.training.settings import ParameterBudgetSettings, args_values, from_args
+from madx_fast.training.settings import MergeSettings, ParameterBudgetSettings, args_values, from_args
 
 REQUIRED = {
     "train-lang": ["--model", "m", "--lang", "sw", "--train-data", "d.txt", "--output", "o"],
@@ -22,7 +22,7 @@ SETTINGS = {"train-lang": LanguageAdapterSettings, "train-task": TaskAdapterSett
 
 def _flags(parser, command):
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-    return {opt: action for action in sub._actions for opt in action.option_strings}
+    return {opt: action for action in sub._actions for opt in (action.option_strings or [action.dest])}
 
 
 @pytest.mark.parametrize("command", sorted(SETTINGS))
@@ -61,7 +61,8 @@ def test_flags_map_to_settings_names_and_types():
 def test_no_hand_written_flag():
     """Every flag of every command is a field of that command's settings class (and its loop's), and the other
     way round: the parser is generated, nothing is added beside it."""
-    classes = {**SETTINGS, "predict": PredictSettings, "params": ParameterBudgetSettings, "demo": DemoConfig}
+    classes = {**SETTINGS, "predict": PredictSettings, "params": ParameterBudgetSettings, "demo": DemoConfig,
+               "merge": MergeSettings}
     assert set(classes) == set(COMMANDS)
     parser = build_parser()
     for command, cls in classes.items():
