@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -35,21 +33,10 @@ if not torch.cuda.is_available():
 
 from madx_fast import ops, reference  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ops import timer  # noqa: E402  (median ms: do_bench on CUDA, wall clock on a CPU)
+
 IMPLS = ("fused", "k-calls", "eager")
-
-
-def timer(fn, device, reps: int) -> float:
-    """Median milliseconds of fn()."""
-    if device.type == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def case(n: int, h: int, d: int, k: int, dtype, device, backend: str):

@@ -264,16 +264,21 @@ class TaskAdapterSettings(_StageSettings):
                 _number(name, getattr(self, name), minimum=1, integer=True)
 
 
-def _lang_adapter_map(items) -> dict[str, str]:
+def _named_values(items, form: str, where: str) -> dict[str, str]:
+    """``NAME=VALUE`` items as a dict; ``form`` (e.g. "LANG=DIR") and ``where`` (the flag) name them in errors."""
     out: dict[str, str] = {}
     for item in items:
-        lang, sep, path = item.partition("=")
-        if not sep or not lang or not path:
-            raise ValueError(f"--lang-adapter takes LANG=DIR, got {item!r}")
-        if lang in out:
-            raise ValueError(f"--lang-adapter names {lang!r} twice")
-        out[lang] = path
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{where} takes {form}, got {item!r}")
+        if name in out:
+            raise ValueError(f"{where} names {name!r} twice")
+        out[name] = value
     return out
+
+
+def _lang_adapter_map(items) -> dict[str, str]:
+    return _named_values(items, "LANG=DIR", "--lang-adapter")
 
 
 # Test-time ensembles (``madx_fast.training.ensemble``): madx_fast's defaults, not tuned on any benchmark.
@@ -407,15 +412,7 @@ class PredictSettings(_StageSettings):
 
 
 def _merge_inputs(items) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"madx merge takes NAME=DIR for each adapter to average, got {item!r}")
-        if name in out:
-            raise ValueError(f"madx merge names adapter {name!r} twice")
-        out[name] = path
-    return out
+    return _named_values(items, "NAME=DIR for each adapter to average", "madx merge")
 
 
 def csv_floats(text: str) -> list[float]:
