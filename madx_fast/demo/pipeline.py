@@ -294,7 +294,8 @@ class _Demo:
         given = {a: lang_dirs["MAD-X"][a], b: lang_dirs["MAD-X"][b]}
         rows, records = [], []
         for label, value, setting in RELATED_ROWS:
-            value = merged if value == "merged" else value.format(a=a, b=b) if value else None
+            value = value and value.format(a=a, b=b)
+            value = merged if value == "merged" else given.get(value, value)  # a related language: its directory
             res = evaluate_transfer(task_adapters=task_dirs["MAD-X"], targets=[lang], settings=[setting],
                                     lang_adapters={**given, **({lang: value} if value else {})},
                                     eval_data=os.path.join(data, "{lang}", "ner"), split="test",
@@ -328,7 +329,8 @@ class _Demo:
 
 
 # Step 6: how the language without text is served (label, --lang-adapter value, transfer setting); {a}, {b}:
-# the related languages. The ensembles name their members by the related languages' own entries.
+# the related languages (a value naming one: its adapter directory). The ensembles name their members by the
+# related languages' own --lang-adapter entries.
 RELATED_ROWS = (("no language adapter", None, "none"), ("{a}'s adapter", "{a}", "target"),
                 ("{b}'s adapter", "{b}", "target"), ("Average({a}, {b})", "avg:{a},{b}", "target"),
                 ("merged {a}+{b}", "merged", "target"), ("EMEA({a}, {b})", "emea:{a},{b}", "target"))
@@ -345,16 +347,16 @@ def _related_table(rows: list[dict]) -> str:
 
 
 def related_finding(rows: list[dict]) -> str:
-    """What the rows show, in words computed from them: the best method per task adapter and its margin over
-    the better single related adapter."""
+    """What the rows show, in words computed from them: per task adapter, the better single related adapter,
+    the best combination of both (Average, merged, EMEA) and its margin, and no language adapter."""
     parts = []
     for src in dict.fromkeys(r["source"] for r in rows):
         mine = {r["method"]: r["f1"] for r in rows if r["source"] == src}
-        best = max(mine, key=mine.get)
         singles = {m: v for m, v in mine.items() if m.endswith("'s adapter")}
-        top = max(singles, key=singles.get)
-        parts.append(f"task adapter on {src}: best is {best} ({mine[best]:.1f} F1), "
-                     f"{mine[best] - singles[top]:+.1f} over the better single adapter ({top}, {singles[top]:.1f}); "
+        combined = {m: v for m, v in mine.items() if m not in singles and m != "no language adapter"}
+        single, combo = max(singles, key=singles.get), max(combined, key=combined.get)
+        parts.append(f"task adapter on {src}: the better single adapter is {single} ({singles[single]:.1f} F1), "
+                     f"the best combination {combo} ({combined[combo]:.1f}, {combined[combo] - singles[single]:+.1f}), "
                      f"no language adapter {mine['no language adapter']:.1f}")
     return "; ".join(parts)
 

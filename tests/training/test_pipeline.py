@@ -254,6 +254,14 @@ def test_demo_plumbing(tmp_path):
                  "lang-beta/adapter", "ner-alpha/best", "base/config.json", "demo_summary.json"):
         assert os.path.exists(out / name), name
     assert summary["timings_s"]["total"] > 0
+    # step 6: delta (no text of its own) served by alpha's and beta's adapters in six ways
+    related = summary["related_language"]
+    assert related["related"] == ["alpha", "beta"] and not (out / "data" / "delta" / "text").exists()
+    assert [r["method"] for r in related["rows"]] == ["no language adapter", "alpha's adapter", "beta's adapter",
+                                                     "Average(alpha, beta)", "merged alpha+beta", "EMEA(alpha, beta)"]
+    assert [r["language_adapter"] for r in related["rows"]][3:] == ["avg:alpha,beta", "delta", "emea:alpha,beta"]
+    assert all(0 <= r["f1"] <= 100 for r in related["rows"]) and "the best combination" in related["finding"]
+    assert os.path.exists(out / "related" / "transfer_matrix.csv") and os.path.exists(out / "lang-delta-merged")
     # a second run refuses the non-empty directory; a user's file there survives --overwrite
     with pytest.raises(FileExistsError, match="not empty"):
         run_demo(cfg)
