@@ -12,8 +12,8 @@ all its rows in one grouped op: every member padded to the largest ensemble with
 coefficient 0 (a plain name is an ensemble of one with coefficient 1).
 
 Coefficients (``Average.mix()``): the weights, or the weights over n with ``adapterhub_compat``. Float weights
-become a device tensor once per setup and device (``MadxState.mixes``: no host-to-device copy per forward,
-so CUDA graphs capture it); tensor weights (test-time ensembling) are used as they are, gradients included.
+become a device tensor once per block and device (``MadxState.mixes``, kept: no host-to-device copy per
+forward, and a captured CUDA graph's tensor stays valid); tensor weights (test-time ensembling) are used as they are, gradients included.
 """
 from __future__ import annotations
 

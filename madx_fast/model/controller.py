@@ -230,7 +230,6 @@ class MadxAdapters:
             if isinstance(entry, PerRow):  # many languages in one batch: see per_row.py
                 per_row.check_compatible(self, entry)
         self.state.active = names
-        self.state.mixes = {}  # the Averages' coefficients, made on the device at the next forward
 
     @contextlib.contextmanager
     def activated(self, setup: Setup):

@@ -81,7 +81,8 @@ class MadxState:
     """What every wired piece reads on each forward: the active setup (a tuple of adapter names, ``Average``
     blocks or a ``PerRow``, first = the one whose invertible adapter runs), the invertible adapters (owned by
     the base model), for a PerRow setup the group id of each row of the batch (a device tensor, or None), and
-    the device tensors of the active Averages' constant coefficients (``average.py``; emptied by set_active)."""
+    the device tensors of the Averages' constant coefficients (``average.py``; kept for as long as the model:
+    a CUDA graph captured with one keeps reading it, whatever setups come and go)."""
 
     def __init__(self, invertible: nn.ModuleDict):
         self.active: tuple[str | PerRow | Average, ...] = ()
