@@ -167,6 +167,9 @@ def test_predict_lines_of_an_ensemble_language(saved, tiny_base, corpus):
                                 lang_adapters=langs, **common))
     avg = list(predict_stream(lines, lang_adapters={**langs, "qu": "avg:beta"}, **common))
     assert [r["tags"] for r in avg] == [r["tags"] for r in plain]
+    # the graph-replay path (on a CPU: rows padded to the graphs' fixed shapes) with an Average member
+    graphed = list(predict_stream(lines, lang_adapters={**langs, "qu": "avg:beta"}, cuda_graphs=True, **common))
+    assert [r["tags"] for r in graphed] == [r["tags"] for r in plain]
     emea = list(predict_stream(lines, lang_adapters={**langs, "qu": "emea:alpha,beta"}, emea_steps=2, **common))
     assert [r["lang"] for r in emea] == [r["lang"] for r in lines]
     assert all(e["tags"] == p["tags"] for e, p, r in zip(emea, plain, lines) if r["lang"] != "qu")
