@@ -110,6 +110,25 @@ def test_average_equals_adapterhub_forward_and_gradients(backend, compat):
         assert reached >= 2 * 4 * 2 + 2  # es and pt in both layers, and the head (and ner with the Stack)
 
 
+def test_an_average_runs_as_one_grouped_launch_forward_and_backward(monkeypatch):
+    """Stack(Average of 3, "ner") on Triton: per layer ONE averaged-adapter launch forward and ONE backward for
+    the three adapters (not three adapter launches and a sum); single-adapter launches only for "ner"."""
+    import madx_fast.kernels.triton as launchers
+    ours, _, madx = _pair(backend="triton")
+    calls = {}
+    for name in ("average_adapter_forward", "average_adapter_backward", "adapter_forward", "adapter_backward"):
+        def counting(*args, _name=name, _fn=getattr(launchers, name), **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(launchers, name, counting)
+    ids, mask = padded_batch(ours.config)
+    madx.set_active(Stack(Average("es", "pt", "it"), "ner"))
+    _run(ours, ids, mask)
+    layers = ours.config.num_hidden_layers
+    assert calls == {"average_adapter_forward": layers, "average_adapter_backward": layers,
+                     "adapter_forward": layers, "adapter_backward": layers}
+
+
 def test_adapterhub_average_blocks_are_read_with_adapterhubs_arithmetic():
     ours, hub, madx = _pair()
     _, HubAverage, HubStack = _hub()
