@@ -150,6 +150,11 @@ class _Demo:
         self.languages = list(dict.fromkeys(cfg.sources + cfg.targets))
         self.runs: list[dict] = []
         self.timings: dict[str, float] = {}
+        a, b = synthetic.RELATED["delta"]
+        # step 6 runs on the synthetic languages when alpha and beta are among them and delta is not
+        self.related = (cfg.related and cfg.text_data is None and "delta" not in self.languages
+                        and {a, b} <= set(self.languages))
+        self.steps = 6 if self.related else 5
 
     def run(self) -> dict:
         t0 = time.perf_counter()
@@ -165,7 +170,7 @@ class _Demo:
         lang_dirs = self._timed("language_adapters", self._language_adapters, base, specs, systems)
         task_dirs = self._timed("task_adapters", self._task_adapters, base, specs, systems, lang_dirs)
         records, report = self._timed("transfer", self._transfer, specs, lang_dirs, task_dirs)
-        related = self._timed("related_language", self._related_language, paths, lang_dirs, task_dirs)
+        related = self._timed("related_language", self._related_language, lang_dirs, task_dirs)
         self.timings["total"] = time.perf_counter() - t0
         summary = {"config": asdict(cfg), "base_model": base, "runs": self.runs, "transfer": records,
                    "report": report, "timings_s": self.timings}
@@ -199,7 +204,7 @@ class _Demo:
         cfg, out = self.cfg, self.out
         if cfg.text_data is not None:
             return None, {"text": cfg.text_data, "text_eval": cfg.text_eval_data, "ner": cfg.ner_data}
-        _banner(f"1/5 data: synthetic languages {', '.join(self.languages)}")
+        _banner(f"1/{self.steps} data: synthetic languages {', '.join(self.languages)}")
         paths = synthetic.write_corpus(os.path.join(out, "data"), self.languages, text_sentences=cfg.text_sentences,
                                        ner_train=cfg.ner_train, ner_validation=cfg.ner_validation,
                                        ner_test=cfg.ner_test, seed=cfg.seed)
@@ -212,9 +217,9 @@ class _Demo:
         """Step 2: the given base model, or the small one pretrained here (or taken from the cache)."""
         cfg = self.cfg
         if cfg.model is not None:
-            _banner(f"2/5 base model: {cfg.model}")
+            _banner(f"2/{self.steps} base model: {cfg.model}")
             return cfg.model
-        _banner(f"2/5 base model: XLM-R architecture, hidden {cfg.hidden_size}, {cfg.num_layers} layers")
+        _banner(f"2/{self.steps} base model: XLM-R architecture, hidden {cfg.hidden_size}, {cfg.num_layers} layers")
         base, pretrain = _base_model(cfg, paths, self.languages, self.out)
         if pretrain:
             self.runs.append(pretrain)
@@ -235,7 +240,7 @@ class _Demo:
             lang_dirs[system] = {}
             for lang in self.languages:
                 suffix = "" if invertible else "-noinv"
-                _banner(f"3/5 language adapter {lang}{' (no invertible adapter)' if not invertible else ''}")
+                _banner(f"3/{self.steps} language adapter {lang}{' (no invertible adapter)' if not invertible else ''}")
                 d = os.path.join(self.out, f"lang-{lang}{suffix}")
                 self.runs.append(_run_row(train_language_adapter(
                     model=base, lang=lang, train_data=specs["text"], eval_data=specs["text_eval"], output_dir=d,
@@ -265,27 +270,27 @@ class _Demo:
             suffix = "" if invertible else "-noinv"
             task_dirs[system] = []
             for src in cfg.sources:
-                _banner(f"4/5 NER task adapter on Stack({src}, ner){' -INV' if not invertible else ''}")
+                _banner(f"4/{self.steps} NER task adapter on Stack({src}, ner){' -INV' if not invertible else ''}")
                 task_dirs[system].append(train(f"ner-{src}{suffix}", f"NER adapter on {src}{suffix}",
                                                lang_adapter=lang_dirs[system][src]))
         if cfg.ablations:
             task_dirs["MAD-X -LAD -INV"] = []
             for src in cfg.sources:
-                _banner(f"4/5 NER task adapter on {src}, no language adapter (-LAD -INV)")
+                _banner(f"4/{self.steps} NER task adapter on {src}, no language adapter (-LAD -INV)")
                 task_dirs["MAD-X -LAD -INV"].append(train(f"ner-{src}-nolang", f"NER adapter on {src}, no lang "
                                                           "adapter", lang=src))
         return task_dirs
 
-    def _related_language(self, paths, lang_dirs, task_dirs) -> dict | None:
+    def _related_language(self, lang_dirs, task_dirs) -> dict | None:
         """Step 6: delta, which has NER data but no text (so no adapter), served by alpha's and beta's adapters:
         alone, averaged, merged and ensembled with EMEA, under every MAD-X task adapter."""
         from ..training import evaluate_transfer
         from ..training.merge import merge_adapters
         cfg = self.cfg
         lang, (a, b) = "delta", synthetic.RELATED["delta"]
-        if not cfg.related or paths is None or lang in paths or not {a, b} <= set(lang_dirs.get("MAD-X", {})):
+        if not self.related:
             return None  # (real data, delta given text of its own, or alpha / beta not among the languages)
-        _banner(f"6 a language without text: {lang}, served by {a}'s and {b}'s adapters")
+        _banner(f"6/6 a language without text: {lang}, served by {a}'s and {b}'s adapters")
         data = os.path.join(self.out, "data")
         synthetic.write_corpus(data, [lang], text=False, ner_train=0, ner_validation=0, ner_test=cfg.ner_test,
                                seed=cfg.seed)
@@ -315,7 +320,7 @@ class _Demo:
         """Step 5: zero-shot transfer of every system's task adapters to every target; the report."""
         from ..training import evaluate_transfer, write_transfer_report
         cfg = self.cfg
-        _banner(f"5/5 zero-shot transfer: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}")
+        _banner(f"5/{self.steps} zero-shot transfer: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}")
         records = []
         for system, dirs in task_dirs.items():
             settings = ("target", "source", "none") if system == "MAD-X" else ("target",)
