@@ -63,6 +63,15 @@ def _attention_implementation(model) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
+# Model types whose forward goes through HF's shared mask preparation, which takes the prepared forms of
+# ``encoder_attention_mask`` as they are.
+_PREPARED_MASK_TYPES = ("xlm-roberta", "roberta", "bert", "xlm-roberta-xl")
+
+
+def _takes_prepared_mask(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in _PREPARED_MASK_TYPES
+
+
 def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded: bool) -> torch.Tensor | None:
     """The ``attention_mask`` to hand the HF ``model`` for a 2D padding mask ``[B, L]`` (already on the
     model's device), given ``padded`` = whether any entry is 0, known on the host.
@@ -71,16 +80,21 @@ def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded
     - padding, transformers >= 5 with SDPA: a boolean ``[B, 1, L, L]`` view (HF returns a 4D mask as is);
     - padding, transformers 4.x: a ``[B, L, L]`` view, which HF expands itself without testing it;
     - otherwise the mask unchanged (other attention kernels, masks that are not 2D).
-    The model computes the same function with either form."""
+    The model computes the same function with either form.
+
+    The prepared forms go only to the models whose forward takes HF's shared mask preparation (BERT, RoBERTa,
+    XLM-R, XLM-R XL); the others combine the 2D mask with masking of their own (a causal model's causal mask,
+    DeBERTa's mask on the embeddings), which a prepared form would replace or break: they get ``None``
+    (transformers >= 5, no padding) or the 2D mask."""
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
     b, length = attention_mask.shape
     if TRANSFORMERS_MAJOR >= 5:
         if not padded:
             return None
-        if _attention_implementation(model) == "sdpa":
+        if _attention_implementation(model) == "sdpa" and _takes_prepared_mask(model):
             return attention_mask.bool()[:, None, None, :].expand(b, 1, length, length)
         return attention_mask
-    if padded:
+    if padded and _takes_prepared_mask(model):
         return attention_mask[:, None, :].expand(b, length, length)
     return attention_mask

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 from transformers import (
+    AutoModelForTokenClassification,
     BertForMaskedLM,
     BertForTokenClassification,
     XLMRobertaForMaskedLM,
@@ -15,6 +16,7 @@ from transformers import (
 
 from madx_fast.model import MadxConfig, Stack, add_madx, madx_mlm_loss
 from madx_fast.model.inputs import encoder_attention_mask, mlm_positions
+from madx_fast.model.wiring import SUPPORTED_MODEL_TYPES
 from madx_fast.testing.sync_check import HostReads
 from tests.helpers.models import max_diff, mlm_labels, padded_batch, randomize, tiny_config
 
@@ -81,7 +83,7 @@ def test_positions_argument_errors():
 
 def _ner(cls, family, attn, dtype=None):
     torch.manual_seed(0)
-    model = cls(tiny_config(family, attn=attn, num_labels=5))
+    model = cls.from_config(tiny_config(family, attn=attn, num_labels=5))
     madx = add_madx(model, backend="eager")
     madx.add_adapter("en", MadxConfig.language())
     madx.add_adapter("ner", MadxConfig.task())
@@ -93,11 +95,18 @@ def _ner(cls, family, attn, dtype=None):
     return model.eval()
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-backbone"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family,cls", [(f, t) for f, _, t in FAMILIES], ids=[f for f, _, _ in FAMILIES])
-def test_encoder_attention_mask_computes_the_same_function(family, cls, attn, dtype):
-    model = _ner(cls, family, attn, dtype)
+# every attention kernel and dtype on the families of FAMILIES; one case of every other family add_madx wires
+# (DeBERTa-v2 has only eager attention in HF)
+MASK_CASES = [(f, a, d) for f, _, _ in FAMILIES for a in ("sdpa", "eager") for d in (None, torch.bfloat16)] + [
+    (f, "eager" if f == "deberta-v2" else "sdpa", torch.bfloat16 if f == "llama" else None)
+    for f in SUPPORTED_MODEL_TYPES if f not in {f for f, _, _ in FAMILIES}]
+
+
+@pytest.mark.parametrize("family,attn,dtype", MASK_CASES,
+                         ids=[f"{f}-{a}-{'bf16-backbone' if d else 'fp32'}" for f, a, d in MASK_CASES])
+def test_encoder_attention_mask_computes_the_same_function(family, attn, dtype):
+    """A causal model (GPT-2, Llama, Mistral) keeps its own causal mask, DeBERTa its mask on the embeddings."""
+    model = _ner(AutoModelForTokenClassification, family, attn, dtype)
     ids, mask = padded_batch(model.config, batch=4, length=11)
     full = torch.ones_like(mask)
     with torch.no_grad():
