@@ -34,6 +34,8 @@ class TaskAdapterStage(TrainingStage):
     def resolve_inputs(self) -> list[str]:
         self.name = self.s.name or task_class(self.s.task).name
         self.lang_path, self.lang, self.base_model = _language_adapter(self.s, self.name)
+        task = task_class(self.s.task)
+        models.check_model_class(task.auto_class, self.base_model, f"the {task.name} task")
         return [self.lang_path]
 
     def read_data(self) -> None:
