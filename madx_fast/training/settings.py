@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..model.controller import check_adapter_name
+from ..model.lm_heads import OBJECTIVES
+
+# the objectives a language adapter trains with (an encoder-decoder's seq2seq objective is not one of them)
+LM_OBJECTIVES = tuple(o for o in OBJECTIVES if o != "seq2seq")
 
 BACKENDS = ("auto", "eager", "triton", "cuda")
 BACKBONE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -169,7 +173,8 @@ class _StageSettings:
 
 @dataclass
 class LanguageAdapterSettings(_StageSettings):
-    """Stage 1: a language adapter (+ NICE invertible adapter) trained by masked-LM on the language's text."""
+    """Stage 1: a language adapter (+ NICE invertible adapter) trained by masked-LM (causal-LM for a decoder) on the
+    language's text."""
 
     model: str = opt(help="HF masked-LM model name or directory (e.g. xlm-roberta-base)")
     lang: str = opt(help="language code; also the adapter's name")
@@ -180,7 +185,10 @@ class LanguageAdapterSettings(_StageSettings):
     train_split: str = opt("train", help="split of an HF dataset --train-data")
     eval_split: str = opt("validation", help="split of an HF dataset --eval-data")
     max_length: int | None = opt(None, help="block length (default 256, or the model's limit)")
-    mlm_probability: float = opt(0.15, help="share of tokens masked (80%% <mask>, 10%% random, 10%% kept)")
+    mlm_probability: float = opt(0.15, help="share of tokens masked (80%% <mask>, 10%% random, 10%% kept), with the "
+                                            "masked objective")
+    objective: str | None = opt(None, choices=LM_OBJECTIVES, help="masked-LM or causal-LM training (default: the "
+                                "model's own: causal for decoders such as GPT-2, Llama, Mistral; masked otherwise)")
     reduction_factor: float = opt(2, help="bottleneck = hidden size // reduction factor (paper: 2)")
     invertible: bool = opt(True, flag="--no-invertible", help="no NICE invertible adapter (MAD-X -INV)")
     leave_out: list[int] = opt(default_factory=list, nargs="*", parse=int, help="layers without an adapter")
@@ -204,6 +212,9 @@ class LanguageAdapterSettings(_StageSettings):
         check_adapter_name(self.lang, "language")
         _number("eval_fraction", self.eval_fraction, minimum=0, below=1)
         _number("mlm_probability", self.mlm_probability, above=0, below=1)
+        if self.objective not in (None,) + LM_OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r}: choose one of {', '.join(LM_OBJECTIVES)} (or None: the "
+                             "model's own)")
         _number("reduction_factor", self.reduction_factor, above=0)
         if self.max_length is not None:
             _number("max_length", self.max_length, minimum=3, integer=True)

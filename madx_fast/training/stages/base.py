@@ -40,7 +40,7 @@ log = logging.getLogger("madx_fast.training")
 # what, from which data. A stage's ``record`` returns some of them; its bundles carry that record.
 RUN_FACTS = ("stage", "adapter", "language", "source_language", "task", "base_model", "base_fingerprint",
              "adapter_config", "labels", "language_adapter", "train_data", "train_blocks", "train_features",
-             "data_tokens", "mlm_probability", "max_length", "auto_class", "backbone_dtype", "backend")
+             "data_tokens", "objective", "mlm_probability", "max_length", "auto_class", "backbone_dtype", "backend")
 
 
 class TrainingStage:
