@@ -64,7 +64,8 @@ def build_tiny_family_base(directory: str, data_dir: str, family: str, *, max_le
                eos_token_id=tok.eos_token_id)
     positions = {"gpt2": "n_positions"}.get(family, "max_position_embeddings")
     dropout = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "distilbert": ("dropout", "attention_dropout"),
-               "deberta-v2": ("hidden_dropout_prob", "attention_probs_dropout_prob")}.get(family, ())
+               "deberta-v2": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+               "xlm-roberta-xl": ("hidden_dropout_prob", "attention_probs_dropout_prob")}.get(family, ())
     config = tiny_config(family, attn="eager" if family == "deberta-v2" else "sdpa", **ids,
                          **{positions: max_length + 2}, **dict.fromkeys(dropout, 0.0))
     auto = "AutoModelForCausalLM" if pretraining_objective(config) == "causal" else "AutoModelForMaskedLM"

@@ -4,9 +4,10 @@ loaded back as the real ones are:
 
     gpt2        byte-level BPE, ``<|endoftext|>`` as bos / eos / unk, no pad token, no special tokens added
     llama       SentencePiece-style BPE (``▁`` for spaces), ``<unk>`` 0 ``<s>`` 1 ``</s>`` 2, no pad token,
-                ``<s>`` in front of every text
+                ``<s>`` in front of every text (Mistral's too)
     distilbert  WordPiece (lower case), ``[PAD]`` 0 ``[UNK]`` 1 ``[CLS]`` 2 ``[SEP]`` 3 ``[MASK]`` 4
     deberta-v2  Unigram (the demo's XLM-R-style pieces), ``<s>`` / ``</s>`` as [CLS] / [SEP]
+    xlm-roberta-xl  the demo's XLM-R tokenizer
 """
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ def _distilbert(texts, vocab_size):
                                          pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
 
 
+def _xlm_roberta(texts, vocab_size):
+    from madx_fast.demo import synthetic
+    return synthetic.train_tokenizer(texts, vocab_size=vocab_size)
+
+
 def _deberta_v2(texts, vocab_size):
     from madx_fast.demo import synthetic
     backend = synthetic.train_tokenizer(texts, vocab_size=vocab_size).backend_tokenizer
@@ -65,7 +71,7 @@ def _deberta_v2(texts, vocab_size):
 
 
 BUILDERS = {"gpt2": (_gpt2, 400), "llama": (_llama, 300), "mistral": (_llama, 300), "distilbert": (_distilbert, 300),
-            "deberta-v2": (_deberta_v2, 300)}
+            "deberta-v2": (_deberta_v2, 300), "xlm-roberta-xl": (_xlm_roberta, 300)}
 
 
 def family_tokenizer(family: str, texts):

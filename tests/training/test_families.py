@@ -1,7 +1,7 @@
 """The training commands on the model families beyond XLM-R, on tiny random models with tokenizers of each
 family's kind (tests/helpers/tokenizers.py): a decoder's language adapter trained with the causal-LM objective
 (chosen from the model; the loss is HF's causal loss; only the adapter trains; a resumed run is the same run),
-NER on DeBERTa-v2, DistilBERT, GPT-2 and Llama, QA on Llama, transfer and mixed-language predict on Llama, the
+NER on DeBERTa-v2, DistilBERT, XLM-R XL, GPT-2, Llama and Mistral, QA on Llama, COPA on DistilBERT, transfer and mixed-language predict on Llama, the
 families without a head class refused up front, and the command line end to end on GPT-2."""
 from __future__ import annotations
 
@@ -154,7 +154,8 @@ def test_objective_choice_and_refusals(tmp_path, bases, corpus, tiny_base):
 # stage 2 and 3 on every family
 # --------------------------------------------------------------------------------------------------------
 HEADS = {"deberta-v2": "DebertaV2ForTokenClassification", "distilbert": "DistilBertForTokenClassification",
-         "gpt2": "GPT2ForTokenClassification"}
+         "gpt2": "GPT2ForTokenClassification", "mistral": "MistralForTokenClassification",
+         "xlm-roberta-xl": "XLMRobertaXLForTokenClassification"}  # Llama: below, on its language adapter
 
 
 @pytest.mark.parametrize("family", sorted(HEADS))
@@ -245,11 +246,28 @@ def test_llama_qa(tmp_path, bases, corpus):
     assert _head_class(tmp_path / "qa" / "best") == "LlamaForQuestionAnswering"
 
 
+def _copa(path, n=1):
+    path.write_text("".join(json.dumps({"premise": "Ana Kovac travelled to Marlow .", "choice1": "The river is quiet .",
+                                        "choice2": "Ana met Boris .", "question": ("cause", "effect")[i % 2],
+                                        "label": i % 2}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def test_copa_on_distilbert(tmp_path, bases):
+    """A multiple-choice head without a pooler in the base model (pre_classifier + classifier)."""
+    data = _copa(tmp_path / "copa.jsonl", 4)
+    summary = train_task_adapter(task="copa", model=bases("distilbert"), lang="alpha", train_data=data,
+                                 validation_data=data, output_dir=str(tmp_path / "copa"),
+                                 config=quiet_config(steps=2, batch_size=2), max_length=MAX_LENGTH, backend="eager")
+    assert 0 <= summary["final_eval"]["accuracy"] <= 1
+    assert _head_class(tmp_path / "copa" / "best") == "DistilBertForMultipleChoice"
+    assert summary["trainable_parameters"] == summary["adapter_parameters[copa]"] + summary["head_parameters"]
+
+
 def test_copa_refused_on_a_decoder_before_any_work(tmp_path, bases):
-    path = tmp_path / "copa.jsonl"
-    path.write_text(json.dumps({"premise": "a", "choice1": "b", "choice2": "c", "question": "cause", "label": 0}))
+    path = _copa(tmp_path / "copa.jsonl")
     with pytest.raises(ValueError, match=r"no llama model for AutoModelForMultipleChoice.*the copa task cannot run"):
-        train_task_adapter(task="copa", model=bases("llama"), lang="alpha", train_data=str(path),
+        train_task_adapter(task="copa", model=bases("llama"), lang="alpha", train_data=path,
                            output_dir=str(tmp_path / "copa"), config=quiet_config(steps=1), backend="eager")
     assert not (tmp_path / "copa").exists()
 
