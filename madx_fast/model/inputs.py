@@ -95,8 +95,9 @@ def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded
     - no padding, transformers >= 5 or a causal model: ``None`` (SDPA goes straight to its flash or causal
       kernel, nothing is checked; a config that declares a pad token has HF look for it in the first and last
       input ids, a host read, where the model calls ``warn_if_padding_and_no_attention_mask``: GPT-2, DeBERTa);
-    - padding, a causal model (GPT-2, Llama, Mistral) with SDPA: its full boolean ``[B, 1, L, L]`` mask
-      (``causal_padding_mask``; HF takes a 4D mask as prepared);
+    - padding, a causal model (GPT-2, Llama, Mistral, an encoder loaded as a decoder) with SDPA: its full
+      boolean ``[B, 1, L, L]`` mask (``causal_padding_mask``; HF takes a 4D mask as prepared), or for BERT /
+      RoBERTa / XLM-R as decoders on transformers 4.x (any attention) that mask as ``[B, L, L]``;
     - padding, an encoder on transformers >= 5 with SDPA: a boolean ``[B, 1, L, L]`` view of the padding;
     - padding, BERT / RoBERTa / XLM-R (XL) on transformers 4.x: a ``[B, L, L]`` view, which they expand
       themselves without testing it;
@@ -111,14 +112,15 @@ def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded
     if not padded:
         return None if causal or TRANSFORMERS_MAJOR >= 5 else attention_mask
     sdpa = _attention_implementation(model) == "sdpa"
+    expands_3d = TRANSFORMERS_MAJOR < 5 and _model_type(model) in _EXPANDS_3D_MASK
     if causal:
+        if expands_3d:  # an encoder loaded as a decoder takes a 3D mask as given, the causal part included
+            return causal_padding_mask(attention_mask)[:, 0].to(attention_mask.dtype)
         return causal_padding_mask(attention_mask) if sdpa else attention_mask
     b, length = attention_mask.shape
     if TRANSFORMERS_MAJOR >= 5:
         return attention_mask.bool()[:, None, None, :].expand(b, 1, length, length) if sdpa else attention_mask
-    if _model_type(model) in _EXPANDS_3D_MASK:
-        return attention_mask[:, None, :].expand(b, length, length)
-    return attention_mask
+    return attention_mask[:, None, :].expand(b, length, length) if expands_3d else attention_mask
     b, length = attention_mask.shape
     if TRANSFORMERS_MAJOR >= 5:
         if not padded:

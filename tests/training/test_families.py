@@ -293,3 +293,24 @@ def test_cli_on_gpt2(tmp_path, bases, corpus):
     records = [json.loads(line) for line in open(out)]
     assert [r["words"] for r in records] == [["Boris", "met", "Greta", "."], ["Jonas", "saka", "do"]]
     assert all(len(r["tags"]) == len(r["words"]) for r in records)
+
+
+def test_causal_objective_on_an_encoder(tmp_path, tiny_base, corpus):
+    """``--objective causal`` on XLM-R: loaded as a decoder (each position sees the ones before it only); the
+    objective's loss is HF's causal loss of that model, padded batches included."""
+    from transformers import AutoModelForCausalLM
+
+    from madx_fast.training.batches import model_batch
+
+    summary = _train_lang(tiny_base, corpus, tmp_path / "run", objective="causal", steps=2)
+    assert (summary["objective"], summary["auto_class"]) == ("causal", "AutoModelForCausalLM")
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, is_decoder=True).eval()
+    tok = models.load_tokenizer(tiny_base)
+    blocks = causal_lm.causal_data_from_texts(tok, open(_text(corpus, "alpha")).read().splitlines()[:40], 16)
+    objective = causal_lm.CausalLmObjective(blocks)
+    batch = objective.make_batch([0, len(blocks) - 1])
+    assert not batch["attention_mask"].all()
+    with torch.no_grad():
+        ours = objective.loss_sum(model, model_batch(model, objective.prepare(batch), "cpu")) / objective.count(batch)
+        hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert abs(ours.item() - hf.item()) < 1e-5
