@@ -17,6 +17,7 @@ from madx_fast.training import evaluate_transfer, models, train_language_adapter
 from madx_fast.training.predict import predict_stream
 from madx_fast.training.tasks import causal_lm
 from tests.helpers.models import randomize
+from tests.training.test_sync import micro_step_reads  # noqa: F401 (a fixture)
 from tests.helpers.runs import (
     Stopped,
     adapter_tensors,
@@ -47,8 +48,8 @@ def _text(corpus, lang, split="train"):
 
 
 def _train_lang(base, corpus, out, lang="alpha", steps=4, loop=None, **kwargs):
-    return train_language_adapter(model=base, lang=lang, train_data=_text(corpus, lang),
-                                  eval_data=_text(corpus, lang, "validation"), output_dir=str(out),
+    kwargs.setdefault("eval_data", _text(corpus, lang, "validation"))
+    return train_language_adapter(model=base, lang=lang, train_data=_text(corpus, lang), output_dir=str(out),
                                   max_length=MAX_LENGTH, backend="eager",
                                   config=quiet_config(steps=steps, **(loop or {})), **kwargs)
 
@@ -117,6 +118,15 @@ def test_causal_language_adapter(tmp_path, bases, corpus, family):
                                                MAX_LENGTH)
     again = causal_lm.evaluate_causal(model, causal_lm.fixed_batches(heldout, 16, 512), "cpu")
     assert again["lm_loss"] == pytest.approx(summary["final_eval"]["lm_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_causal_steps_read_nothing_back(tmp_path, bases, corpus, micro_step_reads, family):
+    """A causal-LM step (host-made shifted positions; no mask for an unpadded batch, the model's own causal mask
+    for a padded one) queues its work without reading device data back, on transformers 4.x too."""
+    _train_lang(bases(family), corpus, tmp_path / "run", steps=3, loop=dict(grad_accum=2, batch_size=4),
+                eval_fraction=0, eval_data=None, max_texts=6)  # a few blocks, the last one padded
+    assert micro_step_reads and all(not reads for reads in micro_step_reads), micro_step_reads
 
 
 def test_causal_run_resumes_exactly(tmp_path, bases, corpus):
