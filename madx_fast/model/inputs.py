@@ -13,9 +13,11 @@ the CPU queues the next ones. Two come with a plain HF masked-LM / token-classif
    padding passes no mask at all, a padded one passes the mask in a form HF takes as already prepared.
 
 On transformers 4.x an encoder's batch without padding still goes through HF's check (the model builds a
-ones mask and tests it): the alternative, a prepared mask, would keep SDPA off its flash kernel, which costs
-more than the one sync at the start of the forward; a causal model's passes no mask (its causal kernel).
-DistilBERT on 4.x tests every mask. With transformers >= 5 the step is free of syncs (with SDPA attention).
+ones mask and tests it); a prepared mask instead would keep SDPA off its flash kernel, which costs more than
+the sync. For the BERT family under SDPA (``_HOST_CHECKED_MASK``) the check is the only use of a 2D mask, so
+it is handed the host copy: HF's test then reads host memory and drops the mask. A causal model's unpadded
+batch passes no mask (its causal kernel). Elsewhere on 4.x (DistilBERT tests every mask) an unpadded batch
+keeps its one sync. With transformers >= 5 the step is free of syncs (with SDPA attention).
 """
 from __future__ import annotations
 
@@ -59,6 +61,19 @@ def mlm_positions(labels: torch.Tensor, *, multiple: int = 64, ignore_index: int
     return out_pos, out_tgt
 
 
+# model types whose transformers 4.x forward hands a 2D mask under SDPA (absolute positions, not a decoder)
+# to nothing but ``_prepare_4d_attention_mask_for_sdpa``, which tests it and returns None when all ones
+_HOST_CHECKED_MASK = frozenset({"bert", "roberta", "camembert", "xlm-roberta", "xlm-roberta-xl"})
+
+
+def _host_checked(model) -> bool:
+    """Whether ``model`` (transformers 4.x) may be given the host copy of an all-ones 2D mask."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in _HOST_CHECKED_MASK and _attention_implementation(model) == "sdpa"
+            and getattr(config, "position_embedding_type", "absolute") == "absolute"
+            and not getattr(config, "is_decoder", False))
+
+
 def _attention_implementation(model) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None)
@@ -88,13 +103,16 @@ def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
                                                                                device=attention_mask.device)
 
 
-def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded: bool) -> torch.Tensor | None:
+def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded: bool,
+                           host_mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """The ``attention_mask`` to hand the HF ``model`` for a 2D padding mask ``[B, L]`` (already on the
-    model's device), given ``padded`` = whether any entry is 0, known on the host.
+    model's device), given ``padded`` = whether any entry is 0, known on the host, and optionally
+    ``host_mask``, the same mask on the host.
 
     - no padding, transformers >= 5 or a causal model: ``None`` (SDPA goes straight to its flash or causal
       kernel, nothing is checked; a config that declares a pad token has HF look for it in the first and last
       input ids, a host read, where the model calls ``warn_if_padding_and_no_attention_mask``: GPT-2, DeBERTa);
+    - no padding, transformers 4.x, a BERT-family encoder under SDPA: ``host_mask`` (HF tests it on the host);
     - padding, a causal model (GPT-2, Llama, Mistral, an encoder loaded as a decoder) with SDPA: its full
       boolean ``[B, 1, L, L]`` mask (``causal_padding_mask``; HF takes a 4D mask as prepared), or for BERT /
       RoBERTa / XLM-R as decoders on transformers 4.x (any attention) that mask as ``[B, L, L]``;
@@ -110,7 +128,11 @@ def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded
         return attention_mask
     causal = _causal(model)
     if not padded:
-        return None if causal or TRANSFORMERS_MAJOR >= 5 else attention_mask
+        if causal or TRANSFORMERS_MAJOR >= 5:
+            return None
+        if host_mask is not None and host_mask.device.type == "cpu" and _host_checked(model):
+            return host_mask
+        return attention_mask
     sdpa = _attention_implementation(model) == "sdpa"
     expands_3d = TRANSFORMERS_MAJOR < 5 and _model_type(model) in _EXPANDS_3D_MASK
     if causal:
@@ -121,13 +143,3 @@ def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded
     if TRANSFORMERS_MAJOR >= 5:
         return attention_mask.bool()[:, None, None, :].expand(b, 1, length, length) if sdpa else attention_mask
     return attention_mask[:, None, :].expand(b, length, length) if expands_3d else attention_mask
-    b, length = attention_mask.shape
-    if TRANSFORMERS_MAJOR >= 5:
-        if not padded:
-            return None
-        if _attention_implementation(model) == "sdpa" and _takes_prepared_mask(model):
-            return attention_mask.bool()[:, None, None, :].expand(b, 1, length, length)
-        return attention_mask
-    if padded and _takes_prepared_mask(model):
-        return attention_mask[:, None, :].expand(b, length, length)
-    return attention_mask

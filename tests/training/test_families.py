@@ -19,7 +19,7 @@ from madx_fast.training.tasks import causal_lm
 from tests.helpers.models import randomize
 from tests.training.test_sync import micro_step_reads  # noqa: F401 (a fixture)
 from tests.helpers.runs import (
-    Stopped,
+    StoppedAfterCheckpoint,
     adapter_tensors,
     build_tiny_family_base,
     quiet_config,
@@ -134,7 +134,7 @@ def test_causal_run_resumes_exactly(tmp_path, bases, corpus):
     base = bases("llama")
     kwargs = dict(loop=dict(save_every=4, eval_every=4), steps=8)
     _train_lang(base, corpus, tmp_path / "straight", **kwargs)
-    with stop_after_checkpoint(4), pytest.raises(Stopped):
+    with stop_after_checkpoint(4), pytest.raises(StoppedAfterCheckpoint):
         _train_lang(base, corpus, tmp_path / "part", **kwargs)
     summary = _train_lang(base, corpus, tmp_path / "part", resume=True, **kwargs)
     assert summary["objective"] == "causal"

@@ -15,7 +15,7 @@ import torch
 from madx_fast.training import train_task_adapter
 from tests.helpers.runs import (
     ROOT,
-    Stopped,
+    StoppedAfterCheckpoint,
     adapter_tensors,
     env_for_subprocess,
     madx_command,
@@ -84,7 +84,8 @@ def test_resume_of_a_task_run_in_process(tmp_path, tiny_base_dropout, corpus):
     train_task_adapter(output_dir=straight, config=quiet_config(steps=12, eval_every=3, save_every=6), **kwargs)
     # replay the interrupted run: a copy of the straight run's step-6 state is what a kill after step 6 leaves
     part = str(tmp_path / "part")
-    with stop_after_checkpoint(6), pytest.raises(Stopped):
+
+    with stop_after_checkpoint(6), pytest.raises(StoppedAfterCheckpoint):
         train_task_adapter(output_dir=part, config=quiet_config(steps=12, eval_every=3, save_every=6), **kwargs)
     assert not os.path.exists(os.path.join(part, "last"))
     summary = train_task_adapter(output_dir=part, config=quiet_config(steps=12, eval_every=3, save_every=6),

@@ -56,6 +56,9 @@ class LanguageAdapterStage(TrainingStage):
     def load_model(self):
         return models.wired_model(self.auto_class, self.base_model, self.s.backend, **self.model_kwargs)
 
+    def digested_data(self):
+        return self.train_blocks, (None if self.heldout is None else (self.heldout, self.s.max_eval_blocks))
+
     def wire(self) -> None:
         s = self.s
         self.adapter_config = (MadxConfig.language if s.invertible else MadxConfig.seq_bn)(
