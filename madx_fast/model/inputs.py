@@ -97,7 +97,7 @@ def _causal(model) -> bool:
 def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """The boolean ``[B, 1, L, L]`` mask of a causal model for a 2D padding mask: query t attends to the
     non-padding keys up to t (and, so that no row is empty, a padding query to itself)."""
-    b, length = attention_mask.shape
+    length = attention_mask.shape[1]
     ones = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device)
     return (ones.tril() & attention_mask.bool()[:, None, None, :]) | torch.eye(length, dtype=torch.bool,
                                                                                device=attention_mask.device)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import contextlib
-import hashlib
 import json
 import logging
 import re
