@@ -313,10 +313,13 @@ def test_grouped_launchers_and_reference_read_nothing_back_to_the_host():
     """No host read (a host-device sync on a GPU) in the launchers (the device-side sort for the weight
     reductions included) nor in the eager reference: the ids stay device data."""
     from madx_fast.kernels.triton import grouped
+    from madx_fast.kernels.triton import nice as triton_nice
     from madx_fast.testing.sync_check import HostReads
 
     x, wd, bd, wu, bu, _ = adapter_inputs(4, 5, 32, 12, 3, torch.float32, seed=10)
     xn, *w = nice_inputs(4, 5, 32, 3, torch.float32, seed=10)
+    w_wide = nice_inputs(4, 5, 32, 3, torch.float32, seed=10, rf=0.05)[1:]  # 320 hidden units: the GEMM route
+    assert triton_nice.route(w_wide[0].shape[1], w_wide[4].shape[1]) == "gemm"
     groups = groups_of([2, 0, 2, 1])
     with HostReads(raise_on_read=True):
         x2 = x.view(-1, 32)
@@ -324,5 +327,7 @@ def test_grouped_launchers_and_reference_read_nothing_back_to_the_host():
         grouped.grouped_adapter_backward(y, x2, z, groups, wd, wu, 1.0, 1, True, True)
         out = grouped.grouped_nice_coupling(xn.view(-1, 32), groups, w, 1, True)
         grouped.grouped_nice_coupling_backward(out, out, None, groups, w, 1, True, True)
+        out = grouped.grouped_nice_coupling(xn.view(-1, 32), groups, w_wide, 1, False)  # the GEMM route
+        grouped.grouped_nice_coupling_backward(out, out, None, groups, w_wide, 1, False, True)
         reference.grouped_bottleneck_adapter_reference(x, None, groups, wd, bd, wu, bu)
         reference.grouped_nice_reference(xn, groups, *w)

@@ -8,9 +8,10 @@ Layout. ``x: [B*L, H]`` holds ``B`` sequence rows of ``L`` tokens each, a row's 
 Forward and input gradients: a program never crosses a sequence row. Programs are indexed by (row, token
 block of the row[, output-column block]); each reads its row's group id once and offsets its weight pointers
 by ``group * stride``, then runs the same tile code as the single-adapter kernels (``linear.linear_tile``,
-``nice.nice_fwd_block``, ``nice.nice_bwd_b_block``, ``nice.nice_bwd_a_block``). Grid sizes depend on shapes only (B, L, H, d, G), never on
-the group ids, and nothing reads the ids on the host: the launches are CUDA-graph capturable, and a graph
-captured once serves every mix of languages. Token blocks are sized to the row length (``BLOCK_M <=
+``nice.nice_fwd_block``, ``nice.nice_bwd_b_block``, ``nice.nice_bwd_a_block``; NICE with stages wider than
+``nice.WIDE_HIDDEN`` runs ``nice.py``'s GEMM route on ``grouped_linear``). Grid sizes depend on shapes only
+(B, L, H, d, G), never on the group ids, and nothing reads the ids on the host: the launches are CUDA-graph
+capturable, and a graph captured once serves every mix of languages. Token blocks are sized to the row length (``BLOCK_M <=
 next_pow2(L)``), so padding lanes cost little when L is not a multiple of the block.
 
 Bottleneck adapter, any bottleneck width: the GEMM route of ``adapter.py`` (two tiled GEMMs with the
@@ -45,8 +46,8 @@ import triton.language as tl
 
 from ._launch import dot_precision, pow2_at_least, sm_count
 from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, LOST_NONE, linear_tile, tile_config
-from .nice import (backward_buffers, block_config, coupling_weight_grads, gemm_coupling, gemm_coupling_backward,
-                   nice_bwd_a_block, nice_bwd_b_block, nice_fwd_block, route, stage_dims, stage_layout)
+from .nice import (block_config, nice_bwd_a_block, nice_bwd_b_block, nice_fwd_block, routed_coupling,
+                   routed_coupling_backward, stage_dims)
 from .weight_grad import reduction_config, tn_accumulate, tn_store
 
 # Upper bound on the fp32 partials of one grouped reduction (G * S * M * K elements): 128 MiB.
@@ -322,27 +323,20 @@ def grouped_adapter_backward(dy, x, z, groups, w_down, w_up, scaling, activation
 def grouped_nice_coupling(x, groups, weights, activation, inverse, *, block_m=None, block_k=None):
     """NICE forward (``inverse=False``) or inverse, row ``b`` of ``x: [B*L, H]`` with group ``groups[b]``'s
     weights (each stacked ``[G, ...]``), on the route ``nice.route`` picks for the hidden widths."""
-    n, h = x.shape
-    out = torch.empty((n, h), dtype=x.dtype, device=x.device)
-    if n == 0:
-        return out
-    stages = stage_layout(h, weights, inverse)
-    if route(*stage_dims(stages)[2:]) == "gemm":
-        gemm_coupling(_per_row_linear(groups), x, out, stages, activation, inverse)
-        return out
-    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = stages
-    in_a, out_a, ha, hb = stage_dims(stages)
-    length = row_length(n, groups)
-    bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, x.dtype, block_m, block_k)
-    bm = _row_block(length, bm)
-    _grouped_nice_fwd_kernel[(groups.shape[0], triton.cdiv(length, bm))](
-        x, out, wa1, ba1, wa2, ba2, wb1, bb1, wb2, bb2, groups,
-        length, wa1.shape[0], in_a, out_a, ha, hb, off_src, off_tgt,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_K=bk, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **launch,
-    )
-    return out
+    def fused(out, stages):
+        (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = stages
+        in_a, out_a, ha, hb = stage_dims(stages)
+        length = row_length(x.shape[0], groups)
+        bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, x.dtype, block_m, block_k)
+        bm = _row_block(length, bm)
+        _grouped_nice_fwd_kernel[(groups.shape[0], triton.cdiv(length, bm))](
+            x, out, wa1, ba1, wa2, ba2, wb1, bb1, wb2, bb2, groups,
+            length, wa1.shape[0], in_a, out_a, ha, hb, off_src, off_tgt,
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(x.dtype),
+            BLOCK_M=bm, BLOCK_K=bk, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **launch,
+        )
+    return routed_coupling(x, weights, activation, inverse, _per_row_linear(groups), fused)
 
 
 def _per_row_linear(groups):
@@ -357,28 +351,19 @@ def grouped_nice_coupling_backward(dout, out, inp, groups, weights, activation, 
     """``(d_inp, df_w1, df_b1, df_w2, df_b2, dg_w1, dg_b1, dg_w2, dg_b2)``, weight grads fp32 ``[G, ...]`` (empty
     tensors with ``weight_grads=False``). ``inp=None`` rebuilds the input from ``out``. The kernels of
     ``nice.nice_coupling_backward`` per sequence row, on the same route."""
-    n, h = out.shape
-    dev, dt = out.device, out.dtype
     num_groups = weights[0].shape[0]
-    dout, out = dout.contiguous(), out.contiguous()
-    stages = stage_layout(h, weights, inverse)
-    in_a, _, ha, hb = stage_dims(stages)
-    length = row_length(n, groups)
-    buffers = backward_buffers(n, in_a, ha, hb, inp, stages[2], dt, dev)
-    dinp = torch.empty((n, h), dtype=dt, device=dev)
-    if n > 0 and route(ha, hb) == "gemm":
-        gemm_coupling_backward(_per_row_linear(groups), dout, out, inp is None, dinp, stages, buffers, activation,
-                               inverse)
-    elif n > 0:
+    length = row_length(out.shape[0], groups)
+
+    def fused(dout, out, dinp, stages, buffers):
         _fused_nice_backward(dout, out, inp is None, dinp, groups, length, stages, buffers, activation, inverse,
                              block_m, block_k)
-    if not weight_grads:
-        return (dinp,) + _no_weight_grads(dev, 8)
-    segments = row_segments(groups, num_groups)
 
     def reduce(a, b, act):
         return grouped_tokens_reduce(a, b, segments, num_groups, length, act, splits=splits)
-    return (dinp, *coupling_weight_grads(reduce, dout, out, dinp, *buffers, activation, inverse, *stages[2:]))
+    segments = row_segments(groups, num_groups) if weight_grads else None
+    grads = routed_coupling_backward(dout, out, inp, weights, activation, inverse, _per_row_linear(groups), fused,
+                                     reduce if weight_grads else None)
+    return grads if weight_grads else grads + _no_weight_grads(out.device, 8)
 
 
 def _fused_nice_backward(dout, out, rebuild, dinp, groups, length, stages, buffers, activation, inverse, block_m,

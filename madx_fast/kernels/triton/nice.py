@@ -76,16 +76,9 @@ def route(ha: int, hb: int) -> str:
 def nice_coupling(x, weights, activation, inverse, *, block_m=None, block_k=None):
     """Launcher: NICE forward (``inverse=False``) or inverse on ``x: [N, H]`` (any strides). ``block_m`` and
     ``block_k`` set the fused route's blocks (tests)."""
-    n, h = x.shape
-    out = torch.empty((n, h), dtype=x.dtype, device=x.device)
-    if n == 0:
-        return out
-    stages = stage_layout(h, weights, inverse)
-    if route(*stage_dims(stages)[2:]) == "gemm":
-        gemm_coupling(fused_linear, x, out, stages, activation, inverse)
-    else:
+    def fused(out, stages):
         _fused_coupling(x, out, stages, activation, inverse, block_m, block_k)
-    return out
+    return routed_coupling(x, weights, activation, inverse, fused_linear, fused)
 
 
 def nice_coupling_backward(dout, out, inp, weights, activation, inverse, *, block_m=None, block_k=None,
@@ -93,6 +86,35 @@ def nice_coupling_backward(dout, out, inp, weights, activation, inverse, *, bloc
     """Launcher: ``(d_inp, df_w1, df_b1, df_w2, df_b2, dg_w1, dg_b1, dg_w2, dg_b2)``, weight grads fp32.
     ``inp=None`` rebuilds the input from ``out``. The input gradient and the per-token tensors by the route's
     kernels, then the weight-gradient reductions."""
+    def fused(dout, out, dinp, stages, buffers):
+        _fused_coupling_backward(dout, out, inp is None, dinp, stages, buffers, activation, inverse, block_m,
+                                 block_k)
+
+    def reduce(a, b, act):
+        return tokens_reduce(a, b, act, splits=splits)
+    return routed_coupling_backward(dout, out, inp, weights, activation, inverse, fused_linear, fused, reduce)
+
+
+def routed_coupling(x, weights, activation, inverse, linear, fused):
+    """The coupling of ``x`` on the route ``route`` picks: ``gemm_coupling`` with the GEMM ``linear`` (the
+    single or the per-row one), or ``fused(out, stages)``, the route's kernel launch. Shared with the grouped
+    launcher."""
+    n, h = x.shape
+    out = torch.empty((n, h), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    stages = stage_layout(h, weights, inverse)
+    if route(*stage_dims(stages)[2:]) == "gemm":
+        gemm_coupling(linear, x, out, stages, activation, inverse)
+    else:
+        fused(out, stages)
+    return out
+
+
+def routed_coupling_backward(dout, out, inp, weights, activation, inverse, linear, fused, reduce):
+    """The backward on the route ``route`` picks (``gemm_coupling_backward`` with ``linear``, or
+    ``fused(dout, out, dinp, stages, buffers)``), then the weight gradients by ``reduce`` (single or per group;
+    ``reduce=None``: none, the input gradient alone). Shared with the grouped launcher."""
     n, h = out.shape
     dout, out = dout.contiguous(), out.contiguous()
     stages = stage_layout(h, weights, inverse)
@@ -100,13 +122,11 @@ def nice_coupling_backward(dout, out, inp, weights, activation, inverse, *, bloc
     buffers = backward_buffers(n, in_a, ha, hb, inp, stages[2], out.dtype, out.device)
     dinp = torch.empty((n, h), dtype=out.dtype, device=out.device)
     if n > 0 and route(ha, hb) == "gemm":
-        gemm_coupling_backward(fused_linear, dout, out, inp is None, dinp, stages, buffers, activation, inverse)
+        gemm_coupling_backward(linear, dout, out, inp is None, dinp, stages, buffers, activation, inverse)
     elif n > 0:
-        _fused_coupling_backward(dout, out, inp is None, dinp, stages, buffers, activation, inverse, block_m,
-                                 block_k)
-
-    def reduce(a, b, act):
-        return tokens_reduce(a, b, act, splits=splits)
+        fused(dout, out, dinp, stages, buffers)
+    if reduce is None:
+        return (dinp,)
     return (dinp, *coupling_weight_grads(reduce, dout, out, dinp, *buffers, activation, inverse, *stages[2:]))
 
 
