@@ -9,7 +9,7 @@ the launchers right below the imports; the grouped launchers in ``grouped.py`` t
 * ``"gemm"`` (wider: H = 1536 to 4096, DeBERTa-v2 xlarge, XLM-R XL/XXL, Llama-class models): a 64-token
   block's hidden activations (384 to 1024 wide) no longer fit in registers (the fused kernels spill, and at
   H = 4096 need more shared memory than an H100 has), while each product is large enough to be
-  compute-bound. The coupling runs as tiled GEMMs (``linear.fused_linear``, 128 x 128 tiles) with the
+  compute-bound. The coupling runs as tiled GEMMs (``linear.fused_linear``, ``linear.tile_config``) with the
   coupling's work fused into their prologues and epilogues: bias into z; the activation on load, the bias,
   the sign and the residual half into each half of the output. Backward: seven GEMMs with fused epilogues
   (the activation derivative, the residual gradient, the rebuilt input) and the same weight-gradient token
