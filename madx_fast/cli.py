@@ -22,14 +22,13 @@ import logging
 import os
 import sys
 
-from .training.settings import csv_list
-
 log = logging.getLogger("madx_fast.training")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training.settings import (LanguageAdapterSettings, PredictSettings, TaskAdapterSettings, TransferSettings,
-                                    add_arguments)
+    from .demo import DemoConfig
+    from .training.settings import (LanguageAdapterSettings, ParameterBudgetSettings, PredictSettings,
+                                    TaskAdapterSettings, TransferSettings, add_arguments)
 
     parser = argparse.ArgumentParser(prog="madx", description="MAD-X adapters: train, transfer, predict, count, demo.")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -43,39 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sub.add_parser("predict", help="label JSON lines of many languages in mixed batches (a language "
                                  "adapter per line under one task adapter)"), PredictSettings)
 
-    p = sub.add_parser("params", help="parameter counts per language and task (MAD-X budget)")
-    p.add_argument("--model", default=None, help="model name or directory (default: XLM-R base, offline)")
-    p.add_argument("--langs", default="en", help="comma-separated languages to count")
-    p.add_argument("--lang-reduction-factor", type=float, default=2)
-    p.add_argument("--task-reduction-factor", type=float, default=16)
-    p.add_argument("--no-invertible", action="store_true")
-
-    p = sub.add_parser("demo", help="the whole MAD-X pipeline offline on synthetic languages (a few CPU minutes)")
-    p.add_argument("--output-dir", default="madx_demo_out")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs in --output-dir")
-    p.add_argument("--model", default=None,
-                   help="a pretrained base model instead of the small one (then the paper's lr / batch / reduction "
-                        "factors, 10k MLM steps, 10 NER epochs, length 128; override with the flags below)")
-    p.add_argument("--text-data", default=None, help="unlabeled text per language ({lang}) for real data")
-    p.add_argument("--text-eval-data", default=None)
-    p.add_argument("--ner-data", default=None, help="NER data per language ({lang}), e.g. wikiann:{lang}")
-    p.add_argument("--max-texts", type=int, default=None)
-    p.add_argument("--sources", default=None, help="comma-separated source languages (default alpha)")
-    p.add_argument("--targets", default=None, help="comma-separated target languages (default alpha,beta,gamma)")
-    p.add_argument("--pretrain-steps", type=int, default=None)
-    p.add_argument("--lang-steps", type=int, default=None)
-    p.add_argument("--task-epochs", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="MLM batch (pretraining, language adapters)")
-    p.add_argument("--task-batch-size", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--no-ablations", action="store_true", help="skip MAD-X -INV and -LAD -INV")
-    p.add_argument("--no-cache", action="store_true", help="pretrain the base model even if it is cached")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--backend", default=None, choices=["auto", "eager", "triton", "cuda"])
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    add_arguments(sub.add_parser("params", help="parameter counts per language and task (MAD-X budget)"),
+                  ParameterBudgetSettings)
+    add_arguments(sub.add_parser("demo", help="the whole MAD-X pipeline offline on synthetic languages (a few CPU "
+                                 "minutes)"), DemoConfig, given_only=True)
     return parser
 
 
@@ -121,34 +91,23 @@ def cmd_predict(args) -> int:
 
 def cmd_params(args) -> None:
     from .model.params import format_parameter_budget, parameter_budget
-    from .training.setup import load_config
-    config = load_config(args.model) if args.model else None
-    print(format_parameter_budget(parameter_budget(config, model_name=args.model, languages=csv_list(args.langs) or ["en"],
-                                                   lang_reduction_factor=args.lang_reduction_factor,
-                                                   task_reduction_factor=args.task_reduction_factor,
-                                                   invertible=not args.no_invertible)))
+    from .training.models import load_config
+    from .training.settings import ParameterBudgetSettings, from_args
+    s = from_args(ParameterBudgetSettings, args)
+    config = load_config(s.model) if s.model else None
+    print(format_parameter_budget(parameter_budget(config, model_name=s.model, languages=s.langs or ["en"],
+                                                   lang_reduction_factor=s.lang_reduction_factor,
+                                                   task_reduction_factor=s.task_reduction_factor,
+                                                   invertible=s.invertible)))
 
 
 def cmd_demo(args) -> None:
     from .demo import DemoConfig, real_model_config, run_demo
-    if (args.text_data or args.ner_data) and not (args.sources and args.targets):
+    from .training.settings import args_values
+    given = args_values(DemoConfig, args)  # only the flags given: --model changes the defaults of the others
+    if (given.get("text_data") or given.get("ner_data")) and not (given.get("sources") and given.get("targets")):
         raise ValueError("with --text-data / --ner-data, name the languages: --sources en --targets en,sw")
-    common = dict(output_dir=args.output_dir, overwrite=args.overwrite, text_data=args.text_data,
-                  text_eval_data=args.text_eval_data, ner_data=args.ner_data, max_texts=args.max_texts,
-                  ablations=not args.no_ablations, use_cache=not args.no_cache, cache_dir=args.cache_dir, device=args.device,
-                  bf16=args.bf16, backend=args.backend, progress=not args.no_progress)
-    cfg = real_model_config(args.model, **common) if args.model else DemoConfig(**common)
-    if args.sources:
-        cfg.sources = csv_list(args.sources)
-    if args.targets:
-        cfg.targets = csv_list(args.targets)
-    for arg, attr in (("pretrain_steps", "pretrain_steps"), ("lang_steps", "lang_steps"),
-                      ("task_epochs", "task_epochs"), ("batch_size", "batch_size"),
-                      ("task_batch_size", "task_batch_size"), ("max_length", "max_length"),
-                      ("seed", "seed")):
-        if getattr(args, arg) is not None:
-            setattr(cfg, attr, getattr(args, arg))
-    run_demo(cfg)
+    run_demo(real_model_config(**given) if given.get("model") else DemoConfig(**given))
 
 
 COMMANDS = {"train-lang": cmd_train_lang, "train-task": cmd_train_task, "transfer": cmd_transfer,

@@ -41,7 +41,7 @@ WHEEL_SETS = {
 }
 # Packages PyPI has only as source: built here into pure-Python wheels (py3-none-any).
 SDIST_SETS = {"training": ["seqeval==1.2.2"]}
-# What the GPU image ("cuda", python 3.12) was seen with that the sets above must override (KINDS.md).
+# What the GPU image ("cuda", python 3.12) was seen with, which the sets above must override.
 IMAGE_STANDIN = ["transformers==5.17.0", "huggingface_hub==1.33.0", "tokenizers==0.23.2"]
 GPU_PYTHON = "3.12"
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",

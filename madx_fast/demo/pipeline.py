@@ -33,11 +33,10 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-from .. import atomic
-from ..training import runs as run_files
-from ..training.settings import TrainConfig
+from .. import files
+from ..training.settings import BACKENDS, TrainConfig, csv_list, opt
 from . import synthetic
 
 log = logging.getLogger("madx_fast.training")
@@ -50,47 +49,55 @@ CACHE_VERSION = 1
 
 @dataclass
 class DemoConfig:
-    output_dir: str = "madx_demo_out"
-    overwrite: bool = False
+    """The demo's settings; the fields with a flag are ``madx demo``'s flags (generated from them, like every
+    command's). With ``--model`` the defaults are ``real_model_config``'s."""
+
+    output_dir: str = opt("madx_demo_out", help="directory for everything the demo writes")
+    overwrite: bool = opt(False, help="replace an earlier demo's outputs in --output-dir")
     # languages: task adapters are trained on each source and evaluated on every target
-    sources: list[str] = field(default_factory=lambda: ["alpha", "beta"])
-    targets: list[str] = field(default_factory=lambda: ["alpha", "beta", "gamma"])
+    sources: list[str] = opt(default_factory=lambda: ["alpha", "beta"], parse=csv_list,
+                             help="comma-separated source languages")
+    targets: list[str] = opt(default_factory=lambda: ["alpha", "beta", "gamma"], parse=csv_list,
+                             help="comma-separated target languages")
     # data: None = the synthetic languages; otherwise specs with {lang} (files, directories, HF datasets)
-    text_data: str | None = None
-    text_eval_data: str | None = None
-    ner_data: str | None = None
-    max_texts: int | None = None
+    text_data: str | None = opt(None, help="unlabeled text per language ({lang}) for real data")
+    text_eval_data: str | None = opt(None, help="held-out text per language ({lang})")
+    ner_data: str | None = opt(None, help="NER data per language ({lang}), e.g. wikiann:{lang}")
+    max_texts: int | None = opt(None, help="read at most this many texts per language")
     # base model: None = build and pretrain the small one (or load it from the cache)
-    model: str | None = None
-    hidden_size: int = 64
-    num_layers: int = 2
-    vocab_size: int = 800
-    max_length: int = 32
-    pretrain_steps: int = 2500
-    pretrain_lr: float = 2e-3
+    model: str | None = opt(None, help="a pretrained base model instead of the small one (then the paper's lr / "
+                            "batch / reduction factors, 10k MLM steps, 10 NER epochs, length 128; override with "
+                            "the flags below)")
+    hidden_size: int = opt(64, cli=False)
+    num_layers: int = opt(2, cli=False)
+    vocab_size: int = opt(800, cli=False)
+    max_length: int = opt(32, help="sequence length")
+    pretrain_steps: int = opt(2500, help="full-MLM steps of the small base model")
+    pretrain_lr: float = opt(2e-3, cli=False)
     # adapters (bottlenecks: 32 for languages, 16 for the task at hidden size 64; the paper's rf 16 would
     # leave a task bottleneck of 4 at this size)
-    lang_steps: int = 300
-    lang_lr: float = 2e-3
-    lang_reduction_factor: float = 2
-    task_epochs: float = 15
-    task_lr: float = 2e-3
-    task_reduction_factor: float = 4
-    batch_size: int = 64
-    task_batch_size: int = 32
-    ablations: bool = True
+    lang_steps: int = opt(300, help="steps per language adapter")
+    lang_lr: float = opt(2e-3, cli=False)
+    lang_reduction_factor: float = opt(2, cli=False)
+    task_epochs: float = opt(15, help="NER task adapter epochs")
+    task_lr: float = opt(2e-3, cli=False)
+    task_reduction_factor: float = opt(4, cli=False)
+    batch_size: int = opt(64, help="MLM batch (pretraining, language adapters)")
+    task_batch_size: int = opt(32, help="NER batch")
+    ablations: bool = opt(True, flag="--no-ablations", help="skip MAD-X -INV and -LAD -INV")
     # synthetic data sizes
-    text_sentences: int = 6000
-    ner_train: int = 1000
-    ner_validation: int = 200
-    ner_test: int = 500
-    seed: int = 0
-    backend: str | None = None
-    device: str | None = None
-    bf16: bool = False
-    progress: bool = True
-    cache_dir: str | None = None
-    use_cache: bool = True
+    text_sentences: int = opt(6000, cli=False)
+    ner_train: int = opt(1000, cli=False)
+    ner_validation: int = opt(200, cli=False)
+    ner_test: int = opt(500, cli=False)
+    seed: int = opt(0, help="seed of the data, the models and the runs")
+    backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
+    device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    bf16: bool = opt(False, help="bfloat16 autocast")
+    progress: bool = opt(True, flag="--no-progress", help="no progress bars (log lines instead)")
+    cache_dir: str | None = opt(None, help="where the pretrained small base is cached (default ~/.cache/madx_fast "
+                                "or $MADX_FAST_CACHE)")
+    use_cache: bool = opt(True, flag="--no-cache", help="pretrain the base model even if it is cached")
 
 
 def real_model_config(model: str, **overrides) -> DemoConfig:
@@ -125,137 +132,169 @@ def _clear_demo_outputs(directory: str) -> None:
 
 def run_demo(cfg: DemoConfig | None = None) -> dict:
     """Run the pipeline; returns (and writes to ``<out>/demo_summary.json``) everything it measured."""
-    from ..training import evaluate_transfer, train_language_adapter, train_task_adapter
-    from ..training.transfer import format_table, write_transfer_report
+    return _Demo(cfg or DemoConfig()).run()
 
-    cfg = cfg or DemoConfig()
-    t0 = time.perf_counter()
-    out = os.path.abspath(cfg.output_dir)
-    check_demo_output(out, cfg.overwrite)
-    languages = list(dict.fromkeys(cfg.sources + cfg.targets))
-    if not cfg.sources or not cfg.targets:
-        raise ValueError("the demo needs at least one source and one target language")
-    if cfg.ner_data is None or cfg.text_data is None:
-        if cfg.ner_data or cfg.text_data:
-            raise ValueError("give both --text-data and --ner-data for real data (or neither for the synthetic "
-                             "languages)")
-        bad = [lang for lang in languages if lang not in synthetic.LANGUAGES]
-        if bad:
-            raise ValueError(f"unknown synthetic language(s) {bad}; the demo's languages are "
-                             f"{list(synthetic.LANGUAGES)} (give --text-data / --ner-data for others)")
-    _clear_demo_outputs(out) if cfg.overwrite else None
-    os.makedirs(out, exist_ok=True)
-    timings: dict[str, float] = {}
-    runs: list[dict] = []
 
-    # 1. data ------------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    if cfg.text_data is None:
-        _banner(f"1/5 data: synthetic languages {', '.join(languages)}")
-        paths = synthetic.write_corpus(os.path.join(out, "data"), languages, text_sentences=cfg.text_sentences,
+class _Demo:
+    """One run of the pipeline: its steps in order, each timed; ``runs`` collects a row per training run."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg, self.out = cfg, os.path.abspath(cfg.output_dir)
+        self.languages = list(dict.fromkeys(cfg.sources + cfg.targets))
+        self.runs: list[dict] = []
+        self.timings: dict[str, float] = {}
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        cfg, out = self.cfg, self.out
+        check_demo_output(out, cfg.overwrite)
+        self._check_languages()
+        if cfg.overwrite:
+            _clear_demo_outputs(out)
+        os.makedirs(out, exist_ok=True)
+        paths, specs = self._timed("data", self._data)
+        base = self._timed("base_model", self._base_model, paths)
+        systems = [("MAD-X", True)] + ([("MAD-X -INV", False)] if cfg.ablations else [])
+        lang_dirs = self._timed("language_adapters", self._language_adapters, base, specs, systems)
+        task_dirs = self._timed("task_adapters", self._task_adapters, base, specs, systems, lang_dirs)
+        records, report = self._timed("transfer", self._transfer, specs, lang_dirs, task_dirs)
+        self.timings["total"] = time.perf_counter() - t0
+        summary = {"config": asdict(cfg), "base_model": base, "runs": self.runs, "transfer": records,
+                   "report": report, "timings_s": self.timings}
+        files.write_json(os.path.join(out, DEMO_MARKER), summary)
+        _print_summary(summary, out)
+        return summary
+
+    def _timed(self, name: str, step, *args):
+        t = time.perf_counter()
+        result = step(*args)
+        self.timings[name] = time.perf_counter() - t
+        return result
+
+    def _check_languages(self) -> None:
+        cfg = self.cfg
+        if not cfg.sources or not cfg.targets:
+            raise ValueError("the demo needs at least one source and one target language")
+        if cfg.ner_data is None or cfg.text_data is None:
+            if cfg.ner_data or cfg.text_data:
+                raise ValueError("give both --text-data and --ner-data for real data (or neither for the synthetic "
+                                 "languages)")
+            bad = [lang for lang in self.languages if lang not in synthetic.LANGUAGES]
+            if bad:
+                raise ValueError(f"unknown synthetic language(s) {bad}; the demo's languages are "
+                                 f"{list(synthetic.LANGUAGES)} (give --text-data / --ner-data for others)")
+
+    def _data(self):
+        """Step 1: ``(paths of the synthetic files or None, {"text", "text_eval", "ner"}: data specs)``."""
+        cfg, out = self.cfg, self.out
+        if cfg.text_data is not None:
+            return None, {"text": cfg.text_data, "text_eval": cfg.text_eval_data, "ner": cfg.ner_data}
+        _banner(f"1/5 data: synthetic languages {', '.join(self.languages)}")
+        paths = synthetic.write_corpus(os.path.join(out, "data"), self.languages, text_sentences=cfg.text_sentences,
                                        ner_train=cfg.ner_train, ner_validation=cfg.ner_validation,
                                        ner_test=cfg.ner_test, seed=cfg.seed)
-        text_data = os.path.join(out, "data", "{lang}", "text", "train.txt")
-        text_eval = os.path.join(out, "data", "{lang}", "text", "validation.txt")
-        ner_data = os.path.join(out, "data", "{lang}", "ner")
         log.info("wrote %s (%.1f MB)", os.path.join(out, "data"), _du(os.path.join(out, "data")) / 2 ** 20)
-    else:
-        paths = None
-        text_data, text_eval, ner_data = cfg.text_data, cfg.text_eval_data, cfg.ner_data
-    timings["data"] = time.perf_counter() - t
+        return paths, {"text": os.path.join(out, "data", "{lang}", "text", "train.txt"),
+                       "text_eval": os.path.join(out, "data", "{lang}", "text", "validation.txt"),
+                       "ner": os.path.join(out, "data", "{lang}", "ner")}
 
-    # 2. base model ------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    if cfg.model is None:
+    def _base_model(self, paths) -> str:
+        """Step 2: the given base model, or the small one pretrained here (or taken from the cache)."""
+        cfg = self.cfg
+        if cfg.model is not None:
+            _banner(f"2/5 base model: {cfg.model}")
+            return cfg.model
         _banner(f"2/5 base model: XLM-R architecture, hidden {cfg.hidden_size}, {cfg.num_layers} layers")
-        base, pretrain = _base_model(cfg, paths, languages, out)
+        base, pretrain = _base_model(cfg, paths, self.languages, self.out)
         if pretrain:
-            runs.append(pretrain)
-    else:
-        _banner(f"2/5 base model: {cfg.model}")
-        base = cfg.model
-    timings["base_model"] = time.perf_counter() - t
+            self.runs.append(pretrain)
+        return base
 
-    def loop(steps, lr, warmup=0.1, batch_size=cfg.batch_size):
-        return TrainConfig(steps=steps or 1, batch_size=batch_size, learning_rate=lr,
+    def _loop(self, steps, lr, warmup=0.1, batch_size=None) -> TrainConfig:
+        cfg = self.cfg
+        return TrainConfig(steps=steps or 1, batch_size=batch_size or cfg.batch_size, learning_rate=lr,
                            warmup_steps=int(warmup * (steps or 0)), seed=cfg.seed, log_every=20,
                            eval_every=max(1, (steps or 1) // 2), save_every=max(1, (steps or 1) // 2),
                            eval_batch_size=64, progress=cfg.progress, device=cfg.device, bf16=cfg.bf16)
 
-    # 3. language adapters -----------------------------------------------------------------------------
-    t = time.perf_counter()
-    systems = [("MAD-X", True)] + ([("MAD-X -INV", False)] if cfg.ablations else [])
-    lang_dirs: dict[str, dict[str, str]] = {}
-    for system, invertible in systems:
-        lang_dirs[system] = {}
-        for lang in languages:
+    def _language_adapters(self, base: str, specs: dict, systems) -> dict[str, dict[str, str]]:
+        """Step 3: a language adapter per language and system (MAD-X; MAD-X -INV without NICE)."""
+        from ..training import train_language_adapter
+        cfg, lang_dirs = self.cfg, {}
+        for system, invertible in systems:
+            lang_dirs[system] = {}
+            for lang in self.languages:
+                suffix = "" if invertible else "-noinv"
+                _banner(f"3/5 language adapter {lang}{' (no invertible adapter)' if not invertible else ''}")
+                d = os.path.join(self.out, f"lang-{lang}{suffix}")
+                self.runs.append(_run_row(train_language_adapter(
+                    model=base, lang=lang, train_data=specs["text"], eval_data=specs["text_eval"], output_dir=d,
+                    config=self._loop(cfg.lang_steps, cfg.lang_lr), max_length=cfg.max_length,
+                    invertible=invertible, reduction_factor=cfg.lang_reduction_factor, backend=cfg.backend,
+                    max_texts=cfg.max_texts), f"language adapter {lang}{suffix}"))
+                lang_dirs[system][lang] = d
+        return lang_dirs
+
+    def _task_adapters(self, base: str, specs: dict, systems, lang_dirs) -> dict[str, list[str]]:
+        """Step 4: a NER task adapter per source on each system's language adapter, and with none (-LAD -INV)."""
+        from ..training import train_task_adapter
+        cfg = self.cfg
+        task_loop = dataclasses.replace(self._loop(1, cfg.task_lr, warmup=0.0, batch_size=cfg.task_batch_size),
+                                        eval_every=0, save_every=0)  # steps and per-epoch validation from epochs
+
+        def train(name: str, label: str, **lang) -> str:
+            d = os.path.join(self.out, name)
+            self.runs.append(_run_row(train_task_adapter(
+                model=base, output_dir=d, config=dataclasses.replace(task_loop), task="ner", train_data=specs["ner"],
+                max_length=cfg.max_length, backend=cfg.backend, epochs=cfg.task_epochs,
+                reduction_factor=cfg.task_reduction_factor, **lang), label))
+            return d
+
+        task_dirs: dict[str, list[str]] = {}
+        for system, invertible in systems:
             suffix = "" if invertible else "-noinv"
-            _banner(f"3/5 language adapter {lang}{' (no invertible adapter)' if not invertible else ''}")
-            d = os.path.join(out, f"lang-{lang}{suffix}")
-            runs.append(_run_row(train_language_adapter(
-                model=base, lang=lang, train_data=text_data, eval_data=text_eval, output_dir=d,
-                config=loop(cfg.lang_steps, cfg.lang_lr), max_length=cfg.max_length, invertible=invertible,
-                reduction_factor=cfg.lang_reduction_factor,
-                backend=cfg.backend, max_texts=cfg.max_texts), f"language adapter {lang}{suffix}"))
-            lang_dirs[system][lang] = d
-    timings["language_adapters"] = time.perf_counter() - t
+            task_dirs[system] = []
+            for src in cfg.sources:
+                _banner(f"4/5 NER task adapter on Stack({src}, ner){' -INV' if not invertible else ''}")
+                task_dirs[system].append(train(f"ner-{src}{suffix}", f"NER adapter on {src}{suffix}",
+                                               lang_adapter=lang_dirs[system][src]))
+        if cfg.ablations:
+            task_dirs["MAD-X -LAD -INV"] = []
+            for src in cfg.sources:
+                _banner(f"4/5 NER task adapter on {src}, no language adapter (-LAD -INV)")
+                task_dirs["MAD-X -LAD -INV"].append(train(f"ner-{src}-nolang", f"NER adapter on {src}, no lang "
+                                                          "adapter", lang=src))
+        return task_dirs
 
-    # 4. task adapters ---------------------------------------------------------------------------------
-    t = time.perf_counter()
-    task_dirs: dict[str, list[str]] = {s: [] for s, _ in systems}
-    task_config = dict(task="ner", train_data=ner_data, max_length=cfg.max_length, backend=cfg.backend,
-                       epochs=cfg.task_epochs, reduction_factor=cfg.task_reduction_factor)
-    task_loop = dataclasses.replace(loop(1, cfg.task_lr, warmup=0.0, batch_size=cfg.task_batch_size),
-                                    eval_every=0, save_every=0)  # steps and per-epoch validation from epochs
-    for system, invertible in systems:
-        for src in cfg.sources:
-            suffix = "" if invertible else "-noinv"
-            _banner(f"4/5 NER task adapter on Stack({src}, ner){' -INV' if not invertible else ''}")
-            d = os.path.join(out, f"ner-{src}{suffix}")
-            runs.append(_run_row(train_task_adapter(
-                model=base, lang_adapter=lang_dirs[system][src], output_dir=d, config=dataclasses.replace(task_loop),
-                **task_config), f"NER adapter on {src}{suffix}"))
-            task_dirs[system].append(d)
-    if cfg.ablations:
-        system = "MAD-X -LAD -INV"
-        task_dirs[system] = []
-        for src in cfg.sources:
-            _banner(f"4/5 NER task adapter on {src}, no language adapter (-LAD -INV)")
-            d = os.path.join(out, f"ner-{src}-nolang")
-            runs.append(_run_row(train_task_adapter(
-                model=base, lang=src, output_dir=d, config=dataclasses.replace(task_loop), **task_config),
-                f"NER adapter on {src}, no lang adapter"))
-            task_dirs[system].append(d)
-    timings["task_adapters"] = time.perf_counter() - t
+    def _transfer(self, specs: dict, lang_dirs, task_dirs):
+        """Step 5: zero-shot transfer of every system's task adapters to every target; the report."""
+        from ..training import evaluate_transfer, write_transfer_report
+        cfg = self.cfg
+        _banner(f"5/5 zero-shot transfer: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}")
+        records = []
+        for system, dirs in task_dirs.items():
+            settings = ("target", "source", "none") if system == "MAD-X" else ("target",)
+            res = evaluate_transfer(task_adapters=dirs, lang_adapters=lang_dirs.get(system, {}), targets=cfg.targets,
+                                    eval_data=specs["ner"], split="test", settings=settings, system=system,
+                                    device=cfg.device, bf16=cfg.bf16, backend=cfg.backend)
+            records.extend(res["records"])
+        report = write_transfer_report(records, os.path.join(self.out, "transfer"),
+                                       title="zero-shot NER transfer, entity F1 (%)")
+        return records, report
 
-    # 5. zero-shot transfer ----------------------------------------------------------------------------
-    t = time.perf_counter()
-    _banner(f"5/5 zero-shot transfer: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}")
-    records = []
-    for system, dirs in task_dirs.items():
-        settings = ("target", "source", "none") if system == "MAD-X" else ("target",)
-        res = evaluate_transfer(task_adapters=dirs, lang_adapters=lang_dirs.get(system, {}), targets=cfg.targets,
-                                eval_data=ner_data, split="test", settings=settings, system=system,
-                                device=cfg.device, bf16=cfg.bf16, backend=cfg.backend)
-        records.extend(res["records"])
-    report = write_transfer_report(records, os.path.join(out, "transfer"),
-                                   title="zero-shot NER transfer, entity F1 (%)")
-    timings["transfer"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
 
-    summary = {"config": asdict(cfg), "base_model": base, "runs": runs, "transfer": records,
-               "report": report, "timings_s": timings}
-    run_files.write_json(os.path.join(out, DEMO_MARKER), summary)
+def _print_summary(summary: dict, out: str) -> None:
+    from ..training.transfer import format_table
+    report = summary["report"]
     print()
-    print(format_runs(runs))
+    print(format_runs(summary["runs"]))
     print()
     print("Zero-shot NER (seqeval entity F1 %, test sets of the target languages):")
-    print(format_table(records))
+    print(format_table(summary["transfer"]))
     print()
     print(f"report: {report['transfer_heatmap.png']}, {report['transfer_matrix.csv']}, "
           f"{report['transfer_results.json']}")
-    print(f"adapters: {out}/lang-*/adapter, {out}/ner-*/best;  total wall time {timings['total']:.1f} s")
-    return summary
+    print(f"adapters: {out}/lang-*/adapter, {out}/ner-*/best;  total wall time {summary['timings_s']['total']:.1f} s")
 
 
 def _banner(text: str) -> None:
@@ -329,7 +368,7 @@ def _base_model(cfg: DemoConfig, paths, languages, out: str):
     summary = pretrain_base(texts, target, cfg, os.path.join(out, "base-pretraining"))
     if cfg.use_cache:
         try:
-            atomic.replace_directory(cached, lambda tmp: shutil.copytree(target, tmp, dirs_exist_ok=True))
+            files.replace_directory(cached, lambda tmp: shutil.copytree(target, tmp, dirs_exist_ok=True))
             log.info("cached the base model in %s (delete it, or pass --no-cache, to pretrain again)", cached)
         except OSError as exc:  # a read-only home is no reason to fail the demo
             log.warning("could not cache the base model in %s: %s", cached, exc)
@@ -372,7 +411,7 @@ def pretrain_base(texts, target: str, cfg: DemoConfig, run_dir: str) -> dict:
     def build(tmp):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    atomic.replace_directory(target, build)
+    files.replace_directory(target, build)
     return {"run": "base model pretraining (full MLM)", "stage": "pretrain", "adapter": None,
             "adapter_parameters": None, "base_parameters": n_params, "steps": cfg.pretrain_steps,
             "train_time_s": result["train_time_s"], "wall_time_s": time.perf_counter() - t0,

@@ -25,7 +25,7 @@ Loading reads and checks everything (config options, hidden size, layer count, k
 finiteness, the adapter name being free, the head fitting the model) before the model is touched, and raises
 AdapterFileError / AdapterConfigError naming the file and the problem; ``.bin`` files are read with
 ``torch.load(weights_only=True)``, which never runs pickled code. Saving builds the whole directory aside and
-swaps it in (``madx_fast.atomic``): a reader sees the old adapter or the new one, never a mix, and files of
+swaps it in (``madx_fast.files``): a reader sees the old adapter or the new one, never a mix, and files of
 an earlier save never survive an overwrite.
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import atomic
+from .. import files
+from .._version import __version__
 from .config import AdapterConfigError, MadxConfig
 
 OWN_CONFIG = "madx_adapter.json"
@@ -118,15 +119,15 @@ def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = Fa
                   "name_or_path": getattr(model.config, "name_or_path", "") or ""},
         "head": None if head is None else {"keys": sorted(head), "model_class": type(model).__name__,
                                            "labels": _label_names(model.config)},
-        "madx_fast_version": _version(),
+        "madx_fast_version": __version__,
     }
     save_file(weights, os.path.join(directory, OWN_WEIGHTS), metadata={"format": "pt"})
-    meta["weights_sha256"] = sha256_file(os.path.join(directory, OWN_WEIGHTS))
+    meta["weights_sha256"] = files.sha256_file(os.path.join(directory, OWN_WEIGHTS))
     if head is not None:
         save_file(head, os.path.join(directory, OWN_HEAD_WEIGHTS), metadata={"format": "pt"})
-        meta["head"]["sha256"] = sha256_file(os.path.join(directory, OWN_HEAD_WEIGHTS))
+        meta["head"]["sha256"] = files.sha256_file(os.path.join(directory, OWN_HEAD_WEIGHTS))
     meta["checksum"] = _meta_checksum(meta)
-    atomic.dump_json(meta, os.path.join(directory, OWN_CONFIG))  # last: the config marks a complete adapter
+    files.dump_json(meta, os.path.join(directory, OWN_CONFIG))  # last: the config marks a complete adapter
 
 
 def load_adapter(madx, directory, *, load_as=None, overwrite=False, set_active=False, with_head=False) -> str:
@@ -144,7 +145,7 @@ def load_adapter(madx, directory, *, load_as=None, overwrite=False, set_active=F
 
 def _read_own_meta(directory) -> tuple[str, dict, MadxConfig]:
     config_path = os.path.join(directory, OWN_CONFIG)
-    meta = read_json(config_path)
+    meta = _read_json(config_path)
     if "checksum" in meta and meta["checksum"] != _meta_checksum(meta):
         raise AdapterFileError(f"{config_path}: the file was changed or damaged after it was saved (its checksum "
                                "does not match its content)")
@@ -211,7 +212,7 @@ def export_adapterhub(madx, directory, name: str, *, safetensors: bool = False, 
         "name": name,
         "version": HUB_VERSION,
     }
-    weights = _cpu_copies(to_adapterhub_keys(madx.adapter_state_dict(name), name, parts.prefix))
+    weights = _cpu_copies(to_adapterhub_keys(madx.adapter_state_dict(name), name, parts))
     head = _cpu_copies(madx.head_state_dict()) if with_head else None
     head_meta = None
     if head is not None:
@@ -238,8 +239,8 @@ def export_adapterhub(madx, directory, name: str, *, safetensors: bool = False, 
         save(weights, tmp, HUB_SAFE_WEIGHTS, HUB_WEIGHTS)
         if head is not None:
             save(head, tmp, HUB_SAFE_HEAD_WEIGHTS, HUB_HEAD_WEIGHTS)
-            atomic.dump_json(head_meta, os.path.join(tmp, HUB_HEAD_CONFIG))
-        atomic.dump_json(meta, os.path.join(tmp, HUB_CONFIG))
+            files.dump_json(head_meta, os.path.join(tmp, HUB_HEAD_CONFIG))
+        files.dump_json(meta, os.path.join(tmp, HUB_CONFIG))
 
     _write_adapter_directory(directory, build, overwrite=overwrite, what=f"adapter {name!r}")
 
@@ -248,7 +249,7 @@ def _read_hub_meta(directory) -> tuple[str, dict, str, MadxConfig]:
     config_path = os.path.join(directory, HUB_CONFIG)
     if not os.path.isfile(config_path):
         raise AdapterFileError(f"{directory}: no {HUB_CONFIG} (not an AdapterHub adapter directory)")
-    meta = read_json(config_path)
+    meta = _read_json(config_path)
     if not isinstance(meta.get("config"), dict):
         raise AdapterFileError(f"{config_path}: no adapter 'config' entry")
     file_name = meta.get("name")
@@ -275,17 +276,33 @@ def import_adapterhub(madx, directory, *, load_as=None, overwrite=False, set_act
     name = load_as or file_name
     madx.check_new_name(name, overwrite)
     weights_path, raw = read_hub_weights(directory, HUB_SAFE_WEIGHTS, HUB_WEIGHTS)
-    state = from_adapterhub_keys(raw, file_name, parts.prefix, weights_path)
-    head = read_hub_head(directory, parts.prefix) if with_head else None
+    state = from_adapterhub_keys(raw, file_name, parts, weights_path)
+    head = read_hub_head(directory, parts.prefix, _head_names(madx)) if with_head else None
     return _install(madx, name, config, state, head, weights_path, overwrite=overwrite, set_active=set_active)
 
 
+def _head_names(madx) -> set[str]:
+    """The parameter names of the model's task head (none: it has no task head, which loading then reports)."""
+    try:
+        return set(madx.head_state_dict())
+    except AdapterFileError:
+        return set()
+
+
 _LEGACY_ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
-_LAYER_KEY = re.compile(
-    r"^(?:(?P<prefix>\w+)\.)?encoder\.layer\.(?P<layer>\d+)\.output\."
-    r"(?:adapters|layer_text_lang_adapters|layer_text_task_adapters)\.(?P<name>[^.]+)\."
-    r"(?P<param>adapter_down\.0\.(?:weight|bias)|adapter_up\.(?:weight|bias))$"
-)
+
+
+def _layer_key(parts) -> re.Pattern:
+    """AdapterHub's key of a layer adapter's weight in this model family (``parts.hub_key``), with or without the
+    base model prefix, and adapter-transformers' legacy module names."""
+    layers, slot = (re.escape(p) for p in (parts.backbone.layers, parts.backbone.slot))
+    return re.compile(
+        rf"^(?:(?P<prefix>\w+)\.)?{layers}\.(?P<layer>\d+)\.{slot}\."
+        r"(?:adapters|layer_text_lang_adapters|layer_text_task_adapters)\.(?P<name>[^.]+)\."
+        r"(?P<param>adapter_down\.0\.(?:weight|bias)|adapter_up\.(?:weight|bias))$"
+    )
+
+
 _INV_KEY = re.compile(
     r"^(?:(?P<prefix>\w+)\.)?(?:invertible_adapters|invertible_lang_adapters)\.(?P<name>[^.]+)\."
     r"(?P<param>[FG]\.[02]\.(?:weight|bias))$"
@@ -305,27 +322,28 @@ def _install(madx, name, config, state, head, source, *, overwrite, set_active) 
     return name
 
 
-def to_adapterhub_keys(state: dict, name: str, prefix: str) -> dict:
-    """``layers.{i}.X`` -> ``{prefix}.encoder.layer.{i}.output.adapters.{name}.X``;
-    ``invertible.X`` -> ``{prefix}.invertible_adapters.{name}.X``."""
+def to_adapterhub_keys(state: dict, name: str, parts) -> dict:
+    """``layers.{i}.X`` -> ``{parts.hub_key(i)}.{name}.X`` (``{prefix}.encoder.layer.{i}.output.adapters.{name}.X``
+    in BERT / XLM-R); ``invertible.X`` -> ``{prefix}.invertible_adapters.{name}.X``."""
     out = {}
     for key, value in state.items():
         kind, rest = key.split(".", 1)
         if kind == "layers":
             i, param = rest.split(".", 1)
-            out[f"{prefix}.encoder.layer.{i}.output.adapters.{name}.{param}"] = value
+            out[f"{parts.hub_key(int(i))}.{name}.{param}"] = value
         else:
-            out[f"{prefix}.invertible_adapters.{name}.{rest}"] = value
+            out[f"{parts.prefix}.invertible_adapters.{name}.{rest}"] = value
     return out
 
 
-def from_adapterhub_keys(raw: dict, name: str, prefix: str, source: str) -> dict:
+def from_adapterhub_keys(raw: dict, name: str, parts, source: str) -> dict:
     """The inverse of ``to_adapterhub_keys``; also reads unprefixed keys (files saved from a bare base
     model) and adapter-transformers' legacy module names. Keys of another adapter, of another model family
     (``bert.`` in an XLM-R model) or of anything else are refused by name."""
     out, foreign_prefix, other_name, unknown = {}, set(), set(), []
+    prefix, layer_key = parts.prefix, _layer_key(parts)
     for key, value in raw.items():
-        m = _LAYER_KEY.match(key) or _INV_KEY.match(key)
+        m = layer_key.match(key) or _INV_KEY.match(key)
         if m is None:
             unknown.append(key)
             continue
@@ -372,14 +390,24 @@ def read_hub_weights(directory, safe_name, bin_name) -> tuple[str, dict]:
 # AdapterHub task heads
 # --------------------------------------------------------------------------------------------------------
 # Flex heads of AdapterHub's model classes, as the HF class whose head computes the same function: module
-# index in the flex head -> parameter prefix in the HF model ("{base}" is the base model's attribute).
+# index in the flex head -> parameter prefix in the HF model ("{base}" is the base model's attribute; "a|b":
+# whichever the model has, e.g. Llama's token classifier is "score").
 _FLEX_HEADS = {
     # head_type, layers, use_pooler, activation -> (HF class suffix, {index: HF module})
-    ("tagging", 1, False, None): ("ForTokenClassification", {1: "classifier"}),
+    ("tagging", 1, False, None): ("ForTokenClassification", {1: "classifier|score"}),
     ("question_answering", 1, False, None): ("ForQuestionAnswering", {1: "qa_outputs"}),
     ("multiple_choice", 1, True, None): ("ForMultipleChoice", {1: "classifier"}),
     ("multiple_choice", 2, False, "tanh"): ("ForMultipleChoice", {1: "{base}.pooler.dense", 4: "classifier"}),
 }
+_HEAD_CLASSES = {"ForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                 "ForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+                 "ForMultipleChoice": "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"}
+
+
+def _hf_head_class(model_type: str | None, suffix: str) -> str:
+    """The HF class of that head for that model type (transformers' auto mapping), or the suffix alone."""
+    from transformers.models.auto import modeling_auto
+    return getattr(modeling_auto, _HEAD_CLASSES[suffix]).get(model_type or "", suffix)
 
 
 def _flex_head_key(config: dict) -> tuple:
@@ -388,12 +416,13 @@ def _flex_head_key(config: dict) -> tuple:
     return (config.get("head_type"), layers, bool(config.get("use_pooler", False)), activation)
 
 
-def read_hub_head(directory, prefix: str) -> tuple[str, dict, bool]:
-    """``(path, head weights by HF parameter name, pooler optional)`` of an AdapterHub adapter directory: a static head as
-    saved from an HF class, or a flex head (``heads.<name>.<i>.*``) mapped to the matching HF class's names."""
+def read_hub_head(directory, prefix: str, head_names=()) -> tuple[str, dict, bool]:
+    """``(path, head weights by HF parameter name, pooler optional)`` of an AdapterHub adapter directory: a static head
+    as saved from an HF class, or a flex head (``heads.<name>.<i>.*``) mapped to the matching HF class's names (of
+    the model's own head, ``head_names``, where the classes of a family differ)."""
     info = _hub_head_info(directory)
     path, raw = read_hub_weights(directory, HUB_SAFE_HEAD_WEIGHTS, HUB_HEAD_WEIGHTS)
-    meta = read_json(os.path.join(directory, HUB_HEAD_CONFIG)) if os.path.isfile(
+    meta = _read_json(os.path.join(directory, HUB_HEAD_CONFIG)) if os.path.isfile(
         os.path.join(directory, HUB_HEAD_CONFIG)) else {}
     flex = meta.get("config")
     if not isinstance(flex, dict):
@@ -405,7 +434,9 @@ def read_hub_head(directory, prefix: str) -> tuple[str, dict, bool]:
         if m is None or int(m.group(1)) not in modules:
             unknown.append(key)
             continue
-        out[f"{modules[int(m.group(1))].format(base=prefix)}.{m.group(2)}"] = value
+        names = modules[int(m.group(1))].format(base=prefix).split("|")
+        name = next((n for n in names if f"{n}.{m.group(2)}" in head_names), names[0])
+        out[f"{name}.{m.group(2)}"] = value
     if unknown:
         raise AdapterFileError(f"{path}: unexpected keys {unknown[:5]} for a {info.model_class} head")
     return path, out, "{base}.pooler.dense" not in modules.values()
@@ -415,7 +446,7 @@ def _hub_head_info(directory) -> HeadInfo:
     config_path = os.path.join(directory, HUB_HEAD_CONFIG)
     if not os.path.isfile(config_path):
         raise AdapterFileError(f"{directory}: no task head saved with this adapter ({HUB_HEAD_CONFIG} missing)")
-    meta = read_json(config_path)
+    meta = _read_json(config_path)
     flex = meta.get("config")
     label2id = meta.get("label2id")
     num_labels = meta.get("num_labels")
@@ -428,10 +459,7 @@ def _hub_head_info(directory) -> HeadInfo:
                 f"{flex.get('use_pooler')}, activation {flex.get('activation_function')!r} has no equivalent HF "
                 "head here; madx_fast reads tagging, question-answering and multiple-choice heads of AdapterHub's "
                 "default shapes")
-        suffix = _FLEX_HEADS[key][0]
-        family = (meta.get("model_type") or "").replace("-", "").lower()
-        base = {"xlmroberta": "XLMRoberta", "roberta": "Roberta", "bert": "Bert"}.get(family)
-        model_class = f"{base}{suffix}" if base else suffix
+        model_class = _hf_head_class(meta.get("model_type"), _FLEX_HEADS[key][0])
         label2id = flex.get("label2id") or label2id
         num_labels = flex.get("num_labels", num_labels)
     if not isinstance(model_class, str) or not model_class:
@@ -508,25 +536,13 @@ def _write_adapter_directory(directory, build, *, overwrite: bool, what: str) ->
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"cannot save {what}: {directory} exists and is not a directory")
-    atomic.recover_directory(directory)
+    files.recover_directory(directory)
     if os.path.isdir(directory) and not overwrite:
         clash = sorted(f for f in ADAPTER_FILES if os.path.exists(os.path.join(directory, f)))
         if clash:
             raise FileExistsError(f"cannot save {what}: {directory} already holds an adapter ({', '.join(clash)}); "
                                   "pass overwrite=True to replace it")
-    atomic.replace_directory(directory, build, owned=ADAPTER_FILES)
-
-
-def read_json(path, error: type[Exception] = AdapterFileError) -> dict:
-    """A JSON object from ``path``; anything else is an ``error`` naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    files.replace_directory(directory, build, owned=ADAPTER_FILES)
 
 
 def read_safetensors(path) -> dict:
@@ -539,16 +555,8 @@ def read_safetensors(path) -> dict:
         raise AdapterFileError(f"{path}: cannot read safetensors ({type(exc).__name__}: {exc})") from None
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_sha256(path, want: str | None) -> None:
-    if want and os.path.isfile(path) and sha256_file(path) != want:
+    if want and os.path.isfile(path) and files.sha256_file(path) != want:
         raise AdapterFileError(f"{path}: the file was changed or damaged after it was saved (its sha256 differs "
                                f"from the one recorded in {OWN_CONFIG})")
 
@@ -572,6 +580,5 @@ def _cpu_copies(state: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def _version() -> str:
-    from .. import __version__
-    return __version__
+def _read_json(path) -> dict:
+    return files.read_json(path, error=AdapterFileError)

@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from .._version import __version__
 from .adapter_files import ADAPTER_FILES
 
 HUB_PREFIX = "hf:"
@@ -248,8 +249,6 @@ def resolve_adapter(spec, *, model_name: str | None = None, files=ADAPTER_FILES,
 def _download(spec: str, where: HubLocation, files, subdirs) -> ResolvedAdapter:
     import huggingface_hub
     from huggingface_hub import errors
-
-    from .. import __version__
 
     prefix = f"{where.subfolder}/" if where.subfolder else ""
     patterns = [prefix + f for f in files] + [f"{prefix}{sub}/{f}" for sub in subdirs for f in files]

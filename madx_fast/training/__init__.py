@@ -4,19 +4,20 @@ transfer by swapping the language adapter (docs/training.md).
     from madx_fast.training import TrainConfig, train_language_adapter, train_task_adapter, evaluate_transfer
 
 Reading order: ``settings.py`` (every setting of every stage, once: Python arguments, CLI flags, run.json
-keys) -> ``language.py`` / ``task.py`` / ``transfer.py`` (stages 1, 2, 3) -> ``setup.py`` (models, tokenizers,
-devices, dtypes) and ``tasks/`` (``mlm``, ``ner``, ``qa``, ``copa``: read -> encode -> collate -> loss ->
-metrics) -> ``trainer.py`` (the loop) with ``checkpoint.py``, ``distributed.py``, ``progress.py``,
-``batches.py``; ``runs.py`` (run directories and bundles) and ``data.py`` (data specs, generic readers);
-``predict.py`` (mixed-language inference on JSON lines, with the stage-3 adapter resolution of ``transfer.py``).
+keys) -> ``stages/`` (``base.py``: the skeleton every training run follows, and run.json's keys;
+``language_adapter.py``, ``task_adapter.py``: stages 1 and 2) and ``transfer.py`` (stage 3) -> ``models.py``
+(models, tokenizers, dtypes), ``devices.py`` and ``tasks/`` (``mlm``, ``ner``, ``qa``, ``copa``: read -> encode
+-> collate -> loss -> metrics -> predict lines) -> ``trainer.py`` (the loop) with ``checkpoint.py``,
+``distributed.py``, ``progress.py``, ``batches.py``; ``runs.py`` (run directories and bundles) and ``data.py``
+(data specs, generic readers); ``loading.py`` (trained adapters resolved and loaded for ``transfer.py`` and
+``predict.py``: mixed-language inference on JSON lines).
 The ``madx`` command (``madx_fast/cli.py``) is a thin layer over these; the demo is ``madx_fast.demo``.
 """
 from .data import DataError
-from .language import train_language_adapter
 from .runs import BundleError
 from .predict import predict_stream
 from .settings import LanguageAdapterSettings, PredictSettings, TaskAdapterSettings, TrainConfig, TransferSettings
-from .task import train_task_adapter
+from .stages import train_language_adapter, train_task_adapter
 from .trainer import Trainer, read_log
 from .transfer import evaluate_transfer, write_transfer_report
 

@@ -3,7 +3,7 @@
 ``checkpoint.pt`` holds the trainable weights, the optimizer and schedule state, the data stream position,
 the masking generator, every process's torch / CUDA / Python / NumPy RNG state (as tensors and numbers), the
 step history and the best score, and the run's *identity* (the settings that must not change on resume).
-It is written atomically (``madx_fast.atomic``) and read with ``torch.load(weights_only=True)``: a file
+It is written atomically (``madx_fast.files``) and read with ``torch.load(weights_only=True)``: a file
 copied from elsewhere cannot run code when a run is resumed. A checkpoint is checked whole (format,
 identity, parameter names, shapes, dtypes, finite values) before anything in memory changes.
 """
@@ -15,7 +15,7 @@ import random
 import numpy as np
 import torch
 
-from .. import atomic
+from .. import files
 
 FORMAT = "madx_fast.checkpoint"
 VERSION = 2  # 2: RNG states as tensors (weights-only); 1 held pickled NumPy arrays (still read)
@@ -60,7 +60,7 @@ def set_rng_state(state: dict) -> None:
 def write_checkpoint(path: str, ckpt: dict) -> None:
     ckpt = dict(ckpt, format=FORMAT, version=VERSION)
     ckpt["digest"] = _digest(ckpt)
-    atomic.write_file(path, lambda tmp: torch.save(ckpt, tmp))
+    files.write_file(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def _digest(ckpt: dict) -> str:

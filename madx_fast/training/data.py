@@ -217,6 +217,24 @@ def split_file(directory: str, split: str) -> str:
     return found[0]
 
 
+def has_split(spec: str, lang: str | None, split: str) -> bool:
+    """Whether a data spec has ``split`` to find: a dataset name that declares it (or whose splits are not
+    known before loading), or a directory with a file of it; a single file has none."""
+    try:
+        source = resolve_spec(spec, lang)
+    except (FileNotFoundError, DataError):
+        return False
+    if source.kind == "hf":
+        return source.known is None or split in source.known.splits
+    if not os.path.isdir(source.path):
+        return False
+    try:
+        split_file(source.path, split)
+    except (FileNotFoundError, DataError):
+        return False
+    return True
+
+
 def task_file(source: Source, split: str) -> str:
     return split_file(source.path, split) if os.path.isdir(source.path) else source.path
 

@@ -36,183 +36,21 @@ from typing import Iterable
 
 import torch
 
-from .. import atomic
+from .. import files
 from ..model import PerRow, Stack
-from . import setup
+from . import models
 from .batches import autocast, model_batch, pad_rows
 from .data import DataError
+from .devices import pick_device
+from .loading import check_same_base, load_task_model, resolve_language_adapter, resolve_task_adapter
 from .progress import LineProgress, is_terminal
 from .settings import PredictSettings
 from .tasks import make_task
-from .tasks.copa import COPA_QUESTIONS, CopaExample, encode_copa
-from .tasks.qa import QaExample, best_span_chars
-from .transfer import check_same_base, load_task_model, resolve_language_adapter, resolve_task_adapter
+from .tasks.base import LineError, string_field
 
 log = logging.getLogger("madx_fast.training")
 
 KEPT_ERRORS = 100  # errors listed in a summary (every one is counted and reported on stderr)
-
-
-class LineError(ValueError):
-    """What is wrong with one input line (its number is added where it is reported)."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# the tasks' line formats: parse a record -> encode rows -> read the model's outputs -> the output fields
-# --------------------------------------------------------------------------------------------------------
-def _string(rec: dict, name: str) -> str:
-    if name not in rec:
-        raise LineError(f"no {name!r} field (fields: {', '.join(sorted(rec)) or 'none'})")
-    if not isinstance(rec[name], str):
-        raise LineError(f"{name!r} must be a string, got {type(rec[name]).__name__}")
-    return rec[name]
-
-
-class _NerLines:
-    """NER: ``text`` (split at whitespace) or ``tokens`` (the words) -> ``words`` and ``tags``, one per word
-    (each word's first sub-token decides; a word without sub-tokens gets ``O``). Words that do not fit one row
-    go on in the next window (cut between words; each window is predicted on its own)."""
-
-    output_keys = ("logits",)
-
-    def __init__(self, task, tokenizer, max_length: int):
-        self.task, self.tok, self.max_length = task, tokenizer, max_length
-        self.budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
-
-    def parse(self, rec: dict) -> list[str]:
-        if "text" in rec and "tokens" in rec:
-            raise LineError("has both 'text' and 'tokens'; give one")
-        if "text" in rec:
-            return _string(rec, "text").split()
-        if "tokens" not in rec:
-            raise LineError(f"no 'text' or 'tokens' field (fields: {', '.join(sorted(rec)) or 'none'})")
-        tokens = rec["tokens"]
-        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-            raise LineError("'tokens' must be a list of strings")
-        return list(tokens)
-
-    def encode(self, examples: list[list[str]]) -> list[list[dict]]:
-        features: list[list[dict]] = [[] for _ in examples]
-        present = [i for i, words in enumerate(examples) if words]
-        if not present:
-            return features
-        enc = self.tok([examples[i] for i in present], is_split_into_words=True, add_special_tokens=False)
-        windows = []  # (example, first word, end word)
-        for k, i in enumerate(present):
-            counts = [0] * len(examples[i])
-            for w in enc.word_ids(k):
-                if w is not None:
-                    counts[w] += 1
-            start = used = 0
-            for w, count in enumerate(counts):
-                if w > start and used + count > self.budget:
-                    windows.append((i, start, w))
-                    start, used = w, 0
-                used += count
-            windows.append((i, start, len(counts)))
-        enc = self.tok([examples[i][a:b] for i, a, b in windows], is_split_into_words=True, truncation=True,
-                       max_length=self.max_length)
-        for k, (i, a, _) in enumerate(windows):
-            word_ids = [None if w is None else w + a for w in enc.word_ids(k)]
-            features[i].append({"input_ids": enc["input_ids"][k], "word_ids": word_ids})
-        return features
-
-    @staticmethod
-    def rows(feature: dict) -> list[list[int]]:
-        return [feature["input_ids"]]
-
-    def read(self, outputs, features) -> list[dict[int, str]]:
-        return self.task.predict(outputs[0], features)
-
-    @staticmethod
-    def result(words: list[str], windows: list[dict[int, str]]) -> dict:
-        tags = ["O"] * len(words)
-        for window in windows:
-            for w, tag in window.items():
-                tags[w] = tag
-        return {"words": words, "tags": tags}
-
-
-class _QaLines:
-    """QA: ``question`` and ``context`` -> ``answer`` (text), ``start`` / ``end`` (its character offsets in the
-    context) and ``score`` (start + end logit); no span found: ``""`` and nulls. A long context is read in
-    overlapping windows, as in evaluation; the best span of all windows wins."""
-
-    output_keys = ("start_logits", "end_logits")
-
-    def __init__(self, task, tokenizer, max_length: int):
-        self.task, self.tok, self.max_length = task, tokenizer, max_length
-
-    @staticmethod
-    def parse(rec: dict) -> QaExample:
-        return QaExample("", _string(rec, "question"), _string(rec, "context"))
-
-    def encode(self, examples: list[QaExample]) -> list[list[dict]]:
-        features: list[list[dict]] = [[] for _ in examples]
-        for f in self.task.encode(examples, self.tok, self.max_length, train=False):
-            features[f["example"]].append(f)
-        return features
-
-    @staticmethod
-    def rows(feature: dict) -> list[list[int]]:
-        return [feature["input_ids"]]
-
-    def read(self, outputs, features) -> list[tuple]:
-        starts, ends = outputs[0].float().cpu().numpy(), outputs[1].float().cpu().numpy()
-        return [best_span_chars(starts[r], ends[r], f["offsets"], self.task.n_best, self.task.max_answer_length)
-                for r, f in enumerate(features)]
-
-    @staticmethod
-    def result(example: QaExample, windows: list[tuple]) -> dict:
-        score, start, end = max(windows, key=lambda w: w[0], default=(None, None, None))
-        if start is None:
-            return {"answer": "", "start": None, "end": None, "score": None}
-        return {"answer": example.context[start:end], "start": start, "end": end, "score": score}
-
-
-class _CopaLines:
-    """COPA: ``premise``, ``choice1``, ``choice2``, ``question`` ("cause" / "effect") -> ``choice`` (0: choice1,
-    1: choice2) and both ``scores``. A pair longer than a row is cut (longer part first), and its record says
-    ``"truncated": true``."""
-
-    output_keys = ("logits",)
-
-    def __init__(self, task, tokenizer, max_length: int):
-        self.task, self.tok, self.max_length = task, tokenizer, max_length
-
-    @staticmethod
-    def parse(rec: dict) -> CopaExample:
-        premise, one, two = (_string(rec, k) for k in ("premise", "choice1", "choice2"))
-        question = _string(rec, "question")
-        if question not in COPA_QUESTIONS:
-            raise LineError(f"'question' must be {' or '.join(map(repr, COPA_QUESTIONS))}, got {question!r}")
-        return CopaExample(premise, [one, two], question, label=-1)
-
-    def encode(self, examples: list[CopaExample]) -> list[list[dict]]:
-        whole = encode_copa(examples, self.tok, 1 << 30)
-        cut = encode_copa(examples, self.tok, self.max_length)
-        return [[dict(f, truncated=any(len(ids) > self.max_length for ids in w["choice_ids"]))]
-                for f, w in zip(cut, whole)]
-
-    @staticmethod
-    def rows(feature: dict) -> list[list[int]]:
-        return feature["choice_ids"]
-
-    @staticmethod
-    def read(outputs, features) -> list[tuple]:
-        scores = outputs[0].float().cpu()
-        return [(scores[r].tolist(), f["truncated"]) for r, f in enumerate(features)]
-
-    @staticmethod
-    def result(example: CopaExample, windows: list[tuple]) -> dict:
-        scores, truncated = windows[0]
-        out = {"choice": max(range(len(scores)), key=scores.__getitem__), "scores": scores}
-        if truncated:
-            out["truncated"] = True
-        return out
-
-
-LINE_FORMATS = {"ner": _NerLines, "qa": _QaLines, "copa": _CopaLines}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -232,12 +70,12 @@ class Predictor:
         if plan["meta"] and not plan["meta"].get("language"):
             log.warning("%s was trained without a language adapter (MAD-X -LAD -INV); here it runs stacked on the "
                         "lines' language adapters", plan["path"])
-        self.device = setup.pick_device(s.device)
-        tokenizer = setup.load_tokenizer(plan["base_model"], model=plan["base_model"])
+        self.device = pick_device(s.device)
+        tokenizer = models.load_tokenizer(plan["base_model"], model=plan["base_model"])
         self.task = make_task(plan["task"], pad_id=tokenizer.pad_token_id, labels=plan["labels"])
-        self.max_length = setup.max_length_for(plan["base_model"], s.max_length,
+        self.max_length = models.max_length_for(plan["base_model"], s.max_length,
                                                plan["meta"].get("max_length") or self.task.default_max_length)
-        self.format = LINE_FORMATS[self.task.name](self.task, tokenizer, self.max_length)
+        self.format = self.task.line_format(self.task, tokenizer, self.max_length)
         self.model, self.madx, self.task_name = load_task_model(plan, self.task, lang_paths, s.backend,
                                                                 s.backbone_dtype, self.device)
         self.languages = PerRow(*lang_paths)
@@ -316,7 +154,7 @@ class Predictor:
         return out
 
     def _language(self, rec: dict) -> str:
-        lang = _string(rec, "lang")
+        lang = string_field(rec, "lang")
         if lang not in self.languages.names:
             raise LineError(f"no language adapter for {lang!r} (given: {', '.join(self.languages.names)})")
         return lang
@@ -488,7 +326,7 @@ def predict(settings: PredictSettings | None = None, /, **kwargs) -> dict:
             def write(tmp):
                 with open(tmp, "wb") as f:
                     _write(stream, f)
-            atomic.write_file(s.output, write)
+            files.write_file(s.output, write)
         else:
             _write(stream, _stdout())
     wall = time.perf_counter() - t0
@@ -536,4 +374,4 @@ def _count_lines(path: str) -> int:
     return n + (last != b"\n")
 
 
-__all__ = ["LINE_FORMATS", "Predictions", "Predictor", "graph_lengths", "predict", "predict_stream"]
+__all__ = ["LineError", "Predictions", "Predictor", "graph_lengths", "predict", "predict_stream"]

@@ -12,19 +12,18 @@ A *bundle* is an adapter directory in madx_fast's format (``madx_adapter.json`` 
 task adapters the head, ``madx_head.safetensors``: what ``madx.save_adapter(..., with_head=True)`` writes)
 plus ``madx_run.json``: the run's facts under the names run.json uses (``stage``, ``language``, ``task``,
 ``base_model``, ``base_fingerprint``, ...) and the sha256 of the weights, checked when the bundle is loaded.
-Bundles are built aside and swapped into place whole (``madx_fast.atomic``). Bundles of madx_fast 0.1 (their
+Bundles are built aside and swapped into place whole (``madx_fast.files``). Bundles of madx_fast 0.1 (their
 ``kind`` key, ``task_head.safetensors``) are still read.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 
-from .. import atomic
+from .. import files
+from .._version import __version__
 from ..model.adapter_files import (ADAPTER_FILES, HUB_CONFIG, OWN_CONFIG, OWN_WEIGHTS, read_adapter_info,
                                    write_adapter_files)
-from ..model.adapter_files import read_json as read_json_object
 from ..model.hub import resolve_adapter
 
 RUN_META = "madx_run.json"
@@ -37,22 +36,6 @@ BUNDLES = ("adapter", "best", "last")
 
 class BundleError(ValueError):
     """An adapter bundle that is missing, malformed, or made for another model / task."""
-
-
-def json_default(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
-    if type(obj).__module__ == "torch":  # dtypes, devices
-        return str(obj)
-    raise TypeError(f"cannot write a {type(obj).__name__} to JSON")
-
-
-def write_json(path: str, obj) -> None:
-    atomic.write_json(path, obj, default=json_default)
-
-
-def read_json(path: str) -> dict:
-    return read_json_object(path, error=BundleError)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -92,21 +75,11 @@ def prepare_output(directory: str, *, resume: bool, overwrite: bool, main: bool 
     if overwrite and not resume and os.path.isdir(directory):
         clear_run_outputs(directory)
     os.makedirs(directory, exist_ok=True)
-    remove_stale_temporaries(directory)
-
-
-def remove_stale_temporaries(directory: str) -> None:
-    """Temporary files / directories a killed run left behind (never the real outputs, which only ever
-    appear by atomic renames); restore an interrupted bundle swap."""
-    if not os.path.isdir(directory):
-        return
-    atomic.remove_stale_temporaries(directory)
-    for name in os.listdir(directory):  # temporaries of madx_fast 0.1 (no process id in the name)
-        path = os.path.join(directory, name)
-        if name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{out}.") for out in RUN_OUTPUTS):
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    # what killed runs left: temporaries (never the real outputs, which only ever appear by atomic renames),
+    # those of madx_fast 0.1 too (no process id in their names), and bundle swaps cut halfway
+    files.remove_stale_temporaries(directory, pidless=RUN_OUTPUTS)
     for sub in BUNDLES:
-        atomic.recover_directory(os.path.join(directory, sub))
+        files.recover_directory(os.path.join(directory, sub))
 
 
 def clear_run_outputs(directory: str) -> None:
@@ -119,12 +92,9 @@ def clear_run_outputs(directory: str) -> None:
             os.remove(path)
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+def weights_hash(path: str) -> str:
+    """A bundle's ``weights_sha256``: the first 16 hex digits of the weights file's sha256."""
+    return files.sha256_file(path)[:16]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -132,15 +102,13 @@ def file_sha256(path: str) -> str:
 # --------------------------------------------------------------------------------------------------------
 def write_bundle(madx, directory: str, name: str, meta: dict, *, with_head: bool = False) -> None:
     """Adapter ``name`` of ``madx`` (with its task head) + ``meta`` as one bundle, swapped in whole."""
-    from .. import __version__
-
     def build(tmp):
         write_adapter_files(madx, tmp, name, with_head=with_head)
-        full = dict(meta, adapter=name, weights_sha256=file_sha256(os.path.join(tmp, OWN_WEIGHTS)),
+        full = dict(meta, adapter=name, weights_sha256=weights_hash(os.path.join(tmp, OWN_WEIGHTS)),
                     madx_fast_version=__version__)
-        atomic.dump_json(full, os.path.join(tmp, RUN_META), default=json_default)
+        files.dump_json(full, os.path.join(tmp, RUN_META))
 
-    atomic.replace_directory(directory, build, owned=ADAPTER_FILES + (RUN_META,))
+    files.replace_directory(directory, build, owned=ADAPTER_FILES + (RUN_META,))
 
 
 def find_bundle(path: str, *, prefer=BUNDLES, model_name: str | None = None) -> str:
@@ -149,7 +117,7 @@ def find_bundle(path: str, *, prefer=BUNDLES, model_name: str | None = None) -> 
     base model ``model_name``: ``madx_fast.model.hub``)."""
     local = os.path.abspath(os.path.expanduser(path))
     for candidate in [local] + [os.path.join(local, p) for p in prefer]:
-        atomic.recover_directory(candidate)  # a local bundle whose swap was cut: put back before looking
+        files.recover_directory(candidate)  # a local bundle whose swap was cut: put back before looking
     path = os.path.abspath(resolve_adapter(path, model_name=model_name, files=ADAPTER_FILES + (RUN_META,),
                                            subdirs=BUNDLES).path)
     if not os.path.exists(path):
@@ -175,7 +143,7 @@ def read_bundle_meta(path: str) -> dict:
     meta_path = os.path.join(path, RUN_META)
     if not os.path.isfile(meta_path):
         return {}
-    meta = read_json(meta_path)
+    meta = files.read_json(meta_path, error=BundleError)
     if "stage" not in meta and "kind" in meta:
         meta["stage"] = meta.pop("kind")
     return meta
@@ -185,7 +153,7 @@ def check_weights(path: str, meta: dict) -> None:
     """The weights of a bundle are the ones its run recorded (a replaced or damaged file is refused)."""
     want = meta.get("weights_sha256")
     weights = os.path.join(path, OWN_WEIGHTS)
-    if want and os.path.isfile(weights) and file_sha256(weights) != want:
+    if want and os.path.isfile(weights) and weights_hash(weights) != want:
         raise BundleError(f"{weights}: the weights differ from the ones this bundle's run recorded "
                           f"(sha256 {want} in {RUN_META}): the file was replaced or damaged")
 

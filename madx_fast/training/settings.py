@@ -7,13 +7,18 @@ generates the ``madx`` command's flags, and is recorded in ``run.json`` under th
     TransferSettings            stage 3, ``evaluate_transfer`` / ``madx transfer``
     PredictSettings             mixed-language inference on JSONL, ``predict`` / ``madx predict``
 
+    ParameterBudgetSettings     the parameter budget table, ``madx params``
+
 A field's flag is ``--`` + its name with dashes, unless its metadata says otherwise (``flag``); ``help``,
-``choices``, ``nargs`` and a ``parse`` function for the command-line string come from the metadata too.
-Fields without a flag (``cli=False``) exist for Python callers only. ``check()`` validates what can be
-validated without reading anything (it runs before any file or model is touched).
+``choices``, ``nargs``, a ``parse`` function for each command-line string and a ``collect`` function for the
+parsed value (e.g. ``LANG=DIR`` items into a dict) come from the metadata too. Fields without a flag
+(``cli=False``) exist for Python callers only. ``check()`` validates what can be validated without reading
+anything (it runs before any file or model is touched). ``madx demo``'s flags come the same way from
+``madx_fast.demo.DemoConfig``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -27,12 +32,12 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends 
 
 
 def opt(default=dataclasses.MISSING, *, help: str = "", flag: str | None = None, cli: bool = True,  # noqa: A002
-        parse: Callable[[str], Any] | None = None, choices=None, nargs=None, metavar=None, const=None,
-        default_factory=None):
+        parse: Callable[[str], Any] | None = None, collect: Callable[[list], Any] | None = None, choices=None,
+        nargs=None, metavar=None, const=None, default_factory=None):
     """A settings field with its command-line flag (``nargs="?"`` with ``const``: a flag whose value may be
-    left out)."""
-    meta = {"help": help, "flag": flag, "cli": cli, "parse": parse, "choices": choices, "nargs": nargs,
-            "metavar": metavar, "const": const}
+    left out; ``collect``: turns the parsed list of a ``nargs`` flag into the field's value)."""
+    meta = {"help": help, "flag": flag, "cli": cli, "parse": parse, "collect": collect, "choices": choices,
+            "nargs": nargs, "metavar": metavar, "const": const}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -134,6 +139,9 @@ PAPER_TASK_LOOP = dict(steps=None, batch_size=16, learning_rate=1e-4)
 class _StageSettings:
     """What every stage's settings share: building from keywords, checks, flags, the run.json record."""
 
+    # a stage whose loop (``config``) may leave ``steps`` None, for the stage to decide (a task: its epochs)
+    steps_from_stage = False
+
     @classmethod
     def build(cls, given=None, /, **kwargs):
         """``given`` settings, or settings made from keyword arguments (the stage functions take either)."""
@@ -152,7 +160,7 @@ class _StageSettings:
     def check(self) -> None:
         loop = getattr(self, "config", None)
         if loop is not None:
-            loop.check(steps_required=not isinstance(self, TaskAdapterSettings))
+            loop.check(steps_required=not self.steps_from_stage)
         if getattr(self, "backbone_dtype", "auto") not in BACKBONE_DTYPES:
             raise ValueError(f"backbone dtype {self.backbone_dtype!r}: choose one of {', '.join(BACKBONE_DTYPES)}")
         if getattr(self, "backend", None) not in (None,) + BACKENDS:
@@ -205,6 +213,8 @@ class LanguageAdapterSettings(_StageSettings):
 class TaskAdapterSettings(_StageSettings):
     """Stage 2: a task adapter (NER, QA, COPA) trained in Stack(source language, task) with the language adapter
     frozen, plus the task head; the best checkpoint on validation is kept."""
+
+    steps_from_stage = True  # steps None: the task's default length (its epochs), unless steps or epochs are given
 
     task: str = opt(help="ner (WikiANN format), qa (SQuAD format), copa (COPA/XCOPA)")
     train_data: str = opt(help="file, directory with split files, or HF dataset")
@@ -263,6 +273,10 @@ def _lang_adapter_map(items) -> dict[str, str]:
     return out
 
 
+# the configurations stage 3 evaluates a task adapter in (``settings=``; madx_fast.training.transfer)
+TRANSFER_SETTINGS = {"target": "Stack(target, task)", "source": "Stack(source, task)", "none": "task adapter alone"}
+
+
 @dataclass
 class TransferSettings(_StageSettings):
     """Stage 3: the zero-shot transfer matrix, task adapters x target languages x settings."""
@@ -273,7 +287,7 @@ class TransferSettings(_StageSettings):
     eval_data: str = opt(help="evaluation data spec with {lang}, e.g. wikiann:{lang}")
     output_dir: str | None = opt(None, flag="--output", help="directory for the CSV / JSON / PNG report")
     lang_adapters: dict[str, str] = opt(default_factory=dict, flag="--lang-adapter", nargs="*", metavar="LANG=DIR",
-                                        help="language adapters, e.g. sw=runs/lang-sw")
+                                        collect=_lang_adapter_map, help="language adapters, e.g. sw=runs/lang-sw")
     split: str | None = opt(None, help="split of the evaluation data (default: test, or the dataset's evaluation "
                                        "split where it has no test split: validation for XQuAD)")
     settings: list[str] = opt(default_factory=lambda: ["target"], parse=csv_list,
@@ -302,10 +316,9 @@ class TransferSettings(_StageSettings):
             raise ValueError("no target languages")
         if not self.eval_data:
             raise ValueError("eval_data is required")
-        from .transfer import SETTINGS
-        unknown = [s for s in self.settings if s not in SETTINGS]
+        unknown = [s for s in self.settings if s not in TRANSFER_SETTINGS]
         if unknown or not self.settings:
-            raise ValueError(f"unknown transfer setting(s) {unknown}; choose from {sorted(SETTINGS)}")
+            raise ValueError(f"unknown transfer setting(s) {unknown}; choose from {sorted(TRANSFER_SETTINGS)}")
         _number("batch_size", self.batch_size, minimum=1, integer=True)
         for lang in list(self.lang_adapters) + list(self.targets):
             check_adapter_name(lang, "language")
@@ -322,6 +335,7 @@ class PredictSettings(_StageSettings):
     task_adapter: str = opt(help="task adapter run, bundle or adapter directory (madx_fast or AdapterHub format, "
                                  "saved with its head)")
     lang_adapters: dict[str, str] = opt(flag="--lang-adapter", nargs="+", metavar="LANG=DIR",
+                                        collect=_lang_adapter_map,
                                         help="a language adapter per value of the lines' 'lang' field, e.g. "
                                              "sw=runs/lang-sw qu=runs/lang-qu")
     input: str = opt("-", help="JSONL input file, or - for stdin")
@@ -363,6 +377,18 @@ class PredictSettings(_StageSettings):
             raise ValueError("input is required (a file, or - for stdin)")
 
 
+@dataclass
+class ParameterBudgetSettings(_StageSettings):
+    """What MAD-X adds per language and per task to a base model (``madx params``;
+    ``madx_fast.model.params.parameter_budget``)."""
+
+    model: str | None = opt(None, help="model name or directory (default: XLM-R base, offline)")
+    langs: list[str] = opt(default_factory=lambda: ["en"], parse=csv_list, help="comma-separated languages to count")
+    lang_reduction_factor: float = opt(2, help="reduction factor of the language adapters")
+    task_reduction_factor: float = opt(16, help="reduction factor of the task adapter")
+    invertible: bool = opt(True, flag="--no-invertible", help="language adapters without NICE (MAD-X -INV)")
+
+
 # --------------------------------------------------------------------------------------------------------
 # command-line flags
 # --------------------------------------------------------------------------------------------------------
@@ -370,16 +396,18 @@ def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def add_arguments(parser, cls) -> None:
-    """Add a flag for every CLI field of ``cls``, and, for a stage that trains (a ``config`` field), for every
-    TrainConfig field in a "training loop" group showing that stage's defaults."""
-    _add_fields(parser, cls, None)
+def add_arguments(parser, cls, *, given_only: bool = False) -> None:
+    """Add a flag for every CLI field of ``cls`` and, for a stage that trains (a ``config`` field), for every
+    TrainConfig field in a group titled "config", showing that stage's defaults. ``given_only``: a flag left
+    out sets nothing (``args_values`` then holds only the flags given; the command decides the defaults)."""
+    _add_fields(parser, cls, None, given_only)
     loop = next((f for f in dataclasses.fields(cls) if f.name == "config"), None)
     if loop is not None:
-        _add_fields(parser.add_argument_group("training loop"), TrainConfig, loop.default_factory())
+        group = parser.add_argument_group("config", "the training loop (TrainConfig; run.json's \"config\")")
+        _add_fields(group, TrainConfig, loop.default_factory(), given_only)
 
 
-def _add_fields(parser, cls, defaults) -> None:
+def _add_fields(parser, cls, defaults, given_only: bool) -> None:
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if not meta.get("cli", True):
@@ -396,13 +424,11 @@ def _add_fields(parser, cls, defaults) -> None:
             for key in ("choices", "nargs", "metavar", "const"):
                 if meta.get(key) is not None:
                     kwargs[key] = meta[key]
-            if f.name == "lang_adapters":
-                kwargs["type"] = str
         if required:
             kwargs["required"] = True
         elif not isinstance(default, bool) and default not in (None, [], {}):
-            kwargs["help"] += f" (default {default})"
-        kwargs["default"] = None if required else default
+            kwargs["help"] += f" (default {','.join(map(str, default)) if isinstance(default, list) else default})"
+        kwargs["default"] = None if required else argparse.SUPPRESS if given_only else default
         parser.add_argument(_flag(f), **kwargs)
 
 
@@ -415,12 +441,20 @@ def _scalar_type(f: dataclasses.Field):
     return str
 
 
+def args_values(cls, args) -> dict:
+    """The values of ``cls``'s CLI fields in parsed arguments (``add_arguments``'s flags), by field name;
+    with ``given_only`` flags, only those given."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli", True) and hasattr(args, f.name):
+            collect = f.metadata.get("collect")
+            values[f.name] = collect(getattr(args, f.name) or []) if collect else getattr(args, f.name)
+    return values
+
+
 def from_args(cls, args):
     """The settings object of ``cls`` from parsed arguments (``add_arguments``'s flags)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-              if f.metadata.get("cli", True) and hasattr(args, f.name)}
-    if "lang_adapters" in values:
-        values["lang_adapters"] = _lang_adapter_map(values["lang_adapters"] or [])
+    values = args_values(cls, args)
     if any(f.name == "config" for f in dataclasses.fields(cls)):
-        values["config"] = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+        values["config"] = TrainConfig(**args_values(TrainConfig, args))
     return cls(**values)

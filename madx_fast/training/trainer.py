@@ -25,26 +25,25 @@ import json
 import logging
 import os
 import random
-import resource
-import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import atomic
+from .. import files
 from .batches import autocast, model_batch, slice_batch
 from .checkpoint import check_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .data import DataError
 from .distributed import Dist
+from .devices import PeakMemory, pick_device
 from .progress import StepProgress
 from .runs import CHECKPOINT, LOG_FILE
 from .settings import TrainConfig
-from .setup import pick_device
-from .tasks import Objective
+from .tasks.base import Objective
 
 log = logging.getLogger("madx_fast.training")
 
@@ -112,21 +111,44 @@ class ShuffledStream:
         self._perm = self._permutation(self.epoch)
 
 
-class PeakMemory:
-    """Peak memory of a run: CUDA allocator peak on a GPU, the process's peak RSS on the CPU."""
+@dataclass
+class _Optimization:
+    """What a step changes besides the weights (and a checkpoint restores with them)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+    stream: ShuffledStream
+    mask_gen: torch.Generator
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
 
-    def read(self) -> dict:
-        if self.device.type == "cuda":
-            return {"peak_memory_mb": torch.cuda.max_memory_allocated(self.device) / 2 ** 20,
-                    "peak_memory_kind": "cuda max_memory_allocated"}
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rss_mb = rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024
-        return {"peak_memory_mb": rss_mb, "peak_memory_kind": "process peak RSS (CPU)"}
+
+@dataclass
+class _RunState:
+    """Where a run stands: ``step`` (the last one taken), ``history`` (log entries), ``best`` score, ``elapsed``
+    training seconds, ``tokens`` seen, ``nonfinite`` steps skipped (all in checkpoints); ``pending``: steps
+    whose loss is still on the device; ``checkpoint_step``: the step of the last checkpoint (0: none)."""
+
+    step: int = 0
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    elapsed: float = 0.0
+    tokens: int = 0
+    nonfinite: int = 0
+    pending: list = field(default_factory=list)
+    checkpoint_step: int = 0
+    segment_start: float = 0.0  # when the time not yet in ``elapsed`` started
+
+    _SAVED = ("step", "history", "best", "elapsed", "tokens", "nonfinite")
+
+    def checkpoint(self) -> dict:
+        return {k: getattr(self, k) for k in self._SAVED}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "_RunState":
+        defaults = cls()
+        state = cls(**{k: ckpt.get(k, getattr(defaults, k)) for k in cls._SAVED})
+        state.checkpoint_step = state.step
+        return state
 
 
 class _LossModule(torch.nn.Module):
@@ -174,94 +196,113 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
+        """Train to ``config.steps`` (from the checkpoint with ``resume``); returns the run's results."""
         cfg, procs = self.config, self.procs
         seed_everything(cfg.seed + procs.rank)  # dropout streams differ per process
-        stream = ShuffledStream(len(self.items), cfg.seed)
-        mask_gen = torch.Generator().manual_seed(cfg.seed + 7919)  # same on every process
-        # fused AdamW (CPU and CUDA): one kernel per step, and it can skip a step on the device (found_inf)
-        optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay, fused=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.warmup_steps, cfg.steps))
-        scaler = torch.amp.GradScaler(self.device.type) if self.scale_loss else None
-        state = {"step": 0, "history": [], "best": None, "elapsed": 0.0, "tokens": 0, "nonfinite": 0}
-        if resume and os.path.isfile(self.checkpoint_path):
-            state = self._load_checkpoint(optimizer, scheduler, stream, mask_gen, scaler)
-            log.info("resumed from %s at step %d of %d", self.checkpoint_path, state["step"], cfg.steps)
-        elif resume:
-            log.info("no checkpoint in %s: starting the run from step 0", self.output_dir)
-        if procs.main:
-            atomic.write_file(self.log_path, lambda p: _write_log(p, state["history"]))
-        procs.barrier()
-
+        opt = self._optimization()
+        state = self._start(opt, resume)
         module = _LossModule(self.model, self.objective)
         ddp = None
         if procs.enabled:
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
             ddp = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
-        runner = ddp or module
         self.model.train()
         memory = PeakMemory(self.device)
-        segment_start = time.perf_counter()
-        history, step = state["history"], state["step"]
-        progress = StepProgress(cfg.steps, step, enabled=cfg.progress and procs.main)
-        pending: list[tuple[dict, torch.Tensor, torch.Tensor]] = []  # still on the device (no host sync per step)
-
-        def flush():
-            for entry, loss_t, bad_t in pending:
-                entry["loss"] = float(loss_t)
-                if bool(bad_t):
-                    entry["skipped"] = True
-                    state["nonfinite"] += 1
-                history.append(entry)
-                self._append_log(entry)
-            pending.clear()
-            if state["nonfinite"] > cfg.skip_nonfinite:
-                self._diverged(history, state)
-
+        progress = StepProgress(cfg.steps, state.step, enabled=cfg.progress and procs.main)
+        state.segment_start = time.perf_counter()
         try:
-            while step < cfg.steps:
-                step += 1
-                loss_t, bad_t, tokens = self._step(runner, ddp, stream, mask_gen, optimizer, scheduler, scaler)
-                state["tokens"] += tokens
-                # the learning rate this step used (the schedule has already moved on to the next one)
-                pending.append(({"step": step, "lr": cfg.learning_rate * scheduler.lr_lambdas[0](step - 1)}, loss_t,
-                                bad_t))
-                evaluate = self.evaluate_fn and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
-                save = step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
-                logged = cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps)
-                if logged or evaluate or save or not cfg.log_every:
-                    flush()
-                last = history[-1] if logged else {}
-                progress.update(step, loss=last.get("loss"), lr=last.get("lr"), tokens=tokens)
-                if logged and not progress.enabled and procs.main:
-                    log.info("step %d/%d  loss %.4f  lr %.3e", step, cfg.steps, last["loss"], last["lr"])
-                if evaluate:
-                    metrics = self._evaluate(step, state)
-                    history.append({"step": step, "eval": metrics})
-                    self._append_log(history[-1])
-                if save:
-                    state.update(step=step, elapsed=state["elapsed"] + time.perf_counter() - segment_start)
-                    segment_start = time.perf_counter()
-                    self._save_checkpoint(state, optimizer, scheduler, stream, mask_gen, scaler)
+            while state.step < cfg.steps:
+                self._train_step(state, opt, ddp or module, ddp, progress)
         finally:
             progress.close()
-        state["elapsed"] += time.perf_counter() - segment_start
-        evals = [h["eval"] for h in history if "eval" in h]
-        return {"steps": cfg.steps, "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
-                "final_eval": evals[-1] if evals else None, "best": state["best"],
-                "train_time_s": state["elapsed"], "train_tokens": state["tokens"],
-                "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "world_size": procs.world,
-                "nonfinite_steps": state["nonfinite"], "loss_scale": scaler.get_scale() if scaler else None,
+        state.elapsed += time.perf_counter() - state.segment_start
+        evals = [h["eval"] for h in state.history if "eval" in h]
+        return {"steps": cfg.steps,
+                "final_loss": next((h["loss"] for h in reversed(state.history) if "loss" in h), None),
+                "final_eval": evals[-1] if evals else None, "best": state.best,
+                "train_time_s": state.elapsed, "train_tokens": state.tokens,
+                "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), "world_size": procs.world,
+                "nonfinite_steps": state.nonfinite, "loss_scale": opt.scaler.get_scale() if opt.scaler else None,
                 "device": str(self.device), **memory.read()}
 
+    def _optimization(self) -> _Optimization:
+        cfg = self.config
+        # fused AdamW (CPU and CUDA): one kernel per step, and it can skip a step on the device (found_inf)
+        optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.learning_rate,
+                                      weight_decay=cfg.weight_decay, fused=True)
+        return _Optimization(
+            stream=ShuffledStream(len(self.items), cfg.seed),
+            mask_gen=torch.Generator().manual_seed(cfg.seed + 7919),  # same on every process
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.warmup_steps, cfg.steps)),
+            scaler=torch.amp.GradScaler(self.device.type) if self.scale_loss else None)
+
+    def _start(self, opt: _Optimization, resume: bool) -> _RunState:
+        """A fresh state, or (``resume``) the checkpoint's, restored into ``opt`` and the weights; the log file
+        rewritten from its history."""
+        state = _RunState()
+        if resume and os.path.isfile(self.checkpoint_path):
+            state = self._load_checkpoint(opt)
+            log.info("resumed from %s at step %d of %d", self.checkpoint_path, state.step, self.config.steps)
+        elif resume:
+            log.info("no checkpoint in %s: starting the run from step 0", self.output_dir)
+        if self.procs.main:
+            files.write_file(self.log_path, lambda p: _write_log(p, state.history))
+        self.procs.barrier()
+        return state
+
+    def _train_step(self, state: _RunState, opt: _Optimization, runner, ddp, progress: StepProgress) -> None:
+        """One step, then what is due after it: the log (the losses read from the device only then), the
+        progress display, an evaluation, a checkpoint."""
+        cfg = self.config
+        state.step += 1
+        step = state.step
+        loss_t, bad_t, tokens = self._step(runner, ddp, opt)
+        state.tokens += tokens
+        # the learning rate this step used (the schedule has already moved on to the next one)
+        state.pending.append(({"step": step, "lr": cfg.learning_rate * opt.scheduler.lr_lambdas[0](step - 1)},
+                              loss_t, bad_t))
+        evaluate = self.evaluate_fn and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
+        save = step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
+        logged = cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps)
+        if logged or evaluate or save or not cfg.log_every:
+            self._flush(state)
+        last = state.history[-1] if logged else {}
+        progress.update(step, loss=last.get("loss"), lr=last.get("lr"), tokens=tokens)
+        if logged and not progress.enabled and self.procs.main:
+            log.info("step %d/%d  loss %.4f  lr %.3e", step, cfg.steps, last["loss"], last["lr"])
+        if evaluate:
+            metrics = self._evaluate(step, state)
+            state.history.append({"step": step, "eval": metrics})
+            self._append_log(state.history[-1])
+        if save:
+            now = time.perf_counter()
+            state.elapsed += now - state.segment_start
+            state.segment_start = now
+            self._save_checkpoint(state, opt)
+
+    def _flush(self, state: _RunState) -> None:
+        """Read the pending steps' losses from the device into the history and the log; stop the run when
+        more steps than allowed were not finite."""
+        for entry, loss_t, bad_t in state.pending:
+            entry["loss"] = float(loss_t)
+            if bool(bad_t):
+                entry["skipped"] = True
+                state.nonfinite += 1
+            state.history.append(entry)
+            self._append_log(entry)
+        state.pending.clear()
+        if state.nonfinite > self.config.skip_nonfinite:
+            self._diverged(state)
+
     # ---------------------------------------------------------------------------------------------------
-    def _step(self, runner, ddp, stream, mask_gen, optimizer, scheduler, scaler):
+    def _step(self, runner, ddp, opt: _Optimization):
         """One optimizer step; returns the global mean loss and whether the step was skipped as non-finite
         (both device scalars) and the tokens it saw."""
         cfg, procs = self.config, self.procs
-        indices = stream.take(cfg.batch_size)
-        batch = self.objective.make_batch([self.items[i] for i in indices], mask_gen)
+        indices = opt.stream.take(cfg.batch_size)
+        batch = self.objective.make_batch([self.items[i] for i in indices], opt.mask_gen)
         total = max(self.objective.count(batch), 1)
         tokens = self.objective.num_tokens(batch)
         mine = slice_batch(batch, procs.rank * self.per_process, (procs.rank + 1) * self.per_process)
@@ -271,12 +312,12 @@ class Trainer:
             micro = model_batch(self.model, micro, self.device)
             sync = ddp.no_sync() if ddp is not None and a < cfg.grad_accum - 1 else nullcontext()
             with sync:
-                loss_sum += self._micro_step(runner, micro, procs.world / total, scaler)
+                loss_sum += self._micro_step(runner, micro, procs.world / total, opt.scaler)
         if procs.enabled:
             dist.all_reduce(loss_sum)
-        bad = self._optimizer_step(optimizer, scaler, loss_sum)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        bad = self._optimizer_step(opt.optimizer, opt.scaler, loss_sum)
+        opt.scheduler.step()
+        opt.optimizer.zero_grad(set_to_none=True)
         return loss_sum / total, bad, tokens
 
     def _optimizer_step(self, optimizer, scaler, loss_sum: torch.Tensor) -> torch.Tensor:
@@ -309,18 +350,18 @@ class Trainer:
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return part.detach().double()
 
-    def _diverged(self, history: list, state: dict) -> None:
-        bad = [h for h in history if h.get("skipped")]
+    def _diverged(self, state: _RunState) -> None:
+        bad = [h for h in state.history if h.get("skipped")]
         first = bad[0]
-        saved = f"the last checkpoint ({self.checkpoint_path}, step {state['step']}) is from before it" \
-            if state["step"] and os.path.isfile(self.checkpoint_path) else "no checkpoint was written"
+        saved = f"the last checkpoint ({self.checkpoint_path}, step {state.checkpoint_step}) is from before it" \
+            if state.checkpoint_step and os.path.isfile(self.checkpoint_path) else "no checkpoint was written"
         raise TrainingDiverged(
             f"training diverged: step {first['step']} had a non-finite loss ({first['loss']}) or gradients "
             f"({len(bad)} such step(s), at most {self.config.skip_nonfinite} allowed by --skip-nonfinite); the run "
             f"stopped without writing outputs and {saved}. Lower the learning rate (now "
             f"{self.config.learning_rate:g}), or check the data and the backbone dtype")
 
-    def _evaluate(self, step: int, state: dict) -> dict:
+    def _evaluate(self, step: int, state: _RunState) -> dict:
         metrics = None
         if self.procs.main:
             t0 = time.perf_counter()
@@ -333,10 +374,10 @@ class Trainer:
             metrics = box[0]
         if self.main_metric:
             value = metrics[self.main_metric]
-            best = state["best"]
+            best = state.best
             better = best is None or (value > best["value"] if self.greater else value < best["value"])
             if better:
-                state["best"] = {"step": step, "value": value, "metric": self.main_metric}
+                state.best = {"step": step, "value": value, "metric": self.main_metric}
                 if self.procs.main and self.on_best:
                     self.on_best(step, metrics)
                 self.procs.barrier()
@@ -348,40 +389,39 @@ class Trainer:
                 f.write(_json_line(entry))
 
     # ---------------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, state, optimizer, scheduler, stream, mask_gen, scaler) -> None:
+    def _save_checkpoint(self, state: _RunState, opt: _Optimization) -> None:
         rngs = [rng_state()]
         if self.procs.enabled:
             rngs = [None] * self.procs.world
             dist.all_gather_object(rngs, rng_state())
         if self.procs.main:
             write_checkpoint(self.checkpoint_path, {
-                "identity": self.identity, "step": state["step"], "history": state["history"],
-                "best": state["best"], "elapsed": state["elapsed"], "tokens": state["tokens"],
-                "world_size": self.procs.world, "trainable": {n: p.detach().to("cpu").clone() for n, p in self.params},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "stream": stream.state_dict(), "mask_generator": mask_gen.get_state(), "rng": rngs,
-                "nonfinite": state["nonfinite"], "scaler": scaler.state_dict() if scaler is not None else None})
+                "identity": self.identity, **state.checkpoint(), "world_size": self.procs.world,
+                "trainable": {n: p.detach().to("cpu").clone() for n, p in self.params},
+                "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
+                "stream": opt.stream.state_dict(), "mask_generator": opt.mask_gen.get_state(), "rng": rngs,
+                "scaler": opt.scaler.state_dict() if opt.scaler is not None else None})
+        state.checkpoint_step = state.step
         self.procs.barrier()
 
-    def _load_checkpoint(self, optimizer, scheduler, stream, mask_gen, scaler) -> dict:
+    def _load_checkpoint(self, opt: _Optimization) -> _RunState:
         ckpt = read_checkpoint(self.checkpoint_path)
         check_checkpoint(self.checkpoint_path, ckpt, self.identity, self.params)
-        stream.load_state_dict(ckpt["stream"])  # checks size and seed before anything else changes
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        opt.stream.load_state_dict(ckpt["stream"])  # checks size and seed before anything else changes
+        opt.optimizer.load_state_dict(ckpt["optimizer"])
+        opt.scheduler.load_state_dict(ckpt["scheduler"])
         with torch.no_grad():
             for n, p in self.params:
                 p.copy_(ckpt["trainable"][n])
-        mask_gen.set_state(ckpt["mask_generator"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        opt.mask_gen.set_state(ckpt["mask_generator"])
+        if opt.scaler is not None and ckpt.get("scaler"):
+            opt.scaler.load_state_dict(ckpt["scaler"])
         rngs = ckpt["rng"]
         if len(rngs) != self.procs.world:
             log.warning("the checkpoint was written by %d process(es), this run has %d: the data order and masks "
                         "continue exactly, the dropout random streams do not", len(rngs), self.procs.world)
         set_rng_state(rngs[self.procs.rank % len(rngs)])
-        return {k: ckpt.get(k, default) for k, default in (("step", 0), ("history", []), ("best", None),
-                                                          ("elapsed", 0.0), ("tokens", 0), ("nonfinite", 0))}
+        return _RunState.from_checkpoint(ckpt)
 
 
 def _json_line(entry: dict) -> str:
@@ -404,5 +444,5 @@ def read_log(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-__all__ = ["PeakMemory", "ShuffledStream", "TrainConfig", "Trainer", "TrainingDiverged", "linear_schedule",
+__all__ = ["ShuffledStream", "TrainConfig", "Trainer", "TrainingDiverged", "linear_schedule",
            "read_log", "seed_everything"]

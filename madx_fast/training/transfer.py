@@ -27,18 +27,16 @@ import os
 import time
 from typing import Sequence
 
-from .. import atomic
+from .. import files
 from ..model import Stack
-from ..model.adapter_files import read_adapter_info
-from . import runs, setup
+from . import models, runs
 from .data import default_eval_split
-from .settings import TransferSettings
-from .tasks import make_task, task_class, task_for_head
-from .trainer import PeakMemory
+from .devices import PeakMemory, pick_device
+from .loading import check_same_base, load_task_model, resolve_language_adapter, resolve_task_adapter
+from .settings import TRANSFER_SETTINGS, TransferSettings
+from .tasks import make_task
 
 log = logging.getLogger("madx_fast.training")
-
-SETTINGS = {"target": "Stack(target, task)", "source": "Stack(source, task)", "none": "task adapter alone"}
 
 
 def evaluate_transfer(settings: TransferSettings | None = None, /, **kwargs) -> dict:
@@ -55,7 +53,7 @@ def evaluate_transfer(settings: TransferSettings | None = None, /, **kwargs) -> 
     if len(tasks) > 1:
         raise ValueError(f"task adapters of different tasks {sorted(tasks)} cannot share one transfer matrix")
     check_same_base([path for p in plans for path in [p["path"], *p["lang_paths"].values()]])
-    device = setup.pick_device(s.device)
+    device = pick_device(s.device)
     records = []
     for plan in plans:
         records.extend(_evaluate_plan(plan, s, device))
@@ -66,40 +64,6 @@ def evaluate_transfer(settings: TransferSettings | None = None, /, **kwargs) -> 
     if s.output_dir:
         write_transfer_report(records, s.output_dir)
     return result
-
-
-def resolve_task_adapter(path: str, model: str | None = None) -> dict:
-    """A task adapter (run directory, bundle, ``save_adapter(with_head=True)`` directory or AdapterHub directory
-    with its head) resolved to ``{"path": bundle, "meta": run record or {}, "task", "labels", "base_model",
-    "auto_class": the head's HF class}``; ``model`` overrides the recorded base model. Metadata checks only."""
-    bundle = runs.find_bundle(path, prefer=("best", "last"), model_name=model)
-    meta = runs.read_bundle_meta(bundle)
-    info = read_adapter_info(bundle)
-    if meta.get("stage") not in (None, "task"):
-        raise runs.BundleError(f"{bundle} holds a {meta['stage']} adapter, not a task adapter")
-    if info.head is None:
-        raise runs.BundleError(f"{bundle} has no task head (save it with save_adapter(..., with_head=True))")
-    task = meta.get("task") or task_for_head(info.head.model_class)
-    if task is None:
-        raise runs.BundleError(f"{bundle}: a head of {info.head.model_class} is not one of the tasks "
-                               "madx_fast evaluates (token classification, question answering, multiple choice)")
-    labels = info.head.labels or meta.get("labels")
-    if task_class(task).name == "ner" and not labels:
-        raise runs.BundleError(f"{bundle}: the head records no label names, which NER evaluation needs")
-    base_model = model or meta.get("base_model") or info.base_model
-    if not base_model:
-        raise ValueError(f"{bundle} does not record its base model: pass model=... (--model)")
-    return {"path": bundle, "meta": meta, "task": task_class(task).name, "labels": labels, "base_model": base_model,
-            "auto_class": info.head.model_class}
-
-
-def resolve_language_adapter(lang: str, where: str, base_model: str | None = None) -> str:
-    """The bundle of language ``lang``'s adapter from a run directory, bundle, adapter directory or Hub name
-    ``where`` (AdapterHub's short names depend on ``base_model``)."""
-    found = runs.find_bundle(where, prefer=("adapter",), model_name=base_model)
-    if runs.read_bundle_meta(found).get("stage") not in (None, "language"):
-        raise runs.BundleError(f"{found} (for {lang!r}) holds a task adapter, not a language adapter")
-    return found
 
 
 def _plan(path: str, s: TransferSettings) -> dict:
@@ -141,17 +105,8 @@ def _plan(path: str, s: TransferSettings) -> dict:
     return dict(plan, source=source or meta.get("source_language") or "-", runs=runs_, lang_paths=needed)
 
 
-def check_same_base(paths) -> None:
-    """Refuse adapter bundles whose run records name different base models (by weights fingerprint)."""
-    prints = {path: runs.read_bundle_meta(path).get("base_fingerprint") for path in paths}
-    distinct = {v for v in prints.values() if v}
-    if len(distinct) > 1:
-        listing = "; ".join(f"{p}: {v}" for p, v in prints.items() if v)
-        raise runs.BundleError(f"these adapters were trained on different base models ({listing})")
-
-
 def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
-    tok = setup.load_tokenizer(plan["base_model"], model=plan["base_model"])
+    tok = models.load_tokenizer(plan["base_model"], model=plan["base_model"])
     task = make_task(plan["task"], pad_id=tok.pad_token_id, labels=plan["labels"])
     max_length = plan["meta"].get("max_length") or task.default_max_length
     data = {}  # every target's data, checked against the head, before any evaluation
@@ -179,35 +134,10 @@ def _evaluate_plan(plan: dict, s: TransferSettings, device) -> list[dict]:
                "metric": task.main_metric,
                "value": percent, "metrics": metrics, "eval_time_s": time.perf_counter() - t0, **memory.read()}
         records.append(rec)
-        log.info("%s | %s | source %s -> target %s: %s %.2f", s.system, SETTINGS[setting], rec["source"], target,
+        log.info("%s | %s | source %s -> target %s: %s %.2f", s.system, TRANSFER_SETTINGS[setting], rec["source"], target,
                  task.main_metric, percent)
     del model
     return records
-
-
-def load_task_model(plan: dict, task, lang_paths: dict[str, str], backend, backbone_dtype, device, compile=None):
-    """``(model, madx, task adapter name)``: the base model of a ``resolve_task_adapter`` plan with the task
-    adapter and its head, and every language adapter of ``lang_paths`` (loaded as its language), checked
-    against the base model's fingerprint, cast, placed on ``device`` and, with ``compile``, its encoder
-    compiled (``setup.compile_encoder``)."""
-    model, madx, fingerprint = setup.wired_model(_auto_class(plan, task), plan["base_model"], backend,
-                                                 **task.head_kwargs())
-    task_name, _ = runs.load_bundle(madx, plan["path"], fingerprint=fingerprint, model_name=plan["base_model"],
-                                    with_head=True)
-    for lang, path in lang_paths.items():
-        if lang == task_name:
-            raise ValueError(f"language {lang!r} has the task adapter's name")
-        runs.load_bundle(madx, path, load_as=lang, fingerprint=fingerprint, model_name=plan["base_model"])
-    setup.place(model, madx, backbone_dtype, device)
-    setup.compile_encoder(model, compile)
-    return model, madx, task_name
-
-
-def _auto_class(plan: dict, task) -> str:
-    """The HF class to build: the head's own class when the adapter records one (so that its parameter
-    names match), else the task's Auto class."""
-    cls = plan.get("auto_class")
-    return cls if cls and cls.startswith(("XLMRoberta", "Roberta", "Bert")) else task.auto_class
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -224,7 +154,7 @@ def _check_report_dir(directory: str) -> None:
 
 
 def row_label(rec: dict) -> str:
-    return f"{rec['system']} | {SETTINGS[rec['setting']]} | src {rec['source']}"
+    return f"{rec['system']} | {TRANSFER_SETTINGS[rec['setting']]} | src {rec['source']}"
 
 
 def matrix(records: Sequence[dict]) -> tuple[list[str], list[str], list[list[float | None]]]:
@@ -275,14 +205,14 @@ def write_transfer_report(records: Sequence[dict], output_dir: str, title: str |
     title = title or f"zero-shot transfer, {records[0]['task'] if records else ''} {metric} (%)"
 
     def build(tmp):
-        atomic.dump_json({"records": list(records), "matrix": {"rows": rows, "columns": cols, "cells": cells}},
-                         os.path.join(tmp, "transfer_results.json"), default=runs.json_default)
+        files.dump_json({"records": list(records), "matrix": {"rows": rows, "columns": cols, "cells": cells}},
+                         os.path.join(tmp, "transfer_results.json"))
         for name, text in (("transfer_results.csv", long.getvalue()), ("transfer_matrix.csv", wide.getvalue())):
             with open(os.path.join(tmp, name), "w", encoding="utf-8", newline="") as f:
                 f.write(text)
         plot_heatmap(rows, cols, cells, os.path.join(tmp, "transfer_heatmap.png"), title)
 
-    atomic.replace_directory(output_dir, build, owned=REPORT_FILES)
+    files.replace_directory(output_dir, build, owned=REPORT_FILES)
     return {name: os.path.join(output_dir, name) for name in REPORT_FILES}
 
 
@@ -313,5 +243,4 @@ def plot_heatmap(rows, cols, cells, path: str, title: str) -> None:
         plt.close(fig)
 
 
-__all__ = ["SETTINGS", "check_same_base", "evaluate_transfer", "format_table", "load_task_model", "matrix",
-           "resolve_language_adapter", "resolve_task_adapter", "write_transfer_report"]
+__all__ = ["TRANSFER_SETTINGS", "evaluate_transfer", "format_table", "matrix", "write_transfer_report"]

@@ -6,9 +6,11 @@ import dataclasses
 
 import pytest
 
-from madx_fast.cli import build_parser, main
-from madx_fast.training import LanguageAdapterSettings, TaskAdapterSettings, TrainConfig, TransferSettings
-from madx_fast.training.settings import from_args
+from madx_fast.cli import COMMANDS, build_parser, main
+from madx_fast.demo import DemoConfig, real_model_config
+from madx_fast.training import (LanguageAdapterSettings, PredictSettings, TaskAdapterSettings, TrainConfig,
+                                TransferSettings)
+from madx_fast.training.settings import ParameterBudgetSettings, args_values, from_args
 
 REQUIRED = {
     "train-lang": ["--model", "m", "--lang", "sw", "--train-data", "d.txt", "--output", "o"],
@@ -54,6 +56,36 @@ def test_flags_map_to_settings_names_and_types():
     assert s.config.steps == 250_000 and s.config.batch_size == 64  # the paper's stage-1 defaults
     args = parser.parse_args(["transfer", *REQUIRED["transfer"], "--lang-adapter", "sw=a", "qu=b"])
     assert from_args(TransferSettings, args).lang_adapters == {"sw": "a", "qu": "b"}
+
+
+def test_no_hand_written_flag():
+    """Every flag of every command is a field of that command's settings class (and its loop's), and the other
+    way round: the parser is generated, nothing is added beside it."""
+    classes = {**SETTINGS, "predict": PredictSettings, "params": ParameterBudgetSettings, "demo": DemoConfig}
+    assert set(classes) == set(COMMANDS)
+    parser = build_parser()
+    for command, cls in classes.items():
+        dests = {a.dest for a in _flags(parser, command).values()} - {"help"}
+        fields = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+        if any(f.name == "config" for f in dataclasses.fields(cls)):
+            fields = fields - {"config"} | {f.name for f in dataclasses.fields(TrainConfig)}
+        assert dests == fields, (command, dests ^ fields)
+
+
+def test_params_and_demo_flags():
+    parser = build_parser()
+    s = from_args(ParameterBudgetSettings, parser.parse_args(["params"]))
+    assert s == ParameterBudgetSettings() and s.langs == ["en"] and s.invertible
+    s = from_args(ParameterBudgetSettings, parser.parse_args(["params", "--langs", "en,sw", "--no-invertible",
+                                                             "--task-reduction-factor", "8"]))
+    assert s.langs == ["en", "sw"] and not s.invertible and s.task_reduction_factor == 8.0
+    # demo: only the flags given are values (--model changes the defaults of the others)
+    assert args_values(DemoConfig, parser.parse_args(["demo"])) == {}
+    given = args_values(DemoConfig, parser.parse_args(["demo", "--model", "m", "--targets", "en,sw", "--no-cache",
+                                                       "--lang-steps", "5"]))
+    assert given == {"model": "m", "targets": ["en", "sw"], "use_cache": False, "lang_steps": 5}
+    cfg = real_model_config(**given)
+    assert cfg.lang_steps == 5 and cfg.task_epochs == 10 and cfg.max_length == 128 and not cfg.use_cache
 
 
 def test_bad_values_are_refused_before_work(capsys, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from madx_fast.model import hub
 from madx_fast.training import data as D
 from madx_fast.training.settings import TaskAdapterSettings
-from madx_fast.training.task import _loop
+from madx_fast.training.stages.task_adapter import task_loop
 from madx_fast.training.tasks import task_class
 from tests.helpers import ROOT
 
@@ -105,9 +105,9 @@ def test_train_task_length_is_what_the_docs_say():
     assert "100 epochs" in readme and "NER 100 epochs" in training
     settings = TaskAdapterSettings(task="ner", train_data="wikiann:en", output_dir="runs/ner-en")
     settings.check()
-    loop, epochs = _loop(settings, task_class("ner"), 20_000)
+    loop, epochs = task_loop(settings, task_class("ner"), 20_000)
     assert epochs == 100 and loop.steps == 100 * 20_000 // 16 and loop.batch_size == 16 and loop.learning_rate == 1e-4
     assert loop.eval_every == 20_000 // 16  # validated once per epoch, the best kept
     for task in ("qa", "copa"):
-        loop, epochs = _loop(TaskAdapterSettings(task=task, train_data="x", output_dir="o"), task_class(task), 500)
+        loop, epochs = task_loop(TaskAdapterSettings(task=task, train_data="x", output_dir="o"), task_class(task), 500)
         assert epochs is None and loop.steps == 1000

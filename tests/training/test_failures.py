@@ -244,7 +244,7 @@ def test_a_command_never_overwrites_its_own_input(capsys, tmp_path, lang_run, co
 def test_a_refused_bundle_changes_nothing_in_the_model(tmp_path, lang_run, tiny_base, tiny_base_other, corpus):
     from transformers import XLMRobertaForMaskedLM
 
-    from madx_fast.training.setup import base_fingerprint
+    from madx_fast.training.models import base_fingerprint
     model = XLMRobertaForMaskedLM.from_pretrained(tiny_base_other)
     madx = add_madx(model, backend="eager")
     madx.add_adapter("alpha", "seq_bn_inv")

@@ -14,7 +14,7 @@ import pytest
 from madx_fast.cli import main
 from madx_fast.model import add_madx
 from madx_fast.training import evaluate_transfer, train_language_adapter, train_task_adapter
-from madx_fast.training.setup import load_model
+from madx_fast.training.models import load_model
 from tests.helpers.hub_cache import add_snapshot
 from tests.helpers.runs import quiet_config
 

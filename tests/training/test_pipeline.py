@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -60,6 +61,7 @@ def test_ner_task_and_transfer(tmp_path, lang_runs, corpus):
                                  backend="eager")
     assert summary["language"] == "alpha" and summary["best"]["metric"] == "f1"
     assert summary["labels"][0] == "O" and len(summary["labels"]) == 7
+    _check_run_json(summary, json.load(open(os.path.join(lang_runs["alpha"], "run.json"))))
     for sub in ("best", "last"):
         meta = json.load(open(os.path.join(ner, sub, "madx_run.json")))
         assert meta["stage"] == "task" and os.path.isfile(os.path.join(ner, sub, "madx_head.safetensors")) and meta["language"] == "alpha"
@@ -189,7 +191,7 @@ def test_backbone_dtype_defaults_to_the_fast_path(monkeypatch, tmp_path, tiny_ba
     """The command line and the stage functions default to "auto": bfloat16 backbone on a GPU with bf16,
     float32 on the CPU; an explicit bfloat16 backbone trains on the CPU too, adapters staying float32."""
     from madx_fast.cli import build_parser
-    from madx_fast.training.setup import backbone_dtype_for
+    from madx_fast.training.models import backbone_dtype_for
     args = build_parser().parse_args(["train-lang", "--model", "m", "--lang", "x", "--train-data", "t",
                                       "--output", "o"])
     assert args.backbone_dtype == "auto"
@@ -207,6 +209,24 @@ def test_backbone_dtype_defaults_to_the_fast_path(monkeypatch, tmp_path, tiny_ba
                                      backbone_dtype="bfloat16")
     assert summary["backbone_dtype"] == "torch.bfloat16" and all(torch.isfinite(torch.tensor(step_losses(run))))
     assert all(v.dtype == torch.float32 for v in adapter_tensors(os.path.join(run, "adapter")).values())
+
+
+def _check_run_json(task: dict, language: dict) -> None:
+    """run.json has the same keys for every stage, each listed in docs/file_formats.md; the parameter counts
+    add up."""
+    from madx_fast.training.stages import RUN_FACTS
+    per_adapter = re.compile(r"\[[^]]+\]$")
+    keys = {per_adapter.sub("[NAME]", k) for k in task}
+    assert keys == {per_adapter.sub("[NAME]", k) for k in language} and set(RUN_FACTS) <= keys
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "file_formats.md"), encoding="utf-8").read()
+    table = doc[doc.index("| key | language run"):]
+    table = table[:table.index("\n\n")]
+    documented = {k for row in table.splitlines()[2:] for k in re.findall(r"`([^`]+)`", row.split("|")[1])}
+    assert documented == keys, (keys - documented, documented - keys)
+    assert task["stage"] == "task" and language["stage"] == "language" and language["task"] is None
+    assert language["trainable_parameters"] == language["adapter_parameters[alpha]"]
+    assert task["trainable_parameters"] == task["adapter_parameters[ner]"] + task["head_parameters"]
+    assert task["config"]["steps"] == task["steps"] and language["config"]["steps"] == language["steps"]
 
 
 def test_params_command(capsys, tiny_base):

@@ -30,7 +30,7 @@ from madx_fast.model import MadxConfig, Stack, add_madx
 from madx_fast.training import DataError
 from madx_fast.training.predict import Predictor, predict, predict_stream
 from madx_fast.training.runs import write_bundle
-from madx_fast.training.setup import base_fingerprint
+from madx_fast.training.models import base_fingerprint
 from madx_fast.training.tasks.copa import COPA_QUESTIONS, CopaExample, encode_copa
 from madx_fast.training.tasks.qa import QaExample, best_span_chars, encode_qa_eval
 from tests.helpers.models import randomize

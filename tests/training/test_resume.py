@@ -91,7 +91,7 @@ def test_resume_of_a_task_run_in_process(tmp_path, tiny_base_dropout, corpus):
 
     def save_then_stop(self, state, *args):
         original(self, state, *args)
-        if state["step"] == 6:
+        if state.step == 6:
             raise Stop
 
     trainer_mod.Trainer._save_checkpoint = save_then_stop

@@ -2,7 +2,8 @@
 
 Sources: records ``premise, choice1, choice2, question ("cause"|"effect"), label`` from an HF dataset or
 JSON(-lines) files. Each choice is the pair ``(premise + "What was the cause?" / "What happened as a
-result?", choice)``.
+result?", choice)``. ``madx predict`` lines (``CopaLines``): the record without ``label`` in, the chosen
+choice and both scores out.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 
 from ..batches import forward_batches, pad_rows
 from ..data import DataError, load_hf_dataset, read_json_records, resolve_spec, task_file
-from ..setup import check_tokenizer
-from . import TaskData
+from ..models import check_tokenizer
+from .base import LineError, TaskData, string_field
 
 
 @dataclass
@@ -71,6 +72,48 @@ def encode_copa(examples: Sequence[CopaExample], tokenizer, max_length: int = 12
     return features
 
 
+class CopaLines:
+    """COPA: ``premise``, ``choice1``, ``choice2``, ``question`` ("cause" / "effect") -> ``choice`` (0: choice1,
+    1: choice2) and both ``scores``. A pair longer than a row is cut (longer part first), and its record says
+    ``"truncated": true``."""
+
+    output_keys = ("logits",)
+
+    def __init__(self, task, tokenizer, max_length: int):
+        self.task, self.tok, self.max_length = task, tokenizer, max_length
+
+    @staticmethod
+    def parse(rec: dict) -> CopaExample:
+        premise, one, two = (string_field(rec, k) for k in ("premise", "choice1", "choice2"))
+        question = string_field(rec, "question")
+        if question not in COPA_QUESTIONS:
+            raise LineError(f"'question' must be {' or '.join(map(repr, COPA_QUESTIONS))}, got {question!r}")
+        return CopaExample(premise, [one, two], question, label=-1)
+
+    def encode(self, examples: list[CopaExample]) -> list[list[dict]]:
+        whole = encode_copa(examples, self.tok, 1 << 30)
+        cut = encode_copa(examples, self.tok, self.max_length)
+        return [[dict(f, truncated=any(len(ids) > self.max_length for ids in w["choice_ids"]))]
+                for f, w in zip(cut, whole)]
+
+    @staticmethod
+    def rows(feature: dict) -> list[list[int]]:
+        return feature["choice_ids"]
+
+    @staticmethod
+    def read(outputs, features) -> list[tuple]:
+        scores = outputs[0].float().cpu()
+        return [(scores[r].tolist(), f["truncated"]) for r, f in enumerate(features)]
+
+    @staticmethod
+    def result(example: CopaExample, windows: list[tuple]) -> dict:
+        scores, truncated = windows[0]
+        out = {"choice": max(range(len(scores)), key=scores.__getitem__), "scores": scores}
+        if truncated:
+            out["truncated"] = True
+        return out
+
+
 @dataclass(frozen=True)
 class CopaTask:
     """The head scores each choice at token 0. The pooler (dense + tanh, part of HF's base model) is trained
@@ -85,6 +128,8 @@ class CopaTask:
     default_max_length: ClassVar[int] = 128
     default_epochs: ClassVar[float | None] = None  # TrainConfig's steps
     graph_outputs: ClassVar[None] = None
+    aliases: ClassVar[tuple[str, ...]] = ("xcopa", "mc", "multiple-choice")
+    line_format: ClassVar[type] = CopaLines
 
     @classmethod
     def read(cls, spec, split, *, lang=None, max_examples=None, labels=None) -> TaskData:

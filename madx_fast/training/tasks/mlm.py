@@ -19,7 +19,7 @@ from ...model.inputs import IGNORE_INDEX, mlm_positions
 from ..batches import autocast, model_batch
 from ..data import DataError
 from ..progress import progress
-from ..setup import bos_id, check_tokenizer, eos_id
+from ..models import bos_id, check_tokenizer, eos_id
 
 
 @dataclass

@@ -5,7 +5,7 @@ records ``{"tokens": [...], "ner_tags": [...]}`` with string tags, or integer ta
 (WikiANN's by default); CoNLL files (token first, tag last, blank line between sentences, ``-DOCSTART-``
 skipped, WikiANN's ``sw:`` token prefixes stripped). Each word's label goes to its FIRST sub-token; the other
 sub-tokens and the special tokens get -100. Metric: seqeval's entity-level F1 (CoNLL-style chunks, as
-XTREME and the MAD-X paper).
+XTREME and the MAD-X paper). ``madx predict`` lines (``NerLines``): ``text`` or ``tokens`` in, a tag per word out.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from ...model.inputs import IGNORE_INDEX
 from ..batches import forward_batches, pad_rows
 from ..data import JSON_SUFFIXES, DataError, load_hf_dataset, read_json_records, resolve_spec, task_file, text_lines
-from ..setup import check_tokenizer
-from . import TaskData
+from ..models import check_tokenizer
+from .base import LineError, TaskData, string_field
 
 # WikiANN's label inventory (the order of its ``ner_tags`` ClassLabel).
 WIKIANN_LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
@@ -172,6 +172,71 @@ def encode_ner(examples: Sequence[NerExample], tokenizer, label_names: Sequence[
     return features
 
 
+class NerLines:
+    """NER: ``text`` (split at whitespace) or ``tokens`` (the words) -> ``words`` and ``tags``, one per word
+    (each word's first sub-token decides; a word without sub-tokens gets ``O``). Words that do not fit one row
+    go on in the next window (cut between words; each window is predicted on its own)."""
+
+    output_keys = ("logits",)
+
+    def __init__(self, task, tokenizer, max_length: int):
+        self.task, self.tok, self.max_length = task, tokenizer, max_length
+        self.budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+
+    def parse(self, rec: dict) -> list[str]:
+        if "text" in rec and "tokens" in rec:
+            raise LineError("has both 'text' and 'tokens'; give one")
+        if "text" in rec:
+            return string_field(rec, "text").split()
+        if "tokens" not in rec:
+            raise LineError(f"no 'text' or 'tokens' field (fields: {', '.join(sorted(rec)) or 'none'})")
+        tokens = rec["tokens"]
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise LineError("'tokens' must be a list of strings")
+        return list(tokens)
+
+    def encode(self, examples: list[list[str]]) -> list[list[dict]]:
+        features: list[list[dict]] = [[] for _ in examples]
+        present = [i for i, words in enumerate(examples) if words]
+        if not present:
+            return features
+        enc = self.tok([examples[i] for i in present], is_split_into_words=True, add_special_tokens=False)
+        windows = []  # (example, first word, end word)
+        for k, i in enumerate(present):
+            counts = [0] * len(examples[i])
+            for w in enc.word_ids(k):
+                if w is not None:
+                    counts[w] += 1
+            start = used = 0
+            for w, count in enumerate(counts):
+                if w > start and used + count > self.budget:
+                    windows.append((i, start, w))
+                    start, used = w, 0
+                used += count
+            windows.append((i, start, len(counts)))
+        enc = self.tok([examples[i][a:b] for i, a, b in windows], is_split_into_words=True, truncation=True,
+                       max_length=self.max_length)
+        for k, (i, a, _) in enumerate(windows):
+            word_ids = [None if w is None else w + a for w in enc.word_ids(k)]
+            features[i].append({"input_ids": enc["input_ids"][k], "word_ids": word_ids})
+        return features
+
+    @staticmethod
+    def rows(feature: dict) -> list[list[int]]:
+        return [feature["input_ids"]]
+
+    def read(self, outputs, features) -> list[dict[int, str]]:
+        return self.task.predict(outputs[0], features)
+
+    @staticmethod
+    def result(words: list[str], windows: list[dict[int, str]]) -> dict:
+        tags = ["O"] * len(words)
+        for window in windows:
+            for w, tag in window.items():
+                tags[w] = tag
+        return {"words": words, "tags": tags}
+
+
 @dataclass(frozen=True)
 class NerTask:
     """Token classification with the label names ``labels`` (in head id order)."""
@@ -184,6 +249,8 @@ class NerTask:
     default_max_length: ClassVar[int] = 128
     default_epochs: ClassVar[float | None] = 100.0  # the paper's WikiANN setting
     graph_outputs: ClassVar[tuple[str, ...]] = ("logits",)
+    aliases: ClassVar[tuple[str, ...]] = ("wikiann",)
+    line_format: ClassVar[type] = NerLines
 
     def __post_init__(self):
         if not self.labels:

@@ -3,7 +3,8 @@
 Sources: HF datasets with ``id, question, context, answers{text, answer_start}`` (SQuAD, XQuAD), the official
 nested JSON (``data/paragraphs/qas``), or flat JSON-lines records of the HF form. Long contexts become
 several windows (HF ``run_qa``'s scheme, stride 128 or a quarter of the length); answers are decoded from
-the n-best start / end logits.
+the n-best start / end logits. ``madx predict`` lines (``QaLines``): ``question`` and ``context`` in, the
+answer span out.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 
 from ..batches import forward_batches, pad_rows
 from ..data import DataError, load_hf_dataset, read_json_records, resolve_spec, task_file
-from ..setup import check_tokenizer
-from . import TaskData
+from ..models import check_tokenizer
+from .base import TaskData, string_field
 
 
 @dataclass
@@ -147,6 +148,43 @@ def encode_qa_eval(examples: Sequence[QaExample], tokenizer, max_length: int = 3
     return features
 
 
+class QaLines:
+    """QA: ``question`` and ``context`` -> ``answer`` (text), ``start`` / ``end`` (its character offsets in the
+    context) and ``score`` (start + end logit); no span found: ``""`` and nulls. A long context is read in
+    overlapping windows, as in evaluation; the best span of all windows wins."""
+
+    output_keys = ("start_logits", "end_logits")
+
+    def __init__(self, task, tokenizer, max_length: int):
+        self.task, self.tok, self.max_length = task, tokenizer, max_length
+
+    @staticmethod
+    def parse(rec: dict) -> QaExample:
+        return QaExample("", string_field(rec, "question"), string_field(rec, "context"))
+
+    def encode(self, examples: list[QaExample]) -> list[list[dict]]:
+        features: list[list[dict]] = [[] for _ in examples]
+        for f in self.task.encode(examples, self.tok, self.max_length, train=False):
+            features[f["example"]].append(f)
+        return features
+
+    @staticmethod
+    def rows(feature: dict) -> list[list[int]]:
+        return [feature["input_ids"]]
+
+    def read(self, outputs, features) -> list[tuple]:
+        starts, ends = outputs[0].float().cpu().numpy(), outputs[1].float().cpu().numpy()
+        return [best_span_chars(starts[r], ends[r], f["offsets"], self.task.n_best, self.task.max_answer_length)
+                for r, f in enumerate(features)]
+
+    @staticmethod
+    def result(example: QaExample, windows: list[tuple]) -> dict:
+        score, start, end = max(windows, key=lambda w: w[0], default=(None, None, None))
+        if start is None:
+            return {"answer": "", "start": None, "end": None, "score": None}
+        return {"answer": example.context[start:end], "start": start, "end": end, "score": score}
+
+
 @dataclass(frozen=True)
 class QaTask:
     pad_id: int = 1
@@ -157,6 +195,8 @@ class QaTask:
     default_max_length: ClassVar[int] = 384
     default_epochs: ClassVar[float | None] = None  # TrainConfig's steps
     graph_outputs: ClassVar[tuple[str, ...]] = ("start_logits", "end_logits")
+    aliases: ClassVar[tuple[str, ...]] = ("squad", "xquad")
+    line_format: ClassVar[type] = QaLines
     doc_stride: ClassVar[int] = 128
     n_best: ClassVar[int] = 20
     max_answer_length: ClassVar[int] = 30

@@ -1,4 +1,5 @@
-"""Models, tokenizers, devices and dtypes: how every stage (and transfer) sets up the model it works on.
+"""Base models and their tokenizers: how every stage, transfer and predict load, check, wire, cast, place and
+compile the model they work on (the device itself: ``devices.py``).
 
     tok = load_tokenizer(name, need_mask=True)            # a fast tokenizer, checked
     max_length = max_length_for(name, requested, default) # within the model's position table
@@ -170,17 +171,6 @@ def compile_encoder(model, backend: str | bool | None) -> None:
     if not backend:
         return
     find_parts(model).base.compile(backend="inductor" if backend is True else backend, fullgraph=True)
-
-
-def pick_device(requested: str | None, local_rank: int = 0) -> torch.device:
-    if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {requested!r} asked for, but CUDA is not available here")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-        return device
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def param_counts(madx, names) -> dict:

@@ -1,7 +1,9 @@
-"""Files and directories that appear whole or not at all: the one place madx_fast writes outputs.
+"""Reading and writing madx_fast's files, in one place: every output appears whole or not at all, JSON is
+read and written one way, files are hashed one way.
 
-``write_file(path, writer)``: ``writer(tmp)`` fills a temporary file next to ``path``, which is fsynced and
-moved onto ``path`` with ``os.replace`` (atomic on POSIX): a reader sees the old file or the new one.
+Writing. ``write_file(path, writer)``: ``writer(tmp)`` fills a temporary file next to ``path``, which is
+fsynced and moved onto ``path`` with ``os.replace`` (atomic on POSIX): a reader sees the old file or the new
+one. ``write_json(path, obj)`` does that with ``obj`` as JSON.
 
 ``replace_directory(directory, build)``: ``build(tmp)`` fills a new temporary sibling directory, which then
 takes the place of ``directory``. On Linux the two are exchanged in one ``renameat2(RENAME_EXCHANGE)`` call,
@@ -13,12 +15,16 @@ hard links; owned names never survive from an earlier save (no stale weights bes
 
 Temporary files and directories are named ``.<name>.<pid>.<random>.tmp``; a writer removes those of its
 target left by processes that no longer run (a killed save leaves nothing that later runs trip over).
+
+Reading and hashing. ``read_json(path, error=...)``: a JSON object, or one ``error`` naming the file;
+``sha256_file(path)``: the file's sha256 (64 hex digits).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -49,15 +55,48 @@ def write_file(path, writer: Callable[[str], None]) -> None:
     _fsync_dir(directory)
 
 
-def write_json(path, obj, *, default=None) -> None:
-    """``obj`` as indented, key-sorted JSON, atomically."""
-    write_file(path, lambda tmp: dump_json(obj, tmp, default=default))
+def write_json(path, obj) -> None:
+    """``obj`` as indented, key-sorted JSON (``dump_json``), atomically."""
+    write_file(path, lambda tmp: dump_json(obj, tmp))
 
 
-def dump_json(obj, path, *, default=None) -> None:
+def dump_json(obj, path) -> None:
+    """``obj`` as indented, key-sorted JSON into ``path`` as it is (for a file inside a directory being built
+    by ``replace_directory``; elsewhere ``write_json``). Tensor and numpy scalars, dtypes and devices are
+    written as numbers and strings (``json_default``)."""
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=default)
+        json.dump(obj, f, indent=2, sort_keys=True, default=json_default)
         f.write("\n")
+
+
+def json_default(obj):
+    """JSON for what runs record besides plain values: tensor and numpy scalars, torch dtypes and devices."""
+    if hasattr(obj, "item"):
+        return obj.item()
+    if type(obj).__module__ == "torch":  # dtypes, devices
+        return str(obj)
+    raise TypeError(f"cannot write a {type(obj).__name__} to JSON")
+
+
+def read_json(path, error: type[Exception] = ValueError) -> dict:
+    """A JSON object from ``path``; anything else is an ``error`` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def sha256_file(path) -> str:
+    """The sha256 of the file's bytes, 64 hex digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def replace_directory(directory, build: Callable[[str], None], *, owned: Iterable[str] = ()) -> None:
@@ -107,20 +146,24 @@ def recover_directory(directory) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_stale_temporaries(parent, base: str | None = None) -> None:
-    """Remove ``.<base>.<pid>.*.tmp`` entries of ``parent`` (every base if None) whose process is gone."""
+def remove_stale_temporaries(parent, base: str | None = None, *, pidless: Iterable[str] = ()) -> None:
+    """Remove ``.<base>.<pid>.*.tmp`` entries of ``parent`` (every base if None) whose process is gone, and
+    ``.<name>.*.tmp`` entries of the names in ``pidless`` whatever their process (temporaries of madx_fast
+    0.1, which carried no process id)."""
     if not os.path.isdir(parent):
         return
+    pidless = tuple(pidless)
     for name in os.listdir(parent):
         if not (name.startswith(".") and name.endswith(".tmp")):
             continue
         stem = name[1:-len(".tmp")]
+        old = any(stem.startswith(f"{p}.") and _pid_in(stem[len(p) + 1:]) is None for p in pidless)
         if base is not None:
             if not stem.startswith(base + "."):
                 continue
             stem = stem[len(base) + 1:]
         pid = _pid_in(stem)
-        if pid is None or _alive(pid):
+        if not old and (pid is None or _alive(pid)):
             continue
         path = os.path.join(parent, name)
         shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _remove(path)
