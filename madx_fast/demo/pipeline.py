@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .. import files
+from ..training.reporting import check_report_to
 from ..training.settings import BACKENDS, TrainConfig, csv_list, opt
 from . import synthetic
 
@@ -52,8 +53,9 @@ class DemoConfig:
     """The demo's settings; the fields with a flag are ``madx demo``'s flags (generated from them, like every
     command's). With ``--model`` the defaults are ``real_model_config``'s."""
 
-    output_dir: str = opt("madx_demo_out", help="directory for everything the demo writes")
-    overwrite: bool = opt(False, help="replace an earlier demo's outputs in --output-dir")
+    output_dir: str = opt("madx_demo_out", flag="--output", aliases=("--output-dir",),
+                          help="directory for everything the demo writes")
+    overwrite: bool = opt(False, help="replace an earlier demo's outputs in --output")
     # languages: task adapters are trained on each source and evaluated on every target
     sources: list[str] = opt(default_factory=lambda: ["alpha", "beta"], parse=csv_list,
                              help="comma-separated source languages")
@@ -95,6 +97,8 @@ class DemoConfig:
     device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     bf16: bool = opt(False, help="bfloat16 autocast")
     progress: bool = opt(True, flag="--no-progress", help="no progress bars (log lines instead)")
+    report_to: list[str] = opt(default_factory=list, parse=csv_list, metavar="TOOLS",
+                               help="log every run's curves to: tensorboard (<run>/tensorboard), wandb")
     cache_dir: str | None = opt(None, help="where the pretrained small base is cached (default ~/.cache/madx_fast "
                                 "or $MADX_FAST_CACHE)")
     use_cache: bool = opt(True, flag="--no-cache", help="pretrain the base model even if it is cached")
@@ -117,7 +121,7 @@ def check_demo_output(directory: str, overwrite: bool) -> None:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise FileExistsError(f"{directory!r} exists and is not a directory")
     if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
-        raise FileExistsError(f"output directory {directory!r} is not empty; pass --output-dir DIR for a new one, "
+        raise FileExistsError(f"output directory {directory!r} is not empty; pass --output DIR for a new one, "
                               "or --overwrite to replace the outputs of an earlier demo run there")
 
 
@@ -148,6 +152,7 @@ class _Demo:
         t0 = time.perf_counter()
         cfg, out = self.cfg, self.out
         check_demo_output(out, cfg.overwrite)
+        check_report_to(cfg.report_to)
         self._check_languages()
         if cfg.overwrite:
             _clear_demo_outputs(out)
@@ -215,7 +220,8 @@ class _Demo:
         return TrainConfig(steps=steps or 1, batch_size=batch_size or cfg.batch_size, learning_rate=lr,
                            warmup_steps=int(warmup * (steps or 0)), seed=cfg.seed, log_every=20,
                            eval_every=max(1, (steps or 1) // 2), save_every=max(1, (steps or 1) // 2),
-                           eval_batch_size=64, progress=cfg.progress, device=cfg.device, bf16=cfg.bf16)
+                           eval_batch_size=64, progress=cfg.progress, device=cfg.device, bf16=cfg.bf16,
+                           report_to=list(cfg.report_to))
 
     def _language_adapters(self, base: str, specs: dict, systems) -> dict[str, dict[str, str]]:
         """Step 3: a language adapter per language and system (MAD-X; MAD-X -INV without NICE)."""
@@ -403,7 +409,8 @@ def pretrain_base(texts, target: str, cfg: DemoConfig, run_dir: str) -> dict:
     model.to(device)
     train_cfg = TrainConfig(steps=cfg.pretrain_steps, batch_size=cfg.batch_size, learning_rate=cfg.pretrain_lr,
                             warmup_steps=cfg.pretrain_steps // 10, weight_decay=0.01, seed=cfg.seed, log_every=20,
-                            save_every=0, progress=cfg.progress, device=str(device), bf16=cfg.bf16)
+                            save_every=0, progress=cfg.progress, device=str(device), bf16=cfg.bf16,
+                            report_to=list(cfg.report_to))
     result = Trainer(model, MlmObjective(mlm), range(len(mlm)), train_cfg, run_dir,
                      identity={"stage": "demo-pretraining"}).run()
     model.to("cpu")

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import torch
 
+from tests.helpers.processes import run_bounded
 from tests.helpers.runs import ROOT, adapter_tensors, env_for_subprocess, run_madx, step_losses
 
 
 def _torchrun(*args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "madx_fast.cli", *map(str, args)]
-    proc = subprocess.run(cmd, env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_bounded(cmd, env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300)  # torchrun's workers too, after 5 minutes
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stderr[-4000:]}"
     return proc
 
