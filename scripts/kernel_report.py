@@ -11,7 +11,8 @@ inverse with their backward in both modes (input rebuilt / saved); the grouped (
 languages; each at 65536 tokens (B=64 x L=1024 or 256 x 256 rows) and 4096 (the NER batch, 32 x 128); and the
 hidden sizes of the other models users adapt (1024: XLM-R large; 1536: DeBERTa-v2 xlarge; 2048: Llama 3.2 1B;
 2560: XLM-R XL; 4096: XLM-R XXL, Llama/Mistral 7B) with the bottlenecks of rf 16 and 2, their NICE (rf 2:
-the GEMM route from H=1536 on) and their grouped NICE.
+the GEMM route from H=1536 on) and their grouped NICE; the MLM decoder's loss kernel on a GPU-sized chunk of
+XLM-R's logits (V=250002, 15% of the tokens masked).
 
 The launches are recorded by running the real launchers on meta tensors (``madx_fast.kernels.triton.aot``):
 the JIT's own specialization (unit strides as constants, 16-divisibility), the launchers' own block sizes,
@@ -39,7 +40,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT default (3.9 w
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from madx_fast.kernels.triton import aot, grouped  # noqa: E402
+from madx_fast.kernels.triton import aot, grouped, lm_loss  # noqa: E402
 from madx_fast.kernels.triton import adapter as single  # noqa: E402
 from madx_fast.kernels.triton import nice as coupling  # noqa: E402
 from madx_fast.reference import ACTIVATION_CODES, nice_hidden_sizes, nice_split  # noqa: E402
@@ -49,6 +50,8 @@ MAIN_H = 768
 OTHER_H = (1024, 1536, 2048, 2560, 4096)
 TOKENS = (65536, 4096)
 LANGUAGES = 8
+VOCAB = 250002  # XLM-R's vocabulary: the MLM decoder's logits
+MASKED = 0.15  # the share of tokens the MLM objective predicts
 META = torch.device("meta")
 FIELDS = ("kernel", "case", "tokens", "dtype", "grid", "num_warps", "num_stages", "registers", "spill_bytes",
           "shared_bytes", "mma")
@@ -113,8 +116,19 @@ def _grouped_nice(h, tokens, dt, act, inverse):
     grouped.grouped_nice_coupling_backward(out, out, x, groups, w, act, inverse, True)
 
 
+def _mlm_loss(rows, dt):
+    logits = torch.empty(rows, VOCAB, device=META, dtype=dt)
+    targets, count = torch.empty(rows, device=META, dtype=torch.int64), torch.empty(1, device=META)
+    yield "loss"
+    lm_loss.softmax_cross_entropy(logits, targets, count, -100, False)
+    yield "loss and gradient"
+    lm_loss.softmax_cross_entropy(logits, targets, count, -100, True)
+
+
 def problems():
     """(case label, tokens, generator of phases that launches the kernels) for every target shape."""
+    from madx_fast.model.mlm_loss import CHUNK_BYTES_GPU, default_chunk_size  # here: the compiler processes
+    # (spawned, they import this script) need not import transformers
     dt, act = torch.bfloat16, ACTIVATION_CODES["relu"]
     for h in (MAIN_H,) + OTHER_H:
         for tokens in TOKENS:
@@ -123,6 +137,9 @@ def problems():
                 yield f"adapter H={h} d={d}", tokens, _adapter(h, d, tokens, dt, act)
             for inverse in (False, True):
                 yield f"NICE H={h} ({'inverse' if inverse else 'forward'})", tokens, _nice(h, tokens, dt, act, inverse)
+            if h == MAIN_H:  # the decoder's loss kernel, on a chunk of the masked tokens' logits (GPU chunk size)
+                rows = default_chunk_size(int(tokens * MASKED), VOCAB, 2, CHUNK_BYTES_GPU)
+                yield f"MLM loss H={h} V={VOCAB} {rows} rows", tokens, _mlm_loss(rows, dt)
     for h in (MAIN_H,) + OTHER_H:
         for tokens in TOKENS:
             rows, length = _rows(tokens)

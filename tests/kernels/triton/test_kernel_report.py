@@ -2,8 +2,8 @@
 the JIT's specialization, and none spills, falls back to mma.sync in bf16 or needs more shared memory than an
 H100 has, at every hidden size the report covers (768 to 4096, the bottlenecks of rf 16 and 2, NICE rf 2,
 grouped with 8 languages); docs/triton_kernels.md shows the report's tables. Runs without a GPU (the real
-compiler, ahead of time, 91 distinct kernels in parallel over the machine's cores; Triton's on-disk cache keeps
-them across runs: about 16 s of CPU time warm, about 100 s cold)."""
+compiler, ahead of time, 95 distinct kernels in parallel over the machine's cores; Triton's on-disk cache keeps
+them across runs: about 15 s of CPU time warm, about 100 s cold)."""
 import json
 import os
 import re
@@ -23,7 +23,8 @@ FIELDS = {"kernel", "case", "tokens", "dtype", "grid", "num_warps", "num_stages"
 KERNELS = {"_adapter_fwd_kernel", "_adapter_bwd_da_kernel", "_adapter_bwd_dx_dw_kernel", "_linear_kernel",
            "_tn_kernel", "_nice_fwd_kernel", "_nice_bwd_b_kernel", "_nice_bwd_a_kernel", "_grouped_linear_kernel",
            "_grouped_tn_kernel", "_grouped_nice_fwd_kernel", "_grouped_nice_bwd_b_kernel",
-           "_grouped_nice_bwd_a_kernel"}
+           "_grouped_nice_bwd_a_kernel", "_softmax_xent_kernel"}
+NO_MMA = {"_softmax_xent_kernel"}  # the MLM loss: a streaming reduction over the logits, no matrix product
 HIDDEN = (768, 1024, 1536, 2048, 2560, 4096)
 
 
@@ -44,11 +45,12 @@ def test_report_has_no_spill_and_no_mma_sync_at_any_hidden_size(report):
     assert {r["kernel"] for r in records} == KERNELS
     for r in records:  # the script's own verdict, checked again from the records
         assert r["spill_bytes"] == 0, r
-        assert r["dtype"] == "bfloat16" and r["mma"] == "wgmma", r
+        assert r["dtype"] == "bfloat16" and r["mma"] == ("none" if r["kernel"] in NO_MMA else "wgmma"), r
         assert r["shared_bytes"] <= 232448, r
     cases = " | ".join(r["case"] for r in records)
     for want in ("adapter H=768 d=48", "adapter H=768 d=384", "NICE H=768 (forward)", "NICE H=768 (inverse)",
-                 "input rebuilt", "input saved", "grouped adapter G=8", "grouped NICE G=8 H=768"):
+                 "input rebuilt", "input saved", "grouped adapter G=8", "grouped NICE G=8 H=768",
+                 "MLM loss H=768 V=250002", "loss and gradient"):
         assert want in cases, want
     assert {r["tokens"] for r in records} == {65536, 4096}
     for h in HIDDEN:  # every architecture's hidden size: both adapter bottlenecks, NICE and grouped NICE
