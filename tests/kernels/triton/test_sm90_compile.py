@@ -45,7 +45,7 @@ def test_every_triton_kernel_variant_compiles_for_sm90():
     for kernel in ("_nice_fwd_kernel", "_nice_bwd_b_kernel", "_nice_bwd_a_kernel"):
         assert any(line.startswith(kernel) and " inverse " in line for line in rows)
         assert any(line.startswith(kernel) and " forward " in line for line in rows)
-        for h in (1024, 2048):  # the larger models' NICE (wider hidden chunks), in bf16 and fp32
+        for h in (1024,):  # XLM-R large's NICE (wider hidden chunks), in bf16 and fp32; wider: the GEMM route
             for dtype in ("bfloat16", "float32"):
                 assert any(line.startswith(kernel) and f"H={h} forward {dtype} " in line for line in rows), (h, dtype)
 
