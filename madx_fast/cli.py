@@ -4,6 +4,9 @@
     madx train-task  --task ner --lang-adapter runs/lang-en --train-data wikiann:en --output runs/ner-en
     madx transfer    --task-adapter runs/ner-en --lang-adapter sw=runs/lang-sw --targets sw \\
                      --eval-data wikiann:{lang} --output runs/transfer
+    madx train-task  --task ner --full-finetune --model xlm-roberta-base --lang en --train-data wikiann:en \\
+                     --seeds 1,2,3 --output runs/xlmr-ner-en                  (the XLM-R baseline, 3 seeds)
+    madx report      runs/transfer runs/transfer-xlmr --output runs/report  (one matrix from several runs)
     madx predict     --task-adapter runs/ner-en --lang-adapter sw=runs/lang-sw qu=runs/lang-qu \\
                      --input lines.jsonl --output predictions.jsonl
     madx params      [--model NAME] [--langs en,sw]
@@ -28,17 +31,19 @@ log = logging.getLogger("madx_fast.training")
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
     from .training.settings import (LanguageAdapterSettings, ParameterBudgetSettings, PredictSettings,
-                                    TaskAdapterSettings, TransferSettings, add_arguments)
+                                    ReportSettings, TaskAdapterSettings, TransferSettings, add_arguments)
 
     parser = argparse.ArgumentParser(prog="madx", description="MAD-X adapters: train, transfer, predict, count, demo.")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
     add_arguments(sub.add_parser("train-lang", help="stage 1: a language adapter (+ invertible adapter) by "
-                                 "masked-LM"), LanguageAdapterSettings)
-    add_arguments(sub.add_parser("train-task", help="stage 2: a task adapter on a frozen language adapter"),
-                  TaskAdapterSettings)
+                                 "masked-LM (--full-model: the whole model, MLM-SRC / MLM-TRG)"), LanguageAdapterSettings)
+    add_arguments(sub.add_parser("train-task", help="stage 2: a task adapter on a frozen language adapter "
+                                 "(--full-finetune: the whole model, the XLM-R baseline)"), TaskAdapterSettings)
     add_arguments(sub.add_parser("transfer", help="stage 3: zero-shot transfer matrix (swap the language "
                                  "adapter)"), TransferSettings)
+    add_arguments(sub.add_parser("report", help="transfer results of separate runs (madx transfer --output) in one "
+                                 "matrix: CSV, JSON, Markdown, heatmaps"), ReportSettings)
     add_arguments(sub.add_parser("predict", help="label JSON lines of many languages in mixed batches (a language "
                                  "adapter per line under one task adapter)"), PredictSettings)
 
@@ -50,25 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train_lang(args) -> None:
-    from .training import LanguageAdapterSettings, train_language_adapter
+    from .training import LanguageAdapterSettings, train_language
     from .training.settings import from_args
-    train_language_adapter(from_args(LanguageAdapterSettings, args))
+    train_language(from_args(LanguageAdapterSettings, args))
 
 
 def cmd_train_task(args) -> None:
-    from .training import TaskAdapterSettings, train_task_adapter
+    from .training import TaskAdapterSettings, train_task
     from .training.settings import from_args
-    train_task_adapter(from_args(TaskAdapterSettings, args))
+    train_task(from_args(TaskAdapterSettings, args))
 
 
 def cmd_transfer(args) -> None:
     from .training import TransferSettings, evaluate_transfer
+    from .training.report import build_report, format_report
     from .training.settings import from_args
-    from .training.transfer import format_table
     result = evaluate_transfer(from_args(TransferSettings, args))
-    print(format_table(result["records"]))
+    print(format_report(build_report(result["records"])))
     print(f"report written to {args.output_dir} ({result['wall_time_s']:.1f} s)" if args.output_dir else
           f"({result['wall_time_s']:.1f} s)")
+
+
+def cmd_report(args) -> None:
+    from .training.report import merge_runs
+    from .training.settings import ReportSettings, from_args
+    merge_runs(from_args(ReportSettings, args), echo=print)
 
 
 # ``madx predict`` finished, but some lines were not predicted (each reported on stderr with its number).
@@ -111,7 +122,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train-lang": cmd_train_lang, "train-task": cmd_train_task, "transfer": cmd_transfer,
-            "predict": cmd_predict, "params": cmd_params, "demo": cmd_demo}
+            "report": cmd_report, "predict": cmd_predict, "params": cmd_params, "demo": cmd_demo}
 
 
 class _ProgressAwareHandler(logging.StreamHandler):

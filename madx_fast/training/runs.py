@@ -7,6 +7,7 @@ A run directory (``madx train-lang`` / ``madx train-task``)::
     checkpoint.pt        everything needed to continue the run (written atomically every N steps)
     adapter/             language runs: the trained language (+ invertible) adapter     -- a bundle
     best/, last/         task runs: best on validation / after the last step            -- bundles
+    model/               full-model MLM runs (best/, last/ of full fine-tuning): model directories (model_dirs.py)
 
 A *bundle* is an adapter directory in madx_fast's format (``madx_adapter.json`` + ``.safetensors``, and for
 task adapters the head, ``madx_head.safetensors``: what ``madx.save_adapter(..., with_head=True)`` writes)
@@ -30,7 +31,7 @@ RUN_META = "madx_run.json"
 RUN_SUMMARY = "run.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT = "checkpoint.pt"
-RUN_OUTPUTS = (RUN_SUMMARY, LOG_FILE, CHECKPOINT, "adapter", "best", "last", "adapterhub")
+RUN_OUTPUTS = (RUN_SUMMARY, LOG_FILE, CHECKPOINT, "adapter", "best", "last", "adapterhub", "model")
 BUNDLES = ("adapter", "best", "last")
 
 

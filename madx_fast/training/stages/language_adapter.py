@@ -29,9 +29,15 @@ class LanguageAdapterStage(TrainingStage):
     auto_class = "AutoModelForMaskedLM"
     need_mask = True
 
+    def resolve_inputs(self) -> list[str]:
+        if self.s.full_model:
+            raise ValueError("full_model=True asks for the full-model stage: call madx_fast.training.train_language "
+                             "(madx train-lang --full-model)")
+        return super().resolve_inputs()
+
     def read_data(self) -> None:
         s = self.s
-        self.max_length = models.max_length_for(s.model, s.max_length, default=256)  # the paper's 256, if it fits
+        self.max_length = models.max_length_for(self.base_model, s.max_length, default=256)  # the paper's 256
         texts, eval_texts = _texts(s)
         self.train_blocks = mlm.mlm_data_from_texts(self.tokenizer, texts, self.max_length)
         self.heldout = mlm.mlm_data_from_texts(self.tokenizer, eval_texts, self.max_length) if eval_texts else None
