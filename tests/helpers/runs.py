@@ -73,10 +73,21 @@ def madx_command(*args) -> list[str]:
 
 
 def run_madx(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
     proc = subprocess.run(madx_command(*args), env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True,
                           timeout=300, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"madx {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def torchrun_madx(*args, processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m madx_fast.cli ARGS`` (gloo on the CPU); fails with its stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "madx_fast.cli", *map(str, args)]
+    proc = subprocess.run(cmd, env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stderr[-4000:]}"
     return proc
 
 

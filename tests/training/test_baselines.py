@@ -4,6 +4,7 @@ from an MLM model directory the MLM-SRC / MLM-TRG ones), ``--seeds``; tiny model
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -14,7 +15,7 @@ from transformers import AutoModelForMaskedLM
 from madx_fast.cli import main
 from madx_fast.training import train_language, train_language_adapter, train_task, train_task_adapter
 from madx_fast.training.stages import RUN_FACTS
-from tests.helpers.runs import quiet_config, snapshot, step_losses
+from tests.helpers.runs import quiet_config, run_madx, snapshot, step_losses, torchrun_madx
 
 
 def _weights(model_dir: str) -> dict:
@@ -82,9 +83,11 @@ def test_full_finetune_from_the_base_and_from_an_mlm_model(tmp_path, mlm_run, ti
     per_adapter = ("adapter_parameters[", "adapter_percent_of_base[")  # one pair per adapter trained
     assert set(summary) == {k for k in adapter if not k.startswith(per_adapter)} and set(RUN_FACTS) <= set(summary)
 
-    # MLM-TRG: fine-tuned from the beta MLM run's model directory (the run directory names it)
+    # MLM-TRG: fine-tuned from the beta MLM run's model directory (the run directory names it); bf16 autocast
     trg = train_task(task="ner", model=mlm_run[0], lang="alpha", full_finetune=True, train_data=_ner(corpus),
-                     output_dir=str(tmp_path / "mlm-trg"), config=quiet_config(steps=2), max_length=32)
+                     output_dir=str(tmp_path / "mlm-trg"), config=quiet_config(steps=2, bf16=True), max_length=32)
+    assert all(math.isfinite(loss) for loss in step_losses(str(tmp_path / "mlm-trg")))
+    assert _weights(os.path.join(str(tmp_path / "mlm-trg"), "last"))["classifier.weight"].dtype == torch.float32
     assert trg["init_model"]["language"] == "beta" and trg["init_model"]["path"].endswith("model")
     assert trg["base_fingerprint"] == summary["base_fingerprint"] == adapter["base_fingerprint"]  # the root
     assert trg["init_model"]["fingerprint"] != summary["base_fingerprint"]
@@ -184,3 +187,22 @@ def test_full_model_settings_are_refused_before_work(tmp_path, capsys, tiny_base
                         "--train-data", text, "--output", mlm_run[0])
     assert status == 2 and "is an input of this run" in err
     assert snapshot(mlm_run[0]) == before
+
+
+def test_full_model_mlm_with_two_processes_equals_one(tmp_path, tiny_base, corpus):
+    """``torchrun --nproc_per_node 2`` (gloo) trains the same whole model as one process on the same global
+    batch: every weight, the decoder tied to the embeddings included, gets the same all-reduced gradient."""
+    common = ["train-lang", "--full-model", "--model", tiny_base, "--lang", "alpha", "--max-length", 32,
+              "--batch-size", 8, "--steps", 4, "--lr", "1e-3", "--save-every", 2, "--eval-fraction", "0.1",
+              "--train-data", os.path.join(corpus, "alpha", "text", "train.txt"), "--device", "cpu", "--no-progress",
+              "--seed", 1]
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    run_madx(*common, "--output", single)
+    torchrun_madx(*common, "--output", ddp)
+    a, b = _weights(os.path.join(single, "model")), _weights(os.path.join(ddp, "model"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+    la, lb = step_losses(single), step_losses(ddp)
+    assert len(la) == len(lb) == 4 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
+    assert json.load(open(os.path.join(ddp, "run.json")))["world_size"] == 2
