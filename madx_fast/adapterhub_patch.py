@@ -1,23 +1,34 @@
 """madx_fast's fused ops under a model set up with AdapterHub's ``adapters`` library, in one call.
 
     import madx_fast
-    report = madx_fast.patch_adapterhub(model)    # an XLMRobertaAdapterModel, or adapters.init(hf_model)
+    report = madx_fast.patch_adapterhub(model)    # an XxxAdapterModel, or adapters.init(hf_model)
     ...                                           # train, evaluate, save_adapter: AdapterHub's API as before
     madx_fast.unpatch_adapterhub(model)           # back to AdapterHub's code, exactly
 
-What runs on madx_fast's code (the same function as AdapterHub 1.3, to float32 rounding):
+Covered model types (``COVERED_MODEL_TYPES``): every text model AdapterHub 1.3 puts bottleneck adapters on,
+encoders, decoders and encoder-decoders (BERT, RoBERTa, XLM-R, X-MOD, ALBERT, DistilBERT, ELECTRA, DeBERTa,
+DeBERTa-v2, BertGeneration, GPT-2, GPT-J, Llama, Mistral, T5, mT5, BART, mBART, PLBart, bert2bert
+``EncoderDecoderModel``), and the models AdapterHub runs through its plugin interface (its built-in ones, e.g.
+Qwen2, and one a user writes, e.g. for XLM-R XL). Vision and audio models (ViT, BEiT, CLIP, Whisper) keep
+AdapterHub's code entirely; the report says so. What runs on madx_fast's code (the same function as AdapterHub
+1.3, to float32 rounding):
 
 * sequential bottleneck adapters (``seq_bn``/``pfeiffer``, ``seq_bn_inv``/``pfeiffer+inv``, ``double_seq_bn``,
   any reduction factor or per-layer mapping, the activations madx_fast supports, float scaling, dropout,
   ``residual_before_ln`` True/False/"post_add", ``original_ln_before``/``original_ln_after``), alone or in a
-  flat ``Stack`` of adapter names: down projection, activation, up projection, scaling and residual in the fused
-  ``madx_fast.ops.bottleneck_adapter``;
-* NICE invertible adapters: the forward on the embedding output and, in a flex masked-LM head, the inverse
-  before the tied decoder, on ``madx_fast.ops.nice_forward`` / ``nice_inverse``;
-* the masked-LM loss when ``labels`` are given (flex ``masked_lm`` heads, and HF ``...ForMaskedLM`` models
-  after ``adapters.init``): the head and the decoder run only at positions with ``labels != -100``, through the
-  chunked fused linear cross-entropy, so the ``B x L x V`` logits are never built. The output's ``logits`` is then
-  ``None`` (``patch_adapterhub(model, keep_mlm_logits=True)`` computes them and the loss as AdapterHub does).
+  flat ``Stack`` of adapter names, wherever the model places them (post-LN and pre-LN blocks, attention,
+  cross-attention and FFN outputs): down projection, activation, up projection, scaling and residual in the
+  fused ``madx_fast.ops.bottleneck_adapter``;
+* NICE invertible adapters: the forward on the embedding output (the encoder's, in encoder-decoders; a
+  bert2bert decoder skips it, as AdapterHub does) and the inverse where AdapterHub applies it (flex LM heads,
+  on the encoder-decoder's decoder output too; before the output embeddings of plugin-interface models), on
+  ``madx_fast.ops.nice_forward`` / ``nice_inverse``;
+* the LM loss when ``labels`` are given: flex ``masked_lm`` / ``causal_lm`` / ``seq2seq_lm`` heads, and the HF
+  ``...ForMaskedLM`` / ``...ForCausalLM`` / ``...LMHeadModel`` / ``...ForConditionalGeneration`` /
+  ``EncoderDecoderModel`` classes after ``adapters.init``: the head and the vocabulary projection run only at
+  the positions that have a target (the causal LM's shifted labels), through the chunked fused linear
+  cross-entropy, so the ``B x L x V`` logits are never built. The output's ``logits`` is then ``None``
+  (``patch_adapterhub(model, keep_lm_logits=True)`` computes them and the loss as AdapterHub does).
 
 Everything else keeps AdapterHub's own code: Parallel / Fuse / Split / BatchSplit / Average compositions, gating,
 adapter-level LayerNorms (``ln_before`` / ``ln_after``), PHM (Compacter), learned scaling, stochastic depth,
@@ -26,15 +37,16 @@ forward from the active setup and the adapters there, so adapters added or loade
 of the active setup are covered; each part that falls back is logged once.
 
 How: instance attributes only, no class is modified. Each ``BottleneckLayer`` gets its own
-``bottleneck_layer_forward``, the base model its ``invertible_adapters_forward``, a flex model its
-``forward_head`` (which patches masked-LM heads, including ones added later), masked-LM heads their
-``forward``, and an HF masked-LM model its ``forward`` and its head's ``forward``. ``unpatch_adapterhub``
-removes them (or puts back what was there), leaving every module's ``__dict__`` as it was. Parameters are
-AdapterHub's own objects, so optimizers, ``train_adapter``, ``save_adapter`` and ``load_adapter`` see no
-difference.
+``bottleneck_layer_forward``, each module owning invertible adapters its ``invertible_adapters_forward`` (a
+plugin-interface model's invertible-adapter layer its ``forward``), a flex model its ``forward_head`` (which
+patches LM heads, including ones added later), LM heads their ``forward``, and an HF LM class its ``forward``
+and its head modules' ``forward``. ``unpatch_adapterhub`` removes them (or puts back what was there), leaving
+every module's ``__dict__`` as it was. Parameters are AdapterHub's own objects, so optimizers, ``train_adapter``,
+``save_adapter`` and ``load_adapter`` see no difference.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -46,9 +58,11 @@ try:
     import adapters
     from adapters.composition import Stack
     from adapters.configuration import AdapterConfig, BnConfig, ConfigUnion
-    from adapters.heads.language_modeling import BertStyleMaskedLMHead
+    from adapters.heads.language_modeling import BertStyleMaskedLMHead, CausalLMHead, Seq2SeqLMHead
     from adapters.methods.bottleneck import BottleneckLayer
+    from adapters.methods.invertible import InvertibleAdapterLayer
     from adapters.methods.modeling import Adapter, NICECouplingBlock
+    from adapters.model_mixin import InvertibleAdaptersMixin
 except ImportError as exc:  # the optional dependency
     raise ImportError(
         "madx_fast.patch_adapterhub needs AdapterHub's `adapters` library (version 1.3): "
@@ -57,13 +71,22 @@ except ImportError as exc:  # the optional dependency
 
 from . import ops, reference
 from .backends import BACKENDS
-from .model.inputs import IGNORE_INDEX
-from .model.mlm_loss import fused_linear_cross_entropy
-from .model.wiring import SUPPORTED_MODEL_TYPES, find_parts
+from .model.lm_heads import find_lm_head, lm_objective
+from .model.mlm_loss import lm_loss_at_labels
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ADAPTERS_VERSION = (1, 3)  # the code mirrored below is adapters 1.3's
+# Model types whose patched models the parity tests (tests/model/test_adapterhub_patch*.py) compare with
+# AdapterHub's: every text type adapters 1.3 supports, and plugin-interface models (AdapterHub's built-in
+# interfaces, and XLM-R XL through a user's).
+COVERED_MODEL_TYPES = (
+    "albert", "bart", "bert", "bert-generation", "deberta", "deberta-v2", "distilbert", "electra", "encoder-decoder",
+    "gpt2", "gptj", "llama", "mbart", "mistral", "mt5", "plbart", "roberta", "t5", "xlm-roberta", "xmod",
+    "gemma2", "gemma3_text", "modernbert", "phi", "qwen2", "qwen3", "xlm-roberta-xl",
+)
+VISION_AUDIO_MODEL_TYPES = ("vit", "beit", "clip", "clip_vision_model", "clip_text_model", "whisper")
+_LM_HEADS = (BertStyleMaskedLMHead, CausalLMHead, Seq2SeqLMHead)
 _ATTR = "_madx_fast_adapterhub"  # the patch state, on the model
 _MISSING = object()
 
@@ -79,7 +102,7 @@ class AdapterHubPatchReport:
 
     model_class: str
     backend: str
-    keep_mlm_logits: bool
+    keep_lm_logits: bool
     patched: list[str] = field(default_factory=list)
     not_patched: list[str] = field(default_factory=list)
 
@@ -87,29 +110,42 @@ class AdapterHubPatchReport:
     def fully_patched(self) -> bool:
         return not self.not_patched
 
+    @property
+    def keep_mlm_logits(self) -> bool:
+        """The name ``keep_lm_logits`` had when only masked-LM losses were fused."""
+        return self.keep_lm_logits
+
     def __str__(self) -> str:
         lines = [f"madx_fast.patch_adapterhub({self.model_class}): backend {self.backend}, "
-                 f"keep_mlm_logits={self.keep_mlm_logits}"]
+                 f"keep_lm_logits={self.keep_lm_logits}"]
         lines += [f"  fused:          {p}" for p in self.patched]
         lines += [f"  AdapterHub's:   {p}" for p in self.not_patched]
         return "\n".join(lines)
 
 
-def patch_adapterhub(model: nn.Module, *, backend: str | None = None,
+def patch_adapterhub(model: nn.Module, *, backend: str | None = None, keep_lm_logits: bool = False,
                      keep_mlm_logits: bool = False) -> AdapterHubPatchReport:
-    """Run the bottleneck adapters, NICE invertible adapters and masked-LM loss of an AdapterHub model on
-    madx_fast's fused ops, in place; returns (and logs once) a report of what was and was not patched.
+    """Run the bottleneck adapters, NICE invertible adapters and LM loss of an AdapterHub model on madx_fast's
+    fused ops, in place; returns (and logs once) a report of what was and was not patched.
 
-    ``model``: an ``XLMRobertaAdapterModel`` / ``BertAdapterModel`` (any heads), or a Hugging Face BERT /
-    RoBERTa / XLM-R model after ``adapters.init(model)``; before or after adapters are added or loaded, in train
-    or eval mode. ``backend``: madx_fast's op backend (None = "auto": Triton on CUDA tensors, the eager reference
-    on CPU tensors unless ``TRITON_INTERPRET=1``). ``keep_mlm_logits``: with labels, also compute the full
-    ``B x L x V`` MLM logits (and the loss from them, as AdapterHub does) instead of returning ``logits=None``.
-    Calling it again on a patched model updates the options and returns a fresh report.
+    ``model``: any ``XxxAdapterModel`` (any heads), or a Hugging Face model after ``adapters.init(model)``;
+    before or after adapters are added or loaded, in train or eval mode. A model type outside
+    ``COVERED_MODEL_TYPES`` (vision and audio models) is left to AdapterHub entirely, and the report says so.
+    ``backend``: madx_fast's op backend (None = "auto": Triton on CUDA tensors, the eager reference on CPU
+    tensors unless ``TRITON_INTERPRET=1``). ``keep_lm_logits`` (or its former name ``keep_mlm_logits``): with
+    labels, also compute the full ``B x L x V`` logits (and the loss from them, as AdapterHub does) instead of
+    returning ``logits=None``. Calling it again on a patched model updates the options and returns a fresh report.
     """
-    _check_model(model)
+    model_type = _check_model(model)
     if (backend or "auto").lower() not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if model_type not in COVERED_MODEL_TYPES:
+        kind = "a vision / audio model" if model_type in VISION_AUDIO_MODEL_TYPES else \
+            "not covered by madx_fast's parity tests"
+        report = AdapterHubPatchReport(type(model).__name__, backend or "auto", bool(keep_lm_logits or keep_mlm_logits))
+        report.not_patched.append(f"model type {model_type!r} ({kind}): everything runs on AdapterHub's code")
+        logger.warning("%s", report)
+        return report
     patch = model.__dict__.get(_ATTR)
     if patch is None:
         patch = _Patch()
@@ -120,7 +156,7 @@ def patch_adapterhub(model: nn.Module, *, backend: str | None = None,
             raise
         model.__dict__[_ATTR] = patch
     patch.backend = backend
-    patch.keep_mlm_logits = bool(keep_mlm_logits)
+    patch.keep_lm_logits = bool(keep_lm_logits or keep_mlm_logits)
     _patch_heads(model, patch)
     report = _report(model, patch)
     (logger.warning if report.not_patched else logger.info)("%s", report)
@@ -145,9 +181,10 @@ class _Patch:
 
     def __init__(self):
         self.backend: str | None = None
-        self.keep_mlm_logits = False
+        self.keep_lm_logits = False
         self.undo: list[tuple[nn.Module, str, object]] = []
-        self.capturing = False  # HF masked-LM: the head passes its input through (see _hf_mlm_forward)
+        self.capturing = False  # HF LM class: the head modules pass their input through (see _hf_lm_forward)
+        self.captured: torch.Tensor | None = None
         self._support: dict[int, tuple[weakref.ref, str | None, str | None]] = {}
         self._logged: set[str] = set()
 
@@ -200,7 +237,8 @@ def _is_patched(module: nn.Module, attr: str) -> bool:
     return isinstance(module.__dict__.get(attr), _Override)
 
 
-def _check_model(model):
+def _check_model(model) -> str | None:
+    """The model's type, once it is known to be an AdapterHub model of the supported ``adapters`` version."""
     version = tuple(int(v) for v in adapters.__version__.split(".")[:2])
     if version != SUPPORTED_ADAPTERS_VERSION:
         raise RuntimeError(
@@ -208,33 +246,35 @@ def _check_model(model):
             f"adapters {adapters.__version__} is installed (pip install 'madx_fast[adapterhub]')")
     if getattr(model, "adapters_config", None) is None or not hasattr(model, "base_model"):
         raise TypeError(f"{type(model).__name__} is not set up with AdapterHub's `adapters`: call "
-                        "adapters.init(model) first, or use XLMRobertaAdapterModel / BertAdapterModel")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise TypeError(f"model type {model_type!r} ({type(model).__name__}) is not supported; "
-                        f"madx_fast.patch_adapterhub covers {', '.join(SUPPORTED_MODEL_TYPES)} models")
+                        "adapters.init(model) first, or use an XxxAdapterModel class such as XLMRobertaAdapterModel")
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 def _install(model, patch):
     for module in model.modules():
         if isinstance(module, BottleneckLayer):
             _override(module, "bottleneck_layer_forward", _bottleneck_layer_forward, patch)
-    base = model.base_model
-    if hasattr(base, "invertible_adapters_forward") and hasattr(base, "invertible_adapters"):
-        _override(base, "invertible_adapters_forward", _invertible_adapters_forward, patch)
+        elif isinstance(module, InvertibleAdapterLayer):  # plugin-interface models
+            _override(module, "forward", _invertible_layer_forward, patch)
+        # The modules that own invertible adapters (the base model, or an encoder-decoder's encoder). An instance
+        # attribute is AdapterHub's own relay (EncoderDecoderModel; its decoder, which skips the forward NICE).
+        if isinstance(module, InvertibleAdaptersMixin) and "invertible_adapters_forward" not in module.__dict__ \
+                and hasattr(module, "invertible_adapters"):
+            _override(module, "invertible_adapters_forward", _invertible_adapters_forward, patch)
     if hasattr(model, "heads") and hasattr(model, "forward_head"):
         _override(model, "forward_head", _forward_head, patch)
-    else:
-        head = find_parts(model).mlm_head
-        if head is not None:  # HF ...ForMaskedLM
-            _override(getattr(model, head.root_name), "forward", _hf_head_forward, patch)
-            _override(model, "forward", _hf_mlm_forward, patch)
+        return
+    head = find_lm_head(model)
+    if head is not None:  # HF ...ForMaskedLM / ...ForCausalLM / ...ForConditionalGeneration / EncoderDecoderModel
+        for module in _captured_modules(head):
+            _override(module, "forward", _hf_head_forward, patch)
+        _override(model, "forward", _hf_lm_forward, patch)
 
 
 def _patch_heads(model, patch):
     for head in getattr(model, "heads", {}).values() if hasattr(model, "heads") else ():
-        if type(head) is BertStyleMaskedLMHead and not _is_patched(head, "forward"):
-            _override(head, "forward", _masked_lm_head_forward, patch)
+        if type(head) in _LM_HEADS and not _is_patched(head, "forward"):
+            _override(head, "forward", _lm_head_forward, patch)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -302,9 +342,7 @@ def _nice_support(block: nn.Module) -> tuple[str | None, str | None]:
 
 
 def _head_support(head: nn.Module) -> tuple[str | None, str | None]:
-    """Flex masked-LM head: every layer before the decoder must act on each row alone."""
-    if head.config.get("shift_labels"):
-        return None, "shifted labels"
+    """Flex LM head: every layer before the projection must act on each row alone."""
     layers = [head[i] for i in range(len(head))]
     if type(layers[-1]) is not nn.Linear or not all(
             isinstance(m, (nn.Linear, nn.LayerNorm)) or type(m).__name__ == "Activation_Function_Class"
@@ -438,94 +476,163 @@ def _nice(block, patch, label):
 def _invertible_adapters_forward(base, original, patch, hidden_states, rev=False):
     """``InvertibleAdaptersMixin.invertible_adapters_forward``: the invertible adapter of the first adapter of
     the active setup, forward (on the embedding output) or inverse."""
-    setup = base._get_active_setup()
+    return _first_nice(base._get_active_setup(), base.invertible_adapters, patch, hidden_states, rev)
+
+
+def _invertible_layer_forward(layer, original, patch, hidden_states, rev=False):
+    """``InvertibleAdapterLayer.forward`` (plugin-interface models): the same, with the layer's active setup."""
+    return _first_nice(layer.get_active_setup(), layer, patch, hidden_states, rev)
+
+
+def _first_nice(setup, blocks, patch, hidden_states, rev):
     if setup is not None and len(setup) > 0:
         first = setup.first()
-        if first in base.invertible_adapters:
-            return _nice(base.invertible_adapters[first], patch, repr(first))(hidden_states, rev=rev)
+        if first in blocks:
+            return _nice(blocks[first], patch, repr(first))(hidden_states, rev=rev)
     return hidden_states
 
 
 # --------------------------------------------------------------------------------------------------------
-# Masked-LM heads: decoder and cross-entropy only at labelled positions
+# LM heads: head, projection and cross-entropy only at the positions that have a target
 # --------------------------------------------------------------------------------------------------------
-def _labelled_mlm_loss(hidden, labels, transform, decoder):
-    """Mean cross-entropy over positions with ``labels != -100`` of ``decoder(transform(hidden))``, with the
-    transform applied to those rows only (it acts on each row alone) and the decoder fused with the loss."""
-    h = hidden.reshape(-1, hidden.shape[-1])
-    targets = labels.reshape(-1).to(h.device)
-    if targets.shape[0] != h.shape[0]:
-        raise ValueError(f"labels has {targets.shape[0]} elements but the model output has {h.shape[0]} positions "
-                         f"(labels shape {tuple(labels.shape)}, output shape {tuple(hidden.shape)})")
-    selected = targets != IGNORE_INDEX
-    rows = transform(h[selected])
-    return fused_linear_cross_entropy(rows, decoder.weight, decoder.bias, targets[selected])
-
-
 def _forward_head(model, original, patch, *args, **kwargs):
     _patch_heads(model, patch)  # heads added or loaded after the patch
     return original(*args, **kwargs)
 
 
-def _masked_lm_head_forward(head, original, patch, outputs, cls_output=None, attention_mask=None,
-                            return_dict=False, **kwargs):
-    """``BertStyleMaskedLMHead.forward``: dense -> act -> LN -> NICE^-1 -> decoder, then the loss."""
+def _lm_head_forward(head, original, patch, outputs, cls_output=None, attention_mask=None, return_dict=False,
+                     **kwargs):
+    """The flex ``masked_lm`` / ``causal_lm`` / ``seq2seq_lm`` head (``CausalLMHead.forward``): layers ->
+    NICE^-1 -> projection, then the loss (on the shifted labels when ``shift_labels``)."""
     inv = kwargs.get("invertible_adapter")
     if inv is not None:
-        inv = kwargs["invertible_adapter"] = _nice(inv, patch, "(in the masked-LM head)")
+        inv = kwargs["invertible_adapter"] = _nice(inv, patch, "(in the LM head)")
     labels = kwargs.get("labels")
-    ok, reason = patch.support(head, _head_support)
+    _, reason = patch.support(head, _head_support)
     if reason is not None:
-        patch.log_once(f"masked-LM head {head.name!r} computes all logits on AdapterHub's code: {reason}")
-    if labels is None or patch.keep_mlm_logits or reason is not None or kwargs.get("prompt_tokens_length", 0) > 0:
+        patch.log_once(f"LM head {head.name!r} computes all logits on AdapterHub's code: {reason}")
+    if labels is None or patch.keep_lm_logits or reason is not None or kwargs.get("prompt_tokens_length", 0) > 0:
         return original(outputs, cls_output, attention_mask, return_dict, **kwargs)
     n = len(head)
 
-    def transform(rows):
+    def head_rows(rows):
         for i in range(n - 1):
             rows = head[i](rows)
         if inv is not None:
             rows = inv(rows, rev=True) if isinstance(inv, _FusedNice) else inv(rows[None], rev=True)[0]
         return rows
 
-    loss = _labelled_mlm_loss(outputs[0], labels, transform, head[n - 1])
+    last = head[n - 1]
+    loss = lm_loss_at_labels(outputs[0], labels, head_rows, last.weight, last.bias,
+                             shift=bool(head.config.get("shift_labels")))
     if return_dict:
         return head._create_model_output(loss, None, outputs)
     return (loss, None) + tuple(outputs[1:])
 
 
-def _hf_head_forward(head, original, patch, *args, **kwargs):
-    """The HF masked-LM head (``lm_head`` / ``cls``): passes its input through while ``_hf_mlm_forward`` runs
-    the model for its encoder output."""
+def _captured_modules(head) -> list[nn.Module]:
+    """What passes its input through while ``_hf_lm_forward`` runs the model: the vocabulary projection (the
+    head's transform, and any hook before the projection, run at every position: a small cost next to the
+    projection's), or the head's modules where there is no projection module (DeBERTa with ``legacy=False``)."""
+    return [head.decoder] if head.decoder is not None else head.module_list()
+
+
+def _hf_head_forward(module, original, patch, *args, **kwargs):
+    """A module of ``_captured_modules``: passes its input through (and keeps it) while ``_hf_lm_forward`` runs
+    the model for what the projection gets."""
     if patch.capturing:
-        return args[0] if args else kwargs["sequence_output" if "sequence_output" in kwargs else "features"]
+        patch.captured = args[0] if args else next(iter(kwargs.values()))
+        return patch.captured
     return original(*args, **kwargs)
 
 
-def _hf_mlm_forward(model, original, patch, *args, **kwargs):
-    """HF ``...ForMaskedLM.forward`` after ``adapters.init``: with labels, AdapterHub's forward runs with the head
-    passing the encoder output through (so AdapterHub's forward context, hooks and outputs are its own), then the
-    head and decoder run at the labelled positions only. (AdapterHub applies no NICE inverse in these classes,
-    so neither does this.)"""
+# Arguments with which the fused path would compute something else than the model: AdapterHub's code runs.
+_HF_LM_FALLBACK_ARGS = ("shift_labels", "logits_to_keep", "num_logits_to_keep")
+# What each HF seq2seq class does itself with labels and no decoder inputs (transformers 4.57), besides deriving
+# them from the labels: BART / mBART turn the decoder cache off, EncoderDecoderModel masks the decoder's padding.
+_SEQ2SEQ_WITH_LABELS = {
+    "BartForConditionalGeneration": {"use_cache": False}, "MBartForConditionalGeneration": {"use_cache": False},
+    "PLBartForConditionalGeneration": {}, "T5ForConditionalGeneration": {}, "MT5ForConditionalGeneration": {},
+    "EncoderDecoderModel": {"decoder_attention_mask": True},
+}
+
+
+def _hf_lm_forward(model, original, patch, *args, **kwargs):
+    """An HF LM class's forward after ``adapters.init``, with labels: AdapterHub's forward runs with the
+    vocabulary projection passing its input through (so AdapterHub's forward context, hooks and outputs are its
+    own; a plugin-interface model's NICE inverse, a pre-hook on the projection, runs there too), then the
+    projection runs fused with the loss at the positions with a target only. A seq2seq model first gets what it
+    would make of the labels itself (``_seq2seq_label_inputs``); a causal LM honours ``num_items_in_batch`` as
+    HF's causal loss does. (AdapterHub applies no NICE inverse in the mixin-based HF classes, so neither does
+    this.)"""
     labels = kwargs.get("labels")
-    if labels is None or patch.keep_mlm_logits:
+    head = find_lm_head(model)
+    if labels is None or patch.keep_lm_logits:
+        return original(*args, **kwargs)
+    fallback = _hf_lm_fallback(head, args, kwargs)
+    if fallback:
+        patch.log_once(f"{type(model).__name__} computes its loss on AdapterHub's code when called with {fallback}")
         return original(*args, **kwargs)
     return_dict = kwargs.get("return_dict")
     return_dict = model.config.use_return_dict if return_dict is None else return_dict
+    kwargs = dict(kwargs, labels=None, return_dict=True)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    if head.objective == "seq2seq":
+        _seq2seq_label_inputs(model, head, labels, kwargs)
     patch.capturing = True
+    if head.extra_bias is not None:  # BART's "logits + final_logits_bias": the hidden states pass through it too
+        head.owner.__dict__[head.extra_bias] = torch.zeros(())
     try:
-        out = original(*args, **dict(kwargs, labels=None, return_dict=True))
+        out = original(**kwargs)
+        hidden = patch.captured
     finally:
-        patch.capturing = False
-    head = find_parts(model).mlm_head
-    loss = _labelled_mlm_loss(out.logits, labels, head.transform, head.decoder)
-    result = type(out)(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)
+        patch.capturing, patch.captured = False, None
+        if head.extra_bias is not None:
+            del head.owner.__dict__[head.extra_bias]
+    rows = (lambda x: x) if head.decoder is not None else head.decoder_input
+    loss = lm_loss_at_labels(hidden, labels, rows, head.weight, head.bias, shift=head.shift,
+                             reduction="mean" if num_items is None else "sum")
+    if num_items is not None:
+        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    return _hf_lm_output(out, loss, return_dict)
+
+
+def _hf_lm_fallback(head, args, kwargs) -> list[str]:
+    """Why the fused loss would not compute what the model does with these arguments (empty: it would)."""
+    why = [k for k in _HF_LM_FALLBACK_ARGS if kwargs.get(k) is not None and not (
+        isinstance(kwargs[k], int) and kwargs[k] == 0)]
+    if args:
+        why.append("positional arguments")
+    if head.objective == "seq2seq" and head.class_name not in _SEQ2SEQ_WITH_LABELS:
+        why.append(f"a seq2seq class madx_fast does not mirror ({head.class_name})")
+    if head.objective != "causal" and kwargs.get("num_items_in_batch") is not None:
+        why.append("num_items_in_batch")  # HF's causal classes divide by it; whether others do varies
+    return why
+
+
+def _seq2seq_label_inputs(model, head, labels, kwargs) -> None:
+    """What the seq2seq class does with labels and no decoder inputs (``_SEQ2SEQ_WITH_LABELS``): decoder inputs
+    from the labels (``prepare_decoder_input_ids_from_labels``), and its cache or decoder-mask choices."""
+    if kwargs.get("decoder_input_ids") is not None or kwargs.get("decoder_inputs_embeds") is not None:
+        return
+    decoder_ids = kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels)
+    does = _SEQ2SEQ_WITH_LABELS[head.class_name]
+    if "use_cache" in does:
+        kwargs["use_cache"] = does["use_cache"]
+    if does.get("decoder_attention_mask") and kwargs.get("decoder_attention_mask") is None:
+        kwargs["decoder_attention_mask"] = (decoder_ids != model.config.pad_token_id).to(decoder_ids.dtype)
+
+
+def _hf_lm_output(out, loss, return_dict):
+    """The model's output with the fused ``loss`` and ``logits=None``; a tuple keeps AdapterHub's positions."""
+    fields = {f.name for f in dataclasses.fields(out)}
+    result = type(out)(**{k: v for k, v in out.items() if k in fields and k not in ("loss", "logits")}, loss=loss)
     for key, value in out.items():  # anything AdapterHub's forward context added (e.g. gating scores)
-        if key not in ("loss", "logits", "hidden_states", "attentions"):
+        if key not in fields:
             result[key] = value
     if return_dict:
         return result
-    return (loss, None) + tuple(v for k, v in result.items() if k not in ("loss", "logits"))
+    return (loss, None) + tuple(v for k, v in result.items() if k != "loss")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -539,7 +646,7 @@ def _adapter_configs(model, name):
 
 
 def _report(model, patch) -> AdapterHubPatchReport:
-    report = AdapterHubPatchReport(type(model).__name__, patch.backend or "auto", patch.keep_mlm_logits)
+    report = AdapterHubPatchReport(type(model).__name__, patch.backend or "auto", patch.keep_lm_logits)
     layers = [m for m in model.modules() if _is_patched(m, "bottleneck_layer_forward")]
     base = model.base_model
     invertible = getattr(base, "invertible_adapters", {})
@@ -566,21 +673,25 @@ def _report(model, patch) -> AdapterHubPatchReport:
     if setup is not None and not (type(setup) is Stack and all(isinstance(c, str) for c in setup)):
         report.not_patched.append(f"active setup {_describe(setup)}: only single adapters and flat Stacks are fused")
     for head_name, head in (getattr(model, "heads", None) or {}).items():
-        if type(head) is BertStyleMaskedLMHead:
+        if type(head) in _LM_HEADS:
             _, reason = patch.support(head, _head_support)
+            kind = head.config.get("head_type", "LM")
             if reason:
-                report.not_patched.append(f"masked-LM head {head_name!r}: {reason}")
+                report.not_patched.append(f"{kind} head {head_name!r}: {reason}")
             else:
-                report.patched.append(f"masked-LM head {head_name!r}: {_mlm_note(patch)}")
+                report.patched.append(f"{kind} head {head_name!r}: {_lm_note(patch)}")
     if _is_patched(model, "forward"):
-        report.patched.append(f"masked-LM loss of {type(model).__name__}: {_mlm_note(patch)}")
+        report.patched.append(f"{find_lm_head(model).objective}-LM loss of {type(model).__name__}: {_lm_note(patch)}")
+    elif not hasattr(model, "heads") and lm_objective(model) is not None:
+        report.not_patched.append(f"{lm_objective(model)}-LM loss of {type(model).__name__}: a head madx_fast does "
+                                  "not know (madx_fast.model.lm_heads); the logits and loss stay AdapterHub's")
     if not model.adapters_config.adapters:
         report.patched.append("no adapters yet: adapters added or loaded later are checked at each forward")
     return report
 
 
-def _mlm_note(patch) -> str:
-    if patch.keep_mlm_logits:
-        return "full logits and loss as AdapterHub (keep_mlm_logits=True), NICE inverse fused"
-    return ("with labels, decoder + cross-entropy only at labelled positions (logits=None; "
-            "keep_mlm_logits=True to get them)")
+def _lm_note(patch) -> str:
+    if patch.keep_lm_logits:
+        return "full logits and loss as AdapterHub (keep_lm_logits=True), NICE inverse fused"
+    return ("with labels, projection + cross-entropy only at the positions with a target (logits=None; "
+            "keep_lm_logits=True to get them)")

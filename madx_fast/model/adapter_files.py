@@ -212,7 +212,7 @@ def export_adapterhub(madx, directory, name: str, *, safetensors: bool = False, 
         "name": name,
         "version": HUB_VERSION,
     }
-    weights = _cpu_copies(to_adapterhub_keys(madx.adapter_state_dict(name), name, parts.prefix))
+    weights = _cpu_copies(to_adapterhub_keys(madx.adapter_state_dict(name), name, parts))
     head = _cpu_copies(madx.head_state_dict()) if with_head else None
     head_meta = None
     if head is not None:
@@ -276,17 +276,33 @@ def import_adapterhub(madx, directory, *, load_as=None, overwrite=False, set_act
     name = load_as or file_name
     madx.check_new_name(name, overwrite)
     weights_path, raw = read_hub_weights(directory, HUB_SAFE_WEIGHTS, HUB_WEIGHTS)
-    state = from_adapterhub_keys(raw, file_name, parts.prefix, weights_path)
-    head = read_hub_head(directory, parts.prefix) if with_head else None
+    state = from_adapterhub_keys(raw, file_name, parts, weights_path)
+    head = read_hub_head(directory, parts.prefix, _head_names(madx)) if with_head else None
     return _install(madx, name, config, state, head, weights_path, overwrite=overwrite, set_active=set_active)
 
 
+def _head_names(madx) -> set[str]:
+    """The parameter names of the model's task head (none: it has no task head, which loading then reports)."""
+    try:
+        return set(madx.head_state_dict())
+    except AdapterFileError:
+        return set()
+
+
 _LEGACY_ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}
-_LAYER_KEY = re.compile(
-    r"^(?:(?P<prefix>\w+)\.)?encoder\.layer\.(?P<layer>\d+)\.output\."
-    r"(?:adapters|layer_text_lang_adapters|layer_text_task_adapters)\.(?P<name>[^.]+)\."
-    r"(?P<param>adapter_down\.0\.(?:weight|bias)|adapter_up\.(?:weight|bias))$"
-)
+
+
+def _layer_key(parts) -> re.Pattern:
+    """AdapterHub's key of a layer adapter's weight in this model family (``parts.hub_key``), with or without the
+    base model prefix, and adapter-transformers' legacy module names."""
+    layers, slot = (re.escape(p) for p in (parts.backbone.layers, parts.backbone.slot))
+    return re.compile(
+        rf"^(?:(?P<prefix>\w+)\.)?{layers}\.(?P<layer>\d+)\.{slot}\."
+        r"(?:adapters|layer_text_lang_adapters|layer_text_task_adapters)\.(?P<name>[^.]+)\."
+        r"(?P<param>adapter_down\.0\.(?:weight|bias)|adapter_up\.(?:weight|bias))$"
+    )
+
+
 _INV_KEY = re.compile(
     r"^(?:(?P<prefix>\w+)\.)?(?:invertible_adapters|invertible_lang_adapters)\.(?P<name>[^.]+)\."
     r"(?P<param>[FG]\.[02]\.(?:weight|bias))$"
@@ -306,27 +322,28 @@ def _install(madx, name, config, state, head, source, *, overwrite, set_active) 
     return name
 
 
-def to_adapterhub_keys(state: dict, name: str, prefix: str) -> dict:
-    """``layers.{i}.X`` -> ``{prefix}.encoder.layer.{i}.output.adapters.{name}.X``;
-    ``invertible.X`` -> ``{prefix}.invertible_adapters.{name}.X``."""
+def to_adapterhub_keys(state: dict, name: str, parts) -> dict:
+    """``layers.{i}.X`` -> ``{parts.hub_key(i)}.{name}.X`` (``{prefix}.encoder.layer.{i}.output.adapters.{name}.X``
+    in BERT / XLM-R); ``invertible.X`` -> ``{prefix}.invertible_adapters.{name}.X``."""
     out = {}
     for key, value in state.items():
         kind, rest = key.split(".", 1)
         if kind == "layers":
             i, param = rest.split(".", 1)
-            out[f"{prefix}.encoder.layer.{i}.output.adapters.{name}.{param}"] = value
+            out[f"{parts.hub_key(int(i))}.{name}.{param}"] = value
         else:
-            out[f"{prefix}.invertible_adapters.{name}.{rest}"] = value
+            out[f"{parts.prefix}.invertible_adapters.{name}.{rest}"] = value
     return out
 
 
-def from_adapterhub_keys(raw: dict, name: str, prefix: str, source: str) -> dict:
+def from_adapterhub_keys(raw: dict, name: str, parts, source: str) -> dict:
     """The inverse of ``to_adapterhub_keys``; also reads unprefixed keys (files saved from a bare base
     model) and adapter-transformers' legacy module names. Keys of another adapter, of another model family
     (``bert.`` in an XLM-R model) or of anything else are refused by name."""
     out, foreign_prefix, other_name, unknown = {}, set(), set(), []
+    prefix, layer_key = parts.prefix, _layer_key(parts)
     for key, value in raw.items():
-        m = _LAYER_KEY.match(key) or _INV_KEY.match(key)
+        m = layer_key.match(key) or _INV_KEY.match(key)
         if m is None:
             unknown.append(key)
             continue
@@ -373,14 +390,24 @@ def read_hub_weights(directory, safe_name, bin_name) -> tuple[str, dict]:
 # AdapterHub task heads
 # --------------------------------------------------------------------------------------------------------
 # Flex heads of AdapterHub's model classes, as the HF class whose head computes the same function: module
-# index in the flex head -> parameter prefix in the HF model ("{base}" is the base model's attribute).
+# index in the flex head -> parameter prefix in the HF model ("{base}" is the base model's attribute; "a|b":
+# whichever the model has, e.g. Llama's token classifier is "score").
 _FLEX_HEADS = {
     # head_type, layers, use_pooler, activation -> (HF class suffix, {index: HF module})
-    ("tagging", 1, False, None): ("ForTokenClassification", {1: "classifier"}),
+    ("tagging", 1, False, None): ("ForTokenClassification", {1: "classifier|score"}),
     ("question_answering", 1, False, None): ("ForQuestionAnswering", {1: "qa_outputs"}),
     ("multiple_choice", 1, True, None): ("ForMultipleChoice", {1: "classifier"}),
     ("multiple_choice", 2, False, "tanh"): ("ForMultipleChoice", {1: "{base}.pooler.dense", 4: "classifier"}),
 }
+_HEAD_CLASSES = {"ForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                 "ForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+                 "ForMultipleChoice": "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"}
+
+
+def _hf_head_class(model_type: str | None, suffix: str) -> str:
+    """The HF class of that head for that model type (transformers' auto mapping), or the suffix alone."""
+    from transformers.models.auto import modeling_auto
+    return getattr(modeling_auto, _HEAD_CLASSES[suffix]).get(model_type or "", suffix)
 
 
 def _flex_head_key(config: dict) -> tuple:
@@ -389,9 +416,10 @@ def _flex_head_key(config: dict) -> tuple:
     return (config.get("head_type"), layers, bool(config.get("use_pooler", False)), activation)
 
 
-def read_hub_head(directory, prefix: str) -> tuple[str, dict, bool]:
-    """``(path, head weights by HF parameter name, pooler optional)`` of an AdapterHub adapter directory: a static head as
-    saved from an HF class, or a flex head (``heads.<name>.<i>.*``) mapped to the matching HF class's names."""
+def read_hub_head(directory, prefix: str, head_names=()) -> tuple[str, dict, bool]:
+    """``(path, head weights by HF parameter name, pooler optional)`` of an AdapterHub adapter directory: a static head
+    as saved from an HF class, or a flex head (``heads.<name>.<i>.*``) mapped to the matching HF class's names (of
+    the model's own head, ``head_names``, where the classes of a family differ)."""
     info = _hub_head_info(directory)
     path, raw = read_hub_weights(directory, HUB_SAFE_HEAD_WEIGHTS, HUB_HEAD_WEIGHTS)
     meta = _read_json(os.path.join(directory, HUB_HEAD_CONFIG)) if os.path.isfile(
@@ -406,7 +434,9 @@ def read_hub_head(directory, prefix: str) -> tuple[str, dict, bool]:
         if m is None or int(m.group(1)) not in modules:
             unknown.append(key)
             continue
-        out[f"{modules[int(m.group(1))].format(base=prefix)}.{m.group(2)}"] = value
+        names = modules[int(m.group(1))].format(base=prefix).split("|")
+        name = next((n for n in names if f"{n}.{m.group(2)}" in head_names), names[0])
+        out[f"{name}.{m.group(2)}"] = value
     if unknown:
         raise AdapterFileError(f"{path}: unexpected keys {unknown[:5]} for a {info.model_class} head")
     return path, out, "{base}.pooler.dense" not in modules.values()
@@ -429,10 +459,7 @@ def _hub_head_info(directory) -> HeadInfo:
                 f"{flex.get('use_pooler')}, activation {flex.get('activation_function')!r} has no equivalent HF "
                 "head here; madx_fast reads tagging, question-answering and multiple-choice heads of AdapterHub's "
                 "default shapes")
-        suffix = _FLEX_HEADS[key][0]
-        family = (meta.get("model_type") or "").replace("-", "").lower()
-        base = {"xlmroberta": "XLMRoberta", "roberta": "Roberta", "bert": "Bert"}.get(family)
-        model_class = f"{base}{suffix}" if base else suffix
+        model_class = _hf_head_class(meta.get("model_type"), _FLEX_HEADS[key][0])
         label2id = flex.get("label2id") or label2id
         num_labels = flex.get("num_labels", num_labels)
     if not isinstance(model_class, str) or not model_class:

@@ -1,4 +1,4 @@
-"""``add_madx(model)``: MAD-X on a Hugging Face BERT / XLM-R model, managed through ``model.madx``.
+"""``add_madx(model)``: MAD-X on a Hugging Face encoder or decoder LM, managed through ``model.madx``.
 
     model = XLMRobertaForTokenClassification.from_pretrained("xlm-roberta-base", num_labels=7)
     madx = add_madx(model)                                   # == model.madx
@@ -28,7 +28,7 @@ from .adapter_files import AdapterFileError, check_state_dict
 from .config import AdapterConfigError, MadxConfig
 from .hub import resolve_adapter
 from .stack import PerRow, Setup, Stack, adapter_names, normalize_setup, setup_repr, without_adapter
-from .wiring import MadxFFNOutput, MadxState, find_parts, unwire, wire
+from .wiring import MadxState, find_parts, unwire, wire
 
 _NAME_RE = re.compile(r"^[^.\s]+$")  # it becomes a module name: no dots, no blanks
 
@@ -47,10 +47,12 @@ def check_adapter_name(name, what: str = "adapter name") -> None:
 def add_madx(model: nn.Module, backend: str | None = None) -> "MadxAdapters":
     """Wire MAD-X into ``model`` in place and return its handle (also available as ``model.madx``).
 
-    ``model``: an HF BERT / RoBERTa / XLM-R model (``...Model``, ``...ForMaskedLM``,
-    ``...ForTokenClassification``, ``...ForQuestionAnswering``, ``...ForMultipleChoice``, ...), from
-    ``from_pretrained`` or from a config. With no adapter active the model computes exactly what it did
-    before. ``backend`` picks the adapter kernels (None: ``madx_fast``'s default for the device)."""
+    ``model``: an HF model of a family in ``SUPPORTED_MODEL_TYPES`` (BERT, RoBERTa, XLM-R, XLM-R XL,
+    DeBERTa-v2, DistilBERT, GPT-2, Llama, Mistral) of any class (``...Model``, ``...ForMaskedLM``,
+    ``...ForCausalLM`` / ``GPT2LMHeadModel``, ``...ForTokenClassification``, ``...ForQuestionAnswering``,
+    ``...ForMultipleChoice``, ...), from ``from_pretrained`` or from a config. With no adapter active the model
+    computes exactly what it did before. ``backend`` picks the adapter kernels (None: ``madx_fast``'s default
+    for the device)."""
     existing = getattr(model, "madx", None)
     if isinstance(existing, MadxAdapters):
         if backend is not None:
@@ -62,8 +64,9 @@ def add_madx(model: nn.Module, backend: str | None = None) -> "MadxAdapters":
 class MadxAdapters:
     """The MAD-X adapters of one model: add / delete / activate / freeze / save / load.
 
-    Parameters live in the model's own module tree, under AdapterHub's names:
-    ``{prefix}.encoder.layer.{i}.output.adapters.{name}.*`` and ``{prefix}.invertible_adapters.{name}.*``,
+    Parameters live in the model's own module tree, under AdapterHub's names
+    (``{prefix}.encoder.layer.{i}.output.adapters.{name}.*`` in BERT / XLM-R,
+    ``{prefix}.layers.{i}.output_adapters.adapters.{name}.*`` in Llama, ...; ``{prefix}.invertible_adapters.{name}.*``),
     so ``model.state_dict()``, ``.to()``, optimizers and ``save_pretrained`` see them as usual."""
 
     def __init__(self, model: nn.Module, backend: str | None = None):
@@ -106,9 +109,9 @@ class MadxAdapters:
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (and its invertible adapter) from the model and from the active setup."""
         self._require(name)
-        for layer in self.parts.layers:
-            if name in layer.output.adapters:
-                del layer.output.adapters[name]
+        for slot in self._slots():
+            if name in slot.adapters:
+                del slot.adapters[name]
         if name in self.state.invertible:
             del self.state.invertible[name]
         del self.configs[name]
@@ -117,8 +120,7 @@ class MadxAdapters:
     def layer_adapters(self, name: str) -> dict[int, BottleneckAdapter]:
         """Layer index -> BottleneckAdapter of adapter ``name``."""
         self._require(name)
-        return {i: layer.output.adapters[name] for i, layer in enumerate(self.parts.layers)
-                if name in layer.output.adapters}
+        return {i: slot.adapters[name] for i, slot in enumerate(self._slots()) if name in slot.adapters}
 
     def invertible_adapter(self, name: str) -> InvertibleAdapter | None:
         self._require(name)
@@ -233,10 +235,11 @@ class MadxAdapters:
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The task head's weights by model parameter name: the parameters of the modules outside the base
         model (``classifier``, ``qa_outputs``, ...) and the base model's pooler where it has one (the
-        multiple-choice and BERT sequence-classification heads run on it). A masked-LM head is not a task
+        multiple-choice and BERT sequence-classification heads run on it). An LM head is not a task
         head (its decoder is tied to the word embeddings; MAD-X keeps it frozen) and a bare encoder has none."""
-        if self.parts.base is self.model or self.parts.is_masked_lm:
-            kind = "a masked-LM head (part of the frozen backbone)" if self.parts.is_masked_lm else "no task head"
+        if self.parts.base is self.model or self.parts.has_lm_head:
+            kind = f"a {self.parts.lm_head.objective}-LM head (part of the frozen backbone)" if \
+                self.parts.has_lm_head else "no task head"
             raise AdapterFileError(f"{type(self.model).__name__} has {kind}; only task heads (token "
                                    "classification, question answering, multiple choice, ...) are saved and loaded")
         base_ids = {id(p) for p in self.parts.base.parameters()}
@@ -268,13 +271,13 @@ class MadxAdapters:
     def train_adapters(self, setup: Setup, *, train_head: bool | None = None, train_invertible: bool = True) -> None:
         """Freeze the model except the adapters in ``setup`` (with their invertible adapters unless
         ``train_invertible=False``) and, if ``train_head``, the task head. ``train_head=None`` means True for
-        task models and False for masked-LM models (MAD-X trains language adapters with the embeddings,
-        the MLM head and the tied decoder frozen). Does not change the active setup."""
+        task models and False for masked-LM and causal-LM models (MAD-X trains language adapters with the
+        embeddings, the LM head and the tied or untied projection frozen). Does not change the active setup."""
         names = adapter_names(normalize_setup(setup))
         for n in names:
             self._require(n)
         if train_head is None:
-            train_head = not self.parts.is_masked_lm
+            train_head = not self.parts.has_lm_head
         for p in self.model.parameters():
             p.requires_grad_(False)
         for n in names:
@@ -295,13 +298,13 @@ class MadxAdapters:
 
     def cast_backbone(self, dtype: torch.dtype = torch.bfloat16) -> None:
         """Keep the frozen backbone in ``dtype`` (e.g. bf16) while every adapter keeps float32 master
-        weights. The task head of a non-MLM model (small, trained) also stays float32 and gets its inputs
-        cast to float32, so it returns float32 logits; a masked-LM head is backbone (its decoder is tied to
+        weights. The task head of a model without an LM head (small, trained) also stays float32 and gets its
+        inputs cast to float32, so it returns float32 logits; an LM head is backbone (its decoder is tied to
         the word embeddings). Activations then flow in ``dtype`` through the encoder: the adapter ops take
         fp32 weights with ``dtype`` activations, residuals and LayerNorm outputs all have ``dtype``.
         Call before creating the optimizer; ``dtype=torch.float32`` undoes it."""
         keep = {id(p) for n in self.configs for p in self.adapter_parameters(n)}
-        heads = {} if self.parts.is_masked_lm else self.head_modules()
+        heads = {} if self.parts.has_lm_head else self.head_modules()
         base_params = {id(p) for p in self.parts.base.parameters()}
         for module in heads.values():
             keep |= {id(p) for p in module.parameters() if id(p) not in base_params}
@@ -376,6 +379,12 @@ class MadxAdapters:
         from .mlm_loss import madx_mlm_loss
         return madx_mlm_loss(self.model, input_ids, attention_mask, labels, **kwargs)
 
+    def lm_loss(self, input_ids, attention_mask=None, labels=None, **kwargs) -> torch.Tensor:
+        """The model's LM loss (masked or causal, ``objective=`` to choose) with the head and projection only at
+        labelled positions (see ``madx_lm_loss``)."""
+        from .mlm_loss import madx_lm_loss
+        return madx_lm_loss(self.model, input_ids, attention_mask, labels, **kwargs)
+
     # ---------------------------------------------------------------------------------------------------
     def remove(self) -> None:
         """Undo ``add_madx``: restore HF's modules and drop every adapter."""
@@ -410,9 +419,12 @@ class MadxAdapters:
                                      "to replace it, or load_as=... to load under another name")
 
     def _adapter_modules(self):
-        for layer in self.parts.layers:
-            yield from layer.output.adapters.values()
+        for slot in self._slots():
+            yield from slot.adapters.values()
         yield from self.state.invertible.values()
+
+    def _slots(self) -> list[nn.Module]:
+        return [self.parts.slot(i) for i in range(self.parts.num_layers)]
 
     def _build(self, name: str, config: MadxConfig):
         """New modules for one adapter, not yet attached to the model (so a failure changes nothing)."""
@@ -420,7 +432,7 @@ class MadxAdapters:
         config.check_fits(h, n)
         layer_adapters = {}
         for i in config.layers(n):
-            device = _module_device(self.parts.layers[i].output.LayerNorm)
+            device = _module_device(self.parts.layers[i])
             with _seeded(config.init_weights_seed), torch.device(device):
                 module = BottleneckAdapter(h, config.reduction_factor_for(i), activation=config.non_linearity,
                                            scaling=config.scaling, init_weights="bert", dropout=config.dropout,
@@ -436,12 +448,11 @@ class MadxAdapters:
         return layer_adapters, invertible
 
     def _attach(self, name, config, layer_adapters, invertible) -> None:
-        for i, layer in enumerate(self.parts.layers):
-            out: MadxFFNOutput = layer.output
+        for i, slot in enumerate(self._slots()):
             if i in layer_adapters:
-                out.adapters[name] = layer_adapters[i]
-            elif name in out.adapters:
-                del out.adapters[name]
+                slot.adapters[name] = layer_adapters[i]
+            elif name in slot.adapters:
+                del slot.adapters[name]
         if invertible is not None:
             self.state.invertible[name] = invertible
         elif name in self.state.invertible:

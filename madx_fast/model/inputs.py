@@ -19,6 +19,7 @@ than the one sync at the start of the forward. With transformers >= 5 the step i
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -27,16 +28,26 @@ TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 IGNORE_INDEX = -100
 
 
-def mlm_positions(labels: torch.Tensor, *, multiple: int = 64,
-                  ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_targets(labels: torch.Tensor, shift: bool, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The label each position is scored against: ``labels`` itself (masked LM, seq2seq decoder), or with
+    ``shift`` (causal LM) the next position's label, ``ignore_index`` at the last position (as HF's causal loss
+    pads and shifts). Same shape as ``labels [..., L]``."""
+    if not shift:
+        return labels
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+def mlm_positions(labels: torch.Tensor, *, multiple: int = 64, ignore_index: int = IGNORE_INDEX,
+                  shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(positions, targets)`` of the labelled tokens of ``labels [B, L]``: flat indices into ``B * L`` and
-    their labels, padded with position 0 / target ``ignore_index`` up to a multiple of ``multiple``.
+    their labels, padded with position 0 / target ``ignore_index`` up to a multiple of ``multiple``. With
+    ``shift`` (causal LM) position t carries the label of t + 1 (``lm_targets``).
     Call it where the labels are made (on the CPU) and move both to the device with the batch."""
     if labels.dim() != 2:
         raise ValueError(f"labels must be [batch, length], got shape {tuple(labels.shape)}")
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
-    flat = labels.reshape(-1)
+    flat = lm_targets(labels, shift, ignore_index).reshape(-1)
     positions = (flat != ignore_index).nonzero().squeeze(1)
     n = positions.numel()
     size = max(multiple, -(-n // multiple) * multiple)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .inputs import IGNORE_INDEX
+from .inputs import IGNORE_INDEX, lm_targets
 from .per_row import select_rows
-from .wiring import find_parts
+from .wiring import find_parts, first_invertible
 
 # Default chunk: 2**26 float32 logits (256 MiB) per chunk; 268 rows at V = 250002.
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
@@ -119,58 +119,82 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
                                          reduction == "mean")
 
 
-def madx_mlm_loss(model, input_ids=None, attention_mask=None, labels=None, *, positions: torch.Tensor | None = None,
-                  targets: torch.Tensor | None = None, chunk_size: int | None = None, reduction: str = "mean",
-                  **encoder_kwargs) -> torch.Tensor:
-    """The masked-LM loss of an HF ``...ForMaskedLM`` model, equal to ``model(..., labels=labels).loss``,
-    computing the head and decoder only at positions with ``labels != -100``.
+def lm_loss_at_labels(hidden: torch.Tensor, labels: torch.Tensor, head_rows, weight: torch.Tensor,
+                      bias: torch.Tensor | None, *, shift: bool = False, reduction: str = "mean",
+                      chunk_size: int | None = None) -> torch.Tensor:
+    """Cross-entropy of an LM head over the positions of ``hidden [B, L, H]`` that have a target in ``labels
+    [B, L]`` (with ``shift``, the causal LM's: position t scored against label t + 1). ``head_rows`` maps rows
+    ``[N, H]`` to the projection's inputs (the head's transform: it acts on each row alone, so it runs on the
+    labelled rows only); the projection ``weight`` / ``bias`` is fused with the loss. A boolean selection: the
+    row count is read back from the device (see ``madx_lm_loss`` for the sync-free ``positions`` form)."""
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but the model output has {tuple(hidden.shape[:-1])}"
+                         " positions")
+    targets = lm_targets(labels.to(hidden.device), shift)
+    selected = targets != IGNORE_INDEX
+    return fused_linear_cross_entropy(head_rows(hidden[selected]), weight, bias, targets[selected],
+                                      chunk_size=chunk_size, reduction=reduction)
 
-    The head is the model's own (dense -> GELU -> LayerNorm, then the NICE inverse of the active language
-    adapter when MAD-X is wired in) followed by the tied decoder; ``encoder_kwargs`` (``token_type_ids``,
-    ``position_ids``, ``inputs_embeds``, ...) go to the encoder. ``reduction="sum"`` gives the sum over the
-    labelled tokens instead of their mean.
+
+def madx_lm_loss(model, input_ids=None, attention_mask=None, labels=None, *, positions: torch.Tensor | None = None,
+                 targets: torch.Tensor | None = None, objective: str | None = None, chunk_size: int | None = None,
+                 reduction: str = "mean", **base_kwargs) -> torch.Tensor:
+    """The language-modelling loss of an HF masked-LM or causal-LM model (with or without MAD-X), equal to
+    ``model(..., labels=labels).loss``, computing the head and the vocabulary projection only at the positions
+    that have a target.
+
+    ``objective``: ``"masked"`` (position t predicts ``labels[t]``) or ``"causal"`` (position t predicts
+    ``labels[t + 1]``); None takes the model's own (``madx_fast.model.lm_heads``). The head is the model's
+    own (BERT-style: dense -> GELU -> LayerNorm; GPT/Llama: none) followed by the NICE inverse of the active
+    language adapter when MAD-X is wired in, and the (tied or untied) projection; ``base_kwargs``
+    (``token_type_ids``, ``position_ids``, ``inputs_embeds``, ...) go to the base model. ``reduction="sum"``
+    gives the sum over the labelled tokens instead of their mean.
 
     The labelled rows come either from ``labels [B, L]`` (a boolean selection: its row count is read back
     from the device, a host sync, and a data-dependent shape that breaks a torch.compile graph) or, for a
     step without syncs, from ``positions`` and ``targets`` made on the host by
-    ``madx_fast.model.inputs.mlm_positions(labels)`` (flat indices into ``B * L``; target -100 rows are
-    padding and count for nothing)."""
+    ``madx_fast.model.inputs.mlm_positions(labels, shift=objective == "causal")`` (flat indices into
+    ``B * L``; target -100 rows are padding and count for nothing)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if (positions is None) != (targets is None):
         raise ValueError("give positions and targets together (see madx_fast.model.inputs.mlm_positions)")
     if labels is None and positions is None:
-        raise ValueError("madx_mlm_loss needs labels (-100 at positions without a target), or positions and "
-                         "targets")
+        raise ValueError("the LM loss needs labels (-100 at positions without a target), or positions and targets")
     if positions is not None and (positions.dim() != 1 or targets.shape != positions.shape):
         raise ValueError(f"positions and targets must be 1-D of one length, got shapes {tuple(positions.shape)} "
                          f"and {tuple(targets.shape)}")
     madx = getattr(model, "madx", None)
     parts = madx.parts if madx is not None else find_parts(model)
-    head = parts.mlm_head
-    if head is None:
-        raise TypeError(f"{type(model).__name__} has no masked-LM head (lm_head / cls.predictions)")
-    out = parts.base(input_ids=input_ids, attention_mask=attention_mask, **encoder_kwargs)
+    head = parts.lm_head
+    if head is None or head.objective == "seq2seq":
+        raise TypeError(f"{type(model).__name__} has no masked-LM or causal-LM head")
+    objective = objective or head.objective
+    if objective not in ("masked", "causal"):
+        raise ValueError(f"objective must be 'masked' or 'causal', got {objective!r}")
+    out = parts.base(input_ids=input_ids, attention_mask=attention_mask, **base_kwargs)
     hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+    def head_rows(rows, batch_row):
+        if madx is None:
+            return head.decoder_input(rows)
+        with select_rows(madx.state, batch_row):  # per-row languages: each row's own NICE inverse
+            return first_invertible(madx.state, head.decoder_input(rows), inverse=True)
+
     if positions is None:
         if labels.shape != hidden.shape[:-1]:
             raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:-1])}")
-        selected = labels != IGNORE_INDEX
-        rows = hidden[selected]  # [N, H]: the only rows the head and decoder see
-        targets = labels[selected]
+        targets = lm_targets(labels, objective == "causal")
+        selected = targets != IGNORE_INDEX
+        rows, targets = hidden[selected], targets[selected]  # [N, H]: the only rows the head sees
+        batch_row = selected.nonzero()[:, 0] if madx is not None and madx.state.row_groups is not None else None
     else:
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-    if madx is not None and madx.state.row_groups is not None:
-        # Per-row languages (a PerRow setup): each decoded position takes its sequence row's language for the
-        # NICE inverse in the head.
-        batch_row = selected.nonzero()[:, 0] if positions is None else positions // hidden.shape[1]
-        previous = select_rows(madx.state, batch_row)
-        try:
-            x = head.transform(rows)
-        finally:
-            madx.state.row_groups = previous
-    else:
-        x = head.transform(rows)
-    decoder = head.decoder
-    return fused_linear_cross_entropy(x, decoder.weight, decoder.bias, targets, chunk_size=chunk_size,
-                                      reduction=reduction)
+        batch_row = positions // hidden.shape[1]
+    return fused_linear_cross_entropy(head_rows(rows, batch_row), head.weight, head.bias, targets,
+                                      chunk_size=chunk_size, reduction=reduction)
+
+
+def madx_mlm_loss(model, input_ids=None, attention_mask=None, labels=None, **kwargs) -> torch.Tensor:
+    """``madx_lm_loss`` with the masked-LM objective (an HF ``...ForMaskedLM`` model)."""
+    return madx_lm_loss(model, input_ids, attention_mask, labels, objective="masked", **kwargs)

@@ -21,6 +21,7 @@ This module holds the per-row pieces the wired layers call (``wiring.py``) and t
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -177,14 +178,19 @@ def invertible(state, entry: PerRow, x: torch.Tensor, inverse: bool) -> torch.Te
               backend=_grouped_backend(first.backend, x.device))
 
 
-def select_rows(state, row_index: torch.Tensor):
-    """The row ids for tensors whose rows were gathered from the batch (``hidden[row_index]``, e.g. the masked
-    positions the MLM loss decodes): returns the previous ids, to be put back with ``state.row_groups = ...``;
-    a no-op (returns None) when no row ids are set."""
+@contextlib.contextmanager
+def select_rows(state, row_index: torch.Tensor | None):
+    """Within the block, the row ids follow tensors whose rows were gathered from the batch (``hidden[row_index]``,
+    e.g. the labelled positions the LM loss decodes); a no-op when no row ids are set or ``row_index`` is None."""
     previous = state.row_groups
-    if previous is not None:
-        state.row_groups = previous[row_index]
-    return previous
+    if previous is None or row_index is None:
+        yield
+        return
+    state.row_groups = previous[row_index]
+    try:
+        yield
+    finally:
+        state.row_groups = previous
 
 
 # --------------------------------------------------------------------------------------------------------

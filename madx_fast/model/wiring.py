@@ -1,40 +1,83 @@
-"""Where MAD-X plugs into a Hugging Face BERT / XLM-R model, and the modules that replace HF's there.
+"""Where MAD-X plugs into a Hugging Face model, and the pieces wired in there.
 
-Three places, found by attribute (the same in transformers 4.57 and 5.x):
+One ``Backbone`` entry per model family says where (paths found by attribute, the same in transformers 4.57
+and 5.x), placing the adapters exactly where AdapterHub 1.3 places them for that family:
 
-* ``encoder.layer[i].output`` (``BertOutput`` / ``XLMRobertaOutput``: dense -> dropout -> LN(. + a)) is
-  replaced by ``MadxFFNOutput``, which reuses the same ``dense``, ``dropout`` and ``LayerNorm`` modules (so
-  the state-dict keys of the backbone do not change) and adds ``adapters.{name}``: the AdapterHub key
-  ``{prefix}.encoder.layer.{i}.output.adapters.{name}.adapter_down.0.weight`` falls out of the module tree.
-* ``embeddings.dropout`` (the last op of the embeddings: LN -> dropout) becomes ``DropoutThenInvertible``:
-  the NICE forward of the first active adapter runs on the embedding output.
-* the masked-LM head's LayerNorm (``lm_head.layer_norm`` for XLM-R/RoBERTa,
-  ``cls.predictions.transform.LayerNorm`` for BERT) becomes ``LayerNormThenInverse``: the NICE inverse runs
-  after dense -> GELU -> LN and before the tied decoder, in the plain HF ``...ForMaskedLM`` classes.
+* the bottleneck adapters at the output of every layer's feed-forward block, in one of two ways:
+  - post-LayerNorm encoders whose FFN output is a module ``dense -> dropout -> LN(. + a)`` (BERT, RoBERTa,
+    XLM-R, DeBERTa-v2): ``layer.output`` is replaced by ``MadxFFNOutput``, which reuses HF's ``dense``,
+    ``dropout`` and ``LayerNorm`` (the backbone's state-dict keys do not change) and holds the adapters;
+  - every other family (DistilBERT; the pre-LayerNorm XLM-R XL, GPT-2, Llama, Mistral): hooks on HF's own
+    modules (a forward hook on the FFN block's output, and a pre-hook taking the residual stream where the
+    block begins), with the adapters in a new ``layer.output_adapters`` module (``MadxAdapterSlot``);
+* the NICE forward of the first active adapter on the embedding output (a forward hook on the module
+  AdapterHub hooks: ``embeddings``, GPT-2's ``drop``, Llama's ``embed_tokens``);
+* the NICE inverse just before the vocabulary projection of a masked-LM or causal-LM head (a pre-hook on the
+  projection, tied to the word embeddings or not; ``lm_heads.py`` finds it).
 
-The invertible adapters live in ``{prefix}.invertible_adapters.{name}`` (a ModuleDict on the base model),
-again AdapterHub's key names. All replaced modules share one ``MadxState`` (a plain object, not a module)
+Adapter parameters sit under AdapterHub's key names (``{prefix}.encoder.layer.{i}.output.adapters.{name}.*``,
+``{prefix}.layers.{i}.output_adapters.adapters.{name}.*``, ``{prefix}.invertible_adapters.{name}.*``), so
+AdapterHub's saved weights load by key. All wired pieces share one ``MadxState`` (a plain object, not a module)
 holding the active setup as a tuple of names (and at most one ``PerRow`` of per-row adapters, run by
-``per_row.py`` with the row -> adapter ids of ``MadxState.row_groups``).
+``per_row.py`` with the row -> adapter ids of ``MadxState.row_groups``). Hooks are small picklable objects
+holding the state, so a wired model pickles and deep-copies with its wiring.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import per_row
+from .lm_heads import LMHead, find_lm_head
 from .stack import PerRow
 
-SUPPORTED_MODEL_TYPES = ("xlm-roberta", "roberta", "bert")
+
+@dataclass(frozen=True)
+class Backbone:
+    """Where MAD-X goes in one model family (paths relative to the base model, or to one layer).
+
+    ``output``: the layer's post-LN FFN output module that ``MadxFFNOutput`` replaces; otherwise ``ffn`` (the
+    module whose output is the FFN block's output f), ``residual`` (the module whose first input is the
+    residual stream a the block adds back; None: ``ffn``'s own input) and ``layer_norm`` (post-LN: the layer's
+    LayerNorm, applied to each adapter's input as LN(y + a); None for pre-LN blocks, where the input is y + a).
+    """
+
+    model_types: tuple[str, ...]
+    layers: str
+    embeddings: str
+    output: str | None = None
+    ffn: str | None = None
+    residual: str | None = None
+    layer_norm: str | None = None
+
+    @property
+    def slot(self) -> str:
+        """The layer attribute holding the adapters (its ``adapters`` ModuleDict): AdapterHub's module name."""
+        return self.output or "output_adapters"
+
+
+BACKBONES = (
+    Backbone(("xlm-roberta", "roberta", "bert", "deberta-v2"), layers="encoder.layer", embeddings="embeddings",
+             output="output"),
+    Backbone(("distilbert",), layers="transformer.layer", embeddings="embeddings", ffn="ffn",
+             layer_norm="output_layer_norm"),
+    Backbone(("xlm-roberta-xl",), layers="encoder.layer", embeddings="embeddings", ffn="output.dense",
+             residual="LayerNorm"),
+    Backbone(("gpt2",), layers="h", embeddings="drop", ffn="mlp", residual="ln_2"),
+    Backbone(("llama", "mistral"), layers="layers", embeddings="embed_tokens", ffn="mlp",
+             residual="post_attention_layernorm"),
+)
+SUPPORTED_MODEL_TYPES = tuple(t for b in BACKBONES for t in b.model_types)
+
+
+def backbone_for(model_type: str | None) -> Backbone | None:
+    return next((b for b in BACKBONES if model_type in b.model_types), None)
 
 
 class MadxState:
-    """What every wired module reads on each forward: the active setup (a tuple of adapter names or a
+    """What every wired piece reads on each forward: the active setup (a tuple of adapter names or a
     ``PerRow``, first = the one whose invertible adapter runs), the invertible adapters (owned by the base
     model) and, for a PerRow setup, the group id of each row of the batch (a device tensor, or None)."""
 
@@ -71,26 +114,32 @@ def first_invertible(state: MadxState, x: torch.Tensor, inverse: bool) -> torch.
     return x
 
 
-def pfeiffer_adapter_stack(f: torch.Tensor, a: torch.Tensor, layer_norm: nn.Module, adapters) -> torch.Tensor:
-    """MAD-X ("Pfeiffer") placement at the FFN output, for a stack of adapters (docs/spec.md):
+def adapter_stack(f: torch.Tensor, a: torch.Tensor, layer_norm: nn.Module | None, adapters) -> torch.Tensor:
+    """MAD-X ("Pfeiffer") placement at the FFN output, for a stack of adapters (docs/spec.md), before the
+    block's own residual add:
 
-        y0 = f;   y_k = y_{k-1} + A_k(LN(y_{k-1} + a));   out = LN(y_K + a)
+        y0 = f;   y_k = y_{k-1} + A_k(N(y_{k-1} + a))       (returns y_K)
 
-    ``f`` = FFN output (after dropout), ``a`` = attention block output, ``LN`` = the layer's own output
-    LayerNorm (applied once per adapter to build its input, and once at the end). No adapter: ``LN(f + a)``.
-    """
+    ``f`` = FFN output (after dropout), ``a`` = the residual stream the block adds back, ``N`` = the layer's
+    output LayerNorm for post-LN blocks (which then compute ``LN(y_K + a)``), the identity for pre-LN blocks
+    (which compute ``y_K + a``): AdapterHub's ``residual_before_ln=True``, ``original_ln_before=True``."""
     y = f
     for adapter in adapters:
-        x = layer_norm(y + a)
+        x = y + a if layer_norm is None else layer_norm(y + a)
         # Under autocast LN returns float32 while f is bf16: the residual takes the adapter input's dtype
         # (a lossless upcast), which the fused op requires.
         y = adapter(x, y if y.dtype == x.dtype else y.to(x.dtype))
-    return layer_norm(y + a)
+    return y
+
+
+def pfeiffer_adapter_stack(f: torch.Tensor, a: torch.Tensor, layer_norm: nn.Module, adapters) -> torch.Tensor:
+    """``LN(adapter_stack(f, a, LN, adapters) + a)``: a post-LN layer's output. No adapter: ``LN(f + a)``."""
+    return layer_norm(adapter_stack(f, a, layer_norm, adapters) + a)
 
 
 class MadxFFNOutput(nn.Module):
-    """Drop-in for HF ``BertOutput`` / ``XLMRobertaOutput`` with MAD-X adapters. ``forward(hidden_states,
-    input_tensor)`` has HF's signature; the backbone submodules are HF's own objects."""
+    """Drop-in for HF ``BertOutput`` / ``XLMRobertaOutput`` / ``DebertaV2Output`` with MAD-X adapters.
+    ``forward(hidden_states, input_tensor)`` has HF's signature; the backbone submodules are HF's own objects."""
 
     def __init__(self, original: nn.Module, state: MadxState, layer_idx: int):
         super().__init__()
@@ -111,74 +160,92 @@ class MadxFFNOutput(nn.Module):
         return f"layer={self.layer_idx}"
 
 
-class DropoutThenInvertible(nn.Dropout):
-    """The embeddings' final dropout followed by the NICE forward of the first active adapter (if it has one):
-    ``h0 = NICE_lang(Dropout(LN_emb(E)))``."""
+class MadxAdapterSlot(nn.Module):
+    """The adapters of one layer of a hook-wired family (``layer.output_adapters``, AdapterHub's name). Its
+    hooks run them: ``ResidualHook`` keeps the residual stream a where the FFN block begins, ``FFNOutputHook``
+    turns the block's output f into ``adapter_stack(f, a, ...)``."""
 
-    def __init__(self, original: nn.Dropout, state: MadxState):
-        super().__init__(p=original.p, inplace=original.inplace)
+    def __init__(self, state: MadxState, layer_idx: int, layer_norm: nn.Module | None):
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.layer_idx = layer_idx
         self._madx = state
-        self.train(original.training)
+        self._layer_norm = [layer_norm]  # a list: HF's LayerNorm is not registered (or saved) twice
+        self._residual: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return first_invertible(self._madx, super().forward(x), inverse=False)
+    def extra_repr(self):
+        return f"layer={self.layer_idx}"
 
 
-class LayerNormThenInverse(nn.LayerNorm):
-    """The masked-LM head's LayerNorm followed by the NICE inverse of the first active adapter (if it has one):
-    ``logits = Decoder(NICE_lang^-1(LN_head(GELU(W_h h + b_h))))``. Shares HF's weight and bias Parameters."""
+class ResidualHook:
+    """Forward pre-hook on the module whose first input is the residual stream (a pre-LN block's norm)."""
 
-    def __init__(self, original: nn.LayerNorm, state: MadxState):
-        super().__init__(original.normalized_shape, eps=original.eps, elementwise_affine=original.elementwise_affine,
-                         bias=original.bias is not None, device="meta")
-        if original.elementwise_affine:
-            self.weight = original.weight
-            self.bias = original.bias
-        self._madx = state
-        self.train(original.training)
+    def __init__(self, slot: MadxAdapterSlot):
+        self.slot = slot
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return first_invertible(self._madx, super().forward(x), inverse=True)
+    def __call__(self, module, args):
+        self.slot._residual = args[0]
+
+
+class FFNOutputHook:
+    """Forward hook on the module whose output is the FFN block's output f: returns ``adapter_stack(f, a)``
+    with a from ``ResidualHook`` (or, with none, the module's own input). Releases a at once."""
+
+    def __init__(self, slot: MadxAdapterSlot, own_input: bool):
+        self.slot, self.own_input = slot, own_input
+
+    def __call__(self, module, args, output):
+        slot = self.slot
+        a = args[0] if self.own_input else slot._residual
+        slot._residual = None
+        adapters = active_layer_adapters(slot.adapters, slot._madx, slot.layer_idx)
+        if not adapters:
+            return output
+        if a is None:
+            raise RuntimeError(f"layer {slot.layer_idx}: the FFN ran without the residual stream (the pre-hook "
+                               "did not run): madx_fast cannot place the adapters")
+        return adapter_stack(output, a, slot._layer_norm[0], adapters)
+
+
+class InvertibleHook:
+    """The NICE forward (a forward hook on the embedding output) or inverse (a forward pre-hook on the LM
+    head's vocabulary projection) of the first active adapter."""
+
+    def __init__(self, state: MadxState, inverse: bool):
+        self.state, self.inverse = state, inverse
+
+    def __call__(self, module, args, output=None):
+        if self.inverse:
+            return (first_invertible(self.state, args[0], inverse=True),) + tuple(args[1:])
+        return first_invertible(self.state, output, inverse=False)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Finding the parts of a model
 # --------------------------------------------------------------------------------------------------------
 @dataclass
-class MaskedLMHead:
-    """The pieces of a masked-LM head the fused loss needs. ``transform`` maps hidden states to decoder
-    inputs (dense -> GELU -> LN -> NICE^-1, the LN being our wrapper); ``decoder`` is the tied Linear."""
-
-    parent: nn.Module  # the module holding the LayerNorm attribute
-    ln_attr: str
-    decoder_parent: nn.Module  # holds ``.decoder``: read on use, as resize_token_embeddings replaces it
-    root_name: str  # top-level attribute of the model that holds the head ("lm_head" / "cls")
-    gelu: Callable | None = None  # XLM-R style head (dense, gelu, layer_norm); None: ``parent`` is the transform
-
-    @property
-    def decoder(self) -> nn.Linear:
-        return self.decoder_parent.decoder
-
-    def transform(self, h: torch.Tensor) -> torch.Tensor:
-        if self.gelu is None:
-            return self.parent(h)
-        return self.parent.layer_norm(self.gelu(self.parent.dense(h)))
-
-
-@dataclass
 class ModelParts:
     base: nn.Module
-    prefix: str  # "roberta" / "bert": AdapterHub's key prefix
+    prefix: str  # "roberta" / "bert" / "transformer" / "model": the base model prefix, AdapterHub's key prefix
     model_type: str
+    backbone: Backbone
     hidden_size: int
     num_layers: int
     layers: nn.ModuleList
-    embeddings: nn.Module
-    mlm_head: MaskedLMHead | None
+    embeddings: nn.Module  # the module whose output gets the NICE forward
+    lm_head: LMHead | None  # a masked-LM or causal-LM head (part of the frozen backbone)
 
     @property
-    def is_masked_lm(self) -> bool:
-        return self.mlm_head is not None
+    def has_lm_head(self) -> bool:
+        return self.lm_head is not None
+
+    def slot(self, i: int) -> nn.Module:
+        """The module holding layer ``i``'s adapters (``.adapters``), once wired."""
+        return self.layers[i].get_submodule(self.backbone.slot)
+
+    def hub_key(self, i: int) -> str:
+        """Where AdapterHub's files keep layer ``i``'s adapters: ``{prefix}.{layers}.{i}.{slot}.adapters``."""
+        return f"{self.prefix}.{self.backbone.layers}.{i}.{self.backbone.slot}.adapters"
 
 
 def _require(obj, path: str, what: str):
@@ -186,72 +253,86 @@ def _require(obj, path: str, what: str):
     for attr in path.split("."):
         if not hasattr(cur, attr):
             raise TypeError(f"{what}: {type(obj).__name__} has no '{path}' (stopped at '{attr}'); madx_fast wires "
-                            f"BERT / RoBERTa / XLM-R encoders ({', '.join(SUPPORTED_MODEL_TYPES)})")
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)} models")
         cur = getattr(cur, attr)
     return cur
 
 
 def find_parts(model: nn.Module) -> ModelParts:
-    """Locate encoder layers, embeddings and (if any) the masked-LM head of an HF BERT / XLM-R model."""
+    """Locate the layers, the embedding output and (if any) the LM head of a supported HF model."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    backbone = backbone_for(model_type)
+    if backbone is None:
         raise TypeError(f"model type {model_type!r} ({type(model).__name__}) is not supported; madx_fast wires "
                         f"{', '.join(SUPPORTED_MODEL_TYPES)} models")
     prefix = getattr(model, "base_model_prefix", None) or ""
     base = getattr(model, prefix, model) if prefix else model
-    layers = _require(base, "encoder.layer", "encoder layers")
+    layers = _require(base, backbone.layers, "layers")
     for i, layer in enumerate(layers):
-        out = layer.output
-        if not isinstance(out, MadxFFNOutput):
-            for attr in ("dense", "dropout", "LayerNorm"):
-                _require(out, attr, f"FFN output of layer {i}")
-    embeddings = _require(base, "embeddings", "embeddings")
-    _require(embeddings, "dropout", "embeddings")
-    return ModelParts(base=base, prefix=prefix, model_type=model_type, hidden_size=config.hidden_size,
-                      num_layers=len(layers), layers=layers, embeddings=embeddings, mlm_head=_find_mlm_head(model))
-
-
-def _module_gelu(module: nn.Module):
-    """The GELU the HF module's own forward calls (``gelu`` in its modeling file), exact GELU otherwise."""
-    return getattr(sys.modules.get(type(module).__module__), "gelu", None) or F.gelu
-
-
-def _find_mlm_head(model: nn.Module) -> MaskedLMHead | None:
-    lm_head = getattr(model, "lm_head", None)
-    if lm_head is not None and all(hasattr(lm_head, a) for a in ("dense", "layer_norm", "decoder")):
-        return MaskedLMHead(lm_head, "layer_norm", lm_head, "lm_head", gelu=_module_gelu(lm_head))
-    cls = getattr(model, "cls", None)
-    predictions = getattr(cls, "predictions", None)
-    if predictions is not None and hasattr(predictions, "transform") and hasattr(predictions, "decoder"):
-        _require(predictions, "transform.LayerNorm", "masked-LM head")
-        return MaskedLMHead(predictions.transform, "LayerNorm", predictions, "cls")
-    return None
+        if backbone.output is not None:
+            if not isinstance(layer.get_submodule(backbone.output), MadxFFNOutput):
+                for attr in ("dense", "dropout", "LayerNorm"):
+                    _require(layer, f"{backbone.output}.{attr}", f"FFN output of layer {i}")
+        else:
+            for path in filter(None, (backbone.ffn, backbone.residual, backbone.layer_norm)):
+                _require(layer, path, f"layer {i}")
+    embeddings = _require(base, backbone.embeddings, "embeddings")
+    lm_head = find_lm_head(model)
+    if lm_head is not None and lm_head.decoder is None:
+        raise TypeError(f"{type(model).__name__}: its LM head multiplies by the word embeddings without a "
+                        "projection module (DeBERTa with legacy=False), where MAD-X cannot place the NICE inverse; "
+                        "use a legacy=True head or the base model")
+    return ModelParts(base=base, prefix=prefix, model_type=model_type, backbone=backbone,
+                      hidden_size=config.hidden_size, num_layers=len(layers), layers=layers, embeddings=embeddings,
+                      lm_head=lm_head if lm_head is not None and lm_head.objective != "seq2seq" else None)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Patching and un-patching
+# Wiring and unwiring
 # --------------------------------------------------------------------------------------------------------
-def wire(parts: ModelParts, state: MadxState) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Replace the three kinds of modules; returns ``(parent, attribute, original)`` to undo it."""
-    undo = []
+def wire(parts: ModelParts, state: MadxState) -> list[tuple]:
+    """Put MAD-X's pieces in (nothing that is already there twice); returns what undoes it, in order: entries
+    ``("module", parent, attribute, original)`` (a replaced or added module; original None: added) and
+    ``("hook", handle)``. Plain data, so that a wired model pickles."""
+    undo: list[tuple] = []
+    backbone = parts.backbone
     for i, layer in enumerate(parts.layers):
-        if not isinstance(layer.output, MadxFFNOutput):
-            undo.append((layer, "output", layer.output))
-            layer.output = MadxFFNOutput(layer.output, state, i)
-    emb = parts.embeddings
-    if not isinstance(emb.dropout, DropoutThenInvertible):
-        undo.append((emb, "dropout", emb.dropout))
-        emb.dropout = DropoutThenInvertible(emb.dropout, state)
-    head = parts.mlm_head
-    if head is not None:
-        ln = getattr(head.parent, head.ln_attr)
-        if not isinstance(ln, LayerNormThenInverse):
-            undo.append((head.parent, head.ln_attr, ln))
-            setattr(head.parent, head.ln_attr, LayerNormThenInverse(ln, state))
+        if backbone.output is not None:
+            out = layer.get_submodule(backbone.output)
+            if not isinstance(out, MadxFFNOutput):
+                undo.append(("module", layer, backbone.output, out))
+                setattr(layer, backbone.output, MadxFFNOutput(out, state, i))
+        elif not isinstance(getattr(layer, backbone.slot, None), MadxAdapterSlot):
+            layer_norm = layer.get_submodule(backbone.layer_norm) if backbone.layer_norm else None
+            slot = MadxAdapterSlot(state, i, layer_norm).train(layer.training)
+            undo.append(("module", layer, backbone.slot, None))
+            setattr(layer, backbone.slot, slot)
+            if backbone.residual is not None:
+                residual = layer.get_submodule(backbone.residual)
+                undo.append(("hook", residual.register_forward_pre_hook(ResidualHook(slot))))
+            hook = FFNOutputHook(slot, own_input=backbone.residual is None)
+            undo.append(("hook", layer.get_submodule(backbone.ffn).register_forward_hook(hook)))
+    if not _has_hook(parts.embeddings._forward_hooks):
+        undo.append(("hook", parts.embeddings.register_forward_hook(InvertibleHook(state, inverse=False))))
+    if parts.lm_head is not None:
+        decoder = parts.lm_head.decoder
+        if not _has_hook(decoder._forward_pre_hooks):
+            undo.append(("hook", decoder.register_forward_pre_hook(InvertibleHook(state, inverse=True))))
     return undo
 
 
-def unwire(undo: list[tuple[nn.Module, str, nn.Module]]) -> None:
-    for parent, attr, original in reversed(undo):
-        setattr(parent, attr, original)
+def _has_hook(hooks) -> bool:
+    return any(isinstance(h, InvertibleHook) for h in hooks.values())
+
+
+def unwire(undo: list[tuple]) -> None:
+    for entry in reversed(undo):
+        if entry[0] == "hook":
+            entry[1].remove()
+        else:
+            _, parent, attr, original = entry
+            if original is None:
+                delattr(parent, attr)
+            else:
+                setattr(parent, attr, original)

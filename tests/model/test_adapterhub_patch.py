@@ -18,7 +18,17 @@ import sys
 import pytest
 import torch
 
-from tests.helpers.models import import_adapterhub, max_diff, mlm_labels, padded_batch, randomize, tiny_config
+from tests.helpers.models import (
+    Spy,
+    assert_same,
+    import_adapterhub,
+    max_diff,
+    mlm_labels,
+    padded_batch,
+    randomize,
+    run,
+    tiny_config,
+)
 
 adapters = import_adapterhub(module_level=True)
 from adapters.composition import Fuse, Parallel  # noqa: E402
@@ -31,7 +41,6 @@ from transformers import (  # noqa: E402
 )
 
 import madx_fast  # noqa: E402
-from madx_fast import adapterhub_patch  # noqa: E402
 
 TOL = 1e-5
 
@@ -85,71 +94,6 @@ def twins(model, **options):
     patched = copy.deepcopy(model)
     report = madx_fast.patch_adapterhub(patched, **options)
     return model, patched, report
-
-
-class Spy:
-    """Counts calls of madx_fast's fused ops made by the patch."""
-
-    def __init__(self, monkeypatch):
-        self.calls = {"bottleneck_adapter": 0, "nice_forward": 0, "nice_inverse": 0, "fused_linear_cross_entropy": 0}
-        for name in ("bottleneck_adapter", "nice_forward", "nice_inverse"):
-            monkeypatch.setattr(madx_fast.ops, name, self._counting(name, getattr(madx_fast.ops, name)))
-        monkeypatch.setattr(adapterhub_patch, "fused_linear_cross_entropy", self._counting(
-            "fused_linear_cross_entropy", adapterhub_patch.fused_linear_cross_entropy))
-
-    def _counting(self, name, fn):
-        def wrapper(*args, **kwargs):
-            self.calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    def reset(self):
-        for k in self.calls:
-            self.calls[k] = 0
-
-    @property
-    def total(self):
-        return sum(self.calls.values())
-
-
-def run(model, batch, train, backward=True, **kw):
-    """Loss, output tensors and trainable grads of one forward (+ backward) from a fixed random state."""
-    model.train(train)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(123)
-    out = model(**batch, output_hidden_states=True, **kw)
-    tensors = {f"hidden_{i}": h for i, h in enumerate(out.hidden_states)}
-    if getattr(out, "logits", None) is not None:
-        tensors["logits"] = out.logits
-    loss = getattr(out, "loss", None)
-    if backward:
-        (loss if loss is not None else tensors["logits"].square().mean()).backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    return loss, tensors, grads
-
-
-def assert_same(a, b, tol=TOL, logits=True):
-    loss_a, out_a, grads_a = a
-    loss_b, out_b, grads_b = b
-    if loss_a is not None or loss_b is not None:
-        assert abs(loss_a.item() - loss_b.item()) < tol, (loss_a.item(), loss_b.item())
-    keys = set(out_a) & set(out_b)
-    assert keys >= {k for k in out_a if k.startswith("hidden")}
-    if logits:
-        assert "logits" in keys
-    for k in keys:
-        assert max_diff(out_a[k], out_b[k]) < tol, (k, max_diff(out_a[k], out_b[k]))
-    assert set(grads_a) == set(grads_b)
-    reached = 0
-    for name, g in grads_a.items():
-        if g is None:
-            assert grads_b[name] is None or grads_b[name].abs().max() == 0, name
-            continue
-        reached += 1
-        assert grads_b[name] is not None, name
-        scale = max(1.0, g.abs().max().item())
-        assert max_diff(g, grads_b[name]) < tol * scale, (name, max_diff(g, grads_b[name]))
-    return reached
 
 
 def batch_for(model, head="mlm"):

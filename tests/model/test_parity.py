@@ -14,7 +14,15 @@ import os
 import pytest
 import torch
 
-from tests.helpers.models import import_adapterhub, max_diff, mlm_labels, padded_batch, randomize, tiny_config
+from tests.helpers.models import (
+    copy_adapter_weights,
+    import_adapterhub,
+    max_diff,
+    mlm_labels,
+    padded_batch,
+    randomize,
+    tiny_config,
+)
 
 adapters = import_adapterhub(module_level=True)
 from adapters.composition import Stack as HubStack  # noqa: E402
@@ -44,16 +52,6 @@ EXOTIC = {
 SETUPS = [(None, None), ("en", "en"), (Stack("en", "ner"), HubStack("en", "ner")), ("ner", "ner")]
 
 
-def _copy_adapters(hub, ours):
-    """Copy AdapterHub's adapter weights into ours by key: the names must match exactly."""
-    sd = {k: v for k, v in hub.state_dict().items() if "adapters." in k}
-    assert sd
-    ours_keys = {k for k in ours.state_dict() if "adapters." in k}
-    assert ours_keys == set(sd), f"key names differ: {sorted(ours_keys ^ set(sd))[:6]}"
-    _, unexpected = ours.load_state_dict(sd, strict=False)
-    assert not unexpected
-
-
 def _pair(cls, family, configs, backend="eager", **cfg_kw):
     torch.manual_seed(0)
     ours = cls(tiny_config(family, **cfg_kw)).eval()
@@ -64,7 +62,7 @@ def _pair(cls, family, configs, backend="eager", **cfg_kw):
         hub.add_adapter(name, config=hub_cfg)
         madx.add_adapter(name, MadxConfig.from_adapterhub(hub_cfg))
     randomize(hub)
-    _copy_adapters(hub, ours)
+    copy_adapter_weights(hub, ours)
     return ours, hub, madx
 
 
@@ -161,7 +159,7 @@ def _mlm_pair(family, configs, backend="eager"):
         hub.add_adapter(name, config=hub_cfg)
         madx.add_adapter(name, MadxConfig.from_adapterhub(hub_cfg))
     randomize(hub)
-    _copy_adapters(hub, ours)
+    copy_adapter_weights(hub, ours)
     return ours, hub, madx
 
 

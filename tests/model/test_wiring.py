@@ -20,7 +20,7 @@ from transformers import (
 
 from madx_fast import reference
 from madx_fast.model import AdapterExistsError, MadxConfig, Stack, add_madx, madx_mlm_loss
-from madx_fast.model.wiring import DropoutThenInvertible, LayerNormThenInverse, MadxFFNOutput
+from madx_fast.model.wiring import InvertibleHook, MadxFFNOutput
 from tests.helpers.models import LAYERS, max_diff, mlm_labels, padded_batch, randomize, tiny_config
 
 ALL_CLASSES = [
@@ -131,7 +131,7 @@ def test_nice_on_embeddings_and_inverse_before_the_decoder(cls, family):
             t = model.cls.predictions.transform
             z = F.layer_norm(F.gelu(t.dense(h)), (32,), t.LayerNorm.weight, t.LayerNorm.bias, t.LayerNorm.eps)
             decoder = model.cls.predictions.decoder
-        want = decoder(reference.nice_inverse_reference(z, *inv.weights()))
+        want = F.linear(reference.nice_inverse_reference(z, *inv.weights()), decoder.weight, decoder.bias)
         assert max_diff(model(input_ids=ids, attention_mask=mask).logits, want) < 1e-5
         # the invertible adapter of the FIRST adapter only: "ner" first -> no NICE at all
         madx.set_active(Stack("ner", "en"))
@@ -305,9 +305,9 @@ def test_errors_name_the_problem():
         madx.set_active(Fuse())
     with pytest.raises(ValueError, match="twice"):
         madx.set_active(Stack("en", "en"))
-    from transformers import GPT2Config, GPT2Model
-    with pytest.raises(TypeError, match="gpt2"):
-        add_madx(GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
+    from transformers import T5Config, T5Model
+    with pytest.raises(TypeError, match="'t5'"):
+        add_madx(T5Model(T5Config(num_layers=1, d_model=32, d_kv=8, d_ff=64, num_heads=2, vocab_size=50)))
 
 
 def test_overwrite_delete_and_remove():
@@ -324,18 +324,19 @@ def test_overwrite_delete_and_remove():
     assert add_madx(model) is madx  # idempotent
     madx.remove()
     assert not isinstance(model.roberta.encoder.layer[0].output, MadxFFNOutput)
-    assert not isinstance(model.roberta.embeddings.dropout, DropoutThenInvertible)
+    assert not model.roberta.embeddings._forward_hooks
     assert not hasattr(model, "madx")
     assert max_diff(_out(model, **inputs), _out(plain, **inputs)) == 0
     assert before.shape == _out(plain, **inputs).shape
 
 
-def test_mlm_head_layernorm_is_shared_with_hf():
+def test_mlm_head_keeps_hf_modules_with_the_inverse_before_the_decoder():
     model = _model(XLMRobertaForMaskedLM)
-    weight = model.lm_head.layer_norm.weight
+    head = dict(model.lm_head.named_modules())
     add_madx(model, backend="eager")
-    assert isinstance(model.lm_head.layer_norm, LayerNormThenInverse)
-    assert model.lm_head.layer_norm.weight is weight
+    assert dict(model.lm_head.named_modules()) == head  # HF's own modules, nothing replaced
+    hooks = list(model.lm_head.decoder._forward_pre_hooks.values())
+    assert len(hooks) == 1 and isinstance(hooks[0], InvertibleHook) and hooks[0].inverse
     assert len(model.roberta.encoder.layer) == LAYERS
 
 
