@@ -104,6 +104,9 @@ class DemoConfig:
     device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     bf16: bool = opt(False, help="bfloat16 autocast")
     progress: bool = opt(True, flag="--no-progress", help="no progress bars (log lines instead)")
+    threads: int | None = opt(None, help="torch CPU threads (default: 1 for the small synthetic model, whose "
+                              "matrices are too small to share, and on a busy machine a second thread stalls each "
+                              "step waiting for a core; torch's own choice with --model)")
     cache_dir: str | None = opt(None, help="where the pretrained small base is cached (default ~/.cache/madx_fast "
                                 "or $MADX_FAST_CACHE)")
     use_cache: bool = opt(True, flag="--no-cache", help="pretrain the base model even if it is cached")
@@ -142,8 +145,14 @@ def _clear_demo_outputs(directory: str) -> None:
 
 
 def run_demo(cfg: DemoConfig | None = None) -> dict:
-    """Run the pipeline; returns (and writes to ``<out>/demo_summary.json``) everything it measured."""
-    return _Demo(cfg or DemoConfig()).run()
+    """Run the pipeline; returns (and writes to ``<out>/demo_summary.json``) everything it measured. torch's
+    CPU thread count is the demo's (``threads``) while it runs, and the caller's again afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    try:
+        return _Demo(cfg or DemoConfig()).run()
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Demo:
@@ -160,6 +169,7 @@ class _Demo:
         cfg, out = self.cfg, self.out
         check_demo_output(out, cfg.overwrite)
         self._check_languages()
+        threads = _set_threads(cfg)
         if cfg.overwrite:
             _clear_demo_outputs(out)
         os.makedirs(out, exist_ok=True)
@@ -172,7 +182,7 @@ class _Demo:
         records, report, written = self._timed("transfer", self._transfer, specs, lang_dirs, task_dirs, full_dirs)
         self.timings["total"] = time.perf_counter() - t0
         summary = {"config": asdict(cfg), "base_model": base, "runs": self.runs, "transfer": records,
-                   "report": written, "table": report, "timings_s": self.timings}
+                   "report": written, "table": report, "timings_s": self.timings, "torch_threads": threads}
         files.write_json(os.path.join(out, DEMO_MARKER), summary)
         _print_summary(summary, out)
         return summary
@@ -342,6 +352,19 @@ def _print_summary(summary: dict, out: str) -> None:
     print(f"report: {', '.join(report.values())}")
     print(f"models and adapters: {out}/lang-*/adapter, {out}/ner-*/best, {out}/ft-*/best, {out}/mlm-*/model;  total "
           f"wall time {summary['timings_s']['total']:.1f} s")
+
+
+def _set_threads(cfg: DemoConfig) -> int:
+    """``--threads``, else one thread for the small synthetic model (measured: docs/training.md, the demo);
+    returns the count the demo runs with."""
+    import torch
+    threads = cfg.threads if cfg.threads is not None else None if cfg.model else 1
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    log.info("torch CPU threads: %d", torch.get_num_threads())
+    return torch.get_num_threads()
 
 
 def _banner(text: str) -> None:

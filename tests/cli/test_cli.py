@@ -110,8 +110,8 @@ def test_params_and_demo_flags():
     # demo: only the flags given are values (--model changes the defaults of the others)
     assert args_values(DemoConfig, parser.parse_args(["demo"])) == {}
     given = args_values(DemoConfig, parser.parse_args(["demo", "--model", "m", "--targets", "en,sw", "--no-cache",
-                                                       "--lang-steps", "5"]))
-    assert given == {"model": "m", "targets": ["en", "sw"], "use_cache": False, "lang_steps": 5}
+                                                       "--lang-steps", "5", "--threads", "2"]))
+    assert given == {"model": "m", "targets": ["en", "sw"], "use_cache": False, "lang_steps": 5, "threads": 2}
     cfg = real_model_config(**given)
     assert cfg.lang_steps == 5 and cfg.task_epochs == 10 and cfg.max_length == 128 and not cfg.use_cache
 

@@ -206,3 +206,42 @@ def test_full_model_mlm_with_two_processes_equals_one(tmp_path, tiny_base, corpu
     la, lb = step_losses(single), step_losses(ddp)
     assert len(la) == len(lb) == 4 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
     assert json.load(open(os.path.join(ddp, "run.json")))["world_size"] == 2
+
+
+def test_transfer_of_full_models_with_seeds_beside_named_adapter_systems(tmp_path, capsys, mlm_run, tiny_base,
+                                                                          corpus):
+    """``madx transfer --full-model``: a ``--seeds`` directory stands for each seed's best model (XLM-R), an
+    MLM-TRG model is scored on its own target only, adapter systems share the call; each full model's score is
+    what its ``best/`` directory, loaded by transformers as it is, scores on that data."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from madx_fast.training.tasks import make_task, task_class
+
+    xlmr, trg, nolang = (str(tmp_path / n) for n in ("xlmr", "trg", "nolang"))
+    loop = quiet_config(steps=4, learning_rate=2e-3, eval_every=2)
+    train_task(task="ner", model=tiny_base, lang="alpha", full_finetune=True, train_data=_ner(corpus), output_dir=xlmr,
+               config=loop, max_length=32, seeds=[1, 2])
+    train_task(task="ner", model=mlm_run[0], lang="alpha", full_finetune=True, train_data=_ner(corpus),
+               output_dir=trg, config=loop, max_length=32)
+    train_task_adapter(task="ner", model=tiny_base, lang="alpha", train_data=_ner(corpus), output_dir=nolang,
+                       config=quiet_config(steps=2), max_length=32, backend="eager")
+    out = tmp_path / "transfer"
+    status, err = _madx(capsys, "transfer", "--targets", "alpha,beta", "--eval-data", os.path.join(corpus, "{lang}", "ner"),
+                        "--full-model", xlmr, trg, "--task-adapter", f"MAD-X -LAD -INV={nolang}", "--device", "cpu",
+                        "--backend", "eager", "--output", out)
+    assert status == 0, err
+    records = json.load(open(out / "transfer_results.json"))["records"]
+    cells = {(r["system"], r["target"], r["seed"]) for r in records}
+    assert cells == {("XLM-R", t, s) for t in ("alpha", "beta") for s in (1, 2)} | {
+        ("XLM-R MLM-TRG", "beta", 0)} | {("MAD-X -LAD -INV", t, 0) for t in ("alpha", "beta")}
+    report = json.load(open(out / "transfer_results.json"))["report"]
+    assert report["baseline"] == "XLM-R" and "±" in open(out / "transfer_matrix.md").read()
+
+    labels = json.load(open(os.path.join(xlmr, "seed-2", "best", "madx_run.json")))["labels"]
+    tok = AutoTokenizer.from_pretrained(os.path.join(xlmr, "seed-2", "best"))
+    task = make_task("ner", pad_id=tok.pad_token_id, labels=labels)
+    examples = task_class("ner").read(_ner(corpus, "beta"), "test", lang="beta", labels=labels).examples
+    model = AutoModelForTokenClassification.from_pretrained(os.path.join(xlmr, "seed-2", "best"))
+    f1 = task.evaluate(model, examples, task.encode(examples, tok, 32, train=False), batch_size=7, device="cpu")["f1"]
+    [rec] = [r for r in records if r["system"] == "XLM-R" and r["target"] == "beta" and r["seed"] == 2]
+    assert rec["value"] == pytest.approx(100 * f1, abs=1e-9) and rec["model"].endswith(os.path.join("seed-2", "best"))

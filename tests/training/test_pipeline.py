@@ -3,6 +3,7 @@ zero-shot transfer report; QA (SQuAD format) and COPA task adapters; ``madx para
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -249,7 +250,9 @@ def test_demo_plumbing(tmp_path):
                      batch_size=8,
                      text_sentences=200, ner_train=40, ner_validation=10, ner_test=10, progress=False,
                      cache_dir=str(tmp_path / "cache"), backend="eager")
+    threads = torch.get_num_threads()
     summary = run_demo(cfg)
+    assert summary["torch_threads"] == 1 and torch.get_num_threads() == threads  # the caller's count is back
     systems = {r["system"] for r in summary["transfer"]}
     assert systems == {"MAD-X", "MAD-X -INV", "MAD-X -LAD -INV", "XLM-R", "XLM-R MLM-TRG"}
     for name in ("transfer/transfer_heatmap.png", "transfer/transfer_difference.png", "transfer/transfer_matrix.md",
@@ -264,6 +267,9 @@ def test_demo_plumbing(tmp_path):
     # a second run refuses the non-empty directory; a user's file there survives --overwrite
     with pytest.raises(FileExistsError, match="not empty"):
         run_demo(cfg)
+    with pytest.raises(ValueError, match="--threads must be at least 1"):
+        run_demo(dataclasses.replace(cfg, threads=0, output_dir=str(tmp_path / "no-threads")))
+    assert not (tmp_path / "no-threads").exists()
     (out / "my_notes.txt").write_text("keep me")
     cfg.overwrite = True
     cfg.ablations = cfg.baselines = False
