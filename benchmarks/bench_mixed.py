@@ -69,7 +69,8 @@ def _timed(fn, device, warmup, iters):
     return statistics.median(times)
 
 
-def build_model(size, device, languages, backend=None):
+def build_model(size, device, languages, backend=None, gpu=None):
+    """The model and its handle; ``gpu`` (default: whether ``device`` is a GPU): the backbone in bf16."""
     from transformers import XLMRobertaConfig, XLMRobertaForTokenClassification
 
     from madx_fast.model import MadxConfig, add_madx
@@ -86,7 +87,7 @@ def build_model(size, device, languages, backend=None):
         for name, p in model.named_parameters():
             if "adapters." in name:
                 p.normal_(0, 0.02)
-    if device.type == "cuda":
+    if device.type == "cuda" if gpu is None else gpu:
         madx.cast_backbone(torch.bfloat16)
     return model.eval(), madx
 

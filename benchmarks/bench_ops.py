@@ -1,6 +1,6 @@
 """Op-level benchmark: fused adapter and NICE ops vs eager PyTorch vs torch.compile, in one run.
 
-    python benchmarks/bench_ops.py                 # the full table on a GPU (H=768, d 48/384, 8k/64k tokens)
+    python benchmarks/bench_ops.py                 # the full table on a GPU (H=768, d 48/384, 64k/4k tokens)
     python benchmarks/bench_ops.py --quick         # tiny sizes; also runs on CPU via the Triton interpreter
     python benchmarks/bench_ops.py --json out.json
     python benchmarks/bench_ops.py --backends eager triton --dtypes bfloat16 --tokens 65536   # a subset
@@ -168,7 +168,7 @@ def run(args):
         h, ds, tokens = 96, (8, 48), (256,)
         dtypes = [torch.float32]
     else:
-        h, ds, tokens = 768, (48, 384), (8192, 65536)
+        h, ds, tokens = 768, (48, 384), (65536, 4096)  # the MLM batch and the NER batch (roofline.py's shapes)
         dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
     tokens = tuple(args.tokens) if args.tokens else tokens
     dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else dtypes
@@ -226,7 +226,7 @@ def main(argv=None):
                    help="measure only these (default: every one that can run here; eager gives the ratios)")
     p.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 and float32 on a GPU, float32 on CPU")
-    p.add_argument("--tokens", nargs="+", type=int, help="token counts (default 8192 65536; --quick 256)")
+    p.add_argument("--tokens", nargs="+", type=int, help="token counts (default 65536 4096; --quick 256)")
     return run(p.parse_args(argv))
 
 

@@ -81,15 +81,20 @@ def _timed(fn, device, warmup, iters):
     return statistics.median(times), float("nan")
 
 
-def _batch(vocab, b, l, device, seed=0):
+def _batch(vocab, b, l, seed=0):
+    """``(ids, mask, labels, tags)`` made on the host, as a collator makes them (15% of tokens masked)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(5, vocab - 1, (b, l), generator=g)
+    ids = torch.randint(5, vocab - 1, (b, l), generator=g, device="cpu")
     labels = torch.full_like(ids, -100)
-    masked = torch.rand(b, l, generator=g) < 0.15
+    masked = torch.rand(b, l, generator=g, device="cpu") < 0.15
     labels[masked] = ids[masked]
-    tags = torch.randint(0, NUM_LABELS, (b, l), generator=g)
-    mask = torch.ones(b, l, dtype=torch.long)
-    return ids.to(device), mask.to(device), labels.to(device), tags.to(device)
+    tags = torch.randint(0, NUM_LABELS, (b, l), generator=g, device="cpu")
+    mask = torch.ones(b, l, dtype=torch.long, device="cpu")
+    return ids, mask, labels, tags
+
+
+def _on(device, *tensors):
+    return [t.to(device) for t in tensors]
 
 
 def _config(size, attn):
@@ -99,21 +104,23 @@ def _config(size, attn):
     return cfg
 
 
-def _optimizer(params, device):
-    params = list(params)
-    return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+def _optimizer(params, fused):
+    return torch.optim.AdamW(list(params), lr=1e-4, fused=fused)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # madx_fast (fused or eager adapter ops)
 # ------------------------------------------------------------------------------------------------------------
-def madx_fast_workloads(size, device, backend, lang_rf):
+def madx_fast_workloads(size, device, backend, lang_rf, gpu=None):
+    """The step of each workload. ``gpu`` (default: whether ``device`` is a GPU) picks the GPU settings: the
+    backbone in bf16 and fused AdamW (benchmarks/roofline.py plans them on meta tensors)."""
     from transformers import XLMRobertaForMaskedLM, XLMRobertaForTokenClassification
 
     from madx_fast.model import MadxConfig, Stack, add_madx
     from madx_fast.model.inputs import encoder_attention_mask, mlm_positions
 
-    low = torch.bfloat16 if device.type == "cuda" else None
+    gpu = device.type == "cuda" if gpu is None else gpu
+    low = torch.bfloat16 if gpu else None
     vocab = SIZES[size]["vocab_size"]
 
     def mlm(b, l):
@@ -123,10 +130,10 @@ def madx_fast_workloads(size, device, backend, lang_rf):
         madx.train_adapters("en")
         if low:
             madx.cast_backbone(low)
-        opt = _optimizer(madx.trainable_parameters(), device)
-        ids, mask, labels, _ = _batch(vocab, b, l, device)
-        positions, targets = (t.to(device) for t in mlm_positions(labels.cpu()))
-        mask = encoder_attention_mask(model, mask, padded=False)
+        opt = _optimizer(madx.trainable_parameters(), gpu)
+        ids, host_mask, labels, _ = _batch(vocab, b, l)
+        ids, mask, positions, targets = _on(device, ids, host_mask, *mlm_positions(labels))
+        mask = encoder_attention_mask(model, mask, padded=False, host_mask=host_mask)
 
         def step():
             loss = madx.mlm_loss(ids, mask, positions=positions, targets=targets)
@@ -148,9 +155,10 @@ def madx_fast_workloads(size, device, backend, lang_rf):
 
     def ner(b, l):
         model, madx = ner_model()
-        opt = _optimizer(madx.trainable_parameters(), device)
-        ids, mask, _, tags = _batch(vocab, b, l, device)
-        mask = encoder_attention_mask(model, mask, padded=False)
+        opt = _optimizer(madx.trainable_parameters(), gpu)
+        batch = _batch(vocab, b, l)
+        ids, mask, _, tags = _on(device, *batch)
+        mask = encoder_attention_mask(model, mask, padded=False, host_mask=batch[1])
 
         def step():
             loss = model(input_ids=ids, attention_mask=mask, labels=tags).loss
@@ -162,8 +170,9 @@ def madx_fast_workloads(size, device, backend, lang_rf):
     def infer(b, l):
         model, _ = ner_model()
         model.eval()
-        ids, mask, _, _ = _batch(vocab, b, l, device)
-        mask = encoder_attention_mask(model, mask, padded=False)
+        host_ids, host_mask = _batch(vocab, b, l)[:2]
+        ids, mask = _on(device, host_ids, host_mask)
+        mask = encoder_attention_mask(model, mask, padded=False, host_mask=host_mask)
 
         def step():
             with torch.no_grad():
@@ -175,7 +184,7 @@ def madx_fast_workloads(size, device, backend, lang_rf):
         model, _ = ner_model()
         model.eval()
         run = GraphedInference(model)
-        ids, mask, _, _ = _batch(vocab, b, l, torch.device("cpu"))  # host batch, as from a collator
+        ids, mask, _, _ = _batch(vocab, b, l)  # host batch, as from a collator
 
         def step():
             run(ids, mask)
@@ -187,17 +196,21 @@ def madx_fast_workloads(size, device, backend, lang_rf):
 # ------------------------------------------------------------------------------------------------------------
 # AdapterHub `adapters`
 # ------------------------------------------------------------------------------------------------------------
-def adapterhub_workloads(size, device, lang_rf, patched=False):
-    """AdapterHub's models and steps; ``patched``: after ``madx_fast.patch_adapterhub`` (nothing else changes)."""
+def adapterhub_workloads(size, device, lang_rf, patched=False, gpu=None, autocast=None):
+    """AdapterHub's models and steps; ``patched``: after ``madx_fast.patch_adapterhub`` (nothing else changes).
+    ``gpu`` (default: whether ``device`` is a GPU): its best GPU setting, bf16 autocast and fused AdamW;
+    ``autocast``: a context factory standing in for ``torch.autocast`` (benchmarks/roofline.py)."""
     import adapters
     from adapters import SeqBnConfig, SeqBnInvConfig, Stack
     from transformers import XLMRobertaForMaskedLM, XLMRobertaForTokenClassification
 
-    autocast = device.type == "cuda"
+    gpu = device.type == "cuda" if gpu is None else gpu
     vocab = SIZES[size]["vocab_size"]
 
     def ctx():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
+        if autocast is not None:
+            return autocast()
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
 
     def patch(model):
         if patched:
@@ -212,8 +225,8 @@ def adapterhub_workloads(size, device, lang_rf, patched=False):
         model.add_adapter("en", config=SeqBnInvConfig(reduction_factor=lang_rf))
         model.train_adapter("en")
         patch(model.to(device))
-        opt = _optimizer([p for p in model.parameters() if p.requires_grad], device)
-        ids, mask, labels, _ = _batch(vocab, b, l, device)
+        opt = _optimizer([p for p in model.parameters() if p.requires_grad], gpu)
+        ids, mask, labels = _on(device, *_batch(vocab, b, l)[:3])
 
         def step():
             with ctx():
@@ -234,8 +247,8 @@ def adapterhub_workloads(size, device, lang_rf, patched=False):
 
     def ner(b, l):
         model = ner_model()
-        opt = _optimizer([p for p in model.parameters() if p.requires_grad], device)
-        ids, mask, _, tags = _batch(vocab, b, l, device)
+        opt = _optimizer([p for p in model.parameters() if p.requires_grad], gpu)
+        ids, mask, _, tags = _on(device, *_batch(vocab, b, l))
 
         def step():
             with ctx():
@@ -247,7 +260,7 @@ def adapterhub_workloads(size, device, lang_rf, patched=False):
 
     def infer(b, l):
         model = ner_model().eval()
-        ids, mask, _, _ = _batch(vocab, b, l, device)
+        ids, mask = _on(device, *_batch(vocab, b, l)[:2])
 
         def step():
             with torch.no_grad(), ctx():

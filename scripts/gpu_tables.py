@@ -7,6 +7,11 @@ benchmark rows (bench_ops*.json: medians, ratios to eager measured in the same r
 the bandwidth floor) and the training-step rows (bench_train_*.json: step time, tokens/s, peak memory,
 ratios to AdapterHub and to madx_fast eager measured in the same process). Nothing is computed here that
 the benchmarks did not measure.
+
+    python scripts/gpu_tables.py gpu_out/gpu_session.tar.gz --roofline roofline.json
+
+also prints the roofline's predictions (``benchmarks/roofline.py --json``) beside the measured figure of the
+same case and implementation, and each target's predicted and measured ratio.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-TEST_PHASES = {"b": "ops and fused model paths", "e1": "CUDA backend", "e2": "training"}
+TEST_PHASES = {"e": "ops and fused model paths", "f": "training", "g": "CUDA backend"}
 
 
 def _read_all(source: Path) -> dict[str, bytes]:
@@ -80,14 +85,62 @@ def tables(files: dict[str, bytes]) -> str:
     return "\n".join(out)
 
 
+def measured_times(files: dict[str, bytes]) -> dict:
+    """(roofline case, tokens, impl) -> measured milliseconds, from every benchmark JSON of the session."""
+    out = {}
+    for name, data in files.items():
+        if not (name.startswith("json/") and name.endswith(".json")):
+            continue
+        doc = json.loads(data)
+        for r in doc.get("rows", []):
+            if name.startswith("json/bench_ops") and r.get("dtype") == "bfloat16":
+                impl = {"triton": "fused", "eager": "eager"}.get(r["backend"])
+                if impl:
+                    out[(r["op"], r["tokens"], impl)] = r["fwd_bwd_ms"]
+            elif name.startswith("json/bench_train") and doc.get("lang_rf") == 16:
+                out[(f"{r['workload']} B={r['B']} L={r['L']}", r["B"] * r["L"], r["impl"])] = r["step_ms"]
+            elif name.startswith("json/bench_mixed"):
+                impl = r["workload"] + (" graphs" if r["impl"] == "graphs" else "")
+                out[(f"mixed-language infer B={r['B']} L={r['L']}", r["B"] * r["L"], impl)] = r["ms"]
+    return out
+
+
+def predicted_vs_measured(files: dict[str, bytes], roofline: dict) -> str:
+    """The roofline's rows and targets with the measured figures beside them (empty where not measured)."""
+    measured = measured_times(files)
+    rows = {(r["case"], r["tokens"], r["impl"]): r for r in roofline["rows"]}
+    out = ["| case | tokens | impl | predicted ms | measured ms | predicted x | measured x (baseline) |",
+           "|---|---|---|---|---|---|---|"]
+    for (case, tokens, impl), r in rows.items():
+        got = measured.get((case, tokens, impl))
+        base = measured.get((case, tokens, r["baseline"]))
+        ratio = base / got if got and base else None
+        out.append(f"| {case} | {tokens} | {impl} | {_num(r['predicted_ms'], 3)} | {_num(got, 3)} | "
+                   f"{_num(r['x_baseline'])} | {_num(ratio)} ({r['baseline']}) |")
+    out += ["", "| target | at least | predicted | measured |", "|---|---|---|---|"]
+    for t in roofline.get("targets", []):
+        case, impl, base = t["case"], t["impl"], t["baseline"]
+        tokens = next((k[1] for k in rows if k[0] == case and k[2] == impl), None)
+        got, ref = measured.get((case, tokens, impl)), measured.get((case, tokens, base))
+        out.append(f"| {t['target']} | {t['at_least']}x | {_num(t['predicted_x'])}x | "
+                   f"{_num(ref / got if got and ref else None)}x |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", type=Path, help="gpu_session.tar.gz, or a folder holding its logs/ and json/")
+    p.add_argument("--roofline", type=Path, help="benchmarks/roofline.py --json output: predicted beside measured")
     args = p.parse_args(argv)
-    if not args.source.exists():
-        print(f"gpu_tables: {args.source} does not exist", file=sys.stderr)
-        return 2
-    print(tables(_read_all(args.source)))
+    for path in (args.source, args.roofline):
+        if path is not None and not path.exists():
+            print(f"gpu_tables: {path} does not exist", file=sys.stderr)
+            return 2
+    files = _read_all(args.source)
+    print(tables(files))
+    if args.roofline:
+        print()
+        print(predicted_vs_measured(files, json.loads(args.roofline.read_text())))
     return 0
 
 

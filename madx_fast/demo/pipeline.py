@@ -40,6 +40,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .. import files
+from ..training.reporting import check_report_to
 from ..training.settings import BACKENDS, TrainConfig, csv_list, opt
 from . import synthetic
 
@@ -56,8 +57,9 @@ class DemoConfig:
     """The demo's settings; the fields with a flag are ``madx demo``'s flags (generated from them, like every
     command's). With ``--model`` the defaults are ``real_model_config``'s."""
 
-    output_dir: str = opt("madx_demo_out", help="directory for everything the demo writes")
-    overwrite: bool = opt(False, help="replace an earlier demo's outputs in --output-dir")
+    output_dir: str = opt("madx_demo_out", flag="--output", aliases=("--output-dir",),
+                          help="directory for everything the demo writes")
+    overwrite: bool = opt(False, help="replace an earlier demo's outputs in --output")
     # languages: task adapters are trained on each source and evaluated on every target
     sources: list[str] = opt(default_factory=lambda: ["alpha", "beta"], parse=csv_list,
                              help="comma-separated source languages")
@@ -107,6 +109,8 @@ class DemoConfig:
     threads: int | None = opt(None, help="torch CPU threads (default: 1 for the small synthetic model, whose "
                               "matrices are too small to share, and on a busy machine a second thread stalls each "
                               "step waiting for a core; torch's own choice with --model)")
+    report_to: list[str] = opt(default_factory=list, parse=csv_list, metavar="TOOLS",
+                               help="log every run's curves to: tensorboard (<run>/tensorboard), wandb")
     cache_dir: str | None = opt(None, help="where the pretrained small base is cached (default ~/.cache/madx_fast "
                                 "or $MADX_FAST_CACHE)")
     use_cache: bool = opt(True, flag="--no-cache", help="pretrain the base model even if it is cached")
@@ -131,7 +135,7 @@ def check_demo_output(directory: str, overwrite: bool) -> None:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise FileExistsError(f"{directory!r} exists and is not a directory")
     if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
-        raise FileExistsError(f"output directory {directory!r} is not empty; pass --output-dir DIR for a new one, "
+        raise FileExistsError(f"output directory {directory!r} is not empty; pass --output DIR for a new one, "
                               "or --overwrite to replace the outputs of an earlier demo run there")
 
 
@@ -168,6 +172,7 @@ class _Demo:
         t0 = time.perf_counter()
         cfg, out = self.cfg, self.out
         check_demo_output(out, cfg.overwrite)
+        check_report_to(cfg.report_to)
         self._check_languages()
         threads = _set_threads(cfg)
         if cfg.overwrite:
@@ -237,7 +242,8 @@ class _Demo:
         return TrainConfig(steps=steps or 1, batch_size=batch_size or cfg.batch_size, learning_rate=lr,
                            warmup_steps=int(warmup * (steps or 0)), seed=cfg.seed, log_every=20,
                            eval_every=max(1, (steps or 1) // 2), save_every=max(1, (steps or 1) // 2),
-                           eval_batch_size=64, progress=cfg.progress, device=cfg.device, bf16=cfg.bf16)
+                           eval_batch_size=64, progress=cfg.progress, device=cfg.device, bf16=cfg.bf16,
+                           report_to=list(cfg.report_to))
 
     def _task_loop(self, lr: float) -> TrainConfig:
         """The NER loop: its steps and per-epoch validation come from the epochs."""
@@ -480,7 +486,8 @@ def pretrain_base(texts, target: str, cfg: DemoConfig, run_dir: str) -> dict:
     model.to(device)
     train_cfg = TrainConfig(steps=cfg.pretrain_steps, batch_size=cfg.batch_size, learning_rate=cfg.pretrain_lr,
                             warmup_steps=cfg.pretrain_steps // 10, weight_decay=0.01, seed=cfg.seed, log_every=20,
-                            save_every=0, progress=cfg.progress, device=str(device), bf16=cfg.bf16)
+                            save_every=0, progress=cfg.progress, device=str(device), bf16=cfg.bf16,
+                            report_to=list(cfg.report_to))
     result = Trainer(model, MlmObjective(mlm), range(len(mlm)), train_cfg, run_dir,
                      identity={"stage": "demo-pretraining"}).run()
     model.to("cpu")

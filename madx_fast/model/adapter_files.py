@@ -11,6 +11,7 @@ Own format, one directory per adapter (docs/file_formats.md):
                               invertible.F.0.weight, ... (float32 master weights)
     madx_head.safetensors     the task head (``with_head=True``): model parameter names, e.g. classifier.weight
                               (run bundles written before this format had ``task_head.safetensors``: still read)
+    README.md                 a model card in the Hub's format (card.py; one you wrote yourself is kept)
 
 AdapterHub format (what ``adapters``' ``model.save_adapter(dir, name)`` writes):
     adapter_config.json       {"config": full BnConfig, "hidden_size", "model_class", "model_name",
@@ -40,6 +41,7 @@ import torch
 
 from .. import files
 from .._version import __version__
+from .card import CARD_FILE, adapter_card, keeps_own_card
 from .config import AdapterConfigError, MadxConfig
 
 OWN_CONFIG = "madx_adapter.json"
@@ -95,15 +97,19 @@ class AdapterInfo:
 # own format
 # --------------------------------------------------------------------------------------------------------
 def save_adapter(madx, directory, name: str, *, overwrite: bool = False, with_head: bool = False) -> None:
-    _write_adapter_directory(directory, lambda tmp: write_adapter_files(madx, tmp, name, with_head=with_head),
-                             overwrite=overwrite, what=f"adapter {name!r}")
+    keep_card = os.path.isdir(os.fspath(directory)) and keeps_own_card(os.fspath(directory))
+
+    def build(tmp):
+        write_adapter_files(madx, tmp, name, with_head=with_head)
+        if keep_card:  # the user's own README.md stays (carried over from the directory)
+            os.remove(os.path.join(tmp, CARD_FILE))
+    _write_adapter_directory(directory, build, overwrite=overwrite, what=f"adapter {name!r}")
 
 
-def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = False) -> None:
-    """The files of adapter ``name`` in madx_fast's format, into the (new, empty) ``directory``; used inside
-    an atomic directory write (``save_adapter``, run bundles)."""
-    from safetensors.torch import save_file
-
+def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = False, run: dict | None = None) -> None:
+    """The files of adapter ``name`` in madx_fast's format, and its model card (README.md; ``run``: the facts of
+    the run that trained it, ``card.adapter_card``), into the (new, empty) ``directory``; used inside an atomic
+    directory write (``save_adapter``, run bundles)."""
     if name not in madx.configs:
         raise KeyError(f"no adapter named {name!r} in the model (adapters: {sorted(madx.configs) or 'none'})")
     parts, model = madx.parts, madx.model
@@ -121,12 +127,15 @@ def write_adapter_files(madx, directory: str, name: str, *, with_head: bool = Fa
                                            "labels": _label_names(model.config)},
         "madx_fast_version": __version__,
     }
-    save_file(weights, os.path.join(directory, OWN_WEIGHTS), metadata={"format": "pt"})
+    write_safetensors(weights, os.path.join(directory, OWN_WEIGHTS))
     meta["weights_sha256"] = files.sha256_file(os.path.join(directory, OWN_WEIGHTS))
     if head is not None:
-        save_file(head, os.path.join(directory, OWN_HEAD_WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(head, os.path.join(directory, OWN_HEAD_WEIGHTS))
         meta["head"]["sha256"] = files.sha256_file(os.path.join(directory, OWN_HEAD_WEIGHTS))
     meta["checksum"] = _meta_checksum(meta)
+    with open(os.path.join(directory, CARD_FILE), "w", encoding="utf-8") as f:
+        f.write(adapter_card(name, meta["config"], base_model=meta["model"]["name_or_path"],
+                             model_class=type(model).__name__, with_head=head is not None, run=run))
     files.dump_json(meta, os.path.join(directory, OWN_CONFIG))  # last: the config marks a complete adapter
 
 
@@ -168,11 +177,11 @@ def _load_own(madx, directory, *, load_as, overwrite, set_active, with_head) -> 
     config_path, meta, config = _read_own_meta(directory)
     parts = madx.parts
     model_meta = meta["model"]
-    for key, have in (("hidden_size", parts.hidden_size), ("num_hidden_layers", parts.num_layers),
-                      ("model_type", parts.model_type)):
+    for key, have in (("hidden_size", parts.hidden_size), ("num_hidden_layers", parts.num_layers)):
         if key in model_meta and model_meta[key] != have:
             raise AdapterFileError(f"{config_path}: adapter {meta['name']!r} was saved for {key}="
                                    f"{model_meta[key]!r} but this model has {key}={have!r}")
+    check_model_type(model_meta.get("model_type"), parts.model_type, f"{config_path}: adapter {meta['name']!r}")
     name = load_as or meta["name"]
     madx.check_new_name(name, overwrite)  # before reading the weights: a clear error, nothing touched
     weights_path = os.path.join(directory, OWN_WEIGHTS)
@@ -230,10 +239,10 @@ def export_adapterhub(madx, directory, name: str, *, safetensors: bool = False, 
 
     def save(state, tmp, safe_name, bin_name):
         if safetensors:
-            from safetensors.torch import save_file
-            save_file(state, os.path.join(tmp, safe_name), metadata={"format": "pt"})
+            write_safetensors(state, os.path.join(tmp, safe_name))
         else:
-            torch.save(state, os.path.join(tmp, bin_name))
+            with open(os.path.join(tmp, bin_name), "wb") as f:  # a failed write raises its OSError
+                torch.save(state, f)
 
     def build(tmp):
         save(weights, tmp, HUB_SAFE_WEIGHTS, HUB_WEIGHTS)
@@ -273,6 +282,7 @@ def import_adapterhub(madx, directory, *, load_as=None, overwrite=False, set_act
     if meta.get("hidden_size") not in (None, parts.hidden_size):
         raise AdapterFileError(f"{config_path}: adapter {file_name!r} is for hidden size {meta['hidden_size']}, "
                                f"this model has {parts.hidden_size}")
+    check_model_type(meta.get("model_type"), parts.model_type, f"{config_path}: adapter {file_name!r}")
     name = load_as or file_name
     madx.check_new_name(name, overwrite)
     weights_path, raw = read_hub_weights(directory, HUB_SAFE_WEIGHTS, HUB_WEIGHTS)
@@ -334,6 +344,13 @@ def to_adapterhub_keys(state: dict, name: str, parts) -> dict:
         else:
             out[f"{parts.prefix}.invertible_adapters.{name}.{rest}"] = value
     return out
+
+
+def adapter_of_key(key: str, parts) -> str | None:
+    """The adapter a model weight belongs to (its name), for the keys of MAD-X adapter weights in the state dict
+    of a model of ``parts``' family or in AdapterHub's files; None for any other key."""
+    m = _layer_key(parts).match(key) or _INV_KEY.match(key)
+    return m.group("name") if m else None
 
 
 def from_adapterhub_keys(raw: dict, name: str, parts, source: str) -> dict:
@@ -504,6 +521,17 @@ def read_adapter_info(directory) -> AdapterInfo:
 # --------------------------------------------------------------------------------------------------------
 # checks and low-level reading / writing
 # --------------------------------------------------------------------------------------------------------
+def check_model_type(recorded, model_type: str, where: str) -> None:
+    """An adapter recorded for another model type (BERT's in XLM-R, ...) is refused: the same shapes can
+    hold, but the function learned on another backbone's representations is not the one here. A file
+    without a model type (older AdapterHub files) is not refused."""
+    if recorded in (None, ""):
+        return
+    if not isinstance(recorded, str) or recorded.replace("_", "-") != model_type.replace("_", "-"):
+        raise AdapterFileError(f"{where} was saved for model_type {recorded!r}, but this model is "
+                               f"{model_type!r}: load it into a {recorded!r} model")
+
+
 def check_state_dict(state_dict: dict, expected: dict[str, tuple], where: str,
                      optional: tuple[str, ...] = ()) -> None:
     """Raise AdapterFileError listing missing keys, unexpected keys, wrong shapes / dtypes and non-finite
@@ -543,6 +571,15 @@ def _write_adapter_directory(directory, build, *, overwrite: bool, what: str) ->
             raise FileExistsError(f"cannot save {what}: {directory} already holds an adapter ({', '.join(clash)}); "
                                   "pass overwrite=True to replace it")
     files.replace_directory(directory, build, owned=ADAPTER_FILES)
+
+
+def write_safetensors(state: dict, path: str) -> None:
+    """``state`` as a safetensors file, the bytes written by Python: a failed write raises its OSError (which
+    ``madx_fast.files`` reports naming the file), where safetensors' own writer would raise its own error."""
+    from safetensors.torch import save
+    data = save(state, metadata={"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def read_safetensors(path) -> dict:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..modules import BottleneckAdapter, InvertibleAdapter
-from . import adapter_files, per_row
+from . import adapter_files, per_row, pretrained_record
 from .adapter_files import AdapterFileError, check_state_dict
 from .config import AdapterConfigError, MadxConfig
 from .hub import resolve_adapter
@@ -82,6 +82,7 @@ class MadxAdapters:
         self._head_hooks: list = []
         self._undo = wire(self.parts, self.state)
         model.madx = self
+        pretrained_record.install_save_hook(model)  # save_pretrained records the adapters (pretrained_record.py)
 
     # ---------------------------------------------------------------------------------------------------
     # adapters
@@ -366,6 +367,15 @@ class MadxAdapters:
         return adapter_files.import_adapterhub(self, self._resolve(directory), load_as=load_as, overwrite=overwrite,
                                                set_active=set_active, with_head=with_head)
 
+    def push_adapter_to_hub(self, repo_id: str, name: str, *, with_head: bool = False, private: bool | None = None,
+                            revision: str | None = None, commit_message: str | None = None,
+                            token: str | None = None) -> str:
+        """Push adapter ``name`` (madx_fast's format and a model card; ``with_head``: the task head too) to the
+        Hugging Face Hub repository ``repo_id``, created if missing (push.py); returns the commit's URL."""
+        from .push import push_adapter_to_hub
+        return push_adapter_to_hub(self, repo_id, name, with_head=with_head, private=private, revision=revision,
+                                   commit_message=commit_message, token=token)
+
     def _resolve(self, directory) -> str:
         """The local directory of an adapter given as a path or a Hub name (the model's base model name picks
         AdapterHub's short names)."""
@@ -396,6 +406,7 @@ class MadxAdapters:
             del base._modules["invertible_adapters"]
         if self.model.__dict__.get("madx") is self:
             del self.model.__dict__["madx"]
+            pretrained_record.remove_save_hook(self.model)
         self.configs.clear()
         self.state.active = ()
 

@@ -31,12 +31,15 @@ refused with a message that says what to write instead.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 from .._version import __version__
+from ..paths import LocalPathError, check_local
 from .adapter_files import ADAPTER_FILES
 
 HUB_PREFIX = "hf:"
@@ -203,7 +206,8 @@ class HubLocation:
 
 
 def parse_hub_location(text: str) -> HubLocation:
-    """``org/name[@revision][/folder]`` -> its parts (``revision`` URL-decoded)."""
+    """``org/name[@revision][/folder]`` -> its parts (``revision`` URL-decoded), each checked
+    (``check_hub_location``)."""
     head, at, tail = text.partition("@")
     if at:
         repo_id = head
@@ -218,9 +222,38 @@ def parse_hub_location(text: str) -> HubLocation:
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise AdapterNameError(f"{text!r} is not a directory here, and not a Hub repository id ('namespace/name', "
                                "optionally '@revision' and '/folder')")
-    if any(part in ("", ".", "..") for part in subfolder.split("/")) and subfolder:
-        raise AdapterNameError(f"{text!r}: the folder inside the repository must be a plain relative path")
-    return HubLocation(repo_id, revision, subfolder)
+    location = HubLocation(repo_id, revision, subfolder)
+    check_hub_location(location, text)
+    return location
+
+
+# A namespace or repository name on the Hub (huggingface_hub's rule): word characters, "-" and ".", not at either
+# end, no "--" or "..", at most 96 characters.
+_HUB_NAME = re.compile(r"^(?!.*(--|\.\.))[\w](?:[\w.-]{0,94}[\w])?$")
+_UNSAFE_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
+_REF_CHARS = re.compile(r"[~^:?*\[]|@\{")
+
+
+def check_hub_location(where: HubLocation, text: str) -> None:
+    """Every part of a Hub location, after URL-decoding: the namespace and name are Hub names, the revision
+    a git ref or commit (no ``..``, no empty or dot-led component, none of git's forbidden characters), the
+    folder a plain relative path (no ``.`` / ``..`` / empty component, no backslash or control character).
+    Anything else is an AdapterNameError, before the cache or the network is asked."""
+    for part in where.repo_id.split("/"):
+        if not _HUB_NAME.match(unquote(part)) or unquote(part) != part:
+            raise AdapterNameError(f"{text!r}: {part!r} is not a valid Hub repository id part (letters, digits, "
+                                   "'-', '_', '.'; not at either end; no '--' or '..')")
+    if where.revision is not None:
+        rev = where.revision
+        parts = rev.split("/")
+        if (_UNSAFE_CHARS.search(rev) or _REF_CHARS.search(rev) or rev.endswith(".lock")
+                or any(p in ("", ".", "..") or p.startswith(".") for p in parts) or ".." in rev):
+            raise AdapterNameError(f"{text!r}: revision {rev!r} (URL-decoded) is not a branch, tag or commit name")
+    if where.subfolder:
+        for form in (where.subfolder, unquote(where.subfolder)):
+            if _UNSAFE_CHARS.search(form) or any(p in ("", ".", "..") for p in form.split("/")):
+                raise AdapterNameError(f"{text!r}: the folder inside the repository must be a plain relative path "
+                                       f"(got {form!r})")
 
 
 def resolve_adapter(spec, *, model_name: str | None = None, files=ADAPTER_FILES, subdirs=()) -> ResolvedAdapter:
@@ -236,13 +269,15 @@ def resolve_adapter(spec, *, model_name: str | None = None, files=ADAPTER_FILES,
     if forced:
         text = text[len(HUB_PREFIX):]
     else:
-        expanded = os.path.expanduser(text)
-        if os.path.exists(expanded):
-            return ResolvedAdapter(expanded, spec)
-        if text.startswith((".", "/", "~")) or os.path.isabs(text):
-            raise AdapterNotFoundError(f"adapter directory {os.path.abspath(expanded)!r} does not exist")
+        try:
+            if check_local(text, "adapter directory"):  # a path, never a Hub lookup
+                return ResolvedAdapter(os.path.expanduser(text), spec)
+        except LocalPathError as exc:
+            raise AdapterNotFoundError(str(exc)) from None
     repo_id = adapterhub_short_name(text, model_name)
     location = HubLocation(repo_id, None, "") if repo_id else parse_hub_location(text)
+    if repo_id:
+        check_hub_location(location, text)
     return _download(spec, location, files, subdirs)
 
 
@@ -259,10 +294,11 @@ def _download(spec: str, where: HubLocation, files, subdirs) -> ResolvedAdapter:
     if not text.startswith(where.repo_id):
         named += f" (what AdapterHub's {text!r} names)"
     start = "" if spec.startswith(HUB_PREFIX) else f"{spec!r} is not a directory here, and "
+    unreachable = None if offline else unreachable_reason()
     try:
         snapshot = huggingface_hub.snapshot_download(where.repo_id, revision=where.revision, allow_patterns=patterns,
-                                                     local_files_only=offline, library_name="madx_fast",
-                                                     library_version=__version__)
+                                                     local_files_only=offline or bool(unreachable),
+                                                     library_name="madx_fast", library_version=__version__)
     except errors.HFValidationError as exc:
         raise AdapterNameError(f"{start}not a valid Hub repository id ({exc})") from None
     except errors.GatedRepoError:
@@ -276,18 +312,140 @@ def _download(spec: str, where: HubLocation, files, subdirs) -> ResolvedAdapter:
     except errors.LocalEntryNotFoundError as exc:
         if type(exc).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x knows the files it misses
             why = f"its cached copy is incomplete and the Hub cannot be reached ({str(exc).split('. ')[0]})"
-        elif offline:
-            why = f"it is not in the Hugging Face cache ({_cache_dir()}) and HF_HUB_OFFLINE=1 is set"
         else:
-            why = f"the Hub could not be reached and it is not in the cache ({exc.__cause__ or exc})"
+            why = _not_cached(unreachable or connection_problem(exc) or "no answer")
         raise AdapterNotFoundError(f"{start}{named}: {why}") from None
     path = os.path.join(snapshot, where.subfolder) if where.subfolder else snapshot
     found = [p for p in [path] + [os.path.join(path, s) for s in subdirs]
              if any(os.path.isfile(os.path.join(p, f)) for f in files)]
+    _check_inside_cache(named, [snapshot, path] + [os.path.join(p, f) for p in found for f in files
+                                                   if os.path.lexists(os.path.join(p, f))])
     if not found:
         raise AdapterNotFoundError(f"{named} holds no adapter files ({', '.join(files[:4])}, ...)"
                                    + (" in its cached copy (HF_HUB_OFFLINE=1)" if offline else ""))
     return ResolvedAdapter(path, spec, where.repo_id, where.revision, os.path.basename(snapshot), where.subfolder)
+
+
+def _check_inside_cache(named: str, paths: list[str]) -> None:
+    """Whatever a Hub location resolved to (its snapshot, folder and adapter files, links followed) lies inside
+    the Hugging Face cache; anything else (a ref or link in the cache pointing out of it) is refused."""
+    cache = os.path.realpath(_cache_dir())
+    for path in paths:
+        real = os.path.realpath(path)
+        if os.path.commonpath([cache, real]) != cache:
+            raise AdapterNameError(f"{named}: {path} resolves to {real}, outside the Hugging Face cache ({cache}); "
+                                   "refused (a reference or link in the cache points out of it)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# the Hub out of reach, and other Hub failures in one line
+# --------------------------------------------------------------------------------------------------------
+HUB_PROBE_TIMEOUT_S = 10.0
+
+
+def unreachable_reason() -> str | None:
+    """None when the Hub (``HF_ENDPOINT``) answers at all (any HTTP status), else why it cannot be reached
+    ("connection refused", ...). One request per endpoint and process, without the retries huggingface_hub
+    makes (which take ~40 s on a network that refuses connections): callers then read the cache alone."""
+    from huggingface_hub import constants
+    return _probe(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(endpoint: str) -> str | None:
+    from huggingface_hub.utils import get_session
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - any failure to get an answer means: out of reach
+        return connection_problem(exc) or f"{type(exc).__name__}"
+    return None
+
+
+@contextlib.contextmanager
+def cache_only():
+    """Within the block, huggingface_hub (and datasets, when imported) read their caches only, as with
+    ``HF_HUB_OFFLINE=1``: for libraries that take no ``local_files_only``, once the Hub is known to be out of
+    reach (``unreachable_reason``)."""
+    import sys
+
+    from huggingface_hub import constants
+    targets = [constants] + ([sys.modules["datasets"].config] if "datasets" in sys.modules else [])
+    saved = [t.HF_HUB_OFFLINE for t in targets]
+    for t in targets:
+        t.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for t, value in zip(targets, saved):
+            t.HF_HUB_OFFLINE = value
+
+
+def connection_problem(exc: BaseException) -> str | None:
+    """Why a request failed, in words ("connection refused", "the host name could not be resolved", "timed
+    out", ...), from the exception and its causes; None when no network failure is among them."""
+    import socket
+    names = []
+    seen = exc
+    while seen is not None and len(names) < 16:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, socket.gaierror):
+            return "the host name could not be resolved"
+        if isinstance(seen, (TimeoutError, socket.timeout)):
+            return "timed out"
+        names.append(type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(names).lower()
+    for needle, reason in (("nameresolution", "the host name could not be resolved"), ("timeout", "timed out"),
+                           ("proxy", "proxy error"), ("ssl", "TLS error"), ("connect", "connection failed")):
+        if needle in text:
+            return reason
+    return None
+
+
+def hub_failure(exc: BaseException, name: str, *, cache: str | None = None) -> str | None:
+    """Why ``name`` could not be had from the Hub, as the end of a one-line message ("it is not a local
+    directory, and the Hub has no repository ..."): what was tried and what to do, no library text; None when
+    ``exc`` is not a Hub or network failure. ``cache``: the cache that was read (default huggingface_hub's)."""
+    from huggingface_hub import errors
+    kinds, seen = set(), exc
+    while seen is not None and len(kinds) < 16:
+        kinds.add(type(seen))
+        seen = seen.__cause__ or seen.__context__
+
+    def has(cls) -> bool:
+        return any(issubclass(k, cls) for k in kinds)
+
+    start = "it is not a local directory, and"
+    if has(errors.HFValidationError):
+        return f"{start} not a valid Hub repository id ('namespace/name')"
+    if has(errors.GatedRepoError):
+        return (f"the Hub repository {name} is gated: accept its terms on its Hub page and log in (HF_TOKEN, or "
+                "`hf auth login`)")
+    if has(errors.RepositoryNotFoundError):
+        return f"{start} the Hub has no repository {name} (or it is private: log in with HF_TOKEN, or `hf auth login`)"
+    if has(errors.RevisionNotFoundError):
+        return f"the Hub repository {name} has no such revision"
+    missing = re.search(r"does not appear to have a file named (\S+?)\.?(\s|$)", str(exc))
+    if missing and not has(errors.LocalEntryNotFoundError):
+        return f"the Hub repository {name} has no file {missing.group(1)}"
+    reason = connection_problem(exc)
+    if _offline() or reason or has(errors.LocalEntryNotFoundError) or has(errors.OfflineModeIsEnabled):
+        probed = None if _offline() else unreachable_reason()
+        return f"{start} {_not_cached(probed or reason or 'no answer', cache)}"
+    return None
+
+
+def _not_cached(reason: str, cache: str | None = None) -> str:
+    """The end of a message for a Hub name that is not in the cache while the Hub cannot be used."""
+    from huggingface_hub import constants
+    cache = cache or _cache_dir()
+    if _offline():
+        return (f"it is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 is set: run once with "
+                "network access (without HF_HUB_OFFLINE), or pass a local directory")
+    return (f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({reason}) and it is not in the cache "
+            f"({cache}): check the network (or HF_ENDPOINT, a proxy), set HF_HUB_OFFLINE=1 to read only the "
+            "cache, or pass a local directory")
 
 
 def _cache_dir() -> str:
@@ -302,4 +460,4 @@ def _offline() -> bool:
 
 
 __all__ = ["ADAPTERHUB_INDEX", "AdapterNameError", "AdapterNotFoundError", "ResolvedAdapter", "adapterhub_short_name",
-           "parse_hub_location", "resolve_adapter"]
+           "cache_only", "connection_problem", "hub_failure", "parse_hub_location", "resolve_adapter", "unreachable_reason"]

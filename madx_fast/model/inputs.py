@@ -13,8 +13,10 @@ the CPU queues the next ones. Two come with a plain HF masked-LM / token-classif
    padding passes no mask at all, a padded one passes the mask in a form HF takes as already prepared.
 
 On transformers 4.x a batch without padding still goes through HF's check (the model builds a ones mask
-and tests it): the alternative, a prepared mask, would keep SDPA off its flash kernel, which costs more
-than the one sync at the start of the forward. With transformers >= 5 the step is free of syncs.
+and tests it); a prepared mask instead would keep SDPA off its flash kernel, which costs more than the
+sync. For the BERT family under SDPA (``_HOST_CHECKED_MASK``) the check is the only use of a 2D mask, so
+it is handed the host copy: HF's test then reads host memory and drops the mask, and the step is free of
+syncs on both transformers lines. Elsewhere on 4.x an unpadded batch keeps its one sync.
 """
 from __future__ import annotations
 
@@ -58,16 +60,32 @@ def mlm_positions(labels: torch.Tensor, *, multiple: int = 64, ignore_index: int
     return out_pos, out_tgt
 
 
+# model types whose transformers 4.x forward hands a 2D mask under SDPA (absolute positions, not a decoder)
+# to nothing but ``_prepare_4d_attention_mask_for_sdpa``, which tests it and returns None when all ones
+_HOST_CHECKED_MASK = frozenset({"bert", "roberta", "camembert", "xlm-roberta", "xlm-roberta-xl"})
+
+
+def _host_checked(model) -> bool:
+    """Whether ``model`` (transformers 4.x) may be given the host copy of an all-ones 2D mask."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in _HOST_CHECKED_MASK and _attention_implementation(model) == "sdpa"
+            and getattr(config, "position_embedding_type", "absolute") == "absolute"
+            and not getattr(config, "is_decoder", False))
+
+
 def _attention_implementation(model) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None)
 
 
-def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded: bool) -> torch.Tensor | None:
+def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded: bool,
+                           host_mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """The ``attention_mask`` to hand the HF ``model`` for a 2D padding mask ``[B, L]`` (already on the
-    model's device), given ``padded`` = whether any entry is 0, known on the host.
+    model's device), given ``padded`` = whether any entry is 0, known on the host, and optionally
+    ``host_mask``, the same mask on the host.
 
     - no padding, transformers >= 5: ``None`` (SDPA goes straight to flash attention, nothing is checked);
+    - no padding, transformers 4.x, a BERT-family model under SDPA: ``host_mask`` (HF tests it on the host);
     - padding, transformers >= 5 with SDPA: a boolean ``[B, 1, L, L]`` view (HF returns a 4D mask as is);
     - padding, transformers 4.x: a ``[B, L, L]`` view, which HF expands itself without testing it;
     - otherwise the mask unchanged (other attention kernels, masks that are not 2D).
@@ -83,4 +101,6 @@ def encoder_attention_mask(model, attention_mask: torch.Tensor | None, *, padded
         return attention_mask
     if padded:
         return attention_mask[:, None, :].expand(b, length, length)
+    if host_mask is not None and host_mask.device.type == "cpu" and _host_checked(model):
+        return host_mask
     return attention_mask

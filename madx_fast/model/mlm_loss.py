@@ -4,8 +4,8 @@ Why: on XLM-R (V = 250002) the decoder over all B*L tokens is ~6 TFLOP per step 
 float32 logits are ~16 GB, yet only the ~15% masked tokens have a label. Here the head runs on the labelled
 rows only (``N = #(labels != -100)``), and the decoder + cross-entropy runs over those rows in chunks of
 ``chunk_size`` rows: each chunk's ``chunk x V`` logits live just long enough to give its loss and its
-gradients. Peak extra memory: one chunk of float32 logits plus the ``N x H`` input gradient (and a float32
-``V x H`` weight gradient only if the decoder weight is trained, which MAD-X never does).
+gradients. Peak extra memory: one chunk of logits in the activation dtype plus the ``N x H`` input gradient
+(and a float32 ``V x H`` weight gradient only if the decoder weight is trained, which MAD-X never does).
 
 ``madx_mlm_loss(model, input_ids, attention_mask, labels)`` is the training path of an HF
 ``XLMRobertaForMaskedLM`` / ``BertForMaskedLM`` (with or without MAD-X): encoder -> select labelled rows ->
@@ -16,16 +16,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops.lm_loss import softmax_cross_entropy
 from .inputs import IGNORE_INDEX, lm_targets
 from .per_row import select_rows
 from .wiring import find_parts, first_invertible
 
-# Default chunk: 2**26 float32 logits (256 MiB) per chunk; 268 rows at V = 250002.
-DEFAULT_CHUNK_ELEMENTS = 1 << 26
+# Logits per chunk, in bytes of the compute dtype: on a GPU large chunks keep the decoder's two GEMMs wide
+# (g @ W reduces over the vocabulary into a rows x H output: few output tiles unless there are many rows),
+# 1 GiB of bf16 logits is ~2100 rows at V = 250002, the whole masked batch of a B=64, L=256 step in 2 chunks.
+CHUNK_BYTES_GPU = 1 << 30
+CHUNK_BYTES_CPU = 1 << 28
+CHUNK_ROWS_MULTIPLE = 64  # GEMM-tile friendly, and the row count madx_fast.model.inputs pads positions to
 
 
-def default_chunk_size(num_rows: int, vocab_size: int, budget_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
-    return max(1, min(num_rows, budget_elements // max(vocab_size, 1)))
+def default_chunk_size(num_rows: int, vocab_size: int, element_size: int = 4, budget_bytes: int = CHUNK_BYTES_CPU
+                       ) -> int:
+    """Rows per chunk: the fewest chunks whose logits fit ``budget_bytes``, of equal size (a multiple of
+    ``CHUNK_ROWS_MULTIPLE`` where that fits the budget)."""
+    limit = max(1, budget_bytes // max(vocab_size * element_size, 1))
+    chunks = -(-max(num_rows, 1) // limit)
+    rows = -(-max(num_rows, 1) // chunks)
+    rounded = -(-rows // CHUNK_ROWS_MULTIPLE) * CHUNK_ROWS_MULTIPLE
+    return max(1, min(num_rows, rounded if rounded <= limit else rows))
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -41,8 +53,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     ``g`` is known as soon as a chunk's logits are, so the forward computes the gradients chunk by chunk
     (only those whose inputs require grad) and keeps them instead of the logits; backward only scales them
-    by the incoming scalar gradient. The logits of a chunk are computed in the activation dtype with float32
-    accumulation (as ``nn.Linear`` would) and the softmax / loss in float32.
+    by the incoming scalar gradient. A chunk's logits are one GEMM in the activation dtype with float32
+    accumulation (as ``nn.Linear``); ``madx_fast.ops.lm_loss.softmax_cross_entropy`` then gives the rows'
+    losses (float32 arithmetic) and writes ``g`` over the logits in their dtype, in one kernel on the fused
+    path: the logits are never held in float32, and ``g @ W`` reads them where they were.
     """
 
     @staticmethod
@@ -50,9 +64,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         n_rows = hidden.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
             bias is not None and ctx.needs_input_grad[2])
-        valid = targets != ignore_index
+        grad = need_h or need_w or need_b
         # mean over labelled rows, counted on the device (no host sync); 1 for a sum
-        count = valid.sum().clamp(min=1).to(torch.float32) if mean else hidden.new_ones((), dtype=torch.float32)
+        count = ((targets != ignore_index).sum().clamp(min=1).to(torch.float32) if mean
+                 else hidden.new_ones((), dtype=torch.float32))
         w = weight.to(hidden.dtype)
         b = None if bias is None else bias.to(hidden.dtype)
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
@@ -61,26 +76,18 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         for start in range(0, n_rows, chunk_size):
             end = min(start + chunk_size, n_rows)
-            h_c, t_c, v_c = hidden[start:end], targets[start:end], valid[start:end]
-            logits = F.linear(h_c, w, b).float()  # [rows, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = torch.where(v_c, t_c, torch.zeros_like(t_c))
-            target_logit = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1)
-            loss_sum = loss_sum + torch.where(v_c, lse - target_logit, torch.zeros_like(lse)).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            # g = (softmax - onehot) / n, built in place in the logits buffer
-            g = logits.sub_(lse.unsqueeze(1)).exp_()
-            g.scatter_add_(1, safe_t.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
-            g.mul_((v_c.to(torch.float32) / count).unsqueeze(1))
-            g_lp = g.to(hidden.dtype)
+            h_c = hidden[start:end]
+            logits = F.linear(h_c, w, b)  # [rows, V] in the activation dtype
+            loss_sum = loss_sum + softmax_cross_entropy(logits, targets[start:end], count,
+                                                        ignore_index=ignore_index, grad=grad).sum()
+            g = logits  # now dloss/dz of the chunk's rows (when grad)
             if need_h:
-                grad_h[start:end] = g_lp @ w
+                torch.mm(g, w, out=grad_h[start:end])
             if need_w:
-                grad_w += (g_lp.t() @ h_c).float()
+                grad_w += (g.t() @ h_c).float()
             if need_b:
-                grad_b += g.sum(0)
-            del logits, g, g_lp
+                grad_b += g.sum(0, dtype=torch.float32)
+            del logits, g
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss_sum / count
@@ -112,7 +119,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias:
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets has shape {tuple(targets.shape)}, expected [{hidden.shape[0]}]")
     if chunk_size is None:
-        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0])
+        budget = CHUNK_BYTES_GPU if hidden.is_cuda else CHUNK_BYTES_CPU
+        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.element_size(), budget)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, int(chunk_size), ignore_index,

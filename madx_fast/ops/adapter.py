@@ -150,6 +150,9 @@ def _setup_context(ctx, inputs, output):
     x, residual, *groups, w_down, b_down, w_up, b_up, scaling, activation, backend = inputs
     _, z = output
     ctx.save_for_backward(x, z, *groups, w_down, w_up)
+    # z is internal (never returned by the public functions): its gradient stays None instead of a
+    # zero-filled N x d tensor, one kernel less per backward
+    ctx.set_materialize_grads(False)
     ctx.scaling, ctx.activation, ctx.backend = scaling, activation, backend
     ctx.residual_is_input = residual is None
     ctx.dtypes = (w_down.dtype, b_down.dtype, w_up.dtype, b_up.dtype)
@@ -159,6 +162,8 @@ def _backward(ctx, dy, dz):
     # dz is never used: z is an internal saved tensor (the public API does not return it).
     x, z, *groups, w_down, w_up = ctx.saved_tensors
     first_weight = 2 + len(groups)  # w_down's place among the forward op's inputs
+    if dy is None:  # y did not reach the loss (gradients are not materialised as zeros: see setup)
+        return (None,) * (first_weight + 7)
     weight_grads = any(ctx.needs_input_grad[first_weight:first_weight + 4])
     flags = (ctx.scaling, ctx.activation, ctx.residual_is_input)
     if groups:

@@ -58,6 +58,11 @@ def _bool_index(args) -> bool:
     return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices or ())
 
 
+def is_host_read(func, args) -> bool:
+    """Whether the aten op ``func`` on ``args`` needs tensor values on the host (a sync on a GPU)."""
+    return func in _READS or (func in _BOOL_INDEXED and _bool_index(args))
+
+
 class HostReads(TorchDispatchMode):
     """A dispatch mode that records (``raise_on_read=False``) or refuses (``True``) every host read."""
 
@@ -68,7 +73,7 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _READS or (func in _BOOL_INDEXED and _bool_index(args)):
+        if is_host_read(func, args):
             read = HostRead(str(func), _caller())
             if self.raise_on_read:
                 raise RuntimeError(f"host read inside a step that must not sync: {read}")

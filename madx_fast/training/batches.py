@@ -48,7 +48,7 @@ def model_batch(model, batch: dict, device) -> dict:
     padded = mask is not None and not bool(mask.all())
     out = to_device(batch, device)
     if mask is not None:
-        out["attention_mask"] = encoder_attention_mask(model, out["attention_mask"], padded=padded)
+        out["attention_mask"] = encoder_attention_mask(model, out["attention_mask"], padded=padded, host_mask=mask)
     return out
 
 

@@ -10,6 +10,7 @@ identity, parameter names, shapes, dtypes, finite values) before anything in mem
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 
 import numpy as np
@@ -24,6 +25,16 @@ VERSION = 2  # 2: RNG states as tensors (weights-only); 1 held pickled NumPy arr
 _OLD_IDENTITY_KEYS = {"lang": "language", "model": "base_model", "adapter": "adapter_config",
                       "blocks": "train_blocks", "features": "train_features",
                       "language_weights": "language_weights_sha256"}
+
+
+# Entries of the identity that describe the data (stages/base.py computes the digests): what
+# ``--allow-data-change`` lets differ on resume, and how a refusal names them.
+DATA_IDENTITY = {"train_data_sha256": "training data", "eval_data_sha256": "evaluation data",
+                 "train_blocks": "training blocks", "data_tokens": "training tokens",
+                 "train_features": "training features"}
+_DIGESTS = ("train_data_sha256", "eval_data_sha256")
+
+log = logging.getLogger("madx_fast.training")
 
 
 class CheckpointError(ValueError):
@@ -60,7 +71,11 @@ def set_rng_state(state: dict) -> None:
 def write_checkpoint(path: str, ckpt: dict) -> None:
     ckpt = dict(ckpt, format=FORMAT, version=VERSION)
     ckpt["digest"] = _digest(ckpt)
-    files.write_file(path, lambda tmp: torch.save(ckpt, tmp))
+
+    def save(tmp):
+        with open(tmp, "wb") as f:  # through a Python file: a failed write raises its OSError (files.WriteError)
+            torch.save(ckpt, f)
+    files.write_file(path, save)
 
 
 def _digest(ckpt: dict) -> str:
@@ -116,18 +131,48 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def check_checkpoint(path: str, ckpt: dict, identity: dict, params: list) -> None:
+def check_checkpoint(path: str, ckpt: dict, identity: dict, params: list, *,
+                     allow_data_change: bool = False) -> dict:
     """Raise CheckpointError unless ``ckpt`` belongs to a run of this ``identity`` and holds a finite tensor of
-    the right shape and dtype for each trainable parameter ``(name, param)``."""
+    the right shape and dtype for each trainable parameter ``(name, param)``. Differences in the data
+    (``DATA_IDENTITY``) are refused as well unless ``allow_data_change``; returns the ones accepted,
+    ``{key: (checkpoint's, now)}``. A checkpoint without data digests (madx_fast before they were recorded)
+    has its data compared by size only."""
     have = ckpt["identity"]
     if ckpt.get("identity_keys_only"):
         identity = {k: v for k, v in identity.items() if k in have}
-    diff = {k: (have.get(k), v) for k, v in identity.items() if have.get(k) != v}
+    unrecorded = [k for k in _DIGESTS if k in identity and k not in have]
+    if unrecorded:
+        log.warning("%s records no data digest (written by an earlier madx_fast): the data are compared by size "
+                    "only", path)
+    diff = {k: (have.get(k), v) for k, v in identity.items() if have.get(k) != v and k not in unrecorded}
     diff.update({k: (v, None) for k, v in have.items() if k not in identity})
+    data = {k: diff.pop(k) for k in list(diff) if k in DATA_IDENTITY}
+    if diff or (data and not allow_data_change):
+        raise CheckpointError(_identity_refusal(path, diff, data))
+    _check_trainable(path, ckpt, params)
+    return data
+
+
+def _identity_refusal(path: str, diff: dict, data: dict) -> str:
+    """One line: which settings and which data differ from the checkpoint's, and what to do."""
+    def short(v):
+        return v[:12] if isinstance(v, str) and len(v) == 64 else v
+    parts = []
     if diff:
         listing = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise CheckpointError(f"{path} belongs to a run with other settings ({listing}); resume with the "
-                              "original settings, or start over with --overwrite")
+        parts.append(f"belongs to a run with other settings ({listing})")
+    if data:
+        listing = "; ".join(f"{DATA_IDENTITY[k]} ({k}): checkpoint {short(a)!r}, now {short(b)!r}"
+                            for k, (a, b) in sorted(data.items()))
+        parts.append(f"was written for other data (content, order or encoding: {listing})")
+    fix = "resume with the original settings and data"
+    if data and not diff:
+        fix += ", pass --allow-data-change to continue on these data"
+    return f"{path} {' and '.join(parts)}; {fix}, or start over with --overwrite"
+
+
+def _check_trainable(path: str, ckpt: dict, params: list) -> None:
     saved = ckpt["trainable"]
     names = {n for n, _ in params}
     if not isinstance(saved, dict) or set(saved) != names:

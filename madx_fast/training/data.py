@@ -12,17 +12,22 @@ A data *spec* is a string naming where examples come from:
   ``squad``, ``copa``, ``wikipedia:sw``, resolved to the dataset's current Hub repository and config name.
 
 ``{lang}`` in a spec is replaced by the language code (``"wikiann:{lang}"``, ``"data/{lang}/test.jsonl"``). A
-spec that exists on disk, starts with ``.``, ``/`` or ``~``, or ends in a data-file suffix is a path, and a
-missing one is an error (never a silent hub lookup). The splits of the paper's datasets are known: asking for
+spec that exists on disk, looks like a path (``madx_fast.paths``: it starts with ``./``, ``../``, ``/`` or
+``~``, or its first component is a directory here) or ends in a data-file suffix is a path, and a missing one
+is an error naming the nearest existing names (never a silent hub lookup). The splits of the paper's datasets are known: asking for
 one they do not have (XQuAD has only ``validation``, XCOPA no ``train``) is an error naming the splits that
 exist, before anything is downloaded. Everything is read and checked before training starts.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from dataclasses import dataclass
+
+from ..paths import LocalPathError, explicit_path, looks_local, missing_message
+from .. import files
 
 log = logging.getLogger("madx_fast.training")
 
@@ -136,8 +141,9 @@ def resolve_spec(spec: str, lang: str | None = None) -> Source:
     expanded = os.path.expanduser(spec)
     if os.path.exists(expanded):
         return Source("local", path=expanded)
-    if spec.startswith((".", "/", "~")) or spec.lower().endswith(DATA_SUFFIXES):
-        raise FileNotFoundError(f"data file or directory {expanded!r} does not exist")
+    if looks_local(spec) or spec.lower().endswith(DATA_SUFFIXES):
+        raise LocalPathError(missing_message(spec, "data file or directory",
+                                             hub_hint=looks_local(spec) and not explicit_path(spec)))
     return _hf_source(spec)
 
 
@@ -184,9 +190,15 @@ def load_hf_dataset(source: Source, split: str, streaming: bool = False):
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise DataError(f"loading the dataset {source} needs the 'datasets' package ({exc})") from None
     split = hf_split(source, split)
+    from ..model import hub
+    unreachable = None if datasets.config.HF_HUB_OFFLINE else hub.unreachable_reason()
     try:
-        return datasets.load_dataset(source.name, source.config, split=split, streaming=streaming)
+        with hub.cache_only() if unreachable else contextlib.nullcontext():  # no minute of retries
+            return datasets.load_dataset(source.name, source.config, split=split, streaming=streaming)
     except Exception as exc:  # noqa: BLE001 - hub, network and config errors all mean: cannot use this spec
+        if unreachable or hub.connection_problem(exc):
+            raise DataError(f"cannot load dataset {source} (split {split!r}): "
+                            f"{hub.hub_failure(exc, source.name, cache=datasets.config.HF_DATASETS_CACHE)}") from None
         hint = " (HF_DATASETS_OFFLINE=1 is set: only the datasets cache was read)" if datasets.config.HF_HUB_OFFLINE \
             else ""
         if "split" in str(exc).lower():
@@ -266,7 +278,9 @@ def read_json_records(path: str) -> list[dict]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            data = None
+            data = None  # JSON lines, then
+        except (RecursionError, MemoryError) as exc:
+            raise DataError(f"{path}: {files.unreadable_json(exc)}") from None
         if isinstance(data, list):
             return data
         if isinstance(data, dict):
@@ -276,10 +290,7 @@ def read_json_records(path: str) -> list[dict]:
     records = []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{i}: not valid JSON ({exc})") from None
+            records.append(files.parse_json(line, DataError, f"{path}:{i}"))
     return records
 
 
@@ -290,15 +301,15 @@ def text_files(path: str) -> list[str]:
     """A file, or every text/JSON file under a directory (sorted, hidden files skipped)."""
     if os.path.isfile(path):
         return [path]
-    files = []
+    found = []
     for root, dirs, names in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for n in sorted(names):
             if not n.startswith(".") and n.lower().endswith(TEXT_SUFFIXES + JSON_SUFFIXES):
-                files.append(os.path.join(root, n))
-    if not files:
+                found.append(os.path.join(root, n))
+    if not found:
         raise DataError(f"{path}: no text files ({', '.join(TEXT_SUFFIXES + JSON_SUFFIXES)}) found")
-    return files
+    return found
 
 
 def read_texts(spec: str, *, lang: str | None = None, split: str = "train", text_column: str = "text",

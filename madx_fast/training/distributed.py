@@ -26,6 +26,33 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def share(self, value):
+        """Process 0's ``value`` (picklable) on every process."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def on_main(self, fn):
+        """``fn()`` on process 0 (writing files), the others waiting for it as at a barrier. When it fails,
+        every process raises: process 0 its own exception, the others an exception with its message (an
+        OSError for an OSError, so that the command's status is the same), so that none is left waiting in a
+        collective for a process that has stopped. Returns ``fn()``'s result on process 0, None elsewhere."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, here and on every other process
+                error = exc
+        failure = self.share(None if error is None else (isinstance(error, OSError), str(error)))
+        if error is not None:
+            raise error
+        if failure is not None:
+            is_os_error, message = failure
+            raise (OSError if is_os_error else RuntimeError)(f"process 0 stopped: {message}")
+        return result
+
 
 def init_distributed(device: str | None = None) -> Dist:
     """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK); one process otherwise.

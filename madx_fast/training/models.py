@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 
 import torch
 
-from ..model import add_madx
+from ..model import add_madx, hub
 from ..model.wiring import find_parts
+from ..paths import check_local
 from .data import DataError
+
+log = logging.getLogger("madx_fast.training")
 
 
 @contextlib.contextmanager
@@ -38,10 +42,7 @@ def load_tokenizer(name: str, *, need_mask: bool = False, model: str | None = No
     """The fast tokenizer ``name``, checked; with ``model``, also that every token id has a row in the model's
     embedding matrix (a larger tokenizer would fail deep in the embeddings)."""
     from transformers import AutoTokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except Exception as exc:  # noqa: BLE001 - a missing model dir / hub id / file all mean the same here
-        raise OSError(f"cannot load the tokenizer of {name!r}: {type(exc).__name__}: {exc}") from None
+    tok = from_pretrained(AutoTokenizer.from_pretrained, name, "the tokenizer of", directory="tokenizer directory")
     check_tokenizer(tok, need_mask=need_mask)
     if model is not None:
         vocab = getattr(load_config(model), "vocab_size", None)
@@ -73,20 +74,37 @@ def eos_id(tok) -> int:
 
 def load_config(name: str):
     from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(name)
-    except Exception as exc:  # noqa: BLE001
-        raise OSError(f"cannot load the config of {name!r}: {type(exc).__name__}: {exc}") from None
+    return from_pretrained(AutoConfig.from_pretrained, name, "the config of")
 
 
 def load_model(auto_class: str, name: str, **kwargs):
     import transformers
     cls = getattr(transformers, auto_class)
+    with quiet_transformers():
+        return from_pretrained(cls.from_pretrained, name, "the model", **kwargs)
+
+
+def from_pretrained(load, name: str, what: str, *, directory: str = "model directory", **kwargs):
+    """``load(name, **kwargs)`` (a ``from_pretrained``) for a model, config or tokenizer ``name``: a local path
+    (``paths.looks_local``) must exist, and is never looked up on the Hub; a Hub name (``hf:`` forces that
+    reading) is read through huggingface_hub's cache, and from the cache alone when the Hub cannot be reached
+    (no retries). Any failure is an OSError of one line saying what was tried and what to do."""
+    forced = isinstance(name, str) and name.startswith(hub.HUB_PREFIX)
+    if forced:
+        name = name[len(hub.HUB_PREFIX):]
+    local = not forced and check_local(name, directory)
+    unreachable = None if local or hub._offline() else hub.unreachable_reason()
+    if unreachable:
+        kwargs["local_files_only"] = True
     try:
-        with quiet_transformers():
-            return cls.from_pretrained(name, **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        raise OSError(f"cannot load {auto_class}.from_pretrained({name!r}): {type(exc).__name__}: {exc}") from None
+        loaded = load(name, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line naming what was loaded
+        why = None if local else hub.hub_failure(exc, name)
+        raise OSError(f"cannot load {what} {name!r}: "
+                      + (why or f"{type(exc).__name__}: {' '.join(str(exc).split())}")) from None
+    if unreachable:
+        log.info("the Hugging Face Hub cannot be reached (%s): %s %r read from the cache", unreachable, what, name)
+    return loaded
 
 
 def position_limit(config) -> int | None:

@@ -20,13 +20,15 @@ out in input order before the next chunk is read, so memory holds one chunk what
 
 A malformed line (not JSON, not an object, a field missing or of the wrong type) or one in a language without
 an adapter is reported with its line number (a warning on stderr; counted in ``Predictions``) and, by
-``on_error``: skipped (no output record), replaced by ``{"line": n, "error": "..."}``, or fatal (a
-``DataError``). Blank lines are ignored. Long inputs: NER texts are cut into windows of whole words, QA
-contexts into overlapping windows (the best span of all wins), COPA pairs are truncated (marked in the
-output). docs/training.md ("Predict") has the formats.
+``on_error``: skipped (no output record), replaced by ``{"line": n, "error": "..."}`` (with the line's ``id``
+and ``lang`` when it parsed), or fatal (a ``DataError``). Blank lines are ignored; a line longer than
+``max_line_bytes`` is an error of its own, skipped unread (``bounded_lines``). Long inputs: NER texts are
+cut into windows of whole words, QA contexts into overlapping windows (the best span of all wins), COPA pairs
+are truncated (marked in the output). docs/training.md ("Predict") has the formats.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -117,15 +119,15 @@ class Predictor:
         todo, examples, groups = [], [], []
         for pos, (number, item) in enumerate(chunk):
             try:
-                rec = _record(item)
+                rec = _record(item, self.settings.max_line_bytes)
                 if rec is None:
                     continue
-                heads[pos] = {"line": number, **({"id": rec["id"]} if "id" in rec else {})}
+                heads[pos] = {"line": number, **({"id": rec["id"]} if "id" in rec else {}),
+                              **({"lang": rec["lang"]} if isinstance(rec.get("lang"), str) else {})}
                 lang = self._language(rec)
                 examples.append(self.format.parse(rec))
                 todo.append(pos)
                 groups.append(self.languages.index(lang))
-                heads[pos]["lang"] = lang
             except LineError as exc:
                 heads[pos] = heads[pos] or {"line": number}
                 errors[pos] = self._failed(number, str(exc), source)
@@ -235,10 +237,21 @@ def graph_lengths(max_length: int) -> list[int]:
     return out + [max_length]
 
 
-def _record(item) -> dict | None:
+class _LongLine:
+    """An input line longer than ``max_line_bytes``, skipped unread (``bounded_lines``)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+
+def _record(item, max_bytes: int) -> dict | None:
     """A line as a dict (None for a blank line), or a LineError saying why not."""
     if isinstance(item, dict):
         return item
+    size = item.size if isinstance(item, _LongLine) else len(item) if isinstance(item, (bytes, bytearray)) else \
+        len(item.encode("utf-8", "surrogatepass")) if isinstance(item, str) and len(item) * 4 > max_bytes else 0
+    if size > max_bytes:
+        raise LineError(f"{size} bytes, longer than the limit of {max_bytes} (--max-line-bytes); not read")
     if isinstance(item, (bytes, bytearray)):
         try:
             item = item.decode("utf-8")
@@ -248,10 +261,7 @@ def _record(item) -> dict | None:
         raise LineError(f"expected a JSON object (or a line of JSON text), got {type(item).__name__}")
     if not item.strip():
         return None
-    try:
-        rec = json.loads(item)
-    except json.JSONDecodeError as exc:
-        raise LineError(f"not valid JSON ({exc})") from None
+    rec = files.parse_json(item, LineError)
     if not isinstance(rec, dict):
         raise LineError(f"expected a JSON object, got {type(rec).__name__}")
     return rec
@@ -304,33 +314,69 @@ def predict(settings: PredictSettings | None = None, /, **kwargs) -> dict:
     ``lines``, ``predicted``, ``errors``, ``blank``, ``first_errors``, ``wall_time_s``, ``lines_per_s``."""
     s = PredictSettings.build(settings, **kwargs)
     to_file = s.output not in (None, "-")
-    if s.input != "-":
-        if not os.path.exists(s.input):
-            raise FileNotFoundError(f"input {s.input!r} does not exist")
-        if not os.path.isfile(s.input):
-            raise DataError(f"input {s.input!r} is not a file")
-    if to_file:
-        if os.path.isdir(s.output):
-            raise IsADirectoryError(f"output {s.output!r} is a directory; give a file")
-        if s.input != "-" and os.path.realpath(s.output) == os.path.realpath(s.input):
-            raise ValueError(f"output {s.output!r} is the input file; choose another --output")
+    _check_paths(s, to_file)
     predictor = Predictor(s)
     t0 = time.perf_counter()
     source = "stdin" if s.input == "-" else s.input
     total = None
     if s.input != "-" and s.progress and is_terminal(sys.stderr):
         total = _count_lines(s.input)
-    with (open(s.input, "rb") if s.input != "-" else _Stdin()) as lines:
-        stream = predictor.stream(lines, source=source, total=total)
+    with (open(s.input, "rb") if s.input != "-" else _Stdin()) as f:
+        stream = predictor.stream(bounded_lines(f, s.max_line_bytes), source=source, total=total)
         if to_file:
             def write(tmp):
-                with open(tmp, "wb") as f:
-                    _write(stream, f)
+                with open(tmp, "wb") as out:
+                    _write(stream, out)
             files.write_file(s.output, write)
         else:
             _write(stream, _stdout())
     wall = time.perf_counter() - t0
     return {**stream.summary(), "wall_time_s": wall, "lines_per_s": stream.lines / max(wall, 1e-9)}
+
+
+def _check_paths(s: PredictSettings, to_file: bool) -> None:
+    """The input and output, before any model is loaded: an input file that exists (or a standard input that
+    is open), an output that may be written (``files.output_target``: a regular file, replaced whole; a
+    device or FIFO, written through) and is not the input, or a standard output that is open."""
+    if s.input == "-":
+        if _closed(sys.stdin):
+            raise DataError("standard input is closed: there are no lines to read; give --input FILE")
+    elif not os.path.exists(s.input):
+        raise FileNotFoundError(f"input {s.input!r} does not exist")
+    elif not os.path.isfile(s.input):
+        raise DataError(f"input {s.input!r} is not a file")
+    if not to_file:
+        if _closed(sys.stdout):
+            raise files.WriteError("standard output", "it is closed; give --output FILE", errno.EBADF)
+        return
+    kind, target = files.output_target(s.output)
+    if s.input != "-" and kind != "stream" and target == os.path.realpath(s.input):
+        raise ValueError(f"output {s.output!r} is the input file; choose another --output")
+
+
+def _closed(stream) -> bool:
+    """A standard stream the process started without (``<&-``: Python sets it to None) or that was closed."""
+    return stream is None or getattr(stream, "closed", False)
+
+
+def bounded_lines(f, max_bytes: int):
+    """The lines of the binary file ``f``, each read whole only when at most ``max_bytes`` long (newline not
+    counted); a longer one is skipped without being held in memory and given as a ``_LongLine`` (reported as
+    that line's error)."""
+    while True:
+        line = f.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) <= max_bytes or line.endswith(b"\n"):
+            yield line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):
+            line = f.readline(1 << 20)
+            if not line:
+                break
+            size += len(line) - line.endswith(b"\n")
+        yield _LongLine(size)
 
 
 def _write(stream: Predictions, f) -> None:

@@ -2,8 +2,9 @@
 
 A batch job's stderr (or ``madx demo > log 2>&1``) is a file: a redrawn bar would fill it with thousands of
 frames. So ``StepProgress`` draws a tqdm bar only when its stream is a terminal; otherwise it writes one line
-``step 1200/250000  loss 2.3411  lr 9.95e-05  41.3k tok/s  ETA 1:42:10`` at most every ``interval`` seconds
-(and for the last step). ``progress(iterable, desc)`` wraps long loops (tokenisation, evaluation) the same
+``2025-01-31 14:02:11 [madx] step 1200/250000  loss 2.3411  lr 9.95e-05  41.3k tok/s  ETA 1:42:10`` (time
+stamped like every line in a log: ``madx_fast.logs``) at most every ``interval`` seconds (and for the last
+step). ``progress(iterable, desc)`` wraps long loops (tokenisation, evaluation) the same
 way: a bar on a terminal, nothing otherwise. ``LineProgress`` counts the lines of a stream (``madx predict``):
 a bar on a terminal, ``[madx] predict: 12000/50000 lines  3 skipped  850 lines/s  ETA 0:00:45`` otherwise. ``library_bars()`` gives the bars of
 transformers (loading weights), huggingface_hub (downloads) and datasets (preparing splits) the same rule; the
@@ -11,27 +12,13 @@ transformers (loading weights), huggingface_hub (downloads) and datasets (prepar
 """
 from __future__ import annotations
 
-import io
 import logging
-import os
 import sys
 import time
 
+from ..logs import is_terminal, stamp  # noqa: F401 (is_terminal: also this module's, as before)
+
 log = logging.getLogger("madx_fast.training")
-
-
-def is_terminal(stream) -> bool:
-    """A terminal a bar can be drawn on: a tty that reports a width (a pseudo-terminal opened without a size,
-    as some job runners do, has 0 columns, where tqdm draws nothing at all)."""
-    try:
-        if not stream.isatty():
-            return False
-    except (AttributeError, ValueError):
-        return False
-    try:
-        return os.get_terminal_size(stream.fileno()).columns > 0
-    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
-        return True  # a tty without a file descriptor to ask
 
 
 def progress(iterable, desc: str, min_items: int = 20):
@@ -62,9 +49,11 @@ def library_bars(stream=None) -> bool:
 
 
 class StepProgress:
-    """Training steps: ``update(step, loss=..., lr=..., tokens=...)`` after each step (loss and lr when they
-    are known on the host, i.e. at logging steps); ``close()`` at the end. ``enabled=False`` (``--no-progress``,
-    or a process other than rank 0) prints nothing itself; the trainer then logs lines at ``log_every``."""
+    """Training steps: ``update(step, loss=..., lr=..., tokens=...)`` after each step (loss and lr at logging
+    steps: the mean loss of the steps since the previous one); ``close()`` at the end. A line shows the loss
+    only when a new one came since the line before (never the same stale value again). ``enabled=False``
+    (``--no-progress``, or a process other than rank 0) prints nothing itself; the trainer then logs lines at
+    ``log_every``."""
 
     def __init__(self, total: int, start: int = 0, *, enabled: bool = True, stream=None, interval: float = 10.0):
         self.total, self.start, self.interval = total, start, interval
@@ -78,7 +67,7 @@ class StepProgress:
         self.t0 = time.perf_counter()
         self.last_line = -float("inf")
         self.tokens = 0
-        self.loss = self.lr = None
+        self.loss = self.lr = None  # the newest loss not yet on a line (None: none)
 
     @property
     def draws_bar(self) -> bool:
@@ -99,8 +88,9 @@ class StepProgress:
         if now - self.last_line < self.interval and step < self.total:
             return
         self.last_line = now
-        self.stream.write(self.line(step, now) + "\n")
+        self.stream.write(stamp() + self.line(step, now) + "\n")
         self.stream.flush()
+        self.loss = None
 
     def line(self, step: int, now: float | None = None) -> str:
         now = time.perf_counter() if now is None else now
@@ -150,7 +140,7 @@ class LineProgress:
         if not self.enabled or now - self.last_line < self.interval:
             return
         self.last_line = now
-        self.stream.write(self.line(now) + "\n")
+        self.stream.write(stamp() + self.line(now) + "\n")
         self.stream.flush()
 
     def line(self, now: float | None = None) -> str:

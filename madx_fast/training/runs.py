@@ -8,6 +8,7 @@ A run directory (``madx train-lang`` / ``madx train-task``)::
     adapter/             language runs: the trained language (+ invertible) adapter     -- a bundle
     best/, last/         task runs: best on validation / after the last step            -- bundles
     model/               full-model MLM runs (best/, last/ of full fine-tuning): model directories (model_dirs.py)
+    tensorboard/, wandb/ with --report-to: the trackers' files (madx_fast.training.reporting)
 
 A *bundle* is an adapter directory in madx_fast's format (``madx_adapter.json`` + ``.safetensors``, and for
 task adapters the head, ``madx_head.safetensors``: what ``madx.save_adapter(..., with_head=True)`` writes)
@@ -31,7 +32,8 @@ RUN_META = "madx_run.json"
 RUN_SUMMARY = "run.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT = "checkpoint.pt"
-RUN_OUTPUTS = (RUN_SUMMARY, LOG_FILE, CHECKPOINT, "adapter", "best", "last", "adapterhub", "model")
+RUN_OUTPUTS = (RUN_SUMMARY, LOG_FILE, CHECKPOINT, "adapter", "best", "last", "adapterhub", "model", "tensorboard",
+               "wandb")
 BUNDLES = ("adapter", "best", "last")
 
 
@@ -68,11 +70,9 @@ def check_output_dir(directory: str, *, resume: bool, overwrite: bool, inputs=()
             "continue it, --overwrite to replace it, or choose another --output")
 
 
-def prepare_output(directory: str, *, resume: bool, overwrite: bool, main: bool = True) -> None:
-    """After every input has been checked: with ``overwrite``, remove the earlier run's outputs; clean what
-    killed runs left behind."""
-    if not main:
-        return
+def prepare_output(directory: str, *, resume: bool, overwrite: bool) -> None:
+    """After every input has been checked (on process 0 only): with ``overwrite``, remove the earlier run's
+    outputs; clean what killed runs left behind."""
     if overwrite and not resume and os.path.isdir(directory):
         clear_run_outputs(directory)
     os.makedirs(directory, exist_ok=True)
@@ -104,12 +104,22 @@ def weights_hash(path: str) -> str:
 def write_bundle(madx, directory: str, name: str, meta: dict, *, with_head: bool = False) -> None:
     """Adapter ``name`` of ``madx`` (with its task head) + ``meta`` as one bundle, swapped in whole."""
     def build(tmp):
-        write_adapter_files(madx, tmp, name, with_head=with_head)
+        write_adapter_files(madx, tmp, name, with_head=with_head, run=card_facts(meta))
         full = dict(meta, adapter=name, weights_sha256=weights_hash(os.path.join(tmp, OWN_WEIGHTS)),
                     madx_fast_version=__version__)
         files.dump_json(full, os.path.join(tmp, RUN_META))
 
     files.replace_directory(directory, build, owned=ADAPTER_FILES + (RUN_META,))
+
+
+def card_facts(meta: dict) -> dict:
+    """A run's facts for its model card: ``meta`` and the Hub datasets its training data came from."""
+    from .data import resolve_spec
+    try:
+        source = resolve_spec(meta.get("train_data") or "", meta.get("language") or meta.get("source_language"))
+    except (OSError, ValueError):  # a spec that no longer resolves (moved files): no datasets entry
+        source = None
+    return dict(meta, datasets=[source.name] if source is not None and source.kind == "hf" else [])
 
 
 def find_bundle(path: str, *, prefer=BUNDLES, model_name: str | None = None) -> str:

@@ -7,13 +7,13 @@ generates the ``madx`` command's flags, and is recorded in ``run.json`` under th
     TaskAdapterSettings         stage 2, ``train_task_adapter`` / ``madx train-task`` (``full_finetune``: the
                                 whole model instead, the XLM-R baseline; ``seeds``: a run per seed)
     TransferSettings            stage 3, ``evaluate_transfer`` / ``madx transfer``
-    PredictSettings             mixed-language inference on JSONL, ``predict`` / ``madx predict``
-
     ReportSettings              transfer results of several runs in one report, ``madx report``
+    PredictSettings             mixed-language inference on JSONL, ``predict`` / ``madx predict``
+    PushSettings                a run or adapter onto the Hugging Face Hub, ``push`` / ``madx push``
+
     ParameterBudgetSettings     the parameter budget table, ``madx params``
 
-A field's flag is ``--`` + its name with dashes, unless its metadata says otherwise (``flag``; a flag without
-dashes is a positional argument); ``help``,
+A field's flag is ``--`` + its name with dashes, unless its metadata says otherwise (``flag``); ``help``,
 ``choices``, ``nargs``, a ``parse`` function for each command-line string and a ``collect`` function for the
 parsed value (e.g. ``LANG=DIR`` items into a dict) come from the metadata too. Fields without a flag
 (``cli=False``) exist for Python callers only. ``check()`` validates what can be validated without reading
@@ -38,11 +38,13 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends 
 
 def opt(default=dataclasses.MISSING, *, help: str = "", flag: str | None = None, cli: bool = True,  # noqa: A002
         parse: Callable[[str], Any] | None = None, collect: Callable[[list], Any] | None = None, choices=None,
-        nargs=None, metavar=None, const=None, default_factory=None):
+        nargs=None, metavar=None, const=None, default_factory=None, aliases: tuple[str, ...] = (),
+        positional: bool = False):
     """A settings field with its command-line flag (``nargs="?"`` with ``const``: a flag whose value may be
-    left out; ``collect``: turns the parsed list of a ``nargs`` flag into the field's value)."""
+    left out; ``collect``: turns the parsed list of a ``nargs`` flag into the field's value; ``aliases``: other
+    spellings of the flag, kept working; ``positional``: a positional argument instead of a flag)."""
     meta = {"help": help, "flag": flag, "cli": cli, "parse": parse, "collect": collect, "choices": choices,
-            "nargs": nargs, "metavar": metavar, "const": const}
+            "nargs": nargs, "metavar": metavar, "const": const, "aliases": aliases, "positional": positional}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -93,11 +95,16 @@ class TrainConfig:
     device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     compile: str | None = opt(None, nargs="?", const="inductor", choices=COMPILE_BACKENDS, metavar="BACKEND",
                               help="torch.compile the encoder (adapters included) with BACKEND (default inductor)")
+    report_to: list[str] = opt(default_factory=list, parse=csv_list, metavar="TOOLS",
+                               help="also log the loss, learning rate, throughput and evaluation metrics of every "
+                                    "logging step to: tensorboard (<output>/tensorboard), wandb; comma-separated")
 
     def check(self, *, steps_required: bool = True) -> None:
         """``steps_required=False``: ``steps`` may still be None (a stage's settings, where None means "the
         stage decides": the task's epochs)."""
         _check_compile(self.compile)
+        from .reporting import check_report_to
+        check_report_to(self.report_to)
         if self.steps is None and steps_required:
             raise ValueError("steps is not set (None): give steps (or, for a task adapter, epochs)")
         for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
@@ -157,6 +164,8 @@ class _StageSettings:
         elif not isinstance(given, cls):
             raise TypeError(f"expected {cls.__name__}, got {type(given).__name__}")
         given.check()
+        from .preflight import check_local_inputs
+        check_local_inputs(given)  # every local path, before anything touches the network
         return given
 
     def to_dict(self) -> dict:
@@ -200,6 +209,8 @@ class LanguageAdapterSettings(_StageSettings):
     overwrite: bool = opt(False, help="replace an earlier run's outputs in --output")
     full_model: bool = opt(False, help="train every weight of the model by MLM, no adapter (the MLM-SRC / MLM-TRG "
                                        "baselines); writes <output>/model, a model directory for train-task --model")
+    allow_data_change: bool = opt(False, help="with --resume: continue although the training or evaluation data "
+                                             "differ from the checkpoint's (recorded in run.json's data_changes)")
     max_eval_blocks: int = opt(512, cli=False)
     config: TrainConfig = opt(default_factory=lambda: TrainConfig(**PAPER_LANG_LOOP), cli=False)
 
@@ -254,6 +265,8 @@ class TaskAdapterSettings(_StageSettings):
                                           "baseline; --model may be a train-lang --full-model run: MLM-SRC / MLM-TRG)")
     seeds: list[int] | None = opt(None, parse=lambda text: [int(v) for v in csv_list(text)],
                                   help="comma-separated seeds: one run per seed, in <output>/seed-<N> (--seed ignored)")
+    allow_data_change: bool = opt(False, help="with --resume: continue although the training or evaluation data "
+                                             "differ from the checkpoint's (recorded in run.json's data_changes)")
     config: TrainConfig = opt(default_factory=lambda: TrainConfig(**PAPER_TASK_LOOP), cli=False)
 
     def check(self) -> None:
@@ -411,6 +424,8 @@ class PredictSettings(_StageSettings):
                                         "fixed shapes)")
     backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
     progress: bool = opt(True, flag="--no-progress", help="no progress bar or progress lines")
+    max_line_bytes: int = opt(1 << 20, help="longest input line read (bytes); a longer one is that line's error, "
+                                            "skipped unread")
 
     def check(self) -> None:
         super().check()
@@ -423,7 +438,7 @@ class PredictSettings(_StageSettings):
             check_adapter_name(lang, "language")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error {self.on_error!r}: choose one of {', '.join(ON_ERROR)}")
-        for name in ("batch_size", "chunk_lines"):
+        for name in ("batch_size", "chunk_lines", "max_line_bytes"):
             _number(name, getattr(self, name), minimum=1, integer=True)
         if self.max_length is not None:
             _number("max_length", self.max_length, minimum=3, integer=True)
@@ -444,11 +459,40 @@ class ParameterBudgetSettings(_StageSettings):
 
 
 @dataclass
+class PushSettings(_StageSettings):
+    """A run, bundle or adapter directory uploaded to a Hugging Face Hub repository with a model card
+    (``madx push``; ``madx_fast.training.publish.push``)."""
+
+    directory: str = opt(positional=True, metavar="DIR", help="a run directory (madx train-lang / train-task), an "
+                         "adapter bundle, or an adapter directory (madx_fast or AdapterHub format)")
+    repo_id: str = opt(positional=True, metavar="REPO_ID", help="the Hub repository, e.g. me/madx-lang-sw (created "
+                       "if missing)")
+    private: bool = opt(False, help="create the repository private")
+    revision: str | None = opt(None, help="branch to commit to, created if missing (default: main)")
+    message: str | None = opt(None, help="commit message (default: what is pushed)")
+    include_checkpoint: bool = opt(False, help="also push a run's checkpoint.pt (the optimizer state, to resume "
+                                               "elsewhere; large)")
+    token: str | None = opt(None, cli=False)  # default: the token huggingface_hub finds (HF_TOKEN, `hf auth login`)
+
+    def check(self) -> None:
+        super().check()
+        for name in ("directory", "repo_id"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        try:
+            validate_repo_id(self.repo_id)
+        except HFValidationError:
+            raise ValueError(f"{self.repo_id!r} is not a Hub repository id (write 'namespace/name', e.g. "
+                             "me/madx-lang-sw)") from None
+
+
+@dataclass
 class ReportSettings(_StageSettings):
     """Transfer results of separate runs merged into one report (``madx report``;
     ``madx_fast.training.report``)."""
 
-    runs: list[str] = opt(flag="runs", nargs="+", metavar="RUN_DIR",
+    runs: list[str] = opt(positional=True, nargs="+", metavar="RUN_DIR",
                           help="transfer report directories (madx transfer --output, or an earlier madx report)")
     output_dir: str | None = opt(None, flag="--output", help="directory for the merged report (CSV, JSON, Markdown, "
                                                             "heatmaps); without it the table is only printed")
@@ -458,6 +502,7 @@ class ReportSettings(_StageSettings):
     title: str | None = opt(None, help="title of the heatmaps")
 
     def check(self) -> None:
+        super().check()
         if not self.runs or not all(isinstance(r, str) and r for r in self.runs):
             raise ValueError("no transfer results to report: give one or more run directories")
 
@@ -494,6 +539,8 @@ def _add_fields(parser, cls, defaults, given_only: bool) -> None:
             kwargs["action"] = "store_false" if default else "store_true"
         else:
             kwargs["type"] = meta.get("parse") or _scalar_type(f)
+            kwargs["metavar"] = _flag(f).lstrip("-").upper().replace("-", "_") if meta.get("choices") is None \
+                else None
             for key in ("choices", "nargs", "metavar", "const"):
                 if meta.get(key) is not None:
                     kwargs[key] = meta[key]
@@ -502,9 +549,11 @@ def _add_fields(parser, cls, defaults, given_only: bool) -> None:
         elif not isinstance(default, bool) and default not in (None, [], {}):
             kwargs["help"] += f" (default {','.join(map(str, default)) if isinstance(default, list) else default})"
         kwargs["default"] = None if required else argparse.SUPPRESS if given_only else default
-        if not _flag(f).startswith("-"):  # a positional argument (its flag is the field's name)
-            kwargs.pop("dest"), kwargs.pop("required", None), kwargs.pop("default")
-        parser.add_argument(_flag(f), **kwargs)
+        if meta.get("positional"):
+            del kwargs["dest"], kwargs["required"]
+            parser.add_argument(f.name, **kwargs)
+        else:
+            parser.add_argument(_flag(f), *meta.get("aliases", ()), **kwargs)
 
 
 def _scalar_type(f: dataclasses.Field):

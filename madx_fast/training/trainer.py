@@ -41,6 +41,7 @@ from .data import DataError
 from .distributed import Dist
 from .devices import PeakMemory, pick_device
 from .progress import StepProgress
+from .reporting import Reporters
 from .runs import CHECKPOINT, LOG_FILE
 from .settings import TrainConfig
 from .tasks.base import Objective
@@ -102,7 +103,11 @@ class ShuffledStream:
         return {"size": self.size, "seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch,
                 "offset": self.offset}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, *, resized: bool = False) -> None:
+        """Continue where ``state`` stood; ``resized``: the data were allowed to change size, so the order
+        continues with the next epoch of the new size."""
+        if resized and state["size"] != self.size:
+            state = dict(state, size=self.size, epoch=state["epoch"] + 1, offset=0)
         for key in ("size", "seed", "shuffle"):
             if state[key] != getattr(self, key):
                 raise DataError(f"the checkpoint's data stream has {key}={state[key]!r} but this run has "
@@ -125,8 +130,9 @@ class _Optimization:
 @dataclass
 class _RunState:
     """Where a run stands: ``step`` (the last one taken), ``history`` (log entries), ``best`` score, ``elapsed``
-    training seconds, ``tokens`` seen, ``nonfinite`` steps skipped (all in checkpoints); ``pending``: steps
-    whose loss is still on the device; ``checkpoint_step``: the step of the last checkpoint (0: none)."""
+    training seconds, ``tokens`` seen, ``nonfinite`` steps skipped, ``data_changes`` accepted on resume (all
+    in checkpoints); ``pending``: steps whose loss is still on the device; ``checkpoint_step``: the step of
+    the last checkpoint (0: none)."""
 
     step: int = 0
     history: list = field(default_factory=list)
@@ -134,11 +140,13 @@ class _RunState:
     elapsed: float = 0.0
     tokens: int = 0
     nonfinite: int = 0
+    data_changes: list = field(default_factory=list)
     pending: list = field(default_factory=list)
     checkpoint_step: int = 0
     segment_start: float = 0.0  # when the time not yet in ``elapsed`` started
+    interval: "_Interval | None" = None  # since the last logging step
 
-    _SAVED = ("step", "history", "best", "elapsed", "tokens", "nonfinite")
+    _SAVED = ("step", "history", "best", "elapsed", "tokens", "nonfinite", "data_changes")
 
     def checkpoint(self) -> dict:
         return {k: getattr(self, k) for k in self._SAVED}
@@ -149,6 +157,31 @@ class _RunState:
         state = cls(**{k: ckpt.get(k, getattr(defaults, k)) for k in cls._SAVED})
         state.checkpoint_step = state.step
         return state
+
+
+@dataclass
+class _Interval:
+    """The steps since the last logging step: where they started (step, time, tokens) and the seconds spent on
+    evaluations and checkpoints meanwhile (left out of the throughput)."""
+
+    step: int
+    time: float
+    tokens: int
+    paused: float = 0.0
+
+    def summary(self, state: _RunState, now: float) -> dict:
+        """The logging step's values: the mean loss of the interval's steps (skipped ones left out), the last
+        step's learning rate, tokens and steps per second."""
+        losses = []
+        for entry in reversed(state.history):
+            if entry["step"] <= self.step:
+                break
+            if "loss" in entry and not entry.get("skipped"):
+                losses.append(entry["loss"])
+        last = next(e for e in reversed(state.history) if "lr" in e)
+        seconds = max(now - self.time - self.paused, 1e-9)
+        return {"loss": sum(losses) / len(losses) if losses else float("nan"), "lr": last["lr"],
+                "tokens_per_s": (state.tokens - self.tokens) / seconds, "steps_per_s": (state.step - self.step) / seconds}
 
 
 class _LossModule(torch.nn.Module):
@@ -169,18 +202,22 @@ class Trainer:
 
     ``evaluate()`` returns a metrics dict (called on process 0 every ``eval_every`` steps and at the end);
     with ``main_metric`` set, ``on_best(step, metrics)`` is called on process 0 whenever it improves.
-    ``identity`` describes the run (model, data, settings); a checkpoint of another identity is refused."""
+    ``identity`` describes the run (model, data, settings); a checkpoint of another identity is refused, one
+    whose data alone differ only without ``allow_data_change`` (the change is then logged and returned in
+    ``data_changes``)."""
 
     def __init__(self, model, objective: Objective, items: Sequence, config: TrainConfig, output_dir: str, *,
                  evaluate: Callable[[], dict] | None = None, main_metric: str | None = None,
                  greater_is_better: bool = True, on_best: Callable[[int, dict], None] | None = None,
-                 identity: dict | None = None, procs: Dist | None = None, device: torch.device | None = None):
+                 identity: dict | None = None, procs: Dist | None = None, device: torch.device | None = None,
+                 allow_data_change: bool = False):
         config.check()
         self.model, self.objective, self.items, self.config = model, objective, items, config
         self.output_dir = output_dir
         self.evaluate_fn, self.main_metric, self.greater = evaluate, main_metric, greater_is_better
         self.on_best = on_best
         self.identity = dict(identity or {}, **config.identity())
+        self.allow_data_change = allow_data_change
         self.procs = procs or Dist()
         self.device = device or pick_device(config.device, self.procs.local_rank)
         config.check_split(self.procs.world)
@@ -210,12 +247,16 @@ class Trainer:
         self.model.train()
         memory = PeakMemory(self.device)
         progress = StepProgress(cfg.steps, state.step, enabled=cfg.progress and procs.main)
+        self.reporters = Reporters(cfg.report_to if procs.main else [], self.output_dir, config=self.identity,
+                                   start_step=state.step)
         state.segment_start = time.perf_counter()
+        state.interval = _Interval(state.step, state.segment_start, state.tokens)
         try:
             while state.step < cfg.steps:
                 self._train_step(state, opt, ddp or module, ddp, progress)
         finally:
             progress.close()
+            self.reporters.close()
         state.elapsed += time.perf_counter() - state.segment_start
         evals = [h["eval"] for h in state.history if "eval" in h]
         return {"steps": cfg.steps,
@@ -223,7 +264,8 @@ class Trainer:
                 "final_eval": evals[-1] if evals else None, "best": state.best,
                 "train_time_s": state.elapsed, "train_tokens": state.tokens,
                 "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), "world_size": procs.world,
-                "nonfinite_steps": state.nonfinite, "loss_scale": opt.scaler.get_scale() if opt.scaler else None,
+                "nonfinite_steps": state.nonfinite, "data_changes": state.data_changes,
+                "loss_scale": opt.scaler.get_scale() if opt.scaler else None,
                 "device": str(self.device), **memory.read()}
 
     def _optimization(self) -> _Optimization:
@@ -247,9 +289,7 @@ class Trainer:
             log.info("resumed from %s at step %d of %d", self.checkpoint_path, state.step, self.config.steps)
         elif resume:
             log.info("no checkpoint in %s: starting the run from step 0", self.output_dir)
-        if self.procs.main:
-            files.write_file(self.log_path, lambda p: _write_log(p, state.history))
-        self.procs.barrier()
+        self.procs.on_main(lambda: files.write_file(self.log_path, lambda p: _write_log(p, state.history)))
         return state
 
     def _train_step(self, state: _RunState, opt: _Optimization, runner, ddp, progress: StepProgress) -> None:
@@ -268,19 +308,33 @@ class Trainer:
         logged = cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps)
         if logged or evaluate or save or not cfg.log_every:
             self._flush(state)
-        last = state.history[-1] if logged else {}
-        progress.update(step, loss=last.get("loss"), lr=last.get("lr"), tokens=tokens)
+        interval = self._log_interval(state) if logged or not cfg.log_every else {}
+        progress.update(step, loss=interval.get("loss") if logged else None, lr=interval.get("lr"), tokens=tokens)
         if logged and not progress.enabled and self.procs.main:
-            log.info("step %d/%d  loss %.4f  lr %.3e", step, cfg.steps, last["loss"], last["lr"])
+            log.info("step %d/%d  loss %.4f  lr %.3e", step, cfg.steps, interval["loss"], interval["lr"])
+        paused = time.perf_counter()
         if evaluate:
             metrics = self._evaluate(step, state)
             state.history.append({"step": step, "eval": metrics})
             self._append_log(state.history[-1])
+            self.reporters.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
         if save:
             now = time.perf_counter()
             state.elapsed += now - state.segment_start
             state.segment_start = now
             self._save_checkpoint(state, opt)
+        state.interval.paused += time.perf_counter() - paused
+
+    def _log_interval(self, state: _RunState) -> dict:
+        """A logging step: the interval's mean loss, learning rate and throughput, reported to the trackers;
+        the next interval starts."""
+        now = time.perf_counter()
+        values = state.interval.summary(state, now)
+        self.reporters.scalars(state.step, {"train/loss": values["loss"], "train/learning_rate": values["lr"],
+                                            "train/tokens_per_s": values["tokens_per_s"],
+                                            "train/steps_per_s": values["steps_per_s"]})
+        state.interval = _Interval(state.step, now, state.tokens)
+        return values
 
     def _flush(self, state: _RunState) -> None:
         """Read the pending steps' losses from the device into the history and the log; stop the run when
@@ -378,15 +432,12 @@ class Trainer:
             better = best is None or (value > best["value"] if self.greater else value < best["value"])
             if better:
                 state.best = {"step": step, "value": value, "metric": self.main_metric}
-                if self.procs.main and self.on_best:
-                    self.on_best(step, metrics)
-                self.procs.barrier()
+                self.procs.on_main(lambda: self.on_best and self.on_best(step, metrics))
         return metrics
 
     def _append_log(self, entry: dict) -> None:
         if self.procs.main:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(_json_line(entry))
+            files.append_text(self.log_path, _json_line(entry))
 
     # ---------------------------------------------------------------------------------------------------
     def _save_checkpoint(self, state: _RunState, opt: _Optimization) -> None:
@@ -394,20 +445,20 @@ class Trainer:
         if self.procs.enabled:
             rngs = [None] * self.procs.world
             dist.all_gather_object(rngs, rng_state())
-        if self.procs.main:
-            write_checkpoint(self.checkpoint_path, {
-                "identity": self.identity, **state.checkpoint(), "world_size": self.procs.world,
-                "trainable": {n: p.detach().to("cpu").clone() for n, p in self.params},
-                "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
-                "stream": opt.stream.state_dict(), "mask_generator": opt.mask_gen.get_state(), "rng": rngs,
-                "scaler": opt.scaler.state_dict() if opt.scaler is not None else None})
+        self.procs.on_main(lambda: write_checkpoint(self.checkpoint_path, {
+            "identity": self.identity, **state.checkpoint(), "world_size": self.procs.world,
+            "trainable": {n: p.detach().to("cpu").clone() for n, p in self.params},
+            "optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
+            "stream": opt.stream.state_dict(), "mask_generator": opt.mask_gen.get_state(), "rng": rngs,
+            "scaler": opt.scaler.state_dict() if opt.scaler is not None else None}))
         state.checkpoint_step = state.step
-        self.procs.barrier()
 
     def _load_checkpoint(self, opt: _Optimization) -> _RunState:
         ckpt = read_checkpoint(self.checkpoint_path)
-        check_checkpoint(self.checkpoint_path, ckpt, self.identity, self.params)
-        opt.stream.load_state_dict(ckpt["stream"])  # checks size and seed before anything else changes
+        changed = check_checkpoint(self.checkpoint_path, ckpt, self.identity, self.params,
+                                   allow_data_change=self.allow_data_change)
+        # checks size and seed before anything else changes
+        opt.stream.load_state_dict(ckpt["stream"], resized=bool(changed))
         opt.optimizer.load_state_dict(ckpt["optimizer"])
         opt.scheduler.load_state_dict(ckpt["scheduler"])
         with torch.no_grad():
@@ -421,7 +472,12 @@ class Trainer:
             log.warning("the checkpoint was written by %d process(es), this run has %d: the data order and masks "
                         "continue exactly, the dropout random streams do not", len(rngs), self.procs.world)
         set_rng_state(rngs[self.procs.rank % len(rngs)])
-        return _RunState.from_checkpoint(ckpt)
+        state = _RunState.from_checkpoint(ckpt)
+        if changed:
+            state.data_changes.append({"step": state.step, "changed": {k: list(v) for k, v in sorted(changed.items())}})
+            log.warning("resuming at step %d on other data than the checkpoint's (--allow-data-change): %s", state.step,
+                        ", ".join(sorted(changed)))
+        return state
 
 
 def _json_line(entry: dict) -> str:

@@ -1,16 +1,12 @@
 """Keeps benchmarks/bench_mixed.py working on CPU (tiny XLM-R architecture, mixed / loop / single workloads)."""
-import importlib.util
 import json
 import math
 
-from tests.helpers import ROOT
+from tests.helpers import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_mixed", ROOT / "benchmarks" / "bench_mixed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_mixed.py")
 
 
 def test_bench_mixed_tiny_table(tmp_path, capsys):

@@ -1,20 +1,16 @@
 """Keeps benchmarks/bench_ops.py working (tiny sizes) and times the fused ops with pytest-benchmark."""
-import importlib.util
 import math
 
 import pytest
 import torch
 
 from madx_fast import ops
-from tests.helpers import ROOT
+from tests.helpers import load_script
 from tests.helpers.devices import DEVICE
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_ops", ROOT / "benchmarks" / "bench_ops.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_ops.py")
 
 
 def test_bench_ops_quick_table():

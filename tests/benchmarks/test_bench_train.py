@@ -1,16 +1,12 @@
 """Keeps benchmarks/bench_train.py working on CPU (tiny XLM-R architecture, every workload and implementation,
 the profile breakdown)."""
-import importlib.util
 import math
 
-from tests.helpers import ROOT
+from tests.helpers import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_train.py")
 
 
 def _adapterhub_usable():

@@ -10,7 +10,7 @@ from madx_fast.cli import COMMANDS, build_parser, main
 from madx_fast.demo import DemoConfig, real_model_config
 from madx_fast.training import (LanguageAdapterSettings, PredictSettings, TaskAdapterSettings, TrainConfig,
                                 TransferSettings)
-from madx_fast.training.settings import ParameterBudgetSettings, ReportSettings, args_values, from_args
+from madx_fast.training.settings import ParameterBudgetSettings, PushSettings, ReportSettings, args_values, from_args
 
 REQUIRED = {
     "train-lang": ["--model", "m", "--lang", "sw", "--train-data", "d.txt", "--output", "o"],
@@ -89,11 +89,12 @@ def test_no_hand_written_flag():
     """Every flag of every command is a field of that command's settings class (and its loop's), and the other
     way round: the parser is generated, nothing is added beside it."""
     classes = {**SETTINGS, "predict": PredictSettings, "params": ParameterBudgetSettings, "demo": DemoConfig,
-               "report": ReportSettings}
+               "report": ReportSettings, "push": PushSettings}
     assert set(classes) == set(COMMANDS)
     parser = build_parser()
     for command, cls in classes.items():
-        dests = {a.dest for a in _flags(parser, command).values()} - {"help"}
+        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+        dests = {a.dest for a in sub._actions} - {"help", "quiet", "verbose"}  # flags and positional arguments
         fields = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
         if any(f.name == "config" for f in dataclasses.fields(cls)):
             fields = fields - {"config"} | {f.name for f in dataclasses.fields(TrainConfig)}

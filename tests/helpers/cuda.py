@@ -193,6 +193,7 @@ def build_emulator():
             wrapper.write_text(text)
         sources.append(str(wrapper))
     sources += [str(p) for p in sorted(CSRC.glob("*.cpp"))]
-    return cpp_extension.load(name=name, sources=sources,
-                              extra_cflags=["-DMADX_EMULATE", "-O2", f"-DMADX_SOURCE_DIGEST={digest}"],
-                              extra_include_paths=[str(CSRC), inc], build_directory=str(build_dir))
+    with build.exclusive_build(build_dir):
+        return cpp_extension.load(name=name, sources=sources,
+                                  extra_cflags=["-DMADX_EMULATE", "-O2", f"-DMADX_SOURCE_DIGEST={digest}"],
+                                  extra_include_paths=[str(CSRC), inc], build_directory=str(build_dir))

@@ -4,6 +4,7 @@ synthetic data, and a way to run the ``madx`` command in a subprocess.
 The session fixtures built from these (``corpus``, ``tiny_base``, ...) are in tests/training/conftest.py."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import torch
 
 from tests.helpers import ROOT as REPO
+from tests.helpers.processes import run_bounded
 
 ROOT = str(REPO)
 H, LAYERS = 32, 2
@@ -73,20 +75,21 @@ def madx_command(*args) -> list[str]:
 
 
 def run_madx(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
-    kwargs.setdefault("stdin", subprocess.DEVNULL)
-    proc = subprocess.run(madx_command(*args), env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, **kwargs)
+    """``madx ARGS`` in a subprocess (``run_bounded``: killed after 5 minutes, stdin empty unless ``input=``
+    feeds it, so ``madx predict`` without ``--input`` never waits on the test runner's stdin)."""
+    proc = run_bounded(madx_command(*args), env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"madx {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
 def torchrun_madx(*args, processes: int = 2) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node N -m madx_fast.cli ARGS`` (gloo on the CPU); fails with its stderr."""
+    """``torchrun --standalone --nproc_per_node N -m madx_fast.cli ARGS`` (gloo on the CPU; ``run_bounded``: its
+    workers are killed with it after 5 minutes); fails with its stderr."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
            "-m", "madx_fast.cli", *map(str, args)]
-    proc = subprocess.run(cmd, env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
+    proc = run_bounded(cmd, env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stderr[-4000:]}"
     return proc
 
@@ -112,3 +115,26 @@ def snapshot(directory) -> dict:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, directory)] = hashlib.sha256(fh.read()).hexdigest()
     return out
+
+
+class StoppedAfterCheckpoint(Exception):
+    """Raised by ``stop_after_checkpoint``: the run stopped as a kill right after a checkpoint would stop it."""
+
+
+@contextlib.contextmanager
+def stop_after_checkpoint(step: int):
+    """Within the block, a training run raises StoppedAfterCheckpoint right after writing its checkpoint of
+    ``step``: what a run killed then leaves (a run with fewer steps would have another schedule)."""
+    import madx_fast.training.trainer as trainer_mod
+    original = trainer_mod.Trainer._save_checkpoint
+
+    def save_then_stop(self, state, *args):
+        original(self, state, *args)
+        if state.step == step:
+            raise StoppedAfterCheckpoint(step)
+
+    trainer_mod.Trainer._save_checkpoint = save_then_stop
+    try:
+        yield
+    finally:
+        trainer_mod.Trainer._save_checkpoint = original

@@ -19,7 +19,7 @@ from tests.helpers import ROOT
 
 WHEELS = [sys.executable, str(ROOT / "scripts" / "gpu_wheels.py")]
 THIS_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
-PHASES = ["a", "b", "c", "d", "e1", "e2", "e3", "e4"]
+PHASES = ["a", "b", "c", "d", "e", "f", "g", "h"]
 
 
 def run(cmd, **kwargs):
@@ -43,7 +43,7 @@ def session(tmp_path, wheels, standin, **env):
                     TMPDIR=str(tmp_path), **env)
     full_env.pop("TRITON_INTERPRET", None)  # the script sets what each mode needs
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), "--rehearsal"], env=full_env,
-                          capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=2600, cwd=tmp_path)  # the rehearsal budget, 2400 s, and margin
     return proc, out
 
 
@@ -85,7 +85,7 @@ def test_gpu_session_rehearsal_runs_every_phase(tmp_path, wheels):
     assert summary.count(": 0 clashes") == 2
     assert "adapterhub set: adapters 1.3.0 transformers 4.57.6 tokenizers 0.22.2" in summary
     assert "training set: datasets 5.0.1 tokenizers 0.23.3 seqeval ok" in summary
-    # phase d: madx_fast and AdapterHub measured in one process, for every workload
+    # phase c: madx_fast and AdapterHub measured in one process, for every workload
     rows = [line.split() for line in summary.splitlines() if re.match(r"^(mlm|ner|infer) +\d", line)]
     assert {(r[0], r[3]) for r in rows} >= {(w, i) for w in ("mlm", "ner", "infer") for i in ("fused", "adapterhub")}
     assert all(float(r[-2]) > 0 for r in rows)  # "x AdapterHub" is a number, not nan
@@ -99,7 +99,7 @@ def test_gpu_session_rehearsal_runs_every_phase(tmp_path, wheels):
     assert "################ summary ################" in proc.stdout  # the key tables end the output
     # and the archive turns into the tables of docs/benchmarks.md
     md = run([sys.executable, str(ROOT / "scripts" / "gpu_tables.py"), str(out / "gpu_session.tar.gz")])
-    assert "| b | ops and fused model paths |" in md and "| e2 | training |" in md
+    assert "| e | ops and fused model paths |" in md and "| f | training |" in md
     assert re.search(r"^\| adapter d=48 \| 64 \| float32 \| triton \|", md, re.M)
     assert re.search(r"^\| mlm \| 2 \| 4 x 32 \| adapterhub \|", md, re.M)  # the --lang-rf 2 row
 
@@ -108,11 +108,11 @@ def test_a_failing_phase_does_not_stop_the_next(tmp_path, wheels):
     _, standin = wheels
     empty = tmp_path / "no_wheels"
     empty.mkdir()
-    proc, out = session(tmp_path, empty, standin, PHASES="a e4")
+    proc, out = session(tmp_path, empty, standin, PHASES="a b")
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 1, proc.stdout[-4000:]
     assert re.search(r"^== phase a: FAILED \(exit 1\)", summary, re.M), summary
-    assert re.search(r"^== phase e4: ok", summary, re.M), summary
+    assert re.search(r"^== phase b: ok", summary, re.M), summary
     assert "no wheels in" in proc.stdout and "scripts/gpu_wheels.py prepare" in proc.stdout
     with tarfile.open(out / "gpu_session.tar.gz") as tar:
-        assert {"logs/a.log", "logs/e4.log"} <= set(tar.getnames())
+        assert {"logs/a.log", "logs/b.log"} <= set(tar.getnames())

@@ -38,7 +38,7 @@ def test_missing_files(capsys, tmp_path, tiny_base, corpus):
     _fails(capsys, "train-lang", "--model", tiny_base, "--lang", "sw", "--train-data", tmp_path / "missing.txt",
            "--output", out, "--backend", "eager", match="does not exist")
     _fails(capsys, "train-lang", "--model", tmp_path / "no-model", "--lang", "sw", "--train-data",
-           os.path.join(corpus, "alpha", "text", "train.txt"), "--output", out, match="cannot load the tokenizer")
+           os.path.join(corpus, "alpha", "text", "train.txt"), "--output", out, match="model directory")
     _fails(capsys, "train-task", "--task", "ner", "--lang-adapter", tmp_path / "no-adapter", "--train-data",
            os.path.join(corpus, "alpha", "ner"), "--output", out, match="does not exist")
     _fails(capsys, "train-task", "--task", "ner", "--model", tiny_base, "--train-data", tmp_path / "x.jsonl",

@@ -24,7 +24,14 @@ from madx_fast.training import (
     train_task_adapter,
 )
 from madx_fast.training.trainer import TrainingDiverged
-from tests.helpers.runs import build_tiny_base, quiet_config, snapshot, step_losses
+from tests.helpers.runs import (
+    StoppedAfterCheckpoint,
+    build_tiny_base,
+    quiet_config,
+    snapshot,
+    step_losses,
+    stop_after_checkpoint,
+)
 
 
 def _cli(capsys, *args):
@@ -340,3 +347,168 @@ def test_a_failed_start_does_not_block_the_retry(capsys, tmp_path, tiny_base, co
     code, err = _cli(capsys, *_lang_args(tiny_base, corpus, out, "--steps", 2))
     assert code == 0, err
     assert (out / "run.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the data of a resumed run, one writer per output directory, a disk that fills up
+# ------------------------------------------------------------------------------------------------------------
+def _swapped_copy(corpus, tmp_path) -> str:
+    """The training text with its first two lines swapped: the same tokens and blocks, in another order."""
+    lines = open(os.path.join(corpus, "alpha", "text", "train.txt"), encoding="utf-8").read().splitlines()
+    assert lines[0] != lines[1]
+    lines[0], lines[1] = lines[1], lines[0]
+    path = tmp_path / "swapped.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_resume_on_other_data_is_refused_unless_allowed(capsys, tmp_path, lang_run, tiny_base, corpus):
+    run = tmp_path / "run"
+    shutil.copytree(lang_run, run)
+    args = _lang_args(tiny_base, corpus, run, "--resume", "--train-data", _swapped_copy(corpus, tmp_path))
+    before = snapshot(run)
+    code, err = _cli(capsys, *args)
+    error = err.strip().splitlines()[-1]
+    assert code == 2 and "was written for other data" in error and "training data (train_data_sha256)" in error, err
+    assert "--allow-data-change" in error and "train_blocks" not in error  # same size: only the content differs
+    assert snapshot(run) == before
+    code, err = _cli(capsys, *args, "--allow-data-change")
+    assert code == 0, err
+    summary = json.load(open(run / "run.json"))
+    old = json.load(open(os.path.join(lang_run, "run.json")))["train_data_sha256"]
+    assert summary["settings"]["allow_data_change"] is True
+    new = summary["train_data_sha256"]
+    assert summary["data_changes"] == [{"step": 4, "changed": {"train_data_sha256": [old, new]}}]
+
+
+def test_allowed_data_change_of_another_size_continues_the_run(tmp_path, tiny_base, corpus):
+    """Stopped after its step-2 checkpoint, resumed on more text (other block count): the data order goes on
+    with a new epoch of the new size, and the change is recorded."""
+    text = os.path.join(corpus, "alpha", "text", "train.txt")
+    more = tmp_path / "more.txt"
+    more.write_text(open(text, encoding="utf-8").read() * 2, encoding="utf-8")
+    kw = dict(model=tiny_base, lang="alpha", output_dir=str(tmp_path / "run"),
+              config=quiet_config(steps=4, save_every=2),
+              max_length=32, backend="eager", eval_fraction=0)
+    with stop_after_checkpoint(2), pytest.raises(StoppedAfterCheckpoint):
+        train_language_adapter(train_data=text, **kw)
+    with pytest.raises(ValueError, match="training blocks \\(train_blocks\\): checkpoint [0-9]+, now [0-9]+"):
+        train_language_adapter(train_data=str(more), resume=True, **kw)
+    summary = train_language_adapter(train_data=str(more), resume=True, allow_data_change=True, **kw)
+    changed = summary["data_changes"][0]["changed"]
+    assert summary["data_changes"][0]["step"] == 2
+    assert {"train_blocks", "data_tokens", "train_data_sha256"} <= set(changed)
+    assert changed["train_blocks"][1] == summary["train_blocks"] > changed["train_blocks"][0]
+    assert len(step_losses(str(tmp_path / "run"))) == 4
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_a_dead_ones_lock_never_blocks(capsys, tmp_path, tiny_base,
+                                                                                     corpus):
+    import subprocess
+    import time
+
+    from tests.helpers.processes import Bounded
+    from tests.helpers.runs import ROOT, env_for_subprocess, madx_command
+    out = tmp_path / "o"
+    first_err = tmp_path / "first.err"  # a file, not a pipe: the first run never waits for the test to read it
+    with open(first_err, "wb") as err_file, Bounded(
+            madx_command(*_lang_args(tiny_base, corpus, out, "--steps", 1_000_000, "--save-every", 0)),
+            env=env_for_subprocess(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file) as first:
+        deadline = time.time() + 240
+        while not (out / "log.jsonl").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (out / "log.jsonl").exists() and first.poll() is None, first_err.read_text()[-3000:]
+        code, err = _cli(capsys, *_lang_args(tiny_base, corpus, out, "--steps", 2))
+        assert code == 2 and f"{out} is in use by another madx run (process {first.pid})" in err, err
+        assert first.poll() is None and not (out / "run.json").exists()
+    # leaving the block killed the first run (SIGKILL)
+    # the killed run's lock went with it: the next run (here, resuming: no checkpoint yet, so from step 0) goes
+    code, err = _cli(capsys, *_lang_args(tiny_base, corpus, out, "--steps", 2, "--resume"))
+    assert code == 0, err
+    assert (out / "run.json").exists() and not (out / ".madx.lock").exists()
+
+
+def test_a_refusal_or_failed_write_of_process_0_stops_every_data_parallel_process(tmp_path, tiny_base, corpus):
+    """torchrun with 2 processes on a directory another run holds, then with a checkpoint process 0 cannot
+    write (a file size limit): both processes stop with the reason, one line each (none is left waiting for
+    the other in a collective, which would end in a timeout or a connection error)."""
+    import resource
+    import signal
+    import sys
+
+    from madx_fast.files import DirectoryLock
+    from tests.helpers.processes import run_bounded
+    from tests.helpers.runs import ROOT, env_for_subprocess
+
+    def torchrun(out, **kwargs):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "madx_fast.cli", *map(str, _lang_args(tiny_base, corpus, out, "--device", "cpu"))]
+        return run_bounded(cmd, env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=240,
+                           **kwargs)
+
+    out = tmp_path / "o"
+    with DirectoryLock(out):
+        proc = torchrun(out)
+    assert proc.returncode != 0
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("madx train-lang: error: ")
+                and f"in use by another madx run (process {os.getpid()})" in line]
+    assert len(refusals) == 2, proc.stderr[-3000:]
+    assert not out.exists()
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+
+    proc = torchrun(tmp_path / "limited", preexec_fn=limit)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("madx train-lang: error: ")]
+    assert proc.returncode != 0 and "[rank" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(errors) == [f"madx train-lang: error: {p}cannot write {tmp_path / 'limited' / 'checkpoint.pt'}: "
+                              "File too large (EFBIG); nothing was written there" for p in ("", "process 0 stopped: ")]
+
+
+def test_a_full_disk_while_checkpointing_is_one_line(tmp_path, tiny_base, corpus):
+    """The first checkpoint (74 KB here) cannot be written: a file size limit (EFBIG from the kernel) and,
+    where this system lets a test mount one, a full 48 KiB tmpfs (ENOSPC): status 2, one line naming
+    checkpoint.pt and the cause, no traceback, no temporary left."""
+    import resource
+    import signal
+
+    from tests.helpers.processes import run_bounded, unshare_available
+    from tests.helpers.runs import ROOT, env_for_subprocess, madx_command
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+
+    out = tmp_path / "limited"
+    proc = run_bounded(madx_command(*_lang_args(tiny_base, corpus, out)), env=env_for_subprocess(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors == [f"madx train-lang: error: cannot write {out / 'checkpoint.pt'}: File too large (EFBIG); "
+                      "nothing was written there"], proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["log.jsonl"]
+    if not unshare_available():
+        return
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = f'mount -t tmpfs -o size=48k none {disk} && exec "$@"'
+    proc = run_bounded(["unshare", "-rm", "sh", "-c", script, "sh", *madx_command(*_lang_args(tiny_base, corpus,
+                                                                                           disk / "run"))],
+                       env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"madx train-lang: error: cannot write {disk / 'run' / 'checkpoint.pt'}: " \
+           "No space left on device (ENOSPC); " \
+           "nothing was written there" in proc.stderr.splitlines(), proc.stderr[-3000:]
+
+
+def test_a_deeply_nested_adapter_config_is_a_one_line_refusal(capsys, tmp_path, lang_run, corpus):
+    adapter = tmp_path / "deep"
+    shutil.copytree(os.path.join(lang_run, "adapter"), adapter)
+    os.remove(adapter / "madx_adapter.json")
+    (adapter / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, err = _cli(capsys, "train-task", "--task", "ner", "--lang-adapter", adapter, "--train-data",
+                     os.path.join(corpus, "alpha", "ner"), "--output", tmp_path / "out", "--backend", "eager")
+    assert code == 2 and err.strip().splitlines()[-1] == \
+        f"madx train-task: error: {adapter / 'adapter_config.json'}: not readable JSON (nested too deeply)", err
+    assert not (tmp_path / "out").exists()

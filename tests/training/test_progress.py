@@ -12,13 +12,15 @@ import select
 import struct
 import subprocess
 import termios
+import time
 
 import pytest
 
 from madx_fast.training import progress as P
 from tests.helpers.runs import ROOT, env_for_subprocess, madx_command
 
-LINE = re.compile(r"^\[madx\] step (\d+)/(\d+)(  loss \d+\.\d{4}  lr \d\.\d\de[-+]\d\d)?  [\d.]+k? tok/s"
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "  # lines written to a log start with a time stamp
+LINE = re.compile(rf"^{STAMP}\[madx\] step (\d+)/(\d+)(  loss \d+\.\d{{4}}  lr \d\.\d\de[-+]\d\d)?  [\d.]+k? tok/s"
                   r"(  ETA \d+:\d\d:\d\d)?$")
 
 
@@ -42,8 +44,28 @@ def test_lines_in_a_log_at_most_every_interval(monkeypatch):
     assert "\r" not in log.getvalue() and all(LINE.match(line) for line in lines), lines
     steps = [int(LINE.match(line).group(1)) for line in lines]
     assert steps[0] == 1 and steps[-1] == 100 and all(b - a >= 10 for a, b in zip(steps[:-1], steps[1:-1]))
-    assert lines[1] == "[madx] step 11/100  loss 2.1000  lr 1.00e-04  500 tok/s  ETA 0:01:29"
+    assert lines[1][20:] == "[madx] step 11/100  loss 2.1000  lr 1.00e-04  500 tok/s  ETA 0:01:29"
     assert "ETA" not in lines[-1]  # done
+    # the loss of step 10 is on the line of step 11, and not again on later lines without a new loss
+    shown = [line.split("loss ")[1][:6] for line in lines if "loss" in line]
+    assert len(shown) == len(set(shown)) == len(lines) - 1, lines  # the first line (step 1) had no loss yet
+
+
+def test_a_line_never_repeats_a_stale_loss(monkeypatch):
+    """Losses every 30 steps, lines every 10 s (a step a second): a loss is on the first line after it came,
+    and no other."""
+    now = [0.0]
+    monkeypatch.setattr(P.time, "perf_counter", lambda: now[0])
+    log = io.StringIO()
+    bar = P.StepProgress(60, enabled=True, stream=log, interval=10.0)
+    for step in range(1, 61):
+        now[0] += 1.0
+        bar.update(step, loss=float(step) if step % 30 == 0 else None, lr=1e-4 if step % 30 == 0 else None,
+                   tokens=10)
+    lines = log.getvalue().splitlines()
+    with_loss = [LINE.match(line).group(1) for line in lines if "loss" in line]
+    assert with_loss == ["31", "60"], lines
+    assert "loss 30.0000" in lines[[LINE.match(x).group(1) for x in lines].index("31")]
 
 
 def test_a_terminal_gets_a_bar_and_no_lines():
@@ -98,36 +120,40 @@ def test_a_command_logging_to_a_file_writes_lines_not_bar_frames(tmp_path, tiny_
     err_path = tmp_path / "stderr.log"
     with open(err_path, "w") as err:
         proc = subprocess.run(_train_lang(tiny_base, corpus, tmp_path / "run"), env=env_for_subprocess(), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=err, text=True, timeout=300)
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True, timeout=300)
     log = err_path.read_text()
     assert proc.returncode == 0, log
     assert "\r" not in log and "it/s" not in log and "%|" not in log, log
     steps = [line for line in log.splitlines() if LINE.match(line)]
-    assert steps and steps[-1].startswith("[madx] step 6/6  loss ") and "ETA" not in steps[-1], log
-    assert all(line.startswith("[madx] ") for line in log.splitlines()), log
+    assert steps and steps[-1][20:].startswith("[madx] step 6/6  loss ") and "ETA" not in steps[-1], log
+    assert all(re.match(STAMP + r"\[madx\] ", line) for line in log.splitlines()), log
 
 
 def test_a_command_on_a_terminal_draws_a_bar(tmp_path, tiny_base, corpus):
     parent, child = pty.openpty()
     _set_size(child, 100)
     proc = subprocess.Popen(_train_lang(tiny_base, corpus, tmp_path / "run"), env=env_for_subprocess(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=child)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child)
     os.close(child)
-    chunks = []
-    while True:
-        ready, _, _ = select.select([parent], [], [], 300)
-        if not ready:
+    chunks, deadline = [], time.monotonic() + 300
+    try:
+        while True:
+            ready, _, _ = select.select([parent], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                pytest.fail("the command on the terminal did not finish in 300 s")
+            try:
+                data = os.read(parent, 4096)
+            except OSError:  # the command closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(parent)
+        if proc.poll() is None:
             proc.kill()
-            pytest.fail("no output from the command on the terminal")
-        try:
-            data = os.read(parent, 4096)
-        except OSError:  # the command closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(parent)
-    assert proc.wait(timeout=60) == 0
+            proc.wait(timeout=60)
     text = b"".join(chunks).decode(errors="replace")
     assert "\r" in text and "train:" in text and "6/6" in text, text  # tqdm's bar, redrawn in place
     assert not any(LINE.match(line.strip("\r")) for line in text.splitlines())

@@ -15,12 +15,14 @@ import torch
 from madx_fast.training import train_task_adapter
 from tests.helpers.runs import (
     ROOT,
+    StoppedAfterCheckpoint,
     adapter_tensors,
     env_for_subprocess,
     madx_command,
     quiet_config,
     run_madx,
     step_losses,
+    stop_after_checkpoint,
 )
 
 
@@ -83,23 +85,8 @@ def test_resume_of_a_task_run_in_process(tmp_path, tiny_base_dropout, corpus):
     # replay the interrupted run: a copy of the straight run's step-6 state is what a kill after step 6 leaves
     part = str(tmp_path / "part")
 
-    class Stop(Exception):
-        pass
-
-    import madx_fast.training.trainer as trainer_mod
-    original = trainer_mod.Trainer._save_checkpoint
-
-    def save_then_stop(self, state, *args):
-        original(self, state, *args)
-        if state.step == 6:
-            raise Stop
-
-    trainer_mod.Trainer._save_checkpoint = save_then_stop
-    try:
-        with pytest.raises(Stop):
-            train_task_adapter(output_dir=part, config=quiet_config(steps=12, eval_every=3, save_every=6), **kwargs)
-    finally:
-        trainer_mod.Trainer._save_checkpoint = original
+    with stop_after_checkpoint(6), pytest.raises(StoppedAfterCheckpoint):
+        train_task_adapter(output_dir=part, config=quiet_config(steps=12, eval_every=3, save_every=6), **kwargs)
     assert not os.path.exists(os.path.join(part, "last"))
     summary = train_task_adapter(output_dir=part, config=quiet_config(steps=12, eval_every=3, save_every=6),
                                  resume=True, **kwargs)

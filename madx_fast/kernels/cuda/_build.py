@@ -12,11 +12,17 @@ compiler output; ``TORCH_CUDA_ARCH_LIST`` (torch's own variable) picks the GPU a
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import logging
 import os
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: builds there are not serialised across processes
+    fcntl = None
 
 logger = logging.getLogger("madx_fast")
 
@@ -64,22 +70,48 @@ def jit_unavailable_reason(csrc: Path = CSRC) -> str | None:
     return None
 
 
+TORCH_BUILD_LOCK = "lock"  # the file torch's FileBaton creates in a build directory while it builds there
+
+
+@contextlib.contextmanager
+def exclusive_build(build_dir: Path):
+    """Hold the one right to build in ``build_dir`` across processes.
+
+    torch's JIT builder marks a build in progress with a plain file (``lock``) that it deletes when the build
+    ends; a process killed mid-build (Ctrl-C, a timeout, a CI runner stopping) leaves the file behind, and
+    every later build of the same extension then waits for it forever. Here builders first take an flock on a
+    file of their own, which the kernel releases when its holder dies; whoever holds it is the only madx_fast
+    builder of that directory, so a torch ``lock`` file still present is stale and is removed."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "madx_build.lock", "a") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        stale = build_dir / TORCH_BUILD_LOCK
+        if stale.exists():
+            logger.warning("madx_fast: removing %s, left by a build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        yield  # the flock goes with the file when it closes
+
+
 def jit_build(csrc: Path = CSRC):
     """Compile csrc/ with torch's JIT extension builder and import the result."""
     from torch.utils import cpp_extension
 
     digest = source_digest(csrc)
     name = f"madx_fast_cuda_{digest}"
+    build_dir = Path(cpp_extension.get_default_build_root()) / name
     logger.warning("madx_fast: building the CUDA extension %s from %s (first use only; this takes a minute or two)",
                    name, csrc)
-    return cpp_extension.load(
-        name=name,
-        sources=[str(p) for p in sources(csrc)],
-        extra_include_paths=[str(csrc)],
-        extra_cflags=["-O3", f"-DMADX_SOURCE_DIGEST={digest}"],
-        extra_cuda_cflags=["-O3", "-lineinfo"],
-        verbose=os.environ.get("MADX_FAST_CUDA_VERBOSE", "0") not in ("", "0"),
-    )
+    with exclusive_build(build_dir):
+        return cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in sources(csrc)],
+            extra_include_paths=[str(csrc)],
+            extra_cflags=["-O3", f"-DMADX_SOURCE_DIGEST={digest}"],
+            extra_cuda_cflags=["-O3", "-lineinfo"],
+            build_directory=str(build_dir),
+            verbose=os.environ.get("MADX_FAST_CUDA_VERBOSE", "0") not in ("", "0"),
+        )
 
 
 def stale_reason(module, csrc: Path = CSRC) -> str | None:

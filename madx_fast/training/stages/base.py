@@ -3,28 +3,41 @@ is its own (its data, objective, model wiring, record and outputs).
 
 ``TrainingStage.train(settings)`` (or ``Stage(settings).run()``) does, in this order:
 
- 1. resolve the inputs the settings name (``resolve_inputs``), refuse an output directory holding another run
- 2. join the data-parallel processes, check the global batch splits over them, pick this process's device
+ 1. join the data-parallel processes; lock the output directory (process 0, for the whole run: a second run
+    there is refused at once, naming this one's process id)
+ 2. resolve the inputs the settings name (``resolve_inputs``), refuse an output directory holding another
+    run, check the global batch splits over the processes, pick this process's device
  3. load the tokenizer, read and encode the data (``read_data``), settle the loop (``make_loop``):
     every input is checked before any model is loaded
  4. seed; load the model (``load_model``), add and select what trains (``wire``), cast the frozen backbone
     and place it on the device (``place``), ``torch.compile`` the encoder with ``--compile``
  5. prepare the output directory (an earlier run removed with ``--overwrite``, leftovers of killed runs)
- 6. record the run's facts (``record``) and parameter counts; train (``Trainer``, resumable)
- 7. on process 0: write the stage's outputs (``save``) and ``run.json``; every process meets in a barrier
+ 6. record the run's facts (``record``), the digests of its data (``digested_data``) and parameter counts;
+    train (``Trainer``, resumable: a checkpoint of other settings or data is refused, other data accepted
+    with ``allow_data_change``)
+ 7. on process 0: write the stage's outputs (``save``) and ``run.json`` while the others wait (a failure
+    stops them all: ``Dist.on_main``, as for every write of process 0 that the others wait for); the lock is
+    released (also when the run fails; when the process dies, by the operating system)
 
 ``run.json`` has the same keys for every stage (``RUN_FACTS``, then ``settings``, ``config``, ``epochs``, the
 parameter counts, the trainer's results, ``wall_time_s``, ``madx_fast_version``; docs/file_formats.md): a
 stage without a fact records None. A stage's settings have ``output_dir``, ``resume``, ``overwrite``,
-``tokenizer``, ``backbone_dtype``, ``backend`` and ``config`` (the loop's ``TrainConfig``).
+``tokenizer``, ``backbone_dtype``, ``backend`` and ``config`` (the loop's ``TrainConfig``), and may have
+``allow_data_change``.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Callable, ClassVar
+
+import numpy as np
+import torch
 
 from ... import files
 from ..._version import __version__
@@ -40,8 +53,8 @@ log = logging.getLogger("madx_fast.training")
 # what, from which data. A stage's ``record`` returns some of them; its bundles carry that record.
 RUN_FACTS = ("stage", "adapter", "language", "source_language", "task", "base_model", "base_fingerprint",
              "adapter_config", "labels", "language_adapter", "train_data", "train_blocks", "train_features",
-             "data_tokens", "mlm_probability", "max_length", "auto_class", "backbone_dtype", "backend", "seed",
-             "init_model")
+             "data_tokens", "train_data_sha256", "eval_data_sha256", "mlm_probability", "max_length", "auto_class",
+             "backbone_dtype", "backend", "seed", "init_model")
 
 
 class TrainingStage:
@@ -105,6 +118,12 @@ class TrainingStage:
         """What must not change when the run is resumed (the loop's own settings are added by the Trainer)."""
         return {k: facts[k] for k in self.identity_keys}
 
+    def digested_data(self) -> tuple[object, object]:
+        """``(training data, evaluation data or None)`` as the loop and the evaluation use them (encoded, in
+        order, with what shapes their batches): ``train_data_sha256`` / ``eval_data_sha256`` hash them, and a
+        resumed run must have the same (``data_digest``)."""
+        return self.items, None
+
     def trained_adapters(self) -> list[str]:
         """The adapters whose parameters are counted in run.json (``adapter_parameters[name]``)."""
         return []
@@ -136,6 +155,14 @@ class TrainingStage:
     # the skeleton
     # ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        self.lock = None
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> dict:
         t_start = time.perf_counter()
         self._set_up()
         facts = dict.fromkeys(RUN_FACTS)
@@ -143,30 +170,35 @@ class TrainingStage:
         unknown = sorted(set(record) - set(RUN_FACTS))
         if unknown:
             raise TypeError(f"{type(self).__name__}.record() returns {unknown}: not among RUN_FACTS")
-        facts.update(record)
+        train, evaluation = self.digested_data()
+        digests = {"train_data_sha256": data_digest(train),
+                   "eval_data_sha256": None if evaluation is None else data_digest(evaluation)}
+        facts.update(record, **digests)
         counts = self.counts()
         log.info("%s", self.describe(counts))
         trainer = Trainer(self.model, self.objective, self.items, self.loop, self.s.output_dir,
                           evaluate=self.evaluation(), main_metric=self.main_metric, on_best=self.on_best,
-                          identity=self.identity(record), procs=self.procs, device=self.device)
+                          identity=dict(self.identity(record), **digests), procs=self.procs, device=self.device,
+                          allow_data_change=getattr(self.s, "allow_data_change", False))
         result = trainer.run(resume=self.s.resume)
         summary = {**facts, "settings": self.s.to_dict(), "config": dataclasses.asdict(self.loop),
                    "epochs": self.epochs, **counts, **result, "madx_fast_version": __version__}
-        if self.procs.main:
+        def finish():
             written = self.save(result)
             summary["wall_time_s"] = time.perf_counter() - t_start
             files.write_json(os.path.join(self.s.output_dir, runs.RUN_SUMMARY), summary)
             log.info("%s (train %.1fs, peak memory %.0f MB)", written, result["train_time_s"],
                      result["peak_memory_mb"])
-        self.procs.barrier()
+        self.procs.on_main(finish)
         return summary
 
     def _set_up(self) -> None:
-        """Steps 1-5: inputs checked, processes, device, tokenizer, data, loop, model, output directory."""
+        """Steps 1-5: processes, the lock, inputs checked, device, tokenizer, data, loop, model, output directory."""
         s = self.s
+        self.procs = init_distributed(s.config.device)
+        self.lock = _lock_output(s.output_dir, self.procs)
         inputs = self.resolve_inputs()
         runs.check_output_dir(s.output_dir, resume=s.resume, overwrite=s.overwrite, inputs=inputs)
-        self.procs = init_distributed(s.config.device)
         s.config.check_split(self.procs.world)
         self.device = pick_device(s.config.device, self.procs.local_rank)
         self.tokenizer = models.load_tokenizer(s.tokenizer or self.base_model, need_mask=self.need_mask,
@@ -178,4 +210,46 @@ class TrainingStage:
         self.wire()
         self.backbone_dtype = self.place()
         models.compile_encoder(self.model, self.loop.compile)
-        runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite, main=self.procs.main)
+        self.procs.on_main(lambda: runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite))
+
+
+def _lock_output(directory: str, procs) -> files.DirectoryLock | None:
+    """Process 0 locks the output directory (``files.DirectoryLock``); a refusal stops every process."""
+    return procs.on_main(lambda: files.DirectoryLock(directory))
+
+
+def data_digest(data) -> str:
+    """sha256 of data as a run uses them: tensors and arrays by dtype, shape and bytes, mappings by sorted key,
+    sequences in order (a sequence of JSON scalars as its JSON text), dataclasses by field, other values by
+    type and ``repr``. Equal digests: the same examples, encoded the same way, in the same order."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, np.ndarray):
+            h.update(f"A{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            h.update(f"D{type(x).__name__}".encode())
+            feed({f.name: getattr(x, f.name) for f in dataclasses.fields(x)})
+        elif isinstance(x, Mapping):
+            h.update(b"{")
+            for k in sorted(x, key=str):
+                feed(str(k))
+                feed(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple, range)):
+            if all(v is None or type(v) in (int, float, str, bool) for v in x):
+                h.update(b"J" + json.dumps(list(x)).encode())
+            else:
+                h.update(b"[")
+                for v in x:
+                    feed(v)
+                h.update(b"]")
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed(data)
+    return h.hexdigest()

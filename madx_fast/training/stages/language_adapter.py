@@ -47,6 +47,9 @@ class LanguageAdapterStage(TrainingStage):
                  len(self.train_blocks), self.max_length, self.train_blocks.num_tokens,
                  len(self.heldout) if self.heldout else 0)
 
+    def digested_data(self):
+        return self.train_blocks, (None if self.heldout is None else (self.heldout, self.s.max_eval_blocks))
+
     def wire(self) -> None:
         s = self.s
         self.adapter_config = (MadxConfig.language if s.invertible else MadxConfig.seq_bn)(

@@ -54,6 +54,9 @@ class TaskAdapterStage(TrainingStage):
         log.info("%s: %d training features, %s validation examples", self.name, len(self.items),
                  len(self.validation) if self.validation else "no")
 
+    def digested_data(self):
+        return self.items, (None if not self.validation else (self.validation, self.val_features))
+
     def make_loop(self) -> TrainConfig:
         loop, self.epochs = task_loop(self.s, type(self.task), len(self.items))
         return loop

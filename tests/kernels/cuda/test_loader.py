@@ -133,3 +133,27 @@ def test_compile_script_without_nvcc_exits_cleanly():
                          text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "nvcc not found" in res.stdout
+
+
+def test_a_build_killed_mid_way_does_not_block_the_next(tmp_path):
+    """torch's JIT builder leaves its `lock` file behind when killed mid-build, and waits on it forever the next
+    time; exclusive_build removes it once it holds the directory's flock."""
+    (tmp_path / build.TORCH_BUILD_LOCK).touch()  # what a killed build leaves
+    with build.exclusive_build(tmp_path):
+        assert not (tmp_path / build.TORCH_BUILD_LOCK).exists()
+
+
+def test_builds_of_one_directory_take_turns(tmp_path):
+    """While one process builds, another waits for the flock (and so never removes a live torch lock)."""
+    code = ("import fcntl, sys\n"
+            "fh = open(sys.argv[1], 'a')\n"
+            "try:\n"
+            "    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "except BlockingIOError:\n"
+            "    sys.exit(3)\n")
+    probe = [sys.executable, "-c", code, str(tmp_path / "madx_build.lock")]
+    with build.exclusive_build(tmp_path):
+        (tmp_path / build.TORCH_BUILD_LOCK).touch()  # this process's build in progress
+        held = subprocess.run(probe, stdin=subprocess.DEVNULL, timeout=60)
+    assert held.returncode == 3
+    assert subprocess.run(probe, stdin=subprocess.DEVNULL, timeout=60).returncode == 0  # released on exit
