@@ -116,6 +116,16 @@ def run_madx(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
+def torchrun_madx(*args, processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m madx_fast.cli ARGS`` (gloo on the CPU; ``run_bounded``: its
+    workers are killed with it after 5 minutes); fails with its stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "madx_fast.cli", *map(str, args)]
+    proc = run_bounded(cmd, env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stderr[-4000:]}"
+    return proc
+
+
 def step_losses(run_dir: str) -> list[float]:
     with open(os.path.join(run_dir, "log.jsonl"), encoding="utf-8") as f:
         entries = [json.loads(line) for line in f if line.strip()]

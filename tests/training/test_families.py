@@ -324,3 +324,24 @@ def test_causal_objective_on_an_encoder(tmp_path, tiny_base, corpus):
         ours = objective.loss_sum(model, model_batch(model, objective.prepare(batch), "cpu")) / objective.count(batch)
         hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert abs(ours.item() - hf.item()) < 1e-5
+
+
+def test_full_model_language_training_of_a_decoder_is_causal(tmp_path, bases, corpus):
+    """MLM-SRC / MLM-TRG for a decoder (`train-lang --full-model`): the whole model trains by causal LM, as its
+    language adapter would, and the run records that objective."""
+    from transformers import AutoModelForCausalLM
+
+    from madx_fast.training import train_language
+
+    base, out = bases("gpt2"), str(tmp_path / "full")
+    summary = train_language(model=base, lang="alpha", full_model=True, train_data=_text(corpus, "alpha"),
+                             eval_data=_text(corpus, "alpha", "validation"), output_dir=out,
+                             max_length=MAX_LENGTH, config=quiet_config(steps=6, learning_rate=2e-3, log_every=1))
+    losses = step_losses(out)
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
+    assert summary["stage"] == "full-mlm" and summary["objective"] == "causal"
+    assert summary["mlm_probability"] is None
+    before = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model")).state_dict()
+    moved = [k for k in before if k.startswith("transformer.h.") and not torch.equal(before[k], after[k])]
+    assert moved, "no decoder block weight moved"

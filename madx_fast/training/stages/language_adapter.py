@@ -32,15 +32,22 @@ class LanguageAdapterStage(TrainingStage):
     need_mask = True
 
     def resolve_inputs(self) -> list[str]:
-        self.base_model = self.s.model
-        self.lm_objective, self.auto_class, self.model_kwargs = models.language_model_class(self.s.model,
+        if self.s.full_model:
+            raise ValueError("full_model=True asks for the full-model stage: call madx_fast.training.train_language "
+                             "(madx train-lang --full-model)")
+        inputs = super().resolve_inputs()
+        self.choose_objective()
+        return inputs
+
+    def choose_objective(self) -> None:
+        """The LM objective of ``base_model`` (or ``--objective``) and the model class that trains with it."""
+        self.lm_objective, self.auto_class, self.model_kwargs = models.language_model_class(self.base_model,
                                                                                             self.s.objective)
         self.need_mask = self.lm_objective == "masked"
-        return []
 
     def read_data(self) -> None:
         s, tok = self.s, self.tokenizer
-        self.max_length = models.max_length_for(s.model, s.max_length, default=256)  # the paper's 256, if it fits
+        self.max_length = models.max_length_for(self.base_model, s.max_length, default=256)  # the paper's 256
         texts, eval_texts = _texts(s)
         causal = self.lm_objective == "causal"
         blocks = causal_lm.causal_data_from_texts if causal else mlm.mlm_data_from_texts
