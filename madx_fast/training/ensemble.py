@@ -7,7 +7,9 @@
 
 ``avg:``: the target runs ``Average(es, pt)`` in the language adapter's place (``madx_fast.model.Average``:
 in every layer the weighted average of the adapters' outputs; the first adapter's invertible adapter). The
-members are other ``--lang-adapter`` entries, by name.
+members are other ``--lang-adapter`` entries, by name. In ``madx transfer`` an ensemble may serve one system's
+task adapters only, ``mad-x:qu=avg:es,pt``: its members are then that system's adapters (``mad-x:es=``, else
+``es=``), as for any language of that system; a pattern entry (``{lang}=``) is never an ensemble.
 
 ``emea:``: test-time ensembling after Wang et al. (2021), "Efficient Test Time Adapter Ensembling for
 Low-resource Language Varieties" (EMEA): the weights start uniform for every batch and take ``steps``
@@ -75,24 +77,39 @@ def parse_ensemble(lang: str, value: str) -> EnsembleSpec | None:
                          f"give the members only, e.g. {lang}=emea:{','.join(members)}")
     if len(set(members)) != len(members):
         raise ValueError(f"--lang-adapter {lang}={value}: a member is named twice")
-    if lang in members:
+    if lang.rpartition(":")[2] in members:
         raise ValueError(f"--lang-adapter {lang}={value}: an ensemble cannot contain its own language")
     if weights and not all(math.isfinite(w) for w in weights) or weights and sum(weights) == 0:
         raise ValueError(f"--lang-adapter {lang}={value}: the weights must be finite and not sum to 0")
     return EnsembleSpec(kind, tuple(members), tuple(weights) if weights else None)
 
 
+def lang_adapter_key(lang: str, system: str | None, lang_adapters: dict[str, str]) -> str | None:
+    """The ``--lang-adapter`` entry that serves ``lang`` for the task adapters of ``system``: ``SYSTEM:LANG``,
+    else ``LANG``, else a pattern for every language (``SYSTEM:{lang}``, ``{lang}``); None when none does."""
+    keys = (f"{system}:{lang}", lang, f"{system}:{{lang}}", "{lang}") if system else (lang, "{lang}")
+    return next((k for k in keys if k in lang_adapters), None)
+
+
 def check_ensembles(lang_adapters: dict[str, str]) -> dict[str, EnsembleSpec]:
-    """The ensembles among ``--lang-adapter`` entries, each checked to name only adapter entries."""
-    ensembles = {lang: spec for lang, value in lang_adapters.items()
-                 if (spec := parse_ensemble(lang, value)) is not None}
-    for lang, spec in ensembles.items():
+    """The ensembles among ``--lang-adapter`` entries, by entry (``qu``, or ``SYSTEM:qu`` for one system's task
+    adapters), each checked to name only adapter entries: a member is found as a ``SYSTEM:``-scoped entry of
+    the ensemble's system, else a plain one (``lang_adapter_key``). A pattern entry (``{lang}=``) is no
+    ensemble: an ensemble serves the one language it names."""
+    ensembles = {key: spec for key, value in lang_adapters.items()
+                 if (spec := parse_ensemble(key, value)) is not None}
+    for key, spec in ensembles.items():
+        system, _, lang = key.rpartition(":")
+        if lang == "{lang}":
+            raise ValueError(f"--lang-adapter {key}={spec}: an ensemble serves one language; name it, e.g. "
+                             f"{key.replace('{lang}', 'qu')}={spec}")
         for m in spec.members:
-            if m not in lang_adapters:
-                raise ValueError(f"--lang-adapter {lang}={spec}: {m!r} is not a --lang-adapter entry; give its "
+            entry = lang_adapter_key(m, system or None, lang_adapters)
+            if entry is None:
+                raise ValueError(f"--lang-adapter {key}={spec}: {m!r} is not a --lang-adapter entry; give its "
                                  f"adapter too, e.g. {m}=runs/lang-{m}")
-            if m in ensembles:
-                raise ValueError(f"--lang-adapter {lang}={spec}: {m!r} is itself an ensemble; members must be "
+            if entry in ensembles:
+                raise ValueError(f"--lang-adapter {key}={spec}: {m!r} is itself an ensemble; members must be "
                                  "adapters")
     return ensembles
 

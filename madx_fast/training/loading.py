@@ -7,8 +7,9 @@ bundles, checked to share one base model, and the task model built from them.
     check_same_base([plan["path"], *langs.values()])
     model, madx, task_name = load_task_model(plan, task, langs, backend, "auto", device)
 
-A language may be served by an ensemble of others' adapters (``qu=avg:es,pt``, ``qu=emea:es,pt``:
-``ensembles_for``; ``ensemble.py`` runs them): its members are resolved and loaded instead.
+A language may be served by an ensemble of others' adapters (``qu=avg:es,pt``, ``qu=emea:es,pt``;
+``SYSTEM:qu=...`` for one system's task adapters: ``ensembles_for``; ``ensemble.py`` runs them): its members
+are resolved and loaded instead.
 
 Everything here reads metadata first and refuses what does not fit before a model is loaded.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from ..model.adapter_files import read_adapter_info
 from . import models, runs
-from .ensemble import check_ensembles
+from .ensemble import check_ensembles, lang_adapter_key
 from .tasks import task_class, task_for_head
 
 
@@ -57,11 +58,13 @@ def resolve_language_adapter(lang: str | None, where: str, base_model: str | Non
     return found
 
 
-def ensembles_for(langs, lang_adapters: dict[str, str]) -> dict:
-    """The ensembles (``ensemble.EnsembleSpec``) serving languages among ``langs``, from the ``--lang-adapter``
-    entries (``qu=avg:es,pt``); their members are to be resolved like any language adapter."""
+def ensembles_for(langs, lang_adapters: dict[str, str], system: str | None = None) -> dict:
+    """The ensembles (``ensemble.EnsembleSpec``) serving languages among ``langs`` for the task adapters of
+    ``system``, from the ``--lang-adapter`` entries (``qu=avg:es,pt``, ``SYSTEM:qu=avg:es,pt``: the entry
+    ``lang_adapter_key`` picks); their members are to be resolved like any language adapter of ``system``."""
     ensembles = check_ensembles(lang_adapters)
-    return {lang: ensembles[lang] for lang in langs if lang in ensembles}
+    keys = {lang: lang_adapter_key(lang, system, lang_adapters) for lang in langs}
+    return {lang: ensembles[key] for lang, key in keys.items() if key in ensembles}
 
 
 def check_same_base(paths) -> None:

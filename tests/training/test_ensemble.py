@@ -37,6 +37,17 @@ def test_the_ensemble_syntax():
         check_ensembles({"es": "d", "qu": "avg:es,pt"})
     with pytest.raises(ValueError, match="itself an ensemble"):
         check_ensembles({"es": "d", "pt": "avg:es", "qu": "avg:es,pt"})
+    # one system's ensemble (SYSTEM:LANG=): its members are that system's entries, else the plain ones
+    assert check_ensembles({"S:es": "d", "pt": "d", "S:qu": "avg:es,pt"}) == {"S:qu": EnsembleSpec("avg", ("es", "pt"))}
+    assert list(check_ensembles({"{lang}": "runs/lang-{lang}", "qu": "emea:es,pt"})) == ["qu"]
+    with pytest.raises(ValueError, match="'es' is not a --lang-adapter entry"):
+        check_ensembles({"T:es": "d", "pt": "d", "S:qu": "avg:es,pt"})  # another system's es is not S's
+    with pytest.raises(ValueError, match="itself an ensemble"):
+        check_ensembles({"es": "d", "S:es": "avg:pt", "pt": "d", "S:qu": "avg:es,pt"})
+    with pytest.raises(ValueError, match="its own language"):
+        check_ensembles({"es": "d", "S:qu": "avg:qu,es"})
+    with pytest.raises(ValueError, match="serves one language"):
+        check_ensembles({"es": "d", "{lang}": "avg:es"})
     with pytest.raises(ValueError, match="do not combine with --cuda-graphs"):
         TransferSettings(task_adapters=["t"], targets=["qu"], eval_data="d", cuda_graphs=True,
                          lang_adapters={"es": "d", "pt": "d", "qu": "emea:es,pt"}).check()
@@ -154,6 +165,25 @@ def test_transfer_to_a_language_served_by_an_ensemble(saved):
                               emea_steps=2, emea_lr=1.0, **common)["records"]
     assert [r["language_adapter"] for r in mixed] == ["emea:alpha,beta", "alpha"]
     assert 0.0 <= mixed[0]["value"] <= 100.0 and mixed[0]["metrics"]["examples"] > 0
+
+
+def test_each_system_has_its_own_ensemble(saved):
+    """``SYSTEM:qu=avg:...`` serves that system's task adapters only, and a plain ensemble's members are each
+    system's own adapters (``SYSTEM:beta=`` before ``beta=``): one call, two systems, two different ensembles."""
+    langs = {"alpha": saved["alpha"], "beta": saved["beta"]}
+    common = dict(eval_data=saved["data"], backend="eager", device="cpu")
+    on_beta = {a: evaluate_transfer(task_adapters=[saved["ner"]], lang_adapters={"beta": saved[a]}, targets=["beta"],
+                                    **common)["records"][0]["metrics"] for a in ("alpha", "beta")}
+    scoped = evaluate_transfer(task_adapters=[f"A={saved['ner']}", f"B={saved['ner']}"], targets=["qu"],
+                               lang_adapters={**langs, "A:qu": "avg:beta=1,alpha=0", "B:qu": "avg:alpha=1,beta=0"},
+                               **common)["records"]
+    assert [(r["system"], r["language_adapter"]) for r in scoped] == [("A", "avg:beta=1,alpha=0"),
+                                                                       ("B", "avg:alpha=1,beta=0")]
+    assert scoped[0]["metrics"] == on_beta["beta"] and scoped[1]["metrics"] == on_beta["alpha"]
+    members = evaluate_transfer(task_adapters=[f"A={saved['ner']}", f"B={saved['ner']}"], targets=["qu"],
+                                lang_adapters={**langs, "B:beta": saved["alpha"], "qu": "avg:beta"},
+                                **common)["records"]
+    assert members[0]["metrics"] == on_beta["beta"] and members[1]["metrics"] == on_beta["alpha"]
 
 
 def test_predict_lines_of_an_ensemble_language(saved, tiny_base, corpus):
