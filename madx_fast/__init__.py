@@ -12,8 +12,9 @@ __all__ = [
 
 
 def patch_adapterhub(model, **options):
-    """Run an AdapterHub (`adapters`) model's bottleneck adapters, NICE adapters and masked-LM loss on madx_fast's
-    fused ops; see ``madx_fast.adapterhub_patch.patch_adapterhub`` for the options. Needs the optional
+    """Run an AdapterHub (`adapters`) model's bottleneck adapters, NICE adapters and language-model loss (masked,
+    causal or seq2seq) on madx_fast's fused ops, on every text model type AdapterHub adapts; see
+    ``madx_fast.adapterhub_patch.patch_adapterhub`` for the options (``keep_lm_logits``). Needs the optional
     dependency: ``pip install 'madx_fast[adapterhub]'`` (imported here on first use, not by ``import madx_fast``)."""
     from .adapterhub_patch import patch_adapterhub as patch
     return patch(model, **options)

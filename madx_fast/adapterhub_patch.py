@@ -18,7 +18,9 @@ AdapterHub's code entirely; the report says so. What runs on madx_fast's code (t
   ``residual_before_ln`` True/False/"post_add", ``original_ln_before``/``original_ln_after``), alone or in a
   flat ``Stack`` of adapter names, wherever the model places them (post-LN and pre-LN blocks, attention,
   cross-attention and FFN outputs): down projection, activation, up projection, scaling and residual in the
-  fused ``madx_fast.ops.bottleneck_adapter``;
+  fused ``madx_fast.ops.bottleneck_adapter``; ``Average`` blocks of such adapters (alone or in a Stack), with
+  AdapterHub's own arithmetic (``torch.mean`` over the weighted outputs, i.e. coefficients ``w_i / n``): the
+  members of one configuration in one ``madx_fast.ops.average_bottleneck_adapter``;
 * NICE invertible adapters: the forward on the embedding output (the encoder's, in encoder-decoders; a
   bert2bert decoder skips it, as AdapterHub does) and the inverse where AdapterHub applies it (flex LM heads,
   on the encoder-decoder's decoder output too; before the output embeddings of plugin-interface models), on
@@ -30,7 +32,8 @@ AdapterHub's code entirely; the report says so. What runs on madx_fast's code (t
   cross-entropy, so the ``B x L x V`` logits are never built. The output's ``logits`` is then ``None``
   (``patch_adapterhub(model, keep_lm_logits=True)`` computes them and the loss as AdapterHub does).
 
-Everything else keeps AdapterHub's own code: Parallel / Fuse / Split / BatchSplit / Average compositions, gating,
+Everything else keeps AdapterHub's own code: Parallel / Fuse / Split / BatchSplit compositions (and Average blocks
+of anything but adapter names), gating,
 adapter-level LayerNorms (``ln_before`` / ``ln_after``), PHM (Compacter), learned scaling, stochastic depth,
 parallel bottleneck adapters, GLOW coupling, LoRA, prefix / prompt tuning, ReFT. The decision is made at each
 forward from the active setup and the adapters there, so adapters added or loaded after the patch and changes
@@ -56,7 +59,7 @@ from torch import nn
 
 try:
     import adapters
-    from adapters.composition import Stack
+    from adapters.composition import Average, Stack
     from adapters.configuration import AdapterConfig, BnConfig, ConfigUnion
     from adapters.heads.language_modeling import BertStyleMaskedLMHead, CausalLMHead, Seq2SeqLMHead
     from adapters.methods.bottleneck import BottleneckLayer
@@ -359,25 +362,64 @@ def _describe(setup) -> str:
 
 
 def _stack_plan(layer, patch):
-    """``[(adapter, activation), ...]`` for the active setup at this layer, or None (AdapterHub's code runs)."""
+    """The active setup at this layer as a list of steps, or None (AdapterHub's code runs). A step is
+    ``[(adapter, activation)]`` (one adapter) or an ``_AverageStep`` (an ``Average`` of adapter names)."""
     setup = layer.get_active_setup()
     if setup is None:  # no active adapter here: AdapterHub's LN(h + residual), nothing to fuse
         return None
-    if type(setup) is not Stack or not all(isinstance(child, str) for child in setup):
+    children = [setup] if type(setup) is Average else list(setup) if type(setup) is Stack else None
+    if children is None or not all(isinstance(c, str) or _flat_average(c) for c in children):
         patch.log_once(f"active setup {_describe(setup)} runs on AdapterHub's code (madx_fast covers a single "
-                       "adapter or a flat Stack of adapters)")
+                       "adapter, a flat Stack of adapters and Average blocks of adapters)")
         return None
     plan = []
-    for name in setup:
-        if name not in layer.adapters:  # leave_out, or another method's adapter: skipped as AdapterHub does
+    for child in children:
+        if isinstance(child, str):
+            if child not in layer.adapters:  # leave_out, or another method's adapter: skipped as AdapterHub does
+                continue
+            step = _supported(layer, child, patch)
+            if step is None:
+                return None
+            plan.append([step])
             continue
-        adapter = layer.adapters[name]
-        act, reason = patch.support(adapter, _bottleneck_support)
-        if reason is not None:
-            patch.log_once(f"adapter {name!r} runs on AdapterHub's code: {reason}")
+        present = [c for c in child if c in layer.adapters]
+        if len(present) != len(child):  # AdapterHub's own behaviour (skipping, or failing) is kept
+            patch.log_once(f"{_describe(child)} runs on AdapterHub's code where not all its adapters are in the layer")
             return None
-        plan.append((adapter, act))
+        steps = [_supported(layer, c, patch) for c in child]
+        if any(step is None for step in steps):
+            return None
+        plan.append(_AverageStep(steps, list(child.weights)))
     return plan or None
+
+
+def _flat_average(block) -> bool:
+    return type(block) is Average and all(isinstance(c, str) for c in block)
+
+
+def _supported(layer, name, patch):
+    """``(adapter, activation)`` when the fused op can stand in for adapter ``name``, else None (logged once)."""
+    adapter = layer.adapters[name]
+    act, reason = patch.support(adapter, _bottleneck_support)
+    if reason is not None:
+        patch.log_once(f"adapter {name!r} runs on AdapterHub's code: {reason}")
+        return None
+    return adapter, act
+
+
+@dataclass
+class _AverageStep:
+    """An ``Average`` of adapters in one layer: its members ``[(adapter, activation)]`` and AdapterHub's weights
+    (as its block stores them: normalised unless ``normalize_weights=False``)."""
+
+    members: list
+    weights: list
+
+    def __iter__(self):  # the plan's last adapter: the Average's last member (AdapterHub's ``last``)
+        return iter(self.members)
+
+    def __getitem__(self, i):
+        return self.members[i]
 
 
 def _pre_forward(adapter, h, input_tensor, layer_norm):
@@ -432,17 +474,53 @@ def _bottleneck_layer_forward(layer, original, patch, hidden_states, residual_in
 
         h_0 = hidden_states;  x_i, r_i = pre_forward_i(h_{i-1}, residual_input);  h_i = r_i + A_i(x_i)
         out = LN(h_k + residual_input) if original_ln_after else h_k
+
+    An ``Average(b_1, ..., b_n)`` step (compose_average) runs its first member's pre_forward once and every
+    member on the same input: ``h_i = mean_j(w_j (r + B_j(x)))`` over j (AdapterHub's mean of the weighted
+    outputs, ``_average_forward``); the post_forward is then its last member's.
     """
     plan = _stack_plan(layer, patch)
     if plan is None or (residual_input is not None and residual_input.shape[0] != hidden_states.shape[0]):
         return original(hidden_states, residual_input, layer_norm)
     h = hidden_states
-    for adapter, act in plan:
-        x, residual = _pre_forward(adapter, h, residual_input, layer_norm)
-        h = _adapter_forward(adapter, act, x, residual, patch.backend)
-    if plan[-1][0].original_ln_after:
+    for step in plan:
+        x, residual = _pre_forward(step[0][0], h, residual_input, layer_norm)
+        if isinstance(step, _AverageStep):
+            h = _average_forward(step, x, residual, patch.backend)
+        else:
+            h = _adapter_forward(step[0][0], step[0][1], x, residual, patch.backend)
+    if list(plan[-1])[-1][0].original_ln_after:
         h = layer_norm(h + residual_input) if layer_norm else h + residual_input
     return h
+
+
+def _average_forward(step: _AverageStep, x, residual, backend):
+    """AdapterHub's ``compose_average`` + ``mean``: ``torch.mean(stack_j(h_j) * w_j, 0) = sum_j (w_j / n) h_j``
+    with ``h_j = r + dropout(s_j up_j(act(down_j(x))))``. Members of one configuration (and no dropout to draw)
+    run as one ``madx_fast.ops.average_bottleneck_adapter`` with coefficients ``w_j / n``; others one by one,
+    combined with AdapterHub's own expression. The result has AdapterHub's dtype (its float32 weights promote
+    the stacked outputs)."""
+    members, n = step.members, len(step.members)
+    first = members[0][0]
+    same = all(a.scaling == first.scaling and act == members[0][1] and
+               a.adapter_down[0].weight.shape == first.adapter_down[0].weight.shape for a, act in members)
+    dropout = any(a.dropout.training and a.dropout.p > 0 for a, _ in members)
+    out_dtype = torch.promote_types(x.dtype, torch.float32)
+    if not same or dropout:
+        outs = [_adapter_forward(a, act, x, residual, backend) for a, act in members]
+        weights = torch.tensor(step.weights)[:, None, None, None].to(outs[0].device)
+        return torch.mean(torch.stack(outs, 0) * weights, dim=0)
+    dtype = _compute_dtype(x, residual)
+    if x.dtype != dtype or residual.dtype != dtype:
+        same_tensor = residual is x
+        x = x.to(dtype)
+        residual = x if same_tensor else residual.to(dtype)
+    mix = torch.tensor(step.weights, dtype=torch.float32, device=x.device) / n
+    stacked = [torch.stack([getattr(a.adapter_down[0], p) for a, _ in members]) for p in ("weight", "bias")] + \
+              [torch.stack([getattr(a.adapter_up, p) for a, _ in members]) for p in ("weight", "bias")]
+    y = ops.average_bottleneck_adapter(x, residual, mix, *stacked, scaling=first.scaling, activation=members[0][1],
+                                       backend=backend)
+    return y.to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -670,8 +748,10 @@ def _report(model, patch) -> AdapterHubPatchReport:
     for fusion in getattr(model.adapters_config, "fusions", {}) or {}:
         report.not_patched.append(f"AdapterFusion {fusion!r} (Fuse composition)")
     setup = model.adapters_config.active_setup
-    if setup is not None and not (type(setup) is Stack and all(isinstance(c, str) for c in setup)):
-        report.not_patched.append(f"active setup {_describe(setup)}: only single adapters and flat Stacks are fused")
+    if setup is not None and not (_flat_average(setup) or type(setup) is Stack and all(
+            isinstance(c, str) or _flat_average(c) for c in setup)):
+        report.not_patched.append(f"active setup {_describe(setup)}: only single adapters, flat Stacks and Average "
+                                  "blocks of adapters are fused")
     for head_name, head in (getattr(model, "heads", None) or {}).items():
         if type(head) in _LM_HEADS:
             _, reason = patch.support(head, _head_support)

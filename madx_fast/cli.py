@@ -4,8 +4,12 @@
     madx train-task  --task ner --lang-adapter runs/lang-en --train-data wikiann:en --output runs/ner-en
     madx transfer    --task-adapter runs/ner-en --lang-adapter sw=runs/lang-sw --targets sw \\
                      --eval-data wikiann:{lang} --output runs/transfer
+    madx train-task  --task ner --full-finetune --model xlm-roberta-base --lang en --train-data wikiann:en \\
+                     --seeds 1,2,3 --output runs/xlmr-ner-en                  (the XLM-R baseline, 3 seeds)
+    madx report      runs/transfer runs/transfer-xlmr --output runs/report  (one matrix from several runs)
     madx predict     --task-adapter runs/ner-en --lang-adapter sw=runs/lang-sw qu=runs/lang-qu \\
                      --input lines.jsonl --output predictions.jsonl
+    madx merge       --output runs/lang-qu es=runs/lang-es pt=runs/lang-pt --weights 0.7,0.3 --name qu
     madx push        runs/lang-sw me/madx-lang-sw      (a run or adapter onto the Hugging Face Hub, with a card)
     madx params      [--model NAME] [--langs en,sw]
     madx demo        (offline, CPU, a few minutes)
@@ -33,11 +37,12 @@ log = logging.getLogger("madx_fast.training")
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
-    from .training.settings import (LanguageAdapterSettings, ParameterBudgetSettings, PredictSettings, PushSettings,
-                                    TaskAdapterSettings, TransferSettings, add_arguments)
+    from .training.settings import (LanguageAdapterSettings, MergeSettings, ParameterBudgetSettings, PredictSettings,
+                                    PushSettings, ReportSettings, TaskAdapterSettings, TransferSettings,
+                                    add_arguments)
 
-    parser = argparse.ArgumentParser(prog="madx", description="MAD-X adapters: train, transfer, predict, push, count, "
-                                     "demo.", epilog="madx COMMAND -h: the options of a command")
+    parser = argparse.ArgumentParser(prog="madx", description="MAD-X adapters: train, transfer, report, predict, "
+                                     "merge, push, count, demo.", epilog="madx COMMAND -h: the options of a command")
     _add_verbosity(parser)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -47,11 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str, cls, **kwargs) -> None:  # noqa: A002
         add_arguments(sub.add_parser(name, help=help, description=help, parents=[common]), cls, **kwargs)
 
-    command("train-lang", "stage 1: a language adapter (+ invertible adapter) by masked-LM", LanguageAdapterSettings)
-    command("train-task", "stage 2: a task adapter on a frozen language adapter", TaskAdapterSettings)
+    command("train-lang", "stage 1: a language adapter (+ invertible adapter) by masked-LM (--full-model: the whole "
+            "model, MLM-SRC / MLM-TRG)", LanguageAdapterSettings)
+    command("train-task", "stage 2: a task adapter on a frozen language adapter (--full-finetune: the whole model, "
+            "the XLM-R baseline)", TaskAdapterSettings)
     command("transfer", "stage 3: zero-shot transfer matrix (swap the language adapter)", TransferSettings)
+    command("report", "transfer results of separate runs (madx transfer --output) in one matrix: CSV, JSON, "
+            "Markdown, heatmaps", ReportSettings)
     command("predict", "label JSON lines of many languages in mixed batches (a language adapter per line under one "
             "task adapter)", PredictSettings)
+    command("merge", "one adapter averaged from several (a language without text of its own from related "
+            "languages' adapters)", MergeSettings)
     command("push", "upload a run, bundle or adapter directory to the Hugging Face Hub, with a model card",
             PushSettings)
     command("params", "parameter counts per language and task (MAD-X budget)", ParameterBudgetSettings)
@@ -121,25 +132,31 @@ def _number(text: str) -> bool:
 
 
 def cmd_train_lang(args) -> None:
-    from .training import LanguageAdapterSettings, train_language_adapter
+    from .training import LanguageAdapterSettings, train_language
     from .training.settings import from_args
-    train_language_adapter(from_args(LanguageAdapterSettings, args))
+    train_language(from_args(LanguageAdapterSettings, args))
 
 
 def cmd_train_task(args) -> None:
-    from .training import TaskAdapterSettings, train_task_adapter
+    from .training import TaskAdapterSettings, train_task
     from .training.settings import from_args
-    train_task_adapter(from_args(TaskAdapterSettings, args))
+    train_task(from_args(TaskAdapterSettings, args))
 
 
 def cmd_transfer(args) -> None:
     from .training import TransferSettings, evaluate_transfer
+    from .training.report import build_report, format_report
     from .training.settings import from_args
-    from .training.transfer import format_table
     result = evaluate_transfer(from_args(TransferSettings, args))
-    print(format_table(result["records"]))
+    print(format_report(build_report(result["records"])))
     print(f"report written to {args.output_dir} ({result['wall_time_s']:.1f} s)" if args.output_dir else
           f"({result['wall_time_s']:.1f} s)")
+
+
+def cmd_report(args) -> None:
+    from .training.report import merge_runs
+    from .training.settings import ReportSettings, from_args
+    merge_runs(from_args(ReportSettings, args), echo=print)
 
 
 # ``madx predict`` finished, but some lines were not predicted (each reported on stderr with its number).
@@ -160,6 +177,14 @@ def cmd_predict(args) -> int:
              summary["wall_time_s"],
              summary["lines_per_s"])
     return EXIT_LINES_NOT_PREDICTED if bad else 0
+
+
+def cmd_merge(args) -> None:
+    from .training.merge import merge_adapters
+    from .training.settings import MergeSettings, from_args
+    result = merge_adapters(from_args(MergeSettings, args))
+    weights = ", ".join(f"{n} {w:.4g}" for n, w in zip(result["inputs"], result["weights"]))
+    print(f"merged adapter {result['name']!r} ({weights}) written to {result['path']}")
 
 
 def cmd_push(args) -> None:
@@ -190,7 +215,8 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"train-lang": cmd_train_lang, "train-task": cmd_train_task, "transfer": cmd_transfer,
-            "predict": cmd_predict, "push": cmd_push, "params": cmd_params, "demo": cmd_demo}
+            "report": cmd_report, "predict": cmd_predict, "merge": cmd_merge, "push": cmd_push, "params": cmd_params,
+            "demo": cmd_demo}
 
 
 def _hold_standard_descriptors() -> None:

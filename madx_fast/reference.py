@@ -201,6 +201,55 @@ def grouped_nice_reference(x, groups, f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, 
                       lambda g, xg: fn(xg, *(w[g] for w in weights), activation_name=activation_name))
 
 
+# --------------------------------------------------------------------------------------------------------
+# Averaged adapters (AdapterHub's Average): several adapters on the same input, outputs combined with weights.
+# --------------------------------------------------------------------------------------------------------
+def _mixed_delta(x, mix, w_down, b_down, w_up, b_up, scaling, activation_name):
+    """``sum_k mix[k] * delta_k(x)`` over the K adapters stacked in ``w_down [K, d, H]``, ..., ``mix [K]``."""
+    out = torch.zeros_like(x)
+    for k in range(w_down.shape[0]):
+        delta = _bottleneck_delta(x, w_down[k], None if b_down is None else b_down[k], w_up[k],
+                                  None if b_up is None else b_up[k], scaling, activation_name)
+        out = out + mix[k].to(x.dtype) * delta
+    return out
+
+
+def average_bottleneck_adapter_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    mix: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    scaling: float = 1.0,
+    activation_name: str = "relu",
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """K adapters on one input, their outputs ``h_k = r + delta_k(x)`` combined with coefficients ``mix``:
+
+        y = sum_k mix[k] h_k = (sum_k mix[k]) r + sum_k mix[k] * scaling * (W_up[k] act(W_down[k] x + b_down[k]) + b_up[k])
+
+    with the weights stacked over adapters (``w_down [K, d, H]``, ``b_down [K, d]``, ``w_up [K, H, d]``,
+    ``b_up [K, H]``) and ``mix [K]``. ``residual=None`` means ``x``. With ``groups [B]`` (one id per row of
+    ``x [B, ..., H]``), every row has its own ensemble: ``mix [G, K]`` and weights ``[G, K, ...]``, row ``b``
+    using group ``groups[b]``'s (a zero coefficient with zero weights pads a group of fewer adapters).
+    AdapterHub's ``Average`` is ``mix = weights`` (madx_fast) or ``weights / K`` (AdapterHub 1.3's own mean)."""
+    r = x if residual is None else residual
+    if groups is None:
+        coef = mix.sum().to(x.dtype)
+        return r * coef + _mixed_delta(x, mix, w_down, b_down, w_up, b_up, scaling, activation_name)
+
+    def delta(g, xg):
+        return _mixed_delta(xg, mix[g], w_down[g], None if b_down is None else b_down[g], w_up[g],
+                            None if b_up is None else b_up[g], scaling, activation_name)
+    coef = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    totals = mix.sum(-1).to(x.dtype)
+    for g in range(mix.shape[0]):
+        coef = torch.where(groups == g, totals[g], coef)
+    return r * coef.view(-1, *([1] * (x.dim() - 1))) + _per_group(x, groups, mix.shape[0], delta)
+
+
 def init_linear_bert(weight: torch.Tensor, bias: torch.Tensor | None, std: float = 0.02) -> None:
     """AdapterHub's ``init_weights="bert"``: weights N(0, 0.02), biases zero."""
     with torch.no_grad():

@@ -23,18 +23,27 @@ calling them), so activation code and dtype-dependent code (loads, casts, tl.dot
 
 * every activation on every route in bf16: the one-kernel adapter (d=48), the GEMM route (d=384, all
   epilogues and weight-gradient reductions), NICE (hidden width 192) with the input saved or rebuilt;
-* every dtype, and fp32 with TF32, on every route with relu, NICE in both directions;
+* every dtype, and fp32 with TF32, on every route with relu, NICE in both directions on both of its routes
+  (H=768: the fused kernels; H=1536, 384 hidden units: the GEMM route with its lost-row epilogues);
 * every block configuration with relu in bf16 and fp32 (fp16 tiles are bf16's): d=4 and d=96 (bottleneck
-  tiles 16 and 128 beside d=48's 64), NICE hidden width 16.
+  tiles 16 and 128 beside d=48's 64), NICE hidden width 16, and NICE at H=1024 (hidden width 256, as in
+  XLM-R large: the fused kernels' chunked configuration of hidden widths over 192; wider models take the GEMM
+  route, compiled at H=1536). The
+  adapters' block configurations do not depend on H, so d=4..384 cover every model's bottleneck tiles.
 
 The grouped (per-row language) kernels of ``grouped.py`` are recorded for 8 languages with rows of 128
-tokens: the quick set in bf16 with relu, ``--full`` also fp16, fp32, gelu, short rows (9 tokens: blocks cut
-at row ends) and d=48 (their activation code is the same device functions the other kernels compile with
-every activation); ``--all`` every combination.
+tokens: the quick set in bf16 with relu, ``--full`` also fp16, fp32, NICE at H=1536 (the GEMM route), gelu,
+short rows (9 tokens: blocks cut at row ends) and d=48 (their activation code is the same device functions
+the other kernels compile with every activation); ``--all`` every combination.
+
+The averaged-adapter kernels of ``average.py`` (an ``Average`` of K=3 adapters, and per-row ensembles of 4
+groups) likewise: the quick set in bf16 with relu, ``--full`` also fp16, fp32, gelu, d=48, short rows and the
+input as the residual.
 
 ``--all`` multiplies everything out (also d=24 and 192, every activation in every dtype, block
-configuration and direction): about 1000 specializations, a quarter of an hour on 2 cores, against about
-170 and a minute or two for ``--full``. Launches that compile to the same specialization are compiled once.
+configuration and direction): about 1000 specializations, against about 310 for ``--full`` (on 2 busy
+cores: about 13 minutes cold, 15 s with Triton's on-disk cache warm). Launches that compile to the same
+specialization are compiled once.
 
 It exits non-zero when a kernel fails to compile, needs more shared memory than the target has, or spills
 more than --max-stack bytes.
@@ -54,10 +63,15 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT default (3.9 w
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from madx_fast.kernels.triton import adapter, aot, grouped, nice  # noqa: E402
+from madx_fast.kernels.triton import adapter, aot, average, grouped, nice  # noqa: E402
+from madx_fast import reference  # noqa: E402
 from madx_fast.reference import ACTIVATION_CODES  # noqa: E402
 
 SHARED_LIMIT = aot.SHARED_LIMIT
+# Hidden sizes of other models whose fused NICE block configuration differs from H=768's: 1024 (XLM-R large:
+# hidden width 256, 16-wide chunks in bf16/fp16). From H=1536 on NICE takes the GEMM route (nice.route), whose
+# kernels are the same at every width and are compiled at 1536.
+OTHER_NICE_H = (1024,)
 
 
 @contextlib.contextmanager
@@ -86,16 +100,18 @@ def _problems(mode: str):
                         ("nice", bf16, 768, act, False, (False,))]
         for dt, tf32 in ((bf16, False), (fp16, False), (fp32, False), (fp32, True)):  # every dtype, relu
             yield from [("adapter", dt, 48, relu, tf32, None), ("adapter", dt, 384, relu, tf32, None),
-                        ("nice", dt, 768, relu, tf32, both)]
+                        ("nice", dt, 768, relu, tf32, both), ("nice", dt, 1536, relu, tf32, both)]
         for dt in (bf16, fp32):  # the other block configurations
             yield from [("adapter", dt, 4, relu, False, None), ("adapter", dt, 96, relu, False, None),
                         ("nice", dt, 64, relu, False, (False,))]
+        for dt in (bf16, fp32):  # NICE of the larger models: wider hidden chunks, 16-wide K steps
+            yield from [("nice", dt, h, relu, False, (False,)) for h in OTHER_NICE_H]
     else:
         for dt, tf32 in ((bf16, False), (fp16, False), (fp32, False), (fp32, True)):
             for act in every:
                 for d in (4, 24, 48, 96, 192, 384):
                     yield "adapter", dt, d, act, tf32, None
-                for h in (64, 768):
+                for h in (64, 768, 1536):
                     yield "nice", dt, h, act, tf32, both
 
 
@@ -106,6 +122,7 @@ def record_launches(mode: str):
     with aot.recording(log, lambda: current["label"]):
         _record_single(mode, current)
         _record_grouped(mode, current)
+        _record_average(mode, current)
     return log
 
 
@@ -126,11 +143,8 @@ def _record_single(mode: str, current: dict) -> None:
                     adapter.adapter_backward(x, x, z, wd, wu, 1.0, act, residual is None)
             else:
                 h = size
-                len1, len2 = h // 2, h - h // 2
-                hf, hg = len2 // 2, len1 // 2
                 x = torch.empty(n, h, device=meta, dtype=dt)
-                shapes = [(hf, len2), (hf,), (len1, hf), (len1,), (hg, len1), (hg,), (len2, hg), (len2,)]
-                w = [torch.empty(s, device=meta) for s in shapes]
+                w = [torch.empty(s, device=meta) for s in _nice_shapes(h)]
                 for inverse in inverses:
                     current["label"] = f"H={h} {'inverse' if inverse else 'forward'} {tag}"
                     out = nice.nice_coupling(x, w, act, inverse)
@@ -138,37 +152,75 @@ def _record_single(mode: str, current: dict) -> None:
                         nice.nice_coupling_backward(out, out, inp, w, act, inverse)
 
 
+def _nice_shapes(h: int):
+    """The eight NICE weight shapes at hidden size h, rf 2 (H=1536 and wider: the GEMM route)."""
+    return list(reference.nice_weight_shapes(h, *reference.nice_hidden_sizes(h, 2)).values())
+
+
 def _record_grouped(mode: str, current: dict) -> None:
     """The grouped (per-row) kernels: 8 languages, rows of 128 tokens (and 9: blocks cut at row ends)."""
     meta = torch.device("meta")
-    g, h = 8, 768
+    g = 8
     relu, every = ACTIVATION_CODES["relu"], sorted(set(ACTIVATION_CODES.values()))
     if mode == "quick":
-        problems = [(torch.bfloat16, 128, 384, relu)]
+        problems = [(torch.bfloat16, 128, 768, 384, relu)]
     elif mode == "full":  # (the activation code is the device functions the other kernels compile with every one)
         gelu = ACTIVATION_CODES["gelu"]
-        problems = [(dt, 128, 384, relu) for dt in (torch.bfloat16, torch.float16, torch.float32)]
-        problems += [(torch.bfloat16, 128, 384, gelu), (torch.bfloat16, 9, 384, relu), (torch.float32, 9, 48, relu)]
+        problems = [(dt, 128, h, 384, relu) for dt in (torch.bfloat16, torch.float16, torch.float32)
+                    for h in (768, 1536)]
+        problems += [(torch.bfloat16, 128, 768, 384, gelu), (torch.bfloat16, 9, 768, 384, relu),
+                     (torch.float32, 9, 768, 48, relu)]
     else:
-        problems = [(dt, length, d, act) for dt in (torch.bfloat16, torch.float16, torch.float32)
-                    for length in (128, 9) for d in (48, 384) for act in every]
-    shapes = [(g, 192, 384), (g, 192), (g, 384, 192), (g, 384)] * 2
-    for dt, length, d, act in problems:
+        problems = [(dt, length, h, d, act) for dt in (torch.bfloat16, torch.float16, torch.float32)
+                    for length in (128, 9) for h, d in ((768, 48), (768, 384), (1536, 384)) for act in every]
+    for dt, length, h, d, act in problems:
         rows = 256 if length == 128 else 1024
         groups = torch.empty(rows, device=meta, dtype=torch.int64)
         x = torch.empty(rows * length, h, device=meta, dtype=dt)
-        current["label"] = f"grouped G={g} L={length} d={d} {str(dt)[6:]} act={act}"
+        current["label"] = f"grouped G={g} L={length} H={h} d={d} {str(dt)[6:]} act={act}"
         wd, bd = torch.empty(g, d, h, device=meta), torch.empty(g, d, device=meta)
         wu, bu = torch.empty(g, h, d, device=meta), torch.empty(g, h, device=meta)
         _, z = grouped.grouped_adapter_forward(x, x, groups, wd, bd, wu, bu, 1.0, act)
         grouped.grouped_adapter_backward(x, x, z, groups, wd, wu, 1.0, act, True, True, splits=2)
-        if d == 384:
-            w = [torch.empty(s, device=meta) for s in shapes]
+        if d == 384:  # NICE rf 2: the fused route at H=768, the GEMM route at 1536
+            w = [torch.empty((g, *s), device=meta) for s in _nice_shapes(h)]
             for inverse in (False, True):
-                current["label"] = f"grouped G={g} L={length} {'inverse' if inverse else 'forward'} {str(dt)[6:]}"
+                current["label"] = (f"grouped G={g} L={length} H={h} {'inverse' if inverse else 'forward'} "
+                                    f"{str(dt)[6:]}")
                 out = grouped.grouped_nice_coupling(x, groups, w, act, inverse)
                 for inp in (None, x):
                     grouped.grouped_nice_coupling_backward(out, out, inp, groups, w, act, inverse, True, splits=2)
+
+
+def _record_average(mode: str, current: dict) -> None:
+    """The averaged-adapter kernels (``average.py``): K=3 adapters, one ensemble for the batch and per-row
+    ensembles (4 groups, rows of 128 tokens and of 9); the quick set bf16 relu, ``--full`` also fp16, fp32,
+    gelu, d=48 and the input as the residual, ``--all`` every combination."""
+    meta = torch.device("meta")
+    k, g, h = 3, 4, 768
+    relu, every = ACTIVATION_CODES["relu"], sorted(set(ACTIVATION_CODES.values()))
+    if mode == "quick":
+        problems = [(torch.bfloat16, 128, 384, relu, False)]
+    elif mode == "full":
+        problems = [(dt, 128, 384, relu, False) for dt in (torch.bfloat16, torch.float16, torch.float32)]
+        problems += [(torch.bfloat16, 128, 384, ACTIVATION_CODES["gelu"], False), (torch.bfloat16, 9, 48, relu, True),
+                     (torch.float32, 9, 48, relu, True)]
+    else:
+        problems = [(dt, length, d, act, same) for dt in (torch.bfloat16, torch.float16, torch.float32)
+                    for length in (128, 9) for d in (48, 384) for act in every for same in (False, True)]
+    for dt, length, d, act, same in problems:
+        rows = 256 if length == 128 else 1024
+        x = torch.empty(rows * length, h, device=meta, dtype=dt)
+        residual = None if same else torch.empty_like(x)
+        for groups in (None, torch.empty(rows, device=meta, dtype=torch.int64)):
+            lead = (k,) if groups is None else (g, k)
+            current["label"] = f"average K={k}{'' if groups is None else f' G={g}'} L={length} d={d} {str(dt)[6:]}"
+            mix = torch.empty(lead, device=meta)
+            wd, bd = torch.empty(*lead, d, h, device=meta), torch.empty(*lead, d, device=meta)
+            wu, bu = torch.empty(*lead, h, d, device=meta), torch.empty(*lead, h, device=meta)
+            _, z = average.average_adapter_forward(x, residual, groups, mix, wd, bd, wu, bu, 1.0, act)
+            average.average_adapter_backward(x, x, z, residual, groups, mix, wd, wu, bu, 1.0, act, same, True,
+                                             groups is None, splits=2)
 
 
 def compile_tasks(mode: str, arch: int = 90):

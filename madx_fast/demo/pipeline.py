@@ -11,9 +11,20 @@ With no arguments it
 4. trains a NER task adapter in ``Stack(source, ner)`` for each source language (alpha and beta) and, as
    the paper's ablations, the same on language adapters without invertible adapters (MAD-X -INV) and
    without any language adapter (MAD-X -LAD -INV);
-5. evaluates zero-shot transfer to every language: with the target's language adapter (MAD-X), with the
-   source's left in place, and with none; prints the table and writes CSV / JSON / a heatmap PNG to
-   ``<out>/transfer`` and every adapter to ``<out>``.
+5. trains the paper's full-model baselines, every weight: the model fine-tuned on each source (XLM-R), and
+   for each target the model trained by masked LM on the target's text, then fine-tuned on the source
+   (XLM-R MLM-TRG) (``--no-baselines`` to skip);
+6. evaluates zero-shot transfer to every language: with the target's language adapter (MAD-X), with the
+   source's left in place, with none, the ablations and the full models; prints the report's table (the
+   paper's layout, and each row's difference to XLM-R) and writes it with CSV / JSON / two heatmap PNGs to
+   ``<out>/transfer``, every adapter and model to ``<out>``;
+7. (synthetic languages, ``--no-related`` to skip) a language without text of its own: delta, built from alpha's
+   and beta's words and grammar, has NER test data but no text, so no language adapter. Each MAD-X task
+   adapter is evaluated on it with no language adapter, with alpha's, with beta's, with their ``Average``, with
+   the two merged into one adapter (``madx merge``) and with EMEA (weights tuned per batch); the table goes to
+   ``<out>/related`` and the summary says which did best, measured.
+
+The banners number the steps that run (``--no-baselines``: the transfer is step 5 and delta's step 6).
 
 It reports what it measured (F1 on the generated test sets, time, peak memory, parameter counts). The step
 counts and learning rates below were chosen so that the small model learns the three languages within a few
@@ -43,8 +54,8 @@ from . import synthetic
 log = logging.getLogger("madx_fast.training")
 
 DEMO_MARKER = "demo_summary.json"
-DEMO_OUTPUTS = ("data", "base", "base-pretraining", "transfer", DEMO_MARKER)
-DEMO_PREFIXES = ("lang-", "ner-", "task-")
+DEMO_OUTPUTS = ("data", "base", "base-pretraining", "transfer", "related", DEMO_MARKER)
+DEMO_PREFIXES = ("lang-", "ner-", "task-", "ft-", "mlm-")
 CACHE_VERSION = 1
 
 
@@ -87,6 +98,13 @@ class DemoConfig:
     batch_size: int = opt(64, help="MLM batch (pretraining, language adapters)")
     task_batch_size: int = opt(32, help="NER batch")
     ablations: bool = opt(True, flag="--no-ablations", help="skip MAD-X -INV and -LAD -INV")
+    # the full-model baselines: XLM-R fine-tuned on the source; MLM-TRG: masked LM on the target, then that
+    baselines: bool = opt(True, flag="--no-baselines", help="skip the full-model baselines (XLM-R, XLM-R MLM-TRG)")
+    mlm_steps: int = opt(300, help="full-model MLM steps per target language (MLM-TRG)")
+    mlm_lr: float = opt(5e-4, cli=False)
+    finetune_lr: float = opt(1e-3, cli=False)
+    related: bool = opt(True, flag="--no-related", help="skip the last step, the language without text (delta, "
+                        "served by alpha's and beta's adapters)")
     # synthetic data sizes
     text_sentences: int = opt(6000, cli=False)
     ner_train: int = opt(1000, cli=False)
@@ -97,6 +115,9 @@ class DemoConfig:
     device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     bf16: bool = opt(False, help="bfloat16 autocast")
     progress: bool = opt(True, flag="--no-progress", help="no progress bars (log lines instead)")
+    threads: int | None = opt(None, help="torch CPU threads (default: 1 for the small synthetic model, whose "
+                              "matrices are too small to share, and on a busy machine a second thread stalls each "
+                              "step waiting for a core; torch's own choice with --model)")
     report_to: list[str] = opt(default_factory=list, parse=csv_list, metavar="TOOLS",
                                help="log every run's curves to: tensorboard (<run>/tensorboard), wandb")
     cache_dir: str | None = opt(None, help="where the pretrained small base is cached (default ~/.cache/madx_fast "
@@ -107,9 +128,11 @@ class DemoConfig:
 def real_model_config(model: str, **overrides) -> DemoConfig:
     """The demo pipeline on a pretrained model with the paper's hyperparameters (lr 1e-4, batch 64 for
     language adapters and 16 for NER, task reduction factor 16) and shorter schedules: 10k MLM steps per
-    language, 10 NER epochs, sequences of 128 tokens."""
+    language, 10 NER epochs, sequences of 128 tokens. The full-model baselines take lr 2e-5 for fine-tuning
+    and 5e-5 for masked LM (common choices for XLM-R, not the paper's)."""
     cfg = DemoConfig(model=model, max_length=128, lang_steps=10_000, lang_lr=1e-4, task_epochs=10, task_lr=1e-4,
-                     task_reduction_factor=16, batch_size=64, task_batch_size=16)
+                     task_reduction_factor=16, batch_size=64, task_batch_size=16, mlm_steps=10_000, mlm_lr=5e-5,
+                     finetune_lr=2e-5)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -135,8 +158,14 @@ def _clear_demo_outputs(directory: str) -> None:
 
 
 def run_demo(cfg: DemoConfig | None = None) -> dict:
-    """Run the pipeline; returns (and writes to ``<out>/demo_summary.json``) everything it measured."""
-    return _Demo(cfg or DemoConfig()).run()
+    """Run the pipeline; returns (and writes to ``<out>/demo_summary.json``) everything it measured. torch's
+    CPU thread count is the demo's (``threads``) while it runs, and the caller's again afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    try:
+        return _Demo(cfg or DemoConfig()).run()
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Demo:
@@ -147,6 +176,16 @@ class _Demo:
         self.languages = list(dict.fromkeys(cfg.sources + cfg.targets))
         self.runs: list[dict] = []
         self.timings: dict[str, float] = {}
+        a, b = synthetic.RELATED["delta"]
+        # step 6 runs on the synthetic languages when alpha and beta are among them and delta is not
+        self.related = (cfg.related and cfg.text_data is None and "delta" not in self.languages
+                        and {a, b} <= set(self.languages))
+        self.step_names = (["data", "base", "language adapters", "task adapters"]
+                           + ["baselines"] * cfg.baselines + ["transfer"] + ["related"] * self.related)
+
+    def _step(self, name: str) -> str:
+        """``n/N``: the step's number among the steps that run (baselines and delta's step are optional)."""
+        return f"{self.step_names.index(name) + 1}/{len(self.step_names)}"
 
     def run(self) -> dict:
         t0 = time.perf_counter()
@@ -154,6 +193,7 @@ class _Demo:
         check_demo_output(out, cfg.overwrite)
         check_report_to(cfg.report_to)
         self._check_languages()
+        threads = _set_threads(cfg)
         if cfg.overwrite:
             _clear_demo_outputs(out)
         os.makedirs(out, exist_ok=True)
@@ -162,10 +202,14 @@ class _Demo:
         systems = [("MAD-X", True)] + ([("MAD-X -INV", False)] if cfg.ablations else [])
         lang_dirs = self._timed("language_adapters", self._language_adapters, base, specs, systems)
         task_dirs = self._timed("task_adapters", self._task_adapters, base, specs, systems, lang_dirs)
-        records, report = self._timed("transfer", self._transfer, specs, lang_dirs, task_dirs)
+        full_dirs = self._timed("baselines", self._baselines, base, specs) if cfg.baselines else []
+        records, report, written = self._timed("transfer", self._transfer, specs, lang_dirs, task_dirs, full_dirs)
+        related = self._timed("related_language", self._related_language, lang_dirs, task_dirs)
         self.timings["total"] = time.perf_counter() - t0
         summary = {"config": asdict(cfg), "base_model": base, "runs": self.runs, "transfer": records,
-                   "report": report, "timings_s": self.timings}
+                   "report": written, "table": report, "timings_s": self.timings, "torch_threads": threads}
+        if related is not None:
+            summary["related_language"] = related
         files.write_json(os.path.join(out, DEMO_MARKER), summary)
         _print_summary(summary, out)
         return summary
@@ -194,7 +238,7 @@ class _Demo:
         cfg, out = self.cfg, self.out
         if cfg.text_data is not None:
             return None, {"text": cfg.text_data, "text_eval": cfg.text_eval_data, "ner": cfg.ner_data}
-        _banner(f"1/5 data: synthetic languages {', '.join(self.languages)}")
+        _banner(f"{self._step('data')} data: synthetic languages {', '.join(self.languages)}")
         paths = synthetic.write_corpus(os.path.join(out, "data"), self.languages, text_sentences=cfg.text_sentences,
                                        ner_train=cfg.ner_train, ner_validation=cfg.ner_validation,
                                        ner_test=cfg.ner_test, seed=cfg.seed)
@@ -207,9 +251,10 @@ class _Demo:
         """Step 2: the given base model, or the small one pretrained here (or taken from the cache)."""
         cfg = self.cfg
         if cfg.model is not None:
-            _banner(f"2/5 base model: {cfg.model}")
+            _banner(f"{self._step('base')} base model: {cfg.model}")
             return cfg.model
-        _banner(f"2/5 base model: XLM-R architecture, hidden {cfg.hidden_size}, {cfg.num_layers} layers")
+        _banner(f"{self._step('base')} base model: XLM-R architecture, hidden {cfg.hidden_size}, "
+                f"{cfg.num_layers} layers")
         base, pretrain = _base_model(cfg, paths, self.languages, self.out)
         if pretrain:
             self.runs.append(pretrain)
@@ -223,6 +268,12 @@ class _Demo:
                            eval_batch_size=64, progress=cfg.progress, device=cfg.device, bf16=cfg.bf16,
                            report_to=list(cfg.report_to))
 
+    def _task_loop(self, lr: float) -> TrainConfig:
+        """The NER loop: its steps and per-epoch validation come from the epochs."""
+        cfg = self.cfg
+        return dataclasses.replace(self._loop(1, lr, warmup=0.0, batch_size=cfg.task_batch_size), eval_every=0,
+                                   save_every=0)
+
     def _language_adapters(self, base: str, specs: dict, systems) -> dict[str, dict[str, str]]:
         """Step 3: a language adapter per language and system (MAD-X; MAD-X -INV without NICE)."""
         from ..training import train_language_adapter
@@ -231,7 +282,8 @@ class _Demo:
             lang_dirs[system] = {}
             for lang in self.languages:
                 suffix = "" if invertible else "-noinv"
-                _banner(f"3/5 language adapter {lang}{' (no invertible adapter)' if not invertible else ''}")
+                _banner(f"{self._step('language adapters')} language adapter {lang}"
+                        f"{' (no invertible adapter)' if not invertible else ''}")
                 d = os.path.join(self.out, f"lang-{lang}{suffix}")
                 self.runs.append(_run_row(train_language_adapter(
                     model=base, lang=lang, train_data=specs["text"], eval_data=specs["text_eval"], output_dir=d,
@@ -245,13 +297,11 @@ class _Demo:
         """Step 4: a NER task adapter per source on each system's language adapter, and with none (-LAD -INV)."""
         from ..training import train_task_adapter
         cfg = self.cfg
-        task_loop = dataclasses.replace(self._loop(1, cfg.task_lr, warmup=0.0, batch_size=cfg.task_batch_size),
-                                        eval_every=0, save_every=0)  # steps and per-epoch validation from epochs
 
         def train(name: str, label: str, **lang) -> str:
             d = os.path.join(self.out, name)
             self.runs.append(_run_row(train_task_adapter(
-                model=base, output_dir=d, config=dataclasses.replace(task_loop), task="ner", train_data=specs["ner"],
+                model=base, output_dir=d, config=self._task_loop(cfg.task_lr), task="ner", train_data=specs["ner"],
                 max_length=cfg.max_length, backend=cfg.backend, epochs=cfg.task_epochs,
                 reduction_factor=cfg.task_reduction_factor, **lang), label))
             return d
@@ -261,46 +311,166 @@ class _Demo:
             suffix = "" if invertible else "-noinv"
             task_dirs[system] = []
             for src in cfg.sources:
-                _banner(f"4/5 NER task adapter on Stack({src}, ner){' -INV' if not invertible else ''}")
+                _banner(f"{self._step('task adapters')} NER task adapter on Stack({src}, ner)"
+                        f"{' -INV' if not invertible else ''}")
                 task_dirs[system].append(train(f"ner-{src}{suffix}", f"NER adapter on {src}{suffix}",
                                                lang_adapter=lang_dirs[system][src]))
         if cfg.ablations:
             task_dirs["MAD-X -LAD -INV"] = []
             for src in cfg.sources:
-                _banner(f"4/5 NER task adapter on {src}, no language adapter (-LAD -INV)")
+                _banner(f"{self._step('task adapters')} NER task adapter on {src}, no language adapter (-LAD -INV)")
                 task_dirs["MAD-X -LAD -INV"].append(train(f"ner-{src}-nolang", f"NER adapter on {src}, no lang "
                                                           "adapter", lang=src))
         return task_dirs
 
-    def _transfer(self, specs: dict, lang_dirs, task_dirs):
-        """Step 5: zero-shot transfer of every system's task adapters to every target; the report."""
-        from ..training import evaluate_transfer, write_transfer_report
+    def _baselines(self, base: str, specs: dict) -> list[str]:
+        """Step 5: the paper's full-model baselines, every weight trained: XLM-R fine-tuned on each source, and
+        MLM-TRG, the whole model trained by masked LM on a target's text, then fine-tuned on the source."""
+        from ..training import train_language, train_task
+        cfg, mlm_dirs, full_dirs = self.cfg, {}, []
+        for lang in dict.fromkeys(t for src in cfg.sources for t in cfg.targets if t != src):
+            _banner(f"{self._step('baselines')} baseline: the whole model by masked LM on {lang} (for MLM-TRG)")
+            mlm_dirs[lang] = os.path.join(self.out, f"mlm-{lang}")
+            self.runs.append(_run_row(train_language(
+                model=base, lang=lang, full_model=True, train_data=specs["text"], eval_data=specs["text_eval"],
+                output_dir=mlm_dirs[lang], config=self._loop(cfg.mlm_steps, cfg.mlm_lr), max_length=cfg.max_length,
+                max_texts=cfg.max_texts), f"full model MLM on {lang}"))
+        for src in cfg.sources:
+            starts = [(base, f"ft-{src}", f"NER full fine-tuning on {src}")] + [
+                (mlm_dirs[t], f"ft-{src}-mlm-{t}", f"NER fine-tuning on {src}, MLM {t}") for t in cfg.targets
+                if t != src]
+            for model, name, label in starts:
+                _banner(f"{self._step('baselines')} baseline: {label}")
+                full_dirs.append(os.path.join(self.out, name))
+                self.runs.append(_run_row(train_task(
+                    model=model, lang=src, full_finetune=True, output_dir=full_dirs[-1], task="ner",
+                    train_data=specs["ner"], config=self._task_loop(cfg.finetune_lr), max_length=cfg.max_length,
+                    epochs=cfg.task_epochs), label))
+        return full_dirs
+
+    def _transfer(self, specs: dict, lang_dirs, task_dirs, full_dirs):
+        """Step 6 (5 without baselines): zero-shot transfer of every system to every target, in one report:
+        MAD-X in its three settings, then the ablations and the full models as named systems of one call."""
+        from ..training import evaluate_transfer
+        from ..training.report import build_report, write_report
         cfg = self.cfg
-        _banner(f"5/5 zero-shot transfer: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}")
-        records = []
-        for system, dirs in task_dirs.items():
-            settings = ("target", "source", "none") if system == "MAD-X" else ("target",)
-            res = evaluate_transfer(task_adapters=dirs, lang_adapters=lang_dirs.get(system, {}), targets=cfg.targets,
-                                    eval_data=specs["ner"], split="test", settings=settings, system=system,
-                                    device=cfg.device, bf16=cfg.bf16, backend=cfg.backend)
-            records.extend(res["records"])
-        report = write_transfer_report(records, os.path.join(self.out, "transfer"),
-                                       title="zero-shot NER transfer, entity F1 (%)")
-        return records, report
+        _banner(f"{self._step('transfer')} zero-shot transfer: {', '.join(cfg.sources)} -> {', '.join(cfg.targets)}")
+        common = dict(targets=cfg.targets, eval_data=specs["ner"], split="test", device=cfg.device, bf16=cfg.bf16,
+                      backend=cfg.backend)
+        records = evaluate_transfer(task_adapters=task_dirs["MAD-X"], lang_adapters=lang_dirs["MAD-X"],
+                                    settings=("target", "source", "none"), system="MAD-X", **common)["records"]
+        others = [f"{system}={d}" for system, dirs in task_dirs.items() if system != "MAD-X" for d in dirs]
+        if others or full_dirs:
+            langs = {f"{system}:{lang}": d for system, by_lang in lang_dirs.items() if system != "MAD-X"
+                     for lang, d in by_lang.items()}
+            records += evaluate_transfer(task_adapters=others, full_models=full_dirs, lang_adapters=langs,
+                                         **common)["records"]
+        report = build_report(records)
+        written = write_report(records, report, os.path.join(self.out, "transfer"),
+                               title="zero-shot NER transfer, entity F1 (%)")
+        return records, report, written
+
+    def _related_language(self, lang_dirs, task_dirs) -> dict | None:
+        """The last step: delta, which has NER data but no text (so no adapter), served by alpha's and beta's adapters:
+        alone, averaged, merged and ensembled with EMEA, under every MAD-X task adapter."""
+        from ..training import evaluate_transfer
+        from ..training.merge import merge_adapters
+        cfg = self.cfg
+        lang, (a, b) = "delta", synthetic.RELATED["delta"]
+        if not self.related:
+            return None  # (real data, delta given text of its own, or alpha / beta not among the languages)
+        _banner(f"{self._step('related')} a language without text: {lang}, served by {a}'s and {b}'s adapters")
+        data = os.path.join(self.out, "data")
+        synthetic.write_corpus(data, [lang], text=False, ner_train=0, ner_validation=0, ner_test=cfg.ner_test,
+                               seed=cfg.seed)
+        merged = os.path.join(self.out, f"lang-{lang}-merged")
+        merge_adapters(adapters={a: lang_dirs["MAD-X"][a], b: lang_dirs["MAD-X"][b]}, output_dir=merged, name=lang)
+        given = {a: lang_dirs["MAD-X"][a], b: lang_dirs["MAD-X"][b]}
+        rows, records = [], []
+        for label, value, setting in RELATED_ROWS:
+            value = value and value.format(a=a, b=b)
+            value = merged if value == "merged" else given.get(value, value)  # a related language: its directory
+            res = evaluate_transfer(task_adapters=task_dirs["MAD-X"], targets=[lang], settings=[setting],
+                                    lang_adapters={**given, **({lang: value} if value else {})},
+                                    eval_data=os.path.join(data, "{lang}", "ner"), split="test",
+                                    system=label.format(a=a, b=b), device=cfg.device, bf16=cfg.bf16,
+                                    backend=cfg.backend)
+            for rec in res["records"]:
+                records.append(rec)
+                rows.append({"method": rec["system"], "source": rec["source"], "f1": rec["value"],
+                             "language_adapter": rec["language_adapter"]})
+        from ..training import write_transfer_report
+        report = write_transfer_report(records, os.path.join(self.out, "related"),
+                                       title=f"NER on {lang} (no text of its own), entity F1 (%)")
+        return {"language": lang, "related": [a, b], "rows": rows, "finding": related_finding(rows),
+                "report": report, "merged_adapter": merged}
+
+
+# The last step (7; 6 without baselines): how the language without text is served (label, --lang-adapter
+# value, transfer setting); {a}, {b}: the related languages (a value naming one: its adapter directory). The
+# ensembles name their members by the related languages' own --lang-adapter entries.
+RELATED_ROWS = (("no language adapter", None, "none"), ("{a}'s adapter", "{a}", "target"),
+                ("{b}'s adapter", "{b}", "target"), ("Average({a}, {b})", "avg:{a},{b}", "target"),
+                ("merged {a}+{b}", "merged", "target"), ("EMEA({a}, {b})", "emea:{a},{b}", "target"))
+
+
+def _related_table(rows: list[dict]) -> str:
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    width = max(len(r["method"]) for r in rows)
+    lines = [f"{'':<{width}}  " + "  ".join(f"{'src ' + s:>10}" for s in sources)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = {r["source"]: r["f1"] for r in rows if r["method"] == method}
+        lines.append(f"{method:<{width}}  " + "  ".join(f"{cells.get(s, float('nan')):>10.2f}" for s in sources))
+    return "\n".join(lines)
+
+
+def related_finding(rows: list[dict]) -> str:
+    """What the rows show, in words computed from them: per task adapter, the better single related adapter,
+    the best combination of both (Average, merged, EMEA) and its margin, and no language adapter."""
+    parts = []
+    for src in dict.fromkeys(r["source"] for r in rows):
+        mine = {r["method"]: r["f1"] for r in rows if r["source"] == src}
+        singles = {m: v for m, v in mine.items() if m.endswith("'s adapter")}
+        combined = {m: v for m, v in mine.items() if m not in singles and m != "no language adapter"}
+        single, combo = max(singles, key=singles.get), max(combined, key=combined.get)
+        parts.append(f"task adapter on {src}: the better single adapter is {single} ({singles[single]:.1f} F1), "
+                     f"the best combination {combo} ({combined[combo]:.1f}, {combined[combo] - singles[single]:+.1f}), "
+                     f"no language adapter {mine['no language adapter']:.1f}")
+    return "; ".join(parts)
 
 
 def _print_summary(summary: dict, out: str) -> None:
-    from ..training.transfer import format_table
+    from ..training.report import format_report
     report = summary["report"]
     print()
     print(format_runs(summary["runs"]))
     print()
     print("Zero-shot NER (seqeval entity F1 %, test sets of the target languages):")
-    print(format_table(summary["transfer"]))
+    print(format_report(summary["table"]))
     print()
-    print(f"report: {report['transfer_heatmap.png']}, {report['transfer_matrix.csv']}, "
-          f"{report['transfer_results.json']}")
-    print(f"adapters: {out}/lang-*/adapter, {out}/ner-*/best;  total wall time {summary['timings_s']['total']:.1f} s")
+    print(f"report: {', '.join(report.values())}")
+    related = summary.get("related_language")
+    if related:
+        print()
+        print(f"A language without text: {related['language']} (related to {', '.join(related['related'])}), "
+              "NER entity F1 % on its test set:")
+        print(_related_table(related["rows"]))
+        print(f"measured: {related['finding']}")
+    print(f"models and adapters: {out}/lang-*/adapter, {out}/ner-*/best, {out}/ft-*/best, {out}/mlm-*/model;  total "
+          f"wall time {summary['timings_s']['total']:.1f} s")
+
+
+def _set_threads(cfg: DemoConfig) -> int:
+    """``--threads``, else one thread for the small synthetic model (measured: docs/training.md, the demo);
+    returns the count the demo runs with."""
+    import torch
+    threads = cfg.threads if cfg.threads is not None else None if cfg.model else 1
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    log.info("torch CPU threads: %d", torch.get_num_threads())
+    return torch.get_num_threads()
 
 
 def _banner(text: str) -> None:
@@ -312,12 +482,13 @@ def _du(path: str) -> int:
 
 
 def _run_row(summary: dict, label: str) -> dict:
-    adapter = summary.get("adapter") or summary.get("language")
+    adapter = summary.get("adapter")
     counts = {k: v for k, v in summary.items() if k.startswith("adapter_parameters[")}
     final = summary.get("final_eval") or {}
     best = summary.get("best")
     return {"run": label, "stage": summary["stage"], "adapter": adapter,
-            "adapter_parameters": summary.get(f"adapter_parameters[{adapter}]"), "all_counts": counts,
+            "adapter_parameters": summary.get(f"adapter_parameters[{adapter}]") if adapter else None,
+            "trainable_parameters": summary.get("trainable_parameters"), "all_counts": counts,
             "base_parameters": summary.get("base_parameters"), "steps": summary.get("steps"),
             "train_time_s": summary.get("train_time_s"), "wall_time_s": summary.get("wall_time_s"),
             "peak_memory_mb": summary.get("peak_memory_mb"), "peak_memory_kind": summary.get("peak_memory_kind"),
@@ -328,16 +499,22 @@ def _run_row(summary: dict, label: str) -> dict:
 
 
 def format_runs(runs: list[dict]) -> str:
-    head = f"{'run':<34} {'params':>10} {'steps':>6} {'time s':>7} {'peak MB':>8}  result"
-    lines = [head, "-" * len(head)]
-    for r in runs:
-        params = f"{r['adapter_parameters']:,}" if r.get("adapter_parameters") else f"{r.get('base_parameters', 0):,}"
-        lines.append(f"{r['run']:<34} {params:>10} {r['steps'] or 0:>6} {r['wall_time_s'] or 0:>7.1f} "
-                     f"{r['peak_memory_mb'] or 0:>8.0f}  {r['result']}")
+    """The training runs as an aligned table of the columns that vary; a column with one value on every row
+    is said once below it."""
+    from ..training.report import markdown_table
+    headers = ["run", "trained params", "steps", "time s", "peak MB", "result"]
+    rows = [[r["run"], f"{r['adapter_parameters'] or r.get('trainable_parameters') or r.get('base_parameters') or 0:,}",
+             r["steps"] or 0, f"{r['wall_time_s'] or 0:.1f}", f"{r['peak_memory_mb'] or 0:.0f}", r["result"]]
+            for r in runs]
+    lines = [markdown_table(headers, rows, drop_constant=True)]
+    same = [f"{h} {rows[0][j]}" for j, h in enumerate(headers) if len(rows) > 1 and len({str(r[j]) for r in rows}) == 1]
+    if same:
+        lines.append(f"(every run: {', '.join(same)})")
     base = next((r["base_parameters"] for r in runs if r.get("base_parameters")), None)
     if base:
-        lines.append(f"(params: adapter parameters per language / task; base model {base:,}; peak memory = "
-                     f"{runs[-1].get('peak_memory_kind')}, cumulative over the process)")
+        kind = runs[-1].get("peak_memory_kind")
+        lines.append(f"(trained params: an adapter's, or every weight of a full-model run; base model {base:,}; "
+                     f"peak MB: {kind}, cumulative over the process)")
     return "\n".join(lines)
 
 

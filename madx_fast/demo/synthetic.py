@@ -1,4 +1,4 @@
-"""Three small synthetic languages for the demo: generated deterministically, nothing downloaded or shipped.
+"""Four small synthetic languages for the demo: generated deterministically, nothing downloaded or shipped.
 
 They share one inventory of named entities (person, location and organisation names, spelled the same) and
 one set of meanings (travel, work, meetings, foundings, plain clauses), but differ in everything else:
@@ -6,6 +6,9 @@ one set of meanings (travel, work, meetings, foundings, plain clauses), but diff
     alpha  SVO, prepositions, entities capitalised, other words lower case
     beta   SOV, postpositions, every noun capitalised (so capitals alone do not mark entities)
     gamma  VSO, prepositions, no capitals at all
+    delta  related to alpha and beta (``RELATED``): each word is alpha's or beta's (half the meanings each),
+           alpha's word order and capitals, beta's postpositions and adjectives after the noun. The demo gives
+           it no text of its own (no language adapter can be trained): it borrows alpha's and beta's
 
 Content and function words are pseudo-words built from each language's own syllables. Some strings are
 ambiguous on purpose: a few surnames are also city names, and organisation names contain city names
@@ -19,7 +22,9 @@ import json
 import os
 import random
 
-LANGUAGES = ("alpha", "beta", "gamma")
+LANGUAGES = ("alpha", "beta", "gamma", "delta")
+# a language built from others: delta's words and grammar come from alpha's and beta's (``Language``)
+RELATED = {"delta": ("alpha", "beta")}
 NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 
 _FIRST = ("Ana Boris Cira Dario Elin Farid Greta Hugo Ines Jonas Kira Luca Mira Nils Olga Pavel Rosa Sami "
@@ -62,7 +67,13 @@ _SYLLABLES = {
 
 
 def _lexicon(lang: str) -> dict[str, str]:
-    """Meaning -> word for one language: distinct pseudo-words from the language's syllables."""
+    """Meaning -> word for one language: distinct pseudo-words from the language's syllables; a related
+    language's (delta) words are its parents', each meaning's from one of them, half from each."""
+    if lang in RELATED:
+        parents = [_lexicon(p) for p in RELATED[lang]]
+        meanings = sorted(parents[0])
+        picks = random.Random(f"lexicon-{lang}").sample(meanings, len(meanings) // 2)
+        return {m: parents[0][m] if m in picks else parents[1][m] for m in meanings}
     rng = random.Random(f"lexicon-{lang}")
     syllables, base = _SYLLABLES[lang]
     used, lex = set(), {}
@@ -103,12 +114,12 @@ class Language:
         return out
 
     def pp(self, prep: str, np_: list) -> list:
-        """Adposition phrase: preposition before (alpha, gamma) or postposition after (beta)."""
-        return np_ + self.w(prep) if self.name == "beta" else self.w(prep) + np_
+        """Adposition phrase: preposition before (alpha, gamma) or postposition after (beta, delta)."""
+        return np_ + self.w(prep) if self.name in ("beta", "delta") else self.w(prep) + np_
 
     def clause(self, subj: list, verb: str, obj: list, extra: list) -> list:
         v = self.w(verb)
-        if self.name == "alpha":
+        if self.name in ("alpha", "delta"):
             return subj + v + obj + extra
         if self.name == "beta":
             return subj + obj + extra + v
@@ -117,7 +128,7 @@ class Language:
     def noun_phrase(self, rng) -> list:
         words = self.w("the") + (self.w(rng.choice(_ADJS)) if rng.random() < 0.5 else [])
         noun = self.w(rng.choice(_NOUNS))
-        if self.name == "beta":  # adjective after the noun
+        if self.name in ("beta", "delta"):  # adjective after the noun
             return self.w("the") + noun + words[1:]
         return words + noun
 
@@ -179,19 +190,22 @@ def generate(lang: str, n: int, seed: int) -> list[list[tuple[str, str]]]:
 
 
 def write_corpus(directory: str, languages=LANGUAGES, *, text_sentences: int = 12000, ner_train: int = 2000,
-                 ner_validation: int = 300, ner_test: int = 500, seed: int = 0) -> dict[str, dict[str, str]]:
-    """Per language: ``text/train.txt`` and ``text/validation.txt`` (one sentence a line) and
-    ``ner/{train,validation,test}.jsonl`` (``{"tokens": [...], "ner_tags": [...]}``). Returns the paths."""
+                 ner_validation: int = 300, ner_test: int = 500, seed: int = 0,
+                 text: bool = True) -> dict[str, dict[str, str]]:
+    """Per language: ``text/train.txt`` and ``text/validation.txt`` (one sentence a line; not with
+    ``text=False``: a language without text) and ``ner/{train,validation,test}.jsonl`` (``{"tokens": [...],
+    "ner_tags": [...]}``). Returns the paths."""
     paths = {}
     for lang in languages:
         root = os.path.join(directory, lang)
-        os.makedirs(os.path.join(root, "text"), exist_ok=True)
         os.makedirs(os.path.join(root, "ner"), exist_ok=True)
-        text = generate(lang, text_sentences, seed)
-        n_val = max(1, text_sentences // 20)
-        for split, rows in (("train", text[n_val:]), ("validation", text[:n_val])):
-            with open(os.path.join(root, "text", f"{split}.txt"), "w", encoding="utf-8") as f:
-                f.writelines(" ".join(t for t, _ in s) + "\n" for s in rows)
+        if text:
+            os.makedirs(os.path.join(root, "text"), exist_ok=True)
+            sentences = generate(lang, text_sentences, seed)
+            n_val = max(1, text_sentences // 20)
+            for split, rows in (("train", sentences[n_val:]), ("validation", sentences[:n_val])):
+                with open(os.path.join(root, "text", f"{split}.txt"), "w", encoding="utf-8") as f:
+                    f.writelines(" ".join(t for t, _ in s) + "\n" for s in rows)
         ner = generate(lang, ner_train + ner_validation + ner_test, seed + 1)
         splits = {"train": ner[:ner_train], "validation": ner[ner_train:ner_train + ner_validation],
                   "test": ner[ner_train + ner_validation:]}
@@ -199,9 +213,10 @@ def write_corpus(directory: str, languages=LANGUAGES, *, text_sentences: int = 1
             with open(os.path.join(root, "ner", f"{split}.jsonl"), "w", encoding="utf-8") as f:
                 for s in rows:
                     f.write(json.dumps({"tokens": [t for t, _ in s], "ner_tags": [g for _, g in s]}) + "\n")
-        paths[lang] = {"text": os.path.join(root, "text", "train.txt"),
-                       "text_eval": os.path.join(root, "text", "validation.txt"),
-                       "ner": os.path.join(root, "ner")}
+        paths[lang] = {"ner": os.path.join(root, "ner")}
+        if text:
+            paths[lang].update(text=os.path.join(root, "text", "train.txt"),
+                               text_eval=os.path.join(root, "text", "validation.txt"))
     return paths
 
 

@@ -23,6 +23,15 @@ L tokens, ``groups: [B]`` int32/int64 ids on the device, weights stacked over gr
         -> (d_inp, 8 weight grads [G, ...] float32)
     (weight_grads=False: only the input gradient is computed; the weight grads are empty tensors)
 
+Averaged adapters (AdapterHub's ``Average``), Triton only: K adapters per token combined with coefficients
+``mix [K]`` (per row: ``groups`` and ``mix [G, K]``), weights stacked ``[K, ...]`` (``[G, K, ...]``):
+
+    average_adapter_forward(x, residual_or_None, groups_or_None, mix, w_down, b_down, w_up, b_up, scaling,
+                            activation) -> (y [N, H], z [N, K*d])
+    average_adapter_backward(dy, x, z, residual_or_None, groups_or_None, mix, w_down, w_up, b_up, scaling,
+                             activation, residual_is_input, weight_grads, mix_grad)
+        -> (dx, dr (empty when residual_is_input), dw_down, db_down, dw_up, db_up, dmix) float32 grads
+
 ``weights`` = (f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2); activation codes in
 ``madx_fast.reference.ACTIVATION_CODES``. Backends never import each other; both are checked against
 ``madx_fast.reference``.

@@ -9,7 +9,8 @@ Llama, Mistral (``wiring.SUPPORTED_MODEL_TYPES``; see docs/model_api.md).
     madx.train_adapters("ner")
 
 Layout: ``config.py`` (MadxConfig, AdapterHub config conversion), ``stack.py`` (the active setup: ``Stack``, and
-``PerRow`` for many languages in one batch), ``wiring.py`` (where the adapters and NICE go in each model family),
+``PerRow`` for many languages in one batch, ``Average`` for several adapters' outputs averaged), ``average.py``
+(running an ``Average``), ``wiring.py`` (where the adapters and NICE go in each model family),
 ``lm_heads.py`` (masked / causal / seq2seq LM heads of HF models), ``per_row.py`` (running a ``PerRow`` entry:
 each row through its own language's adapter), ``controller.py`` (``add_madx`` and the ``MadxAdapters`` handle),
 ``adapter_files.py`` (files), ``pretrained.py`` (``from_pretrained`` of a whole model with its adapters;
@@ -25,10 +26,10 @@ from .controller import AdapterExistsError, MadxAdapters, add_madx, check_adapte
 from .hub import AdapterNameError, AdapterNotFoundError, resolve_adapter
 from .mlm_loss import FusedLinearCrossEntropy, fused_linear_cross_entropy, madx_lm_loss, madx_mlm_loss
 from .pretrained import from_pretrained, load_madx
-from .stack import PerRow, Stack
+from .stack import Average, PerRow, Stack
 
 __all__ = [
     "AdapterConfigError", "AdapterExistsError", "AdapterFileError", "AdapterNameError", "AdapterNotFoundError",
-    "FusedLinearCrossEntropy", "MadxAdapters", "MadxConfig", "PerRow", "Stack", "add_madx", "check_adapter_name",
+    "Average", "FusedLinearCrossEntropy", "MadxAdapters", "MadxConfig", "PerRow", "Stack", "add_madx", "check_adapter_name",
     "from_pretrained", "fused_linear_cross_entropy", "load_madx", "madx_lm_loss", "madx_mlm_loss", "resolve_adapter",
 ]

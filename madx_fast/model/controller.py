@@ -27,7 +27,7 @@ from . import adapter_files, per_row, pretrained_record
 from .adapter_files import AdapterFileError, check_state_dict
 from .config import AdapterConfigError, MadxConfig
 from .hub import resolve_adapter
-from .stack import PerRow, Setup, Stack, adapter_names, normalize_setup, setup_repr, without_adapter
+from .stack import Average, PerRow, Setup, Stack, adapter_names, normalize_setup, setup_repr, without_adapter
 from .wiring import MadxState, find_parts, unwire, wire
 
 _NAME_RE = re.compile(r"^[^.\s]+$")  # it becomes a module name: no dots, no blanks
@@ -172,12 +172,47 @@ class MadxAdapters:
                     param.copy_(state_dict[f"invertible.{key}"])
         self._attach(name, config, layer_adapters, invertible)
 
+    def average_adapter(self, adapter_name: str, adapter_list, weights=None, normalize_weights: bool = True, *,
+                        combine_strategy: str = "linear", overwrite: bool = False, set_active: bool = False) -> None:
+        """Add adapter ``adapter_name`` whose parameters are the weighted sum of those of ``adapter_list``'s
+        adapters (AdapterHub's ``average_adapter``, "linear" strategy): every layer's bottleneck weights and
+        biases and, for adapters with one, the invertible (NICE) adapter's. A merged adapter costs no more
+        than one adapter at inference (unlike ``Average``, which runs them all).
+
+        ``adapter_list``: names, or a dict name -> weight (its weights are used when ``weights`` is None).
+        Weights as AdapterHub's: None gives each ``1/n``; given ones are divided by their sum when
+        ``normalize_weights``. The adapters must share one configuration (dropout and initialisation aside);
+        the new adapter takes the first's. The NICE parameters are averaged as AdapterHub's base-model
+        ``model.base_model.average_adapter`` does (its top-level ``model.average_adapter`` on a flex-head or
+        ``adapters.init`` model gives the new adapter no invertible adapter at all)."""
+        if combine_strategy != "linear":
+            raise ValueError(f"combine_strategy {combine_strategy!r} is not supported; bottleneck and invertible "
+                             "adapters are averaged 'linear'ly (as AdapterHub does for them)")
+        names, coefficients = _average_coefficients(adapter_list, weights, normalize_weights)
+        for n in names:
+            self._require(n)
+        config = self.configs[names[0]]
+        for n in names[1:]:
+            if _config_identity(self.configs[n]) != _config_identity(config):
+                raise ValueError(f"cannot average adapters of different configurations: {names[0]!r} has "
+                                 f"{self.configs[names[0]]} but {n!r} has {self.configs[n]}")
+        self.check_new_name(adapter_name, overwrite)
+        state: dict[str, torch.Tensor] = {}
+        with torch.no_grad():  # in AdapterHub's order: w_0 v_0 + w_1 v_1 + ... per parameter
+            for n, w in zip(names, coefficients):
+                for key, value in self.adapter_state_dict(n).items():
+                    state[key] = w * value if key not in state else state[key] + w * value
+        self.install_adapter(adapter_name, config, state, overwrite=overwrite,
+                             source=f"average of {', '.join(names)}")
+        if set_active:
+            self.set_active(adapter_name)
+
     # ---------------------------------------------------------------------------------------------------
     # active setup
     # ---------------------------------------------------------------------------------------------------
     @property
     def active(self):
-        """The active setup: None, a name, or a Stack."""
+        """The active setup: None, a name (or Average / PerRow block), or a Stack."""
         return setup_repr(self.state.active)
 
     @active.setter
@@ -187,7 +222,8 @@ class MadxAdapters:
     def set_active(self, setup: Setup) -> None:
         """Activate ``setup``: an adapter name, ``Stack(lang, task)`` (or a list of names), or None for the
         plain model. Takes effect on the next forward; switch at any time (e.g. swap the language).
-        ``Stack(PerRow("en", "sw"), task)`` runs each row of a batch in its own language (``row_languages``)."""
+        ``Stack(PerRow("en", "sw"), task)`` runs each row of a batch in its own language (``row_languages``);
+        ``Stack(Average("es", "pt", weights=[0.7, 0.3]), task)`` a weighted average of adapters (``Average``)."""
         names = normalize_setup(setup)
         for n in adapter_names(names):
             self._require(n)
@@ -469,6 +505,27 @@ class MadxAdapters:
         elif name in self.state.invertible:
             del self.state.invertible[name]
         self.configs[name] = config
+
+
+def _average_coefficients(adapter_list, weights, normalize: bool) -> tuple[list[str], list[float]]:
+    """``(names, coefficients)`` of ``average_adapter``: AdapterHub's weight handling (``stack.Average``'s)."""
+    if isinstance(adapter_list, str):
+        raise TypeError(f"adapter_list must be a list of adapter names (or a dict name -> weight), got the string "
+                        f"{adapter_list!r}")
+    if isinstance(adapter_list, dict):
+        names = list(adapter_list)
+        if weights is None:
+            weights = list(adapter_list.values())
+    else:
+        names = list(adapter_list)
+    if not names:
+        raise ValueError("no adapters to average: give at least one adapter name")
+    return names, list(Average(*names, weights=weights, normalize_weights=normalize).weights)
+
+
+def _config_identity(config: MadxConfig) -> dict:
+    """What must agree between adapters averaged into one (AdapterHub ignores dropout and initialisation)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("dropout", "init_weights", "init_weights_seed")}
 
 
 def _module_device(module: nn.Module) -> torch.device:

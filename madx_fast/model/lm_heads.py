@@ -115,6 +115,25 @@ def lm_objective(model: nn.Module) -> str | None:
     return None
 
 
+def pretraining_objective(config) -> str | None:
+    """The objective a model type is pretrained with, from its config: ``"seq2seq"`` for an encoder-decoder,
+    ``"causal"`` for a decoder (``is_decoder``, or a type transformers has a causal-LM class for and no
+    masked-LM class: GPT-2, Llama, Mistral, ...), ``"masked"`` for an encoder with a masked-LM class; None
+    for a type with neither. A causal model attends only to earlier positions."""
+    from transformers.models.auto import modeling_auto
+
+    model_type = getattr(config, "model_type", None) or ""
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if getattr(config, "is_decoder", False):
+        return "causal"
+    if model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked"
+    if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    return None
+
+
 def find_lm_head(model: nn.Module) -> LMHead | None:
     """The LM head of an HF model (None when its class has none, or its head is not one of the known kinds)."""
     objective = lm_objective(model)

@@ -28,7 +28,7 @@ import torch
 
 from .. import ops, reference
 from ..backends import resolve_backend
-from .stack import PerRow, per_row_entry
+from .stack import PerRow, adapter_names, first_adapter, per_row_entry
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def needs_row_languages(active: tuple) -> bool:
     return entry is not None and len(entry) > 1
 
 
-def _groups(state, entry: PerRow, x: torch.Tensor) -> torch.Tensor:
+def row_groups(state, entry: PerRow, x: torch.Tensor) -> torch.Tensor:
     groups = state.row_groups
     if groups is None:
         raise ValueError(f"the active setup runs {entry!r}: say each row's language for this forward, e.g. "
@@ -93,18 +93,18 @@ def _groups(state, entry: PerRow, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 # The per-row pieces the wired layers call
 # --------------------------------------------------------------------------------------------------------
-def _stacked(tensors, what: str, entry: PerRow) -> torch.Tensor:
+def stacked(tensors, what: str, entry: PerRow) -> torch.Tensor:
     """``torch.stack`` of one weight over the PerRow's languages (differentiable: each language's parameter
     gets its own gradient), with an error naming the languages when their shapes differ."""
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
-        listing = ", ".join(f"{n}: {tuple(t.shape)}" for n, t in zip(entry.names, tensors))
+        listing = ", ".join(f"{n}: {tuple(t.shape)}" for n, t in zip(entry.labels, tensors))
         raise ValueError(f"{entry!r}: the languages' {what} differ in shape ({listing}); per-row languages need "
                          "adapters of one configuration")
     return torch.stack(tensors)
 
 
-def _grouped_backend(backend: str | None, device: torch.device) -> str:
+def grouped_backend(backend: str | None, device: torch.device) -> str:
     """The adapters' backend for the grouped ops: the CUDA C++ backend has no grouped kernels, so per-row
     adapters of a model on backend "cuda" run on the Triton ones."""
     name = resolve_backend(backend, device)
@@ -119,15 +119,15 @@ class GroupedBottleneck:
         self.modules, self.entry, self.state, self.layer = modules, entry, state, layer
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        groups = _groups(self.state, self.entry, x)
+        groups = row_groups(self.state, self.entry, x)
         first = self.modules[0]
         downs = [m.adapter_down[0] for m in self.modules]
         ups = [m.adapter_up for m in self.modules]
         what = f"layer {self.layer} adapter"
-        w_down = _stacked([d.weight for d in downs], f"{what} down-projection weights", self.entry)
-        b_down = _stacked([d.bias for d in downs], f"{what} down-projection biases", self.entry)
-        w_up = _stacked([u.weight for u in ups], f"{what} up-projection weights", self.entry)
-        b_up = _stacked([u.bias for u in ups], f"{what} up-projection biases", self.entry)
+        w_down = stacked([d.weight for d in downs], f"{what} down-projection weights", self.entry)
+        b_down = stacked([d.bias for d in downs], f"{what} down-projection biases", self.entry)
+        w_up = stacked([u.weight for u in ups], f"{what} up-projection weights", self.entry)
+        b_up = stacked([u.bias for u in ups], f"{what} up-projection biases", self.entry)
         if first.training and first.dropout.p > 0:
             # Dropout sits between the scaled adapter output and the residual add: not in the fused kernels.
             r = x if residual is None else residual
@@ -136,7 +136,7 @@ class GroupedBottleneck:
             return r + first.dropout(delta)
         return ops.grouped_bottleneck_adapter(x, residual, groups, w_down, b_down, w_up, b_up,
                                               scaling=first.scaling, activation=first.activation,
-                                              backend=_grouped_backend(first.backend, x.device))
+                                              backend=grouped_backend(first.backend, x.device))
 
 
 def layer_adapter(adapters, entry: PerRow, state, layer: int):
@@ -157,25 +157,26 @@ def layer_adapter(adapters, entry: PerRow, state, layer: int):
 def invertible(state, entry: PerRow, x: torch.Tensor, inverse: bool) -> torch.Tensor:
     """The NICE coupling (``inverse=False``, on the embeddings) or its inverse (before the masked-LM decoder)
     of each row's language. ``x: [rows, ..., H]`` with one row language per row."""
-    modules = [state.invertible[n] if n in state.invertible else None for n in entry.names]
+    firsts = [first_adapter(m) for m in entry.names]  # an Average member: its first adapter's (as AdapterHub)
+    modules = [state.invertible[n] if n in state.invertible else None for n in firsts]
     if all(m is None for m in modules):
         return x
     if len(entry) == 1:
         return modules[0].inverse(x) if inverse else modules[0](x)
     if any(m is None for m in modules):
-        have = [n for n, m in zip(entry.names, modules) if m is not None]
-        lack = [n for n, m in zip(entry.names, modules) if m is None]
+        have = [n for n, m in zip(firsts, modules) if m is not None]
+        lack = [n for n, m in zip(firsts, modules) if m is None]
         raise ValueError(f"{entry!r}: {have} have invertible adapters but {lack} do not; per-row languages need "
                          "adapters of one configuration")
-    groups = _groups(state, entry, x)
+    groups = row_groups(state, entry, x)
     names = ("F.0.weight", "F.0.bias", "F.2.weight", "F.2.bias", "G.0.weight", "G.0.bias", "G.2.weight",
              "G.2.bias")
     per_module = [m.weights() for m in modules]
-    weights = [_stacked([w[i] for w in per_module], f"invertible adapter {names[i]}", entry) for i in range(8)]
+    weights = [stacked([w[i] for w in per_module], f"invertible adapter {names[i]}", entry) for i in range(8)]
     first = modules[0]
     fn = ops.grouped_nice_inverse if inverse else ops.grouped_nice_forward
     return fn(x, groups, *weights, activation=first.activation, recompute=first.recompute,
-              backend=_grouped_backend(first.backend, x.device))
+              backend=grouped_backend(first.backend, x.device))
 
 
 @contextlib.contextmanager
@@ -197,13 +198,14 @@ def select_rows(state, row_index: torch.Tensor | None):
 # Checks at set_active
 # --------------------------------------------------------------------------------------------------------
 def check_compatible(madx, entry: PerRow) -> None:
-    """The adapters of a PerRow run as one grouped op per layer: same layers, bottleneck sizes, activation,
+    """The adapters of a PerRow (those its Average members average too) run as one grouped op per layer: same layers, bottleneck sizes, activation,
     scaling and dropout, and all or none with an invertible adapter of one shape. Raises naming the first
     difference."""
-    first = entry.names[0]
+    names = adapter_names((entry,))  # Average members: every adapter they average
+    first = names[0]
     ref_layers = madx.layer_adapters(first)
     ref_inv = madx.invertible_adapter(first)
-    for name in entry.names[1:]:
+    for name in names[1:]:
         layers = madx.layer_adapters(name)
         if set(layers) != set(ref_layers):
             raise ValueError(f"{entry!r}: {name!r} has adapters in layers {sorted(layers)} but {first!r} in "

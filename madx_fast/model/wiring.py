@@ -19,7 +19,8 @@ Adapter parameters sit under AdapterHub's key names (``{prefix}.encoder.layer.{i
 ``{prefix}.layers.{i}.output_adapters.adapters.{name}.*``, ``{prefix}.invertible_adapters.{name}.*``), so
 AdapterHub's saved weights load by key. All wired pieces share one ``MadxState`` (a plain object, not a module)
 holding the active setup as a tuple of names (and at most one ``PerRow`` of per-row adapters, run by
-``per_row.py`` with the row -> adapter ids of ``MadxState.row_groups``). Hooks are small picklable objects
+``per_row.py`` with the row -> adapter ids of ``MadxState.row_groups``; ``Average`` blocks, run by
+``average.py``). Hooks are small picklable objects
 holding the state, so a wired model pickles and deep-copies with its wiring.
 """
 from __future__ import annotations
@@ -29,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import per_row
+from . import average, per_row
 from .lm_heads import LMHead, find_lm_head
-from .stack import PerRow
+from .stack import Average, PerRow
 
 
 @dataclass(frozen=True)
@@ -77,22 +78,30 @@ def backbone_for(model_type: str | None) -> Backbone | None:
 
 
 class MadxState:
-    """What every wired piece reads on each forward: the active setup (a tuple of adapter names or a
-    ``PerRow``, first = the one whose invertible adapter runs), the invertible adapters (owned by the base
-    model) and, for a PerRow setup, the group id of each row of the batch (a device tensor, or None)."""
+    """What every wired piece reads on each forward: the active setup (a tuple of adapter names, ``Average``
+    blocks or a ``PerRow``, first = the one whose invertible adapter runs), the invertible adapters (owned by
+    the base model), for a PerRow setup the group id of each row of the batch (a device tensor, or None), and
+    the device tensors of the Averages' constant coefficients (``average.py``; kept for as long as the model:
+    a CUDA graph captured with one keeps reading it, whatever setups come and go)."""
 
     def __init__(self, invertible: nn.ModuleDict):
-        self.active: tuple[str | PerRow, ...] = ()
+        self.active: tuple[str | PerRow | Average, ...] = ()
         self.invertible = invertible
         self.row_groups: torch.Tensor | None = None
+        self.mixes: dict = {}
 
 
 def active_layer_adapters(adapters: nn.ModuleDict, state: MadxState, layer: int) -> list:
     """The adapters one layer applies, in stack order: callables ``(x, residual) -> y``."""
     out = []
     for entry in state.active:
-        if isinstance(entry, PerRow):
-            adapter = per_row.layer_adapter(adapters, entry, state, layer)
+        if isinstance(entry, (PerRow, Average)):
+            if isinstance(entry, Average):
+                adapter = average.layer_adapter(adapters, entry, state, layer)
+            elif average.has_average(entry):
+                adapter = average.per_row_layer_adapter(adapters, entry, state, layer)
+            else:
+                adapter = per_row.layer_adapter(adapters, entry, state, layer)
             if adapter is not None:
                 out.append(adapter)
         elif entry in adapters:
@@ -101,13 +110,16 @@ def active_layer_adapters(adapters: nn.ModuleDict, state: MadxState, layer: int)
 
 
 def first_invertible(state: MadxState, x: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """The invertible adapter (or its inverse) of the first adapter of the setup, if it has one."""
+    """The invertible adapter (or its inverse) of the first adapter of the setup, if it has one (of an Average:
+    its first adapter's, as AdapterHub)."""
     active = state.active
     if not active:
         return x
     first = active[0]
     if isinstance(first, PerRow):
         return per_row.invertible(state, first, x, inverse)
+    if isinstance(first, Average):
+        first = first.first()
     if first in state.invertible:
         inv = state.invertible[first]
         return inv.inverse(x) if inverse else inv(x)

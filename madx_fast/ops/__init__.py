@@ -10,6 +10,11 @@ weights stacked over groups ``[G, ...]`` (many languages in one batch):
     y = grouped_bottleneck_adapter(x, residual, groups, w_down, b_down, w_up, b_up, scaling=1.0, activation="relu")
     y = grouped_nice_forward(x, groups, f_w1, ..., g_b2);  x = grouped_nice_inverse(y, groups, f_w1, ..., g_b2)
 
+Averaged adapters (AdapterHub's ``Average``): K adapters on one input, outputs combined with coefficients
+``mix [K]`` (or per row: ``mix [G, K]`` with ``groups``), weights stacked over adapters ``[K, ...]``:
+
+    y = average_bottleneck_adapter(x, residual, mix, w_down, b_down, w_up, b_up, groups=None, scaling=1.0)
+
 ``backend`` picks the implementation (see ``madx_fast.backends``). The eager backend is the reference in
 ``madx_fast.reference``; the fused backends run through custom ops (``madx_fast::adapter_forward``,
 ``madx_fast::nice_coupling``, their grouped versions and backwards), which torch.compile treats as opaque
@@ -23,6 +28,7 @@ back in the weights' dtype (so fp32 master weights work with bf16 activations).
 One module per op family, the single op and its grouped version side by side:
 
 * ``adapter.py``: ``bottleneck_adapter``, ``grouped_bottleneck_adapter``
+* ``average.py``: ``average_bottleneck_adapter`` (one launch per product for all K adapters)
 * ``nice.py``: ``nice_forward`` / ``nice_inverse``, ``grouped_nice_forward`` / ``grouped_nice_inverse``
 * ``checks.py``: the input checks both families share (dtype, shape, device, group ids)
 * ``dispatch.py``: the custom-op namespace, the backend choice, the launcher lookup and the cast of the
@@ -30,7 +36,8 @@ One module per op family, the single op and its grouped version side by side:
 """
 from ..reference import NiceWeights
 from .adapter import bottleneck_adapter, grouped_bottleneck_adapter
+from .average import average_bottleneck_adapter
 from .nice import grouped_nice_forward, grouped_nice_inverse, nice_forward, nice_inverse
 
-__all__ = ["NiceWeights", "bottleneck_adapter", "grouped_bottleneck_adapter", "grouped_nice_forward",
+__all__ = ["NiceWeights", "average_bottleneck_adapter", "bottleneck_adapter", "grouped_bottleneck_adapter", "grouped_nice_forward",
            "grouped_nice_inverse", "nice_forward", "nice_inverse"]

@@ -7,12 +7,17 @@ bundles, checked to share one base model, and the task model built from them.
     check_same_base([plan["path"], *langs.values()])
     model, madx, task_name = load_task_model(plan, task, langs, backend, "auto", device)
 
+A language may be served by an ensemble of others' adapters (``qu=avg:es,pt``, ``qu=emea:es,pt``;
+``SYSTEM:qu=...`` for one system's task adapters: ``ensembles_for``; ``ensemble.py`` runs them): its members
+are resolved and loaded instead.
+
 Everything here reads metadata first and refuses what does not fit before a model is loaded.
 """
 from __future__ import annotations
 
 from ..model.adapter_files import read_adapter_info
 from . import models, runs
+from .ensemble import check_ensembles, lang_adapter_key
 from .tasks import task_class, task_for_head
 
 
@@ -53,6 +58,15 @@ def resolve_language_adapter(lang: str | None, where: str, base_model: str | Non
     return found
 
 
+def ensembles_for(langs, lang_adapters: dict[str, str], system: str | None = None) -> dict:
+    """The ensembles (``ensemble.EnsembleSpec``) serving languages among ``langs`` for the task adapters of
+    ``system``, from the ``--lang-adapter`` entries (``qu=avg:es,pt``, ``SYSTEM:qu=avg:es,pt``: the entry
+    ``lang_adapter_key`` picks); their members are to be resolved like any language adapter of ``system``."""
+    ensembles = check_ensembles(lang_adapters)
+    keys = {lang: lang_adapter_key(lang, system, lang_adapters) for lang in langs}
+    return {lang: ensembles[key] for lang, key in keys.items() if key in ensembles}
+
+
 def check_same_base(paths) -> None:
     """Refuse adapter bundles whose run records name different base models (by weights fingerprint)."""
     prints = {path: runs.read_bundle_meta(path).get("base_fingerprint") for path in paths}
@@ -87,4 +101,4 @@ def _auto_class(plan: dict, task) -> str:
     return cls if cls and cls.startswith(("XLMRoberta", "Roberta", "Bert")) else task.auto_class
 
 
-__all__ = ["check_same_base", "load_task_model", "resolve_language_adapter", "resolve_task_adapter"]
+__all__ = ["check_same_base", "ensembles_for", "load_task_model", "resolve_language_adapter", "resolve_task_adapter"]

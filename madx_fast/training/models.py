@@ -1,25 +1,37 @@
 """Base models and their tokenizers: how every stage, transfer and predict load, check, wire, cast, place and
 compile the model they work on (the device itself: ``devices.py``).
 
-    tok = load_tokenizer(name, need_mask=True)            # a fast tokenizer, checked
+    tok = load_tokenizer(name, need_mask=True)            # a fast tokenizer, checked (a pad token, see below)
     max_length = max_length_for(name, requested, default) # within the model's position table
+    objective, auto_class, kwargs = language_model_class(name, objective=None)  # "causal" for GPT-2 / Llama
+    check_model_class("AutoModelForMultipleChoice", name, "the copa task")  # refused where HF has no such class
     model, madx, fingerprint = wired_model("AutoModelForMaskedLM", name, backend)
     dtype = place(model, madx, "auto", device)            # bf16 backbone on a GPU, fp32 adapters; .to(device)
     compile_encoder(model, "inductor")                    # --compile: the encoder runs as a compiled graph
 
 The *base fingerprint* hashes a fixed sample of every backbone weight (taken before any cast): an adapter
 trained on one base model is refused on another of the same shape (a different checkpoint), before any work.
+
+Tokenizers of every family load the same way: one without a pad token (GPT-2, Llama, Mistral) pads with its
+end-of-text token (padding is masked out and never a target, so its id does not matter); a byte-level BPE
+(GPT-2, RoBERTa) loads with ``add_prefix_space=True``, so that words given one by one (NER) are tokenized as in
+running text. Batches are padded on the right by madx_fast itself (a causal model's real tokens never attend
+to padding after them), so the tokenizer's ``padding_side`` is not used; only ``input_ids`` and
+``attention_mask`` reach the model (no ``token_type_ids``, which DistilBERT and decoders do not take).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import re
 
 import torch
 
 from ..model import add_madx, hub
-from ..model.wiring import find_parts
+from ..model.lm_heads import pretraining_objective
+from ..model.wiring import SUPPORTED_MODEL_TYPES, find_parts
 from ..paths import check_local
 from .data import DataError
 
@@ -41,8 +53,13 @@ def quiet_transformers():
 def load_tokenizer(name: str, *, need_mask: bool = False, model: str | None = None):
     """The fast tokenizer ``name``, checked; with ``model``, also that every token id has a row in the model's
     embedding matrix (a larger tokenizer would fail deep in the embeddings)."""
-    from transformers import AutoTokenizer
-    tok = from_pretrained(AutoTokenizer.from_pretrained, name, "the tokenizer of", directory="tokenizer directory")
+    tok = _tokenizer(name)
+    if _byte_level_without_prefix_space(tok):
+        tok = _tokenizer(name, add_prefix_space=True)
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+        log.info("the tokenizer of %s has no pad token: padding with %r (masked out, never a target)", name,
+                 tok.eos_token)
     check_tokenizer(tok, need_mask=need_mask)
     if model is not None:
         vocab = getattr(load_config(model), "vocab_size", None)
@@ -50,6 +67,29 @@ def load_tokenizer(name: str, *, need_mask: bool = False, model: str | None = No
             raise DataError(f"the tokenizer {name!r} has {len(tok)} tokens but the model {model!r} embeds only "
                             f"{vocab}: they do not belong together (pass the model's own tokenizer)")
     return tok
+
+
+def _tokenizer(name: str, **kwargs):
+    from transformers import AutoTokenizer
+    return from_pretrained(AutoTokenizer.from_pretrained, name, "the tokenizer of", directory="tokenizer directory",
+                           **kwargs)
+
+
+def _byte_level_without_prefix_space(tok) -> bool:
+    """A byte-level BPE pre-tokenizer (GPT-2, RoBERTa) without ``add_prefix_space``: it refuses words given one
+    by one (transformers 4.x) or joins them without their spaces (5.x)."""
+    if getattr(tok, "add_prefix_space", None) is not False:
+        return False
+    try:
+        todo = [json.loads(tok.backend_tokenizer.pre_tokenizer.__getstate__())]
+    except Exception:  # noqa: BLE001 - no pre-tokenizer, or one that does not serialize: nothing to change
+        return False
+    while todo:
+        state = todo.pop()
+        if state.get("type") == "ByteLevel" and not state.get("add_prefix_space", False):
+            return True
+        todo.extend(state.get("pretokenizers") or [])
+    return False
 
 
 def check_tokenizer(tokenizer, need_mask: bool = False) -> None:
@@ -108,9 +148,9 @@ def from_pretrained(load, name: str, what: str, *, directory: str = "model direc
 
 
 def position_limit(config) -> int | None:
-    """The longest sequence a BERT / XLM-R config can embed (RoBERTa positions start after the pad index)."""
+    """The longest sequence a config can embed (RoBERTa / XLM-R positions start after the pad index)."""
     limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
+    if limit is not None and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "xlm-roberta-xl"):
         limit -= (config.pad_token_id or 0) + 1
     return limit
 
@@ -162,8 +202,51 @@ def base_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+# The HF Auto class a language adapter's model is built with, per objective.
+LM_AUTO_CLASSES = {"masked": "AutoModelForMaskedLM", "causal": "AutoModelForCausalLM"}
+
+
+def language_model_class(name: str, objective: str | None = None) -> tuple[str, str, dict]:
+    """``(objective, HF Auto class, from_pretrained keywords)`` of the model a language adapter trains on:
+    ``objective`` None takes the one the model was pretrained with (``lm_heads.pretraining_objective``:
+    causal for GPT-2 / Llama / Mistral, masked for the encoders). An encoder trained with the causal
+    objective is loaded as a decoder (``is_decoder=True``: each position attends to earlier ones only, else
+    it would see the token it predicts). Reads the config only."""
+    config = load_config(name)
+    model_type = getattr(config, "model_type", None)
+    own = pretraining_objective(config)
+    objective = objective or own
+    if objective not in LM_AUTO_CLASSES:
+        what = "an encoder-decoder" if own == "seq2seq" else "not a language model"
+        raise ValueError(f"{name!r} ({model_type}) is {what}: a language adapter trains with the masked-LM or "
+                         f"causal-LM objective ({' or '.join(LM_AUTO_CLASSES)})")
+    check_model_class(LM_AUTO_CLASSES[objective], name, f"the {objective} objective",
+                      hint=f"; train its language adapter with --objective {own}" if own in LM_AUTO_CLASSES else "")
+    kwargs = {"is_decoder": True} if objective == "causal" and own == "masked" else {}
+    return objective, LM_AUTO_CLASSES[objective], kwargs
+
+
+def check_model_class(auto_class: str, name: str, purpose: str | None = None, *, hint: str = "") -> None:
+    """Refuse ``name`` (reading its config only) when transformers has no ``auto_class`` class for its model
+    type (``AutoModelForMultipleChoice`` on Llama, ``AutoModelForMaskedLM`` on GPT-2, ...)."""
+    from transformers.models.auto import modeling_auto
+
+    if not auto_class.startswith("AutoModelFor"):
+        return  # a concrete class (a head's own): loading it says whether it exists
+    head = auto_class.removeprefix("AutoModelFor")
+    mapping = getattr(modeling_auto, f"MODEL_FOR_{re.sub(r'(?<=[a-z])(?=[A-Z])', '_', head).upper()}_MAPPING_NAMES",
+                      None)
+    model_type = getattr(load_config(name), "model_type", None)
+    if mapping is not None and model_type not in mapping:
+        families = ", ".join(sorted(t for t in mapping if t in SUPPORTED_MODEL_TYPES)) or "none"
+        raise ValueError(f"transformers has no {model_type} model for {auto_class} (no {model_type} ...For{head} "
+                         f"class), so {purpose or auto_class} cannot run on {name!r} (families madx_fast wires that "
+                         f"have one: {families}){hint}")
+
+
 def wired_model(auto_class: str, name: str, backend: str | None, **kwargs):
     """``(model, madx, base fingerprint)``: the HF model from ``name`` with MAD-X wired in."""
+    check_model_class(auto_class, name)
     model = load_model(auto_class, name, **kwargs)
     fingerprint = base_fingerprint(model)
     return model, add_madx(model, backend=backend), fingerprint

@@ -13,7 +13,9 @@ whitespace) or ``tokens`` (the words); QA ``question`` and ``context``; COPA ``p
 ``choice2``, ``question`` ("cause" or "effect"). An ``id`` is copied to the output. The model runs
 ``Stack(PerRow(<every given language>), task)``: the lines of all languages share each batch, every row
 through its own language adapter (``madx.row_languages``), which computes what the line alone computes with
-``Stack(its language, task)``.
+``Stack(its language, task)``. A language given as an ensemble of others (``qu=avg:es,pt``, ``qu=emea:es,pt``:
+``ensemble.py``) is a PerRow member ``Average(es, pt)``; an EMEA ensemble tunes its weights on the rows of
+its language in each batch before the batch is predicted.
 
 Streaming: ``chunk_lines`` lines are read, parsed, tokenised, sorted by length, batched, predicted and handed
 out in input order before the next chunk is read, so memory holds one chunk whatever the size of the input.
@@ -44,7 +46,8 @@ from . import models
 from .batches import autocast, model_batch, pad_rows
 from .data import DataError
 from .devices import pick_device
-from .loading import check_same_base, load_task_model, resolve_language_adapter, resolve_task_adapter
+from .ensemble import EntropyMinimisation, ensemble_block
+from .loading import check_same_base, ensembles_for, load_task_model, resolve_language_adapter, resolve_task_adapter
 from .progress import LineProgress, is_terminal
 from .settings import PredictSettings
 from .tasks import make_task
@@ -66,8 +69,9 @@ class Predictor:
     def __init__(self, settings: PredictSettings | None = None, /, **kwargs):
         s = self.settings = PredictSettings.build(settings, **kwargs)
         plan = resolve_task_adapter(s.task_adapter, s.model)
+        ensembles = ensembles_for(s.lang_adapters, s.lang_adapters)  # languages served by others' adapters
         lang_paths = {lang: resolve_language_adapter(lang, where, plan["base_model"])
-                      for lang, where in s.lang_adapters.items()}
+                      for lang, where in s.lang_adapters.items() if lang not in ensembles}
         check_same_base([plan["path"], *lang_paths.values()])
         if plan["meta"] and not plan["meta"].get("language"):
             log.warning("%s was trained without a language adapter (MAD-X -LAD -INV); here it runs stacked on the "
@@ -80,9 +84,12 @@ class Predictor:
         self.format = self.task.line_format(self.task, tokenizer, self.max_length)
         self.model, self.madx, self.task_name = load_task_model(plan, self.task, lang_paths, s.backend,
                                                                 s.backbone_dtype, self.device)
-        self.languages = PerRow(*lang_paths)
+        self.languages = PerRow(*(ensemble_block(lang, ensembles[lang], self.device) if lang in ensembles else lang
+                                  for lang in s.lang_adapters))
         self.madx.set_active(Stack(self.languages, self.task_name))  # checks the languages fit one grouped op
         self.model.eval()
+        self.emea = EntropyMinimisation(self.model, self.madx, s.emea_steps, s.emea_lr)  # acts on emea: members
+        self.model.register_forward_pre_hook(self.emea, with_kwargs=True)
         self.runner, self.lengths = None, None
         if s.cuda_graphs and self.task.graph_outputs:
             from ..graphs import GraphedInference
@@ -157,8 +164,8 @@ class Predictor:
 
     def _language(self, rec: dict) -> str:
         lang = string_field(rec, "lang")
-        if lang not in self.languages.names:
-            raise LineError(f"no language adapter for {lang!r} (given: {', '.join(self.languages.names)})")
+        if lang not in self.languages.labels:
+            raise LineError(f"no language adapter for {lang!r} (given: {', '.join(self.languages.labels)})")
         return lang
 
     def _failed(self, number: int, message: str, source: str) -> str:
@@ -210,7 +217,7 @@ class Predictor:
             if per > 1:
                 ids, mask = ids.view(len(features), per, -1), mask.view(len(features), per, -1)
             inputs = model_batch(self.model, {"input_ids": ids, "attention_mask": mask}, self.device)
-            with self.madx.row_languages(languages):
+            with self.madx.row_languages(languages):  # (emea: ensembles tune their weights first: self.emea)
                 out = self.model(**inputs)
         return [out[k] for k in self.format.output_keys]
 

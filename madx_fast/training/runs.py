@@ -7,6 +7,7 @@ A run directory (``madx train-lang`` / ``madx train-task``)::
     checkpoint.pt        everything needed to continue the run (written atomically every N steps)
     adapter/             language runs: the trained language (+ invertible) adapter     -- a bundle
     best/, last/         task runs: best on validation / after the last step            -- bundles
+    model/               full-model MLM runs (best/, last/ of full fine-tuning): model directories (model_dirs.py)
     tensorboard/, wandb/ with --report-to: the trackers' files (madx_fast.training.reporting)
 
 A *bundle* is an adapter directory in madx_fast's format (``madx_adapter.json`` + ``.safetensors``, and for
@@ -31,7 +32,8 @@ RUN_META = "madx_run.json"
 RUN_SUMMARY = "run.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT = "checkpoint.pt"
-RUN_OUTPUTS = (RUN_SUMMARY, LOG_FILE, CHECKPOINT, "adapter", "best", "last", "adapterhub", "tensorboard", "wandb")
+RUN_OUTPUTS = (RUN_SUMMARY, LOG_FILE, CHECKPOINT, "adapter", "best", "last", "adapterhub", "model", "tensorboard",
+               "wandb")
 BUNDLES = ("adapter", "best", "last")
 
 

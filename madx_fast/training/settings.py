@@ -2,19 +2,23 @@
 generates the ``madx`` command's flags, and is recorded in ``run.json`` under the same names.
 
     TrainConfig                 the training loop (steps, batch, lr, schedule, precision, checkpoints, device)
-    LanguageAdapterSettings     stage 1, ``train_language_adapter`` / ``madx train-lang``
-    TaskAdapterSettings         stage 2, ``train_task_adapter`` / ``madx train-task``
+    LanguageAdapterSettings     stage 1, ``train_language_adapter`` / ``madx train-lang`` (``full_model``: the
+                                whole model by MLM instead, the MLM-SRC / MLM-TRG baselines)
+    TaskAdapterSettings         stage 2, ``train_task_adapter`` / ``madx train-task`` (``full_finetune``: the
+                                whole model instead, the XLM-R baseline; ``seeds``: a run per seed)
     TransferSettings            stage 3, ``evaluate_transfer`` / ``madx transfer``
+    ReportSettings              transfer results of several runs in one report, ``madx report``
     PredictSettings             mixed-language inference on JSONL, ``predict`` / ``madx predict``
+    MergeSettings               one adapter averaged from several, ``merge_adapters`` / ``madx merge``
     PushSettings                a run or adapter onto the Hugging Face Hub, ``push`` / ``madx push``
 
     ParameterBudgetSettings     the parameter budget table, ``madx params``
 
-A field's flag is ``--`` + its name with dashes, unless its metadata says otherwise (``flag``); ``help``,
-``choices``, ``nargs``, a ``parse`` function for each command-line string and a ``collect`` function for the
-parsed value (e.g. ``LANG=DIR`` items into a dict) come from the metadata too. Fields without a flag
-(``cli=False``) exist for Python callers only. ``check()`` validates what can be validated without reading
-anything (it runs before any file or model is touched). ``madx demo``'s flags come the same way from
+A field's flag is ``--`` + its name with dashes, unless its metadata says otherwise (``flag``; ``positional``: a
+positional argument); ``help``, ``choices``, ``nargs``, a ``parse`` function for each command-line string and a
+``collect`` function for the parsed value (e.g. ``LANG=DIR`` items into a dict) come from the metadata too.
+Fields without a flag (``cli=False``) exist for Python callers only. ``check()`` validates what can be validated
+without reading anything (it runs before any file or model is touched). ``madx demo``'s flags come the same way from
 ``madx_fast.demo.DemoConfig``.
 """
 from __future__ import annotations
@@ -22,10 +26,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..model.controller import check_adapter_name
+from .ensemble import check_ensembles
+from ..model.lm_heads import OBJECTIVES
+
+# the objectives a language adapter trains with (an encoder-decoder's seq2seq objective is not one of them)
+LM_OBJECTIVES = tuple(o for o in OBJECTIVES if o != "seq2seq")
 
 BACKENDS = ("auto", "eager", "triton", "cuda")
 BACKBONE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -179,7 +189,8 @@ class _StageSettings:
 
 @dataclass
 class LanguageAdapterSettings(_StageSettings):
-    """Stage 1: a language adapter (+ NICE invertible adapter) trained by masked-LM on the language's text."""
+    """Stage 1: a language adapter (+ NICE invertible adapter) trained by masked-LM (causal-LM for a decoder) on the
+    language's text."""
 
     model: str = opt(help="HF masked-LM model name or directory (e.g. xlm-roberta-base)")
     lang: str = opt(help="language code; also the adapter's name")
@@ -190,7 +201,10 @@ class LanguageAdapterSettings(_StageSettings):
     train_split: str = opt("train", help="split of an HF dataset --train-data")
     eval_split: str = opt("validation", help="split of an HF dataset --eval-data")
     max_length: int | None = opt(None, help="block length (default 256, or the model's limit)")
-    mlm_probability: float = opt(0.15, help="share of tokens masked (80%% <mask>, 10%% random, 10%% kept)")
+    mlm_probability: float = opt(0.15, help="share of tokens masked (80%% <mask>, 10%% random, 10%% kept), with the "
+                                            "masked objective")
+    objective: str | None = opt(None, choices=LM_OBJECTIVES, help="masked-LM or causal-LM training (default: the "
+                                "model's own: causal for decoders such as GPT-2, Llama, Mistral; masked otherwise)")
     reduction_factor: float = opt(2, help="bottleneck = hidden size // reduction factor (paper: 2)")
     invertible: bool = opt(True, flag="--no-invertible", help="no NICE invertible adapter (MAD-X -INV)")
     leave_out: list[int] = opt(default_factory=list, nargs="*", parse=int, help="layers without an adapter")
@@ -203,6 +217,8 @@ class LanguageAdapterSettings(_StageSettings):
     backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
     resume: bool = opt(False, help="continue the run in --output from its last checkpoint (fresh if none)")
     overwrite: bool = opt(False, help="replace an earlier run's outputs in --output")
+    full_model: bool = opt(False, help="train every weight of the model by MLM, no adapter (the MLM-SRC / MLM-TRG "
+                                       "baselines); writes <output>/model, a model directory for train-task --model")
     allow_data_change: bool = opt(False, help="with --resume: continue although the training or evaluation data "
                                              "differ from the checkpoint's (recorded in run.json's data_changes)")
     max_eval_blocks: int = opt(512, cli=False)
@@ -214,8 +230,13 @@ class LanguageAdapterSettings(_StageSettings):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} is required")
         check_adapter_name(self.lang, "language")
+        if self.full_model:
+            _check_full_model(self, "--full-model", export_adapterhub=False, leave_out=[])
         _number("eval_fraction", self.eval_fraction, minimum=0, below=1)
         _number("mlm_probability", self.mlm_probability, above=0, below=1)
+        if self.objective not in (None,) + LM_OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r}: choose one of {', '.join(LM_OBJECTIVES)} (or None: the "
+                             "model's own)")
         _number("reduction_factor", self.reduction_factor, above=0)
         if self.max_length is not None:
             _number("max_length", self.max_length, minimum=3, integer=True)
@@ -253,6 +274,10 @@ class TaskAdapterSettings(_StageSettings):
     backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
     resume: bool = opt(False, help="continue the run in --output from its last checkpoint (fresh if none)")
     overwrite: bool = opt(False, help="replace an earlier run's outputs in --output")
+    full_finetune: bool = opt(False, help="train every weight of --model and the head, no adapters (the XLM-R "
+                                          "baseline; --model may be a train-lang --full-model run: MLM-SRC / MLM-TRG)")
+    seeds: list[int] | None = opt(None, parse=lambda text: [int(v) for v in csv_list(text)],
+                                  help="comma-separated seeds: one run per seed, in <output>/seed-<N> (--seed ignored)")
     allow_data_change: bool = opt(False, help="with --resume: continue although the training or evaluation data "
                                              "differ from the checkpoint's (recorded in run.json's data_changes)")
     config: TrainConfig = opt(default_factory=lambda: TrainConfig(**PAPER_TASK_LOOP), cli=False)
@@ -262,6 +287,16 @@ class TaskAdapterSettings(_StageSettings):
         for name in ("task", "train_data", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} is required")
+        if self.full_finetune:
+            _check_full_model(self, "--full-finetune", lang_adapter=None)
+            if not self.model or not self.lang:
+                raise ValueError("--full-finetune needs --model (a model name or directory) and --lang (the language "
+                                 "of the training data, the transfer's source)")
+        if self.seeds is not None:
+            if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"seeds must be distinct integers, got {self.seeds!r}")
+            for seed in self.seeds:
+                _number("seed", seed, minimum=0, integer=True)
         for name, what in ((self.name, "task adapter name"), (self.lang, "language")):
             if name is not None:
                 check_adapter_name(name, what)
@@ -275,16 +310,56 @@ class TaskAdapterSettings(_StageSettings):
                 _number(name, getattr(self, name), minimum=1, integer=True)
 
 
-def _lang_adapter_map(items) -> dict[str, str]:
+def _check_full_model(settings, flag: str, **unused) -> None:
+    """A full-model stage trains float32 weights and no adapter: refuse the adapter settings given with it."""
+    if settings.backbone_dtype not in ("auto", "float32"):
+        raise ValueError(f"{flag} trains every weight in float32 (use --bf16 for bfloat16 autocast); "
+                         f"--backbone-dtype {settings.backbone_dtype} is for a frozen backbone")
+    for name, default in unused.items():
+        if getattr(settings, name) != default:
+            raise ValueError(f"{flag} trains no adapter: --{name.replace('_', '-')} does not apply")
+
+
+def _named_values(items, form: str, where: str) -> dict[str, str]:
+    """``NAME=VALUE`` items as a dict; ``form`` (e.g. "LANG=DIR") and ``where`` (the flag) name them in errors."""
     out: dict[str, str] = {}
     for item in items:
-        lang, sep, path = item.partition("=")
-        if not sep or not lang or not path:
-            raise ValueError(f"--lang-adapter takes LANG=DIR, got {item!r}")
-        if lang in out:
-            raise ValueError(f"--lang-adapter names {lang!r} twice")
-        out[lang] = path
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{where} takes {form}, got {item!r}")
+        if name in out:
+            raise ValueError(f"{where} names {name!r} twice")
+        out[name] = value
     return out
+
+
+def _lang_adapter_map(items) -> dict[str, str]:
+    return _named_values(items, "LANG=DIR", "--lang-adapter")
+
+
+# Test-time ensembles (``madx_fast.training.ensemble``): madx_fast's defaults, not tuned on any benchmark.
+EMEA_STEPS, EMEA_LR = 3, 1.0
+
+
+def _check_ensembles(s) -> None:
+    """The ensembles among ``--lang-adapter`` entries name adapter entries; EMEA's settings are sane and its
+    eager steps are not asked to run inside a captured forward."""
+    ensembles = check_ensembles(s.lang_adapters if isinstance(s.lang_adapters, dict) else {})
+    _number("emea_steps", s.emea_steps, minimum=0, integer=True)
+    _number("emea_lr", s.emea_lr, minimum=0)
+    emea = sorted(lang for lang, spec in ensembles.items() if spec.kind == "emea")
+    if emea and (s.cuda_graphs or getattr(s, "compile", None)):
+        raise ValueError(f"EMEA ensembles ({', '.join(emea)}) tune their weights eagerly before each batch: they do "
+                         "not combine with --cuda-graphs or --compile")
+
+
+def split_system(item: str) -> tuple[str | None, str]:
+    """``(SYSTEM, DIR)`` of a ``[SYSTEM=]DIR`` entry of ``--task-adapter`` / ``--full-model`` (None: no system
+    given); a path that exists as written is a path, even with a ``=`` in it."""
+    system, sep, path = item.partition("=")
+    if not sep or os.path.exists(os.path.expanduser(item)):
+        return None, item
+    return system, path
 
 
 # the configurations stage 3 evaluates a task adapter in (``settings=``; madx_fast.training.transfer)
@@ -295,18 +370,30 @@ TRANSFER_SETTINGS = {"target": "Stack(target, task)", "source": "Stack(source, t
 class TransferSettings(_StageSettings):
     """Stage 3: the zero-shot transfer matrix, task adapters x target languages x settings."""
 
-    task_adapters: list[str] = opt(flag="--task-adapter", nargs="+", help="task adapter run, bundle or adapter "
-                                   "directories (madx_fast or AdapterHub format, saved with their head)")
     targets: list[str] = opt(parse=csv_list, help="comma-separated target languages")
     eval_data: str = opt(help="evaluation data spec with {lang}, e.g. wikiann:{lang}")
-    output_dir: str | None = opt(None, flag="--output", help="directory for the CSV / JSON / PNG report")
-    lang_adapters: dict[str, str] = opt(default_factory=dict, flag="--lang-adapter", nargs="*", metavar="LANG=DIR",
-                                        collect=_lang_adapter_map, help="language adapters, e.g. sw=runs/lang-sw")
+    task_adapters: list[str] = opt(default_factory=list, flag="--task-adapter", nargs="+", metavar="[SYSTEM=]DIR",
+                                   help="task adapter run, bundle or adapter directories (madx_fast or AdapterHub "
+                                        "format, saved with their head; a directory of seed-N runs stands for each), "
+                                        "each under the system SYSTEM (default --system)")
+    full_models: list[str] = opt(default_factory=list, flag="--full-model", nargs="+", metavar="[SYSTEM=]DIR",
+                                 help="fully fine-tuned models (train-task --full-finetune runs or their model "
+                                      "directories), each a system (default: XLM-R, XLM-R MLM-SRC or XLM-R "
+                                      "MLM-TRG after the run; an MLM-TRG model is evaluated on its language only)")
+    output_dir: str | None = opt(None, flag="--output", help="directory for the CSV / JSON / Markdown / PNG report")
+    lang_adapters: dict[str, str] = opt(default_factory=dict, flag="--lang-adapter", nargs="*",
+                                        metavar="[SYSTEM:]LANG=DIR", collect=_lang_adapter_map,
+                                        help="language adapters, e.g. sw=runs/lang-sw; SYSTEM:sw=... is the one the "
+                                             "task adapters of SYSTEM use (e.g. mad-x-inv:sw=runs/lang-sw-noinv); "
+                                             "{lang}=runs/lang-{lang} stands for every language; a language "
+                                             "without one: an ensemble of others, qu=avg:es,pt (weights: "
+                                             "avg:es=0.7,pt=0.3) or qu=emea:es,pt (weights tuned per batch); "
+                                             "mad-x:qu=avg:es,pt for one system")
     split: str | None = opt(None, help="split of the evaluation data (default: test, or the dataset's evaluation "
                                        "split where it has no test split: validation for XQuAD)")
     settings: list[str] = opt(default_factory=lambda: ["target"], parse=csv_list,
                               help="comma-separated: target, source, none")
-    system: str = opt("MAD-X", help="name of this system in the report")
+    system: str = opt("MAD-X", help="the system of --task-adapter entries without SYSTEM= (a row name of the report)")
     model: str | None = opt(None, help="base model (default: the one the adapters were trained on)")
     batch_size: int = opt(32, help="evaluation batch size")
     max_examples: int | None = opt(None, help="evaluate at most this many examples per target")
@@ -318,14 +405,17 @@ class TransferSettings(_StageSettings):
     backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
     compile: str | None = opt(None, nargs="?", const="inductor", choices=COMPILE_BACKENDS, metavar="BACKEND",
                               help="torch.compile the encoder (adapters included) with BACKEND (default inductor)")
+    emea_steps: int = opt(EMEA_STEPS, help="entropy-minimisation steps per batch of an emea: ensemble")
+    emea_lr: float = opt(EMEA_LR, help="step size of the emea: ensembles' weights (exponentiated gradient)")
 
     def check(self) -> None:
         super().check()
         _check_compile(self.compile)
         if self.compile and self.cuda_graphs:
             raise ValueError("--compile and --cuda-graphs each capture the evaluation forward: choose one")
-        if not self.task_adapters:
-            raise ValueError("no task adapters to evaluate")
+        _check_ensembles(self)
+        if not self.task_adapters and not self.full_models:
+            raise ValueError("nothing to evaluate: give --task-adapter or --full-model")
         if not self.targets:
             raise ValueError("no target languages")
         if not self.eval_data:
@@ -334,8 +424,11 @@ class TransferSettings(_StageSettings):
         if unknown or not self.settings:
             raise ValueError(f"unknown transfer setting(s) {unknown}; choose from {sorted(TRANSFER_SETTINGS)}")
         _number("batch_size", self.batch_size, minimum=1, integer=True)
-        for lang in list(self.lang_adapters) + list(self.targets):
+        for lang in [key.rpartition(":")[2] for key in self.lang_adapters] + list(self.targets):
             check_adapter_name(lang, "language")
+        for name in [self.system] + [split_system(item)[0] for item in self.task_adapters + self.full_models]:
+            if name is not None and (not name.strip() or ":" in name or "=" in name):
+                raise ValueError(f"system name {name!r} must be non-empty, without ':' or '='")
 
 
 ON_ERROR = ("skip", "record", "fail")
@@ -351,7 +444,8 @@ class PredictSettings(_StageSettings):
     lang_adapters: dict[str, str] = opt(flag="--lang-adapter", nargs="+", metavar="LANG=DIR",
                                         collect=_lang_adapter_map,
                                         help="a language adapter per value of the lines' 'lang' field, e.g. "
-                                             "sw=runs/lang-sw qu=runs/lang-qu")
+                                             "sw=runs/lang-sw qu=runs/lang-qu; or an ensemble of others, "
+                                             "qu=avg:es,pt or qu=emea:es,pt")
     input: str = opt("-", help="JSONL input file, or - for stdin")
     output: str | None = opt(None, help="JSONL output file, written atomically (default: stdout)")
     on_error: str = opt("skip", choices=ON_ERROR, help="a malformed line or one in a language without an adapter: "
@@ -371,11 +465,14 @@ class PredictSettings(_StageSettings):
                                         "fixed shapes)")
     backend: str | None = opt(None, choices=BACKENDS, help="adapter kernels (default: triton on CUDA, eager on CPU)")
     progress: bool = opt(True, flag="--no-progress", help="no progress bar or progress lines")
+    emea_steps: int = opt(EMEA_STEPS, help="entropy-minimisation steps per batch of an emea: ensemble")
+    emea_lr: float = opt(EMEA_LR, help="step size of the emea: ensembles' weights (exponentiated gradient)")
     max_line_bytes: int = opt(1 << 20, help="longest input line read (bytes); a longer one is that line's error, "
                                             "skipped unread")
 
     def check(self) -> None:
         super().check()
+        _check_ensembles(self)
         if not isinstance(self.task_adapter, str) or not self.task_adapter:
             raise ValueError("task_adapter is required")
         if not isinstance(self.lang_adapters, dict) or not self.lang_adapters:
@@ -391,6 +488,51 @@ class PredictSettings(_StageSettings):
             _number("max_length", self.max_length, minimum=3, integer=True)
         if not isinstance(self.input, str) or not self.input:
             raise ValueError("input is required (a file, or - for stdin)")
+
+
+def _merge_inputs(items) -> dict[str, str]:
+    return _named_values(items, "NAME=DIR for each adapter to average", "madx merge")
+
+
+def csv_floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in csv_list(text)]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@dataclass
+class MergeSettings(_StageSettings):
+    """One adapter whose parameters are the weighted average of several adapters' (``madx merge``;
+    ``MadxAdapters.average_adapter``): written as a normal adapter directory."""
+
+    adapters: dict[str, str] = opt(positional=True, nargs="+", metavar="NAME=DIR", collect=_merge_inputs,
+                                   help="the adapters to average, in order: a name and a run, bundle or adapter "
+                                        "directory (or Hub name) each, e.g. es=runs/lang-es pt=runs/lang-pt")
+    output_dir: str = opt(flag="--output", help="directory of the merged adapter")
+    weights: list[float] | None = opt(None, parse=csv_floats, help="comma-separated weights, one per adapter in "
+                                                                   "order (default: equal)")
+    normalize_weights: bool = opt(True, flag="--no-normalize", help="use --weights as given instead of dividing "
+                                                                    "them by their sum")
+    name: str | None = opt(None, help="name of the merged adapter (default: the names joined by '+')")
+    model: str | None = opt(None, help="base model (default: the one the adapters record)")
+    overwrite: bool = opt(False, help="replace an adapter already in --output")
+
+    def check(self) -> None:
+        super().check()
+        if not isinstance(self.adapters, dict) or not self.adapters:
+            raise ValueError("no adapters to merge: give NAME=DIR for each, e.g. es=runs/lang-es pt=runs/lang-pt")
+        for name in self.adapters:
+            check_adapter_name(name)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError("output_dir is required (--output DIR)")
+        if self.name is not None:
+            check_adapter_name(self.name)
+        if self.weights is not None:
+            if len(self.weights) != len(self.adapters):
+                raise ValueError(f"{len(self.weights)} weights for {len(self.adapters)} adapters: give one per adapter")
+            for w in self.weights:
+                _number("weight", w)
 
 
 @dataclass
@@ -432,6 +574,26 @@ class PushSettings(_StageSettings):
         except HFValidationError:
             raise ValueError(f"{self.repo_id!r} is not a Hub repository id (write 'namespace/name', e.g. "
                              "me/madx-lang-sw)") from None
+
+
+@dataclass
+class ReportSettings(_StageSettings):
+    """Transfer results of separate runs merged into one report (``madx report``;
+    ``madx_fast.training.report``)."""
+
+    runs: list[str] = opt(positional=True, nargs="+", metavar="RUN_DIR",
+                          help="transfer report directories (madx transfer --output, or an earlier madx report)")
+    output_dir: str | None = opt(None, flag="--output", help="directory for the merged report (CSV, JSON, Markdown, "
+                                                            "heatmaps); without it the table is only printed")
+    overwrite: bool = opt(False, help="replace a report already in --output")
+    baseline: str | None = opt(None, help="the system the difference heatmap subtracts (default: full fine-tuning "
+                                          "without MLM, the XLM-R baseline; else MAD-X -LAD -INV)")
+    title: str | None = opt(None, help="title of the heatmaps")
+
+    def check(self) -> None:
+        super().check()
+        if not self.runs or not all(isinstance(r, str) and r for r in self.runs):
+            raise ValueError("no transfer results to report: give one or more run directories")
 
 
 # --------------------------------------------------------------------------------------------------------

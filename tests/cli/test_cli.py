@@ -10,7 +10,8 @@ from madx_fast.cli import COMMANDS, build_parser, main
 from madx_fast.demo import DemoConfig, real_model_config
 from madx_fast.training import (LanguageAdapterSettings, PredictSettings, TaskAdapterSettings, TrainConfig,
                                 TransferSettings)
-from madx_fast.training.settings import ParameterBudgetSettings, PushSettings, args_values, from_args
+from madx_fast.training.settings import (MergeSettings, ParameterBudgetSettings, PushSettings, ReportSettings,
+                                        args_values, from_args)
 
 REQUIRED = {
     "train-lang": ["--model", "m", "--lang", "sw", "--train-data", "d.txt", "--output", "o"],
@@ -22,7 +23,7 @@ SETTINGS = {"train-lang": LanguageAdapterSettings, "train-task": TaskAdapterSett
 
 def _flags(parser, command):
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-    return {opt: action for action in sub._actions for opt in action.option_strings}
+    return {opt: action for action in sub._actions for opt in (action.option_strings or [action.dest])}
 
 
 @pytest.mark.parametrize("command", sorted(SETTINGS))
@@ -58,11 +59,38 @@ def test_flags_map_to_settings_names_and_types():
     assert from_args(TransferSettings, args).lang_adapters == {"sw": "a", "qu": "b"}
 
 
+def test_baseline_systems_seeds_and_report_flags():
+    parser = build_parser()
+    s = from_args(TaskAdapterSettings, parser.parse_args(["train-task", *REQUIRED["train-task"], "--full-finetune",
+                                                          "--model", "m", "--lang", "en", "--seeds", "1,2,3"]))
+    assert s.full_finetune and s.seeds == [1, 2, 3]
+    s.check()
+    s = from_args(LanguageAdapterSettings, parser.parse_args(["train-lang", *REQUIRED["train-lang"], "--full-model"]))
+    assert s.full_model
+    s.check()
+    args = parser.parse_args(["transfer", "--targets", "sw", "--eval-data", "e", "--task-adapter", "MAD-X=a",
+                              "mad-x-inv=b", "--full-model", "f", "XLM-R=g", "--lang-adapter", "sw=l",
+                              "mad-x-inv:sw=m"])
+    s = from_args(TransferSettings, args)
+    assert s.task_adapters == ["MAD-X=a", "mad-x-inv=b"] and s.full_models == ["f", "XLM-R=g"]
+    assert s.lang_adapters == {"sw": "l", "mad-x-inv:sw": "m"}
+    s.check()
+    for bad, message in ((dict(task_adapters=[], full_models=[]), "nothing to evaluate"),
+                         (dict(task_adapters=["a:b=c"]), "system name 'a:b'"),
+                         (dict(lang_adapters={"s:x.y": "d"}), "language 'x.y'")):
+        with pytest.raises(ValueError, match=message):
+            TransferSettings(**{**dict(task_adapters=["t"], targets=["sw"], eval_data="e"), **bad}).check()
+    s = from_args(ReportSettings, parser.parse_args(["report", "runs/a", "runs/b", "--output", "o", "--overwrite"]))
+    assert s == ReportSettings(runs=["runs/a", "runs/b"], output_dir="o", overwrite=True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["report"])  # at least one run directory
+
+
 def test_no_hand_written_flag():
     """Every flag of every command is a field of that command's settings class (and its loop's), and the other
     way round: the parser is generated, nothing is added beside it."""
     classes = {**SETTINGS, "predict": PredictSettings, "params": ParameterBudgetSettings, "demo": DemoConfig,
-               "push": PushSettings}
+               "merge": MergeSettings, "report": ReportSettings, "push": PushSettings}
     assert set(classes) == set(COMMANDS)
     parser = build_parser()
     for command, cls in classes.items():
@@ -84,8 +112,8 @@ def test_params_and_demo_flags():
     # demo: only the flags given are values (--model changes the defaults of the others)
     assert args_values(DemoConfig, parser.parse_args(["demo"])) == {}
     given = args_values(DemoConfig, parser.parse_args(["demo", "--model", "m", "--targets", "en,sw", "--no-cache",
-                                                       "--lang-steps", "5"]))
-    assert given == {"model": "m", "targets": ["en", "sw"], "use_cache": False, "lang_steps": 5}
+                                                       "--lang-steps", "5", "--threads", "2"]))
+    assert given == {"model": "m", "targets": ["en", "sw"], "use_cache": False, "lang_steps": 5, "threads": 2}
     cfg = real_model_config(**given)
     assert cfg.lang_steps == 5 and cfg.task_epochs == 10 and cfg.max_length == 128 and not cfg.use_cache
 

@@ -153,8 +153,9 @@ class Spy:
         import madx_fast
         from madx_fast.model import mlm_loss
 
-        self.calls = {"bottleneck_adapter": 0, "nice_forward": 0, "nice_inverse": 0, "fused_linear_cross_entropy": 0}
-        for name in ("bottleneck_adapter", "nice_forward", "nice_inverse"):
+        self.calls = {"bottleneck_adapter": 0, "average_bottleneck_adapter": 0, "nice_forward": 0, "nice_inverse": 0,
+                      "fused_linear_cross_entropy": 0}
+        for name in ("bottleneck_adapter", "average_bottleneck_adapter", "nice_forward", "nice_inverse"):
             monkeypatch.setattr(madx_fast.ops, name, self._counting(name, getattr(madx_fast.ops, name)))
         monkeypatch.setattr(mlm_loss, "fused_linear_cross_entropy", self._counting(
             "fused_linear_cross_entropy", mlm_loss.fused_linear_cross_entropy))

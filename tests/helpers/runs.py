@@ -27,11 +27,7 @@ def build_tiny_base(directory: str, data_dir: str, *, hidden: int = H, layers: i
 
     from madx_fast.demo import synthetic
 
-    texts = []
-    for lang in ("alpha", "beta"):
-        with open(os.path.join(data_dir, lang, "text", "train.txt"), encoding="utf-8") as f:
-            texts.extend(f.read().splitlines())
-    tok = synthetic.train_tokenizer(texts, vocab_size=300)
+    tok = synthetic.train_tokenizer(_corpus_texts(data_dir), vocab_size=300)
     config = XLMRobertaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
                               num_attention_heads=2, intermediate_size=2 * hidden,
                               max_position_embeddings=max_length + 2, type_vocab_size=1, layer_norm_eps=1e-5,
@@ -40,6 +36,42 @@ def build_tiny_base(directory: str, data_dir: str, *, hidden: int = H, layers: i
     torch.manual_seed(seed)
     model = XLMRobertaForMaskedLM(config)
     model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def _corpus_texts(data_dir: str) -> list[str]:
+    texts = []
+    for lang in ("alpha", "beta"):
+        with open(os.path.join(data_dir, lang, "text", "train.txt"), encoding="utf-8") as f:
+            texts.extend(f.read().splitlines())
+    return texts
+
+
+def build_tiny_family_base(directory: str, data_dir: str, family: str, *, max_length: int = 64,
+                           seed: int = 0) -> str:
+    """A random-init model of ``family`` (tests/helpers/models.py's tiny config: hidden 32, 2 layers, no dropout)
+    with its LM head (``...ForCausalLM`` for a decoder, ``...ForMaskedLM`` otherwise) and a tokenizer of the
+    family's kind trained on the synthetic text (tests/helpers/tokenizers.py: GPT-2 and Llama without a pad
+    token), saved in ``directory``. The config's special ids are the tokenizer's."""
+    import transformers
+
+    from madx_fast.model.lm_heads import pretraining_objective
+    from tests.helpers.models import tiny_config
+    from tests.helpers.tokenizers import family_tokenizer
+
+    tok = family_tokenizer(family, _corpus_texts(data_dir))
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id)
+    positions = {"gpt2": "n_positions"}.get(family, "max_position_embeddings")
+    dropout = {"gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"), "distilbert": ("dropout", "attention_dropout"),
+               "deberta-v2": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+               "xlm-roberta-xl": ("hidden_dropout_prob", "attention_probs_dropout_prob")}.get(family, ())
+    config = tiny_config(family, attn="eager" if family == "deberta-v2" else "sdpa", **ids,
+                         **{positions: max_length + 2}, **dict.fromkeys(dropout, 0.0))
+    auto = "AutoModelForCausalLM" if pretraining_objective(config) == "causal" else "AutoModelForMaskedLM"
+    torch.manual_seed(seed)
+    getattr(transformers, auto).from_config(config).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
 
@@ -81,6 +113,16 @@ def run_madx(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
                        timeout=300, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"madx {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def torchrun_madx(*args, processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m madx_fast.cli ARGS`` (gloo on the CPU; ``run_bounded``: its
+    workers are killed with it after 5 minutes); fails with its stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           "-m", "madx_fast.cli", *map(str, args)]
+    proc = run_bounded(cmd, env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stderr[-4000:]}"
     return proc
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 from transformers import (
+    AutoModelForTokenClassification,
     BertForMaskedLM,
     BertForTokenClassification,
     XLMRobertaForMaskedLM,
@@ -15,6 +16,7 @@ from transformers import (
 
 from madx_fast.model import MadxConfig, Stack, add_madx, madx_mlm_loss
 from madx_fast.model.inputs import encoder_attention_mask, mlm_positions
+from madx_fast.model.wiring import SUPPORTED_MODEL_TYPES
 from madx_fast.testing.sync_check import HostReads
 from tests.helpers.models import max_diff, mlm_labels, padded_batch, randomize, tiny_config
 
@@ -81,7 +83,7 @@ def test_positions_argument_errors():
 
 def _ner(cls, family, attn, dtype=None):
     torch.manual_seed(0)
-    model = cls(tiny_config(family, attn=attn, num_labels=5))
+    model = cls.from_config(tiny_config(family, attn=attn, num_labels=5))
     madx = add_madx(model, backend="eager")
     madx.add_adapter("en", MadxConfig.language())
     madx.add_adapter("ner", MadxConfig.task())
@@ -93,11 +95,18 @@ def _ner(cls, family, attn, dtype=None):
     return model.eval()
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-backbone"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family,cls", [(f, t) for f, _, t in FAMILIES], ids=[f for f, _, _ in FAMILIES])
-def test_encoder_attention_mask_computes_the_same_function(family, cls, attn, dtype):
-    model = _ner(cls, family, attn, dtype)
+# every attention kernel and dtype on the families of FAMILIES; one case of every other family add_madx wires
+# (DeBERTa-v2 has only eager attention in HF)
+MASK_CASES = [(f, a, d) for f, _, _ in FAMILIES for a in ("sdpa", "eager") for d in (None, torch.bfloat16)] + [
+    (f, "eager" if f == "deberta-v2" else "sdpa", torch.bfloat16 if f == "llama" else None)
+    for f in SUPPORTED_MODEL_TYPES if f not in {f for f, _, _ in FAMILIES}]
+
+
+@pytest.mark.parametrize("family,attn,dtype", MASK_CASES,
+                         ids=[f"{f}-{a}-{'bf16-backbone' if d else 'fp32'}" for f, a, d in MASK_CASES])
+def test_encoder_attention_mask_computes_the_same_function(family, attn, dtype):
+    """A causal model (GPT-2, Llama, Mistral) keeps its own causal mask, DeBERTa its mask on the embeddings."""
+    model = _ner(AutoModelForTokenClassification, family, attn, dtype)
     ids, mask = padded_batch(model.config, batch=4, length=11)
     full = torch.ones_like(mask)
     with torch.no_grad():
@@ -108,9 +117,37 @@ def test_encoder_attention_mask_computes_the_same_function(family, cls, attn, dt
             rows = m.bool()  # padding positions' outputs are not defined the same way by every form
             tol = 1e-5 if dtype is None else 2e-2
             assert max_diff(ref[rows], got[rows]) < tol, (padded, max_diff(ref[rows], got[rows]))
-    if HF5:
+    if family != "deberta-v2" and (HF5 or family in CAUSAL):  # no mask: SDPA's flash or causal kernel
         assert encoder_attention_mask(model, full, padded=False) is None
     assert encoder_attention_mask(model, None, padded=False) is None
+
+
+def _expected_reads(family: str, padded: bool) -> bool:
+    """Where HF still tests the mask (a host read): transformers 4.x's DistilBERT always, and its encoders'
+    unpadded batches (see madx_fast/model/inputs.py); DeBERTa tests nothing."""
+    if HF5 or family == "deberta-v2" or family in CAUSAL:
+        return False
+    return family == "distilbert" or not padded
+
+
+CAUSAL = ("gpt2", "llama", "mistral")
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("family", SUPPORTED_MODEL_TYPES)
+def test_prepared_mask_forward_reads_nothing_back(family, padded):
+    """The forward of every wired family with the prepared mask reads nothing back from the device (decoders'
+    configs without a pad token, as their checkpoints have: HF looks for one in the ids when there is no mask)."""
+    overrides = {"pad_token_id": None} if family in CAUSAL else {}
+    model = AutoModelForTokenClassification.from_config(
+        tiny_config(family, attn="eager" if family == "deberta-v2" else "sdpa", num_labels=3, **overrides)).eval()
+    add_madx(model, backend="eager").add_adapter("en", MadxConfig.language(), set_active=True)
+    ids, mask = padded_batch(tiny_config(family), batch=4, length=11)
+    if not padded:
+        mask = torch.ones_like(mask)
+    with torch.no_grad(), HostReads() as reads:
+        model(input_ids=ids, attention_mask=encoder_attention_mask(model, mask, padded=padded))
+    assert bool(reads.reads) == _expected_reads(family, padded), reads.report()
 
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])

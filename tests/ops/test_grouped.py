@@ -55,13 +55,13 @@ def grouped_adapter_ref(groups, scaling=0.7, activation="relu"):
     return f
 
 
-def grouped_nice(groups, inverse, recompute=True, backend="triton"):
+def grouped_nice(groups, inverse, recompute=True, backend="triton", activation="relu"):
     fn = ops.grouped_nice_inverse if inverse else ops.grouped_nice_forward
-    return lambda x, *w: fn(x, groups, *w, recompute=recompute, backend=backend)
+    return lambda x, *w: fn(x, groups, *w, activation=activation, recompute=recompute, backend=backend)
 
 
-def grouped_nice_ref(groups, inverse):
-    return lambda x, *w: reference.grouped_nice_reference(x, groups, *w, inverse=inverse)
+def grouped_nice_ref(groups, inverse, activation="relu"):
+    return lambda x, *w: reference.grouped_nice_reference(x, groups, *w, activation_name=activation, inverse=inverse)
 
 
 # (rows, tokens per row, hidden, bottleneck, groups, row ids): odd sizes; repeated, absent and unsorted groups
@@ -198,8 +198,29 @@ def test_grouped_nice_rows_equal_single_nice_and_invert():
     torch.testing.assert_close(ops.grouped_nice_inverse(y, groups, *w, backend="triton"), x, rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_nice_nan_stays_in_its_group_and_frozen_weights():
-    x, *w = nice_inputs(4, 6, 48, 3, torch.float32, seed=8)
+# rf 0.075: stage MLPs of 280 and 266 (H=41) or 320 (H=48) hidden units, wider than the Triton NICE's
+# WIDE_HIDDEN: its per-row GEMM route (grouped_linear with the coupling's epilogues)
+WIDE_RF = 0.075
+
+
+# (fp16 with gelu: see test_nice.py's WIDE_CASES, a relu flip near zero dominates errors on tensors this small)
+@pytest.mark.parametrize("dtype,activation,recompute", [(torch.float32, "relu", True), (torch.float32, "relu", False),
+                                                        (torch.float16, "gelu", True)], ids=str)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_grouped_nice_wide_route_matches_reference(dtype, activation, inverse, recompute):
+    from madx_fast.kernels.triton import nice as triton_nice
+
+    inputs = nice_inputs(3, 9, 41, 3, dtype, seed=14, rf=WIDE_RF)
+    assert triton_nice.route(inputs[1].shape[1], inputs[5].shape[1]) == "gemm"
+    groups = groups_of([2, 0, 2])  # group 1 absent
+    check_parity(grouped_nice(groups, inverse, recompute, activation=activation),
+                 grouped_nice_ref(groups, inverse, activation), inputs, dtype, NICE_GRADS,
+                 factor=4.0 if recompute else 3.0)
+
+
+@pytest.mark.parametrize("rf", [2, WIDE_RF], ids=["fused-route", "gemm-route"])
+def test_grouped_nice_nan_stays_in_its_group_and_frozen_weights(rf):
+    x, *w = nice_inputs(4, 6, 48, 3, torch.float32, seed=8, rf=rf)
     ids = [0, 1, 0, 1]  # group 2 empty
     groups = groups_of(ids)
     w[0][0, 2, 3] = float("nan")  # f_w1 of group 0
@@ -292,10 +313,13 @@ def test_grouped_launchers_and_reference_read_nothing_back_to_the_host():
     """No host read (a host-device sync on a GPU) in the launchers (the device-side sort for the weight
     reductions included) nor in the eager reference: the ids stay device data."""
     from madx_fast.kernels.triton import grouped
+    from madx_fast.kernels.triton import nice as triton_nice
     from madx_fast.testing.sync_check import HostReads
 
     x, wd, bd, wu, bu, _ = adapter_inputs(4, 5, 32, 12, 3, torch.float32, seed=10)
     xn, *w = nice_inputs(4, 5, 32, 3, torch.float32, seed=10)
+    w_wide = nice_inputs(4, 5, 32, 3, torch.float32, seed=10, rf=0.05)[1:]  # 320 hidden units: the GEMM route
+    assert triton_nice.route(w_wide[0].shape[1], w_wide[4].shape[1]) == "gemm"
     groups = groups_of([2, 0, 2, 1])
     with HostReads(raise_on_read=True):
         x2 = x.view(-1, 32)
@@ -303,5 +327,7 @@ def test_grouped_launchers_and_reference_read_nothing_back_to_the_host():
         grouped.grouped_adapter_backward(y, x2, z, groups, wd, wu, 1.0, 1, True, True)
         out = grouped.grouped_nice_coupling(xn.view(-1, 32), groups, w, 1, True)
         grouped.grouped_nice_coupling_backward(out, out, None, groups, w, 1, True, True)
+        out = grouped.grouped_nice_coupling(xn.view(-1, 32), groups, w_wide, 1, False)  # the GEMM route
+        grouped.grouped_nice_coupling_backward(out, out, None, groups, w_wide, 1, False, True)
         reference.grouped_bottleneck_adapter_reference(x, None, groups, wd, bd, wu, bu)
         reference.grouped_nice_reference(xn, groups, *w)

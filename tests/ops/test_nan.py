@@ -197,10 +197,10 @@ def test_adapter_propagates_nan_and_inf_like_the_reference(backend, dtype, route
 # --------------------------------------------------------------------------------------------------------
 # NICE coupling
 # --------------------------------------------------------------------------------------------------------
-def nice_tensors(n, h, dtype, seed):
+def nice_tensors(n, h, dtype, seed, rf=2):
     g = torch.Generator().manual_seed(seed)
     len1, len2 = reference.nice_split(h)
-    hf, hg = reference.nice_hidden_sizes(h, 2)
+    hf, hg = reference.nice_hidden_sizes(h, rf)
     shapes = [(hf, len2), (hf,), (len1, hf), (len1,), (hg, len1), (hg,), (len2, hg), (len2,)]
     fans = [len2, len2, hf, hf, len1, len1, hg, hg]
     weights = [torch.randn(s, generator=g) / math.sqrt(f) for s, f in zip(shapes, fans)]
@@ -219,13 +219,43 @@ def nice_poison_position(tensor_name, n, h):
     return 1 + NICE_TENSORS.index(tensor_name) - 2, 5
 
 
+# The Triton NICE's GEMM route (stage MLPs wider than WIDE_HIDDEN = 256 units): rf 0.04 on H = 21 gives 275 and
+# 250 hidden units. Its activation code is the device functions every route shares (all activations run above
+# and in the adapter's GEMM route); here the NaN flow through its GEMMs, column views and lost-row marks runs
+# with three activations of different NaN rules, each place meeting every special value.
+WIDE_RF = 0.04
+WIDE_ACTIVATIONS = ["relu", "gelu", "tanh"]
+
+
 @pytest.mark.parametrize("backend", fused_backends(), indirect=True)
 @pytest.mark.parametrize("recompute", [False, True], ids=["input-saved", "recompute"])
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_nice_propagates_nan_and_inf_like_the_reference(backend, recompute, inverse, activation):
+    problems = nice_nan_problems(backend, recompute, inverse, activation, ACTIVATIONS.index(activation), rf=2)
+    assert not problems, f"{activation}, {'inverse' if inverse else 'forward'}, recompute={recompute}:\n  " + \
+        "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["input-saved", "recompute"])
+@pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
+@pytest.mark.parametrize("activation", WIDE_ACTIVATIONS)
+def test_nice_wide_route_propagates_nan_and_inf_like_the_reference(recompute, inverse, activation):
+    from madx_fast.kernels.triton import nice as triton_nice
+
+    hidden = reference.nice_hidden_sizes(21, WIDE_RF)
+    assert triton_nice.route(*hidden) == "gemm", hidden
+    problems = nice_nan_problems("triton", recompute, inverse, activation, WIDE_ACTIVATIONS.index(activation),
+                                 rf=WIDE_RF)
+    assert not problems, f"{activation}, {'inverse' if inverse else 'forward'}, recompute={recompute}:\n  " + \
+        "\n  ".join(problems)
+
+
+def nice_nan_problems(backend, recompute, inverse, activation, shift, rf):
+    """Why the fused op's NaN/Inf differ from the reference's (empty: they do not), over a third of the
+    (place, special value) cases, chosen by ``shift`` so that every activation set meets them all."""
     n, h, dtype = 7, 21, torch.float32
-    tensors, dy = nice_tensors(n, h, dtype, seed=3)
+    tensors, dy = nice_tensors(n, h, dtype, seed=3, rf=rf)
     fused_op = ops.nice_inverse if inverse else ops.nice_forward
     ref_op = reference.nice_inverse_reference if inverse else reference.nice_forward_reference
 
@@ -236,23 +266,24 @@ def test_nice_propagates_nan_and_inf_like_the_reference(backend, recompute, inve
         return ref_op(*t, activation_name=activation)
 
     names = ["out", "dx", "df_w1", "df_b1", "df_w2", "df_b2", "dg_w1", "dg_b1", "dg_w2", "dg_b2"]
-    problems = []
+    problems, cases = [], 0
     for j, tensor_name in enumerate(NICE_PLACES):
         for k, (label, value) in enumerate(SPECIALS.items()):
-            if (j + k + ACTIVATIONS.index(activation)) % 3:
+            if (j + k + shift) % 3:
                 continue  # each tensor and each activation still meet every special value
             index, position = nice_poison_position(tensor_name, n, h)
             case = poisoned(tensors, index, position, value)
             got = outputs_and_grads(fused, case, dy)
             want = outputs_and_grads(ref, case, dy)
+            cases += 1
             exact = not recompute or bool(torch.isfinite(want[0]).all())
             for i, (name, a, b) in enumerate(zip(names, got, want)):
                 check = exact_mismatch if exact or i == 0 else never_wrong_finite_mismatch
                 why = check(name, a, b, TOL[dtype])
                 if why:
                     problems.append(f"{label} in {tensor_name}: {why}")
-    assert not problems, f"{activation}, {'inverse' if inverse else 'forward'}, recompute={recompute}:\n  " + \
-        "\n  ".join(problems)
+    assert cases > 0
+    return problems
 
 
 @pytest.mark.parametrize("backend", fused_backends(), indirect=True)
@@ -260,9 +291,18 @@ def test_nice_recompute_says_nan_where_the_input_is_lost(backend):
     """The case the weaker promise is for: x2 = +Inf in one token, relu, forward. The reference's gradient
     of that token's x2 is partly finite, but the output (y2 = Inf) no longer tells x2: the fused op must
     answer NaN there, not a guess."""
+    check_lost_input_gives_nan(backend, rf=2)
+
+
+def test_nice_wide_route_recompute_says_nan_where_the_input_is_lost():
+    """The same on the Triton GEMM route (its zA GEMM marks the lost token, its dzA GEMM poisons it)."""
+    check_lost_input_gives_nan("triton", rf=WIDE_RF)
+
+
+def check_lost_input_gives_nan(backend, rf):
     n, h = 7, 21
     len1 = h // 2
-    tensors, dy = nice_tensors(n, h, torch.float32, seed=3)
+    tensors, dy = nice_tensors(n, h, torch.float32, seed=3, rf=rf)
     index, position = nice_poison_position("x2", n, h)
     case = poisoned(tensors, index, position, math.inf)
     got = outputs_and_grads(lambda *t: ops.nice_forward(*t, activation="relu", recompute=True, backend=backend),

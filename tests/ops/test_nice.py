@@ -142,3 +142,71 @@ def test_nice_many_tokens(backend):
     x = torch.randn(65536, 64, device=DEVICE, dtype=torch.float16)
     w = make_weights(64, torch.float16, seed=8)
     check_parity(fused(backend, False, True), ref(False), [x, *w], torch.float16, NAMES, factor=RECOMPUTE_FACTOR)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The Triton "gemm" route (kernels/triton/nice.py: a stage MLP wider than WIDE_HIDDEN = 256 hidden units, i.e.
+# H >= 1536 at rf 2). Stand-ins that take it at a cost the interpreter affords: a small odd H (unequal halves)
+# with wide stage MLPs (rf 0.075: 280 and 266 hidden units, no multiple of a tile); and one real size,
+# H = 1536 (384 hidden units per stage).
+# --------------------------------------------------------------------------------------------------------
+WIDE_RF = 0.075
+
+
+def wide_inputs(n, h, dtype, rf, seed):
+    from madx_fast.kernels.triton import nice as triton_nice
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g).to(DEVICE, dtype)
+    w = make_weights(h, dtype, rf=rf, seed=seed)
+    assert triton_nice.route(w[0].shape[0], w[4].shape[0]) == "gemm"
+    return [x, *w]
+
+
+# fp16 runs with gelu: with relu, a one-ulp difference in a stage's input (rounding order, or the rebuilt
+# input) flips the pre-activations within an ulp of zero, and on tensors this small one flip moves a gradient's
+# relative error by about 1/sqrt(its size), on either route alike (the next test); a smooth activation
+# measures the rounding alone. The real size runs each direction once (about 6 s per case in the interpreter).
+WIDE_CASES = [(37, 41, WIDE_RF, dtype, act, recompute, inverse) for dtype, act in
+              ((torch.float32, "relu"), (torch.float16, "gelu")) for recompute in (True, False)
+              for inverse in (False, True)]
+WIDE_CASES += [(19, 1536, 2, torch.float32, "relu", True, False), (19, 1536, 2, torch.float16, "gelu", True, True)]
+WIDE_CASES += [pytest.param(300, 2048, 2, torch.bfloat16, "gelu", True, inverse, marks=needs_gpu)
+               for inverse in (False, True)]
+
+
+@pytest.mark.parametrize("n,h,rf,dtype,activation,recompute,inverse", WIDE_CASES, ids=str)
+def test_nice_wide_route_matches_reference(n, h, rf, dtype, activation, recompute, inverse):
+    inputs = wide_inputs(n, h, dtype, rf, seed=n + h)
+    check_parity(fused("triton", inverse, recompute, activation), ref(inverse, activation), inputs, dtype, NAMES,
+                 factor=RECOMPUTE_FACTOR if recompute else 3)
+
+
+@pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
+def test_nice_wide_route_computes_what_the_fused_route_does(monkeypatch, inverse):
+    """The GEMM route's products and epilogues are the fused kernels' arithmetic: on the same inputs (fp16, relu,
+    the input rebuilt) both routes give the same output and gradients up to fp32 summation order."""
+    from madx_fast.kernels.triton import nice as triton_nice
+
+    inputs = wide_inputs(37, 41, torch.float16, WIDE_RF, seed=11)
+    dy = torch.randn(37, 41, generator=torch.Generator().manual_seed(12)).to(DEVICE, torch.float16)
+    results = {}
+    for route, threshold in (("gemm", triton_nice.WIDE_HIDDEN), ("fused", 1 << 20)):
+        monkeypatch.setattr(triton_nice, "WIDE_HIDDEN", threshold)
+        assert triton_nice.route(inputs[1].shape[0], inputs[5].shape[0]) == route
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fused("triton", inverse, True)(*leaves)
+        results[route] = [out, *torch.autograd.grad(out, leaves, dy)]
+    for name, a, b in zip(["out"] + NAMES, results["gemm"], results["fused"]):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-3, atol=2e-3 * b.float().abs().max().item(),
+                                   msg=name)
+
+
+def test_nice_wide_route_small_token_count_and_strided_input():
+    """The GEMM route on a strided input view (its halves are column views, never copied) and a single token."""
+    x_wide = torch.randn(5, 3, 2 * 41, device=DEVICE)
+    w = wide_inputs(1, 41, torch.float32, WIDE_RF, seed=13)[1:]
+    for x in (x_wide[..., 41:], x_wide[:1, :1, :41]):
+        for inverse in (False, True):
+            check_parity(fused("triton", inverse, True), ref(inverse), [x, *w], torch.float32, NAMES)

@@ -5,20 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import torch
 
-from tests.helpers.processes import run_bounded
-from tests.helpers.runs import ROOT, adapter_tensors, env_for_subprocess, run_madx, step_losses
-
-
-def _torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "madx_fast.cli", *map(str, args)]
-    proc = run_bounded(cmd, env=env_for_subprocess(), cwd=ROOT, capture_output=True, text=True, timeout=300)  # torchrun's workers too, after 5 minutes
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stderr[-4000:]}"
-    return proc
+from tests.helpers.runs import adapter_tensors, run_madx, step_losses, torchrun_madx
 
 
 def _assert_same(dir_a, dir_b, bundle):
@@ -43,7 +33,7 @@ def test_ddp_language_adapter_equals_single_process(tmp_path, tiny_base, corpus)
               "--device", "cpu", "--no-progress", "--seed", 1]
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     run_madx(*common, "--output", single)
-    _torchrun(*common, "--output", ddp)
+    torchrun_madx(*common, "--output", ddp)
     _assert_same(single, ddp, "adapter")
     summary = json.load(open(os.path.join(ddp, "run.json")))
     assert summary["world_size"] == 2
@@ -62,5 +52,5 @@ def test_ddp_task_adapter_with_accumulation_equals_single_process(tmp_path, tiny
               "eager", "--device", "cpu", "--no-progress", "--seed", 2]
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     run_madx(*common, "--output", single)
-    _torchrun(*common, "--grad-accum", 2, "--output", ddp)  # 2 processes x 2 micro-batches x 2 examples
+    torchrun_madx(*common, "--grad-accum", 2, "--output", ddp)  # 2 processes x 2 micro-batches x 2 examples
     _assert_same(single, ddp, "last")

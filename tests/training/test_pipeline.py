@@ -3,6 +3,7 @@ zero-shot transfer report; QA (SQuAD format) and COPA task adapters; ``madx para
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -89,7 +90,8 @@ def test_ner_task_and_transfer(tmp_path, lang_runs, corpus):
     with open(os.path.join(report, "transfer_heatmap.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.reader(open(os.path.join(report, "transfer_matrix.csv"))))
-    assert rows[0] == ["row", "alpha", "beta"] and len(rows) == 4
+    assert rows[0] == ["source", "system", "alpha", "beta", "mean"] and len(rows) == 4
+    assert [r[1] for r in rows[1:]] == ["MAD-X", "MAD-X, source adapter", "MAD-X, no language adapter"]
 
     # replayed from graphs (on the CPU: the same static-buffer bookkeeping, a plain call for the replay),
     # every batch padded to one length: the same scores
@@ -244,26 +246,58 @@ def test_demo_plumbing(tmp_path):
     from madx_fast.demo import DemoConfig, run_demo
     out = tmp_path / "demo"
     cfg = DemoConfig(output_dir=str(out), sources=["alpha"], targets=["alpha", "beta"], hidden_size=32, num_layers=1,
-                     vocab_size=200, max_length=32, pretrain_steps=2, lang_steps=2, task_epochs=0.05, batch_size=8,
+                     vocab_size=200, max_length=32, pretrain_steps=2, lang_steps=2, mlm_steps=2, task_epochs=0.05,
+                     batch_size=8,
                      text_sentences=200, ner_train=40, ner_validation=10, ner_test=10, progress=False,
                      cache_dir=str(tmp_path / "cache"), backend="eager")
+    threads = torch.get_num_threads()
     summary = run_demo(cfg)
+    assert summary["torch_threads"] == 1 and torch.get_num_threads() == threads  # the caller's count is back
     systems = {r["system"] for r in summary["transfer"]}
-    assert systems == {"MAD-X", "MAD-X -INV", "MAD-X -LAD -INV"}
-    for name in ("transfer/transfer_heatmap.png", "transfer/transfer_matrix.csv", "lang-alpha/adapter",
-                 "lang-beta/adapter", "ner-alpha/best", "base/config.json", "demo_summary.json"):
+    assert systems == {"MAD-X", "MAD-X -INV", "MAD-X -LAD -INV", "XLM-R", "XLM-R MLM-TRG"}
+    for name in ("transfer/transfer_heatmap.png", "transfer/transfer_difference.png", "transfer/transfer_matrix.md",
+                 "lang-alpha/adapter", "lang-beta/adapter", "ner-alpha/best", "ft-alpha/best", "mlm-beta/model",
+                 "ft-alpha-mlm-beta/best", "base/config.json", "demo_summary.json"):
         assert os.path.exists(out / name), name
+    assert summary["table"]["baseline"] == "XLM-R"
+    assert [r["name"] for r in summary["table"]["rows"]] == [
+        "XLM-R", "XLM-R MLM-TRG", "MAD-X -LAD -INV", "MAD-X -INV", "MAD-X", "MAD-X, source adapter",
+        "MAD-X, no language adapter"]
     assert summary["timings_s"]["total"] > 0
+    # the last step (7): delta (no text of its own) served by alpha's and beta's adapters in six ways
+    related = summary["related_language"]
+    assert related["related"] == ["alpha", "beta"] and not (out / "data" / "delta" / "text").exists()
+    assert [r["method"] for r in related["rows"]] == ["no language adapter", "alpha's adapter", "beta's adapter",
+                                                     "Average(alpha, beta)", "merged alpha+beta", "EMEA(alpha, beta)"]
+    assert [r["language_adapter"] for r in related["rows"]][3:] == ["avg:alpha,beta", "delta", "emea:alpha,beta"]
+    assert all(0 <= r["f1"] <= 100 for r in related["rows"]) and "the best combination" in related["finding"]
+    assert os.path.exists(out / "related" / "transfer_matrix.csv") and os.path.exists(out / "lang-delta-merged")
     # a second run refuses the non-empty directory; a user's file there survives --overwrite
     with pytest.raises(FileExistsError, match="not empty"):
         run_demo(cfg)
+    with pytest.raises(ValueError, match="--threads must be at least 1"):
+        run_demo(dataclasses.replace(cfg, threads=0, output_dir=str(tmp_path / "no-threads")))
+    assert not (tmp_path / "no-threads").exists()
     (out / "my_notes.txt").write_text("keep me")
     cfg.overwrite = True
-    cfg.ablations = False
+    cfg.ablations = cfg.baselines = False
     summary = run_demo(cfg)  # and the base model now comes from the cache
     assert (out / "my_notes.txt").read_text() == "keep me"
     assert not any(r["stage"] == "pretrain" for r in summary["runs"])
     assert {r["system"] for r in summary["transfer"]} == {"MAD-X"}
+    assert not (out / "ft-alpha").exists() and not (out / "transfer" / "transfer_difference.png").exists()
+
+
+def test_demo_banners_number_the_steps_that_run():
+    """1-4, the baselines, the transfer, delta: numbered among the steps that run, out of their count."""
+    from madx_fast.demo import DemoConfig
+    from madx_fast.demo.pipeline import _Demo
+    full = _Demo(DemoConfig())
+    assert [full._step(s) for s in ("data", "baselines", "transfer", "related")] == ["1/7", "5/7", "6/7", "7/7"]
+    lean = _Demo(DemoConfig(baselines=False))
+    assert [lean._step(s) for s in ("task adapters", "transfer", "related")] == ["4/6", "5/6", "6/6"]
+    assert _Demo(DemoConfig(baselines=False, related=False))._step("transfer") == "5/5"
+    assert _Demo(DemoConfig(sources=["alpha"], targets=["alpha", "gamma"]))._step("transfer") == "6/6"  # no beta
 
 
 def test_demo_with_a_given_model_and_data_specs(tmp_path, tiny_base, corpus):
@@ -272,11 +306,12 @@ def test_demo_with_a_given_model_and_data_specs(tmp_path, tiny_base, corpus):
     out = tmp_path / "demo"
     args = ["demo", "--model", tiny_base, "--sources", "alpha", "--targets", "alpha,beta", "--output-dir", out,
             "--text-data", os.path.join(corpus, "{lang}", "text", "train.txt"), "--ner-data",
-            os.path.join(corpus, "{lang}", "ner"), "--max-length", 32, "--lang-steps", 2, "--task-epochs", 0.2,
+            os.path.join(corpus, "{lang}", "ner"), "--max-length", 32, "--lang-steps", 2, "--mlm-steps", 2, "--task-epochs", 0.2,
             "--batch-size", 8, "--task-batch-size", 8, "--no-ablations", "--backend", "eager", "--no-progress"]
     assert main([*map(str, args)]) == 0
     summary = json.load(open(out / "demo_summary.json"))
     assert summary["base_model"] == tiny_base and summary["config"]["lang_lr"] == 1e-4
     assert not (out / "data").exists() and not (out / "base").exists()  # nothing generated, nothing pretrained
     assert {(r["source"], r["target"]) for r in summary["transfer"]} == {("alpha", "alpha"), ("alpha", "beta")}
+    assert summary["config"]["finetune_lr"] == 2e-5 and (out / "ft-alpha-mlm-beta" / "best").is_dir()
     assert main(["demo", "--text-data", "x", "--output-dir", str(tmp_path / "o2")]) == 2  # languages required

@@ -18,7 +18,8 @@ H chunks (the whole bottleneck, padded to a power of two, stays in registers), a
 small: the only tensor backward needs besides x and the weights), applies the activation and streams the up
 projection, bias, scaling and residual out chunk by chunk. Backward:
 
-1. ``_adapter_bwd_da_kernel`` (per token block): ``da = s * (dy W_up) * act'(z)``  [N, d]; partial db_down.
+1. ``_adapter_bwd_da_kernel`` (per token block, and bottleneck column chunk when a batch has too few blocks to
+   fill the GPU): ``da = s * (dy W_up) * act'(z)``  [N, d]; partial db_down.
 2. ``_adapter_bwd_dx_dw_kernel`` (per H tile x token range): for each token block of its range it loads
    dy, x, z, da once and produces ``dx = da W_down (+ dy when r is x)`` for its H tile, and accumulates
    ``dW_up[h] += s dy^T act(z)``, ``dW_down[:, h] += da^T x``, ``db_up[h] += s sum(dy)``.
@@ -156,15 +157,18 @@ def _adapter_bwd_da_kernel(
     ACT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Program (token block, bottleneck column chunk of BLOCK_D): more than one chunk only when a batch has too
+    # few token blocks to fill the GPU (each chunk's program reads the block's dy again, from L2).
     pid = tl.program_id(0)
+    d0 = tl.program_id(1) * BLOCK_D
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rmask = rows < N
-    dcol = tl.arange(0, BLOCK_D)
+    dcol = d0 + tl.arange(0, BLOCK_D)
     dmask = dcol < D
     dt = DY.dtype.element_ty
 
-    # g = dy W_up: W_up [H, D] read as the transpose of a [D, H] weight.
-    g = rows_times_weight_t(DY, stride_dym, stride_dyh, rows, rmask, WU, 1, D, H, D,
+    # g = dy W_up[:, chunk]: W_up [H, D] read as the transpose of a [D, H] weight, from the chunk's column.
+    g = rows_times_weight_t(DY, stride_dym, stride_dyh, rows, rmask, WU + d0, 1, D, H, D - d0,
                             DOT_PREC, BLOCK_M, BLOCK_H, BLOCK_D)
     m2 = rmask[:, None] & dmask[None, :]
     z = tl.load(Z + rows[:, None] * D + dcol[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -248,6 +252,16 @@ def _fused_forward(x, r, has_r, wd, bd_, wu, bu, scaling, activation, block_m, b
     return y, z
 
 
+def _da_chunk(blocks, d, padded_d, device):
+    """Bottleneck columns per program of ``_adapter_bwd_da_kernel``: the whole padded bottleneck, halved (down
+    to 16, tl.dot's smallest operand) while the programs still fit in one wave on the GPU's SMs (d=48 at 4096
+    tokens: 64 token blocks x 2 chunks of 32 = 128 programs on 132 SMs, instead of 64)."""
+    chunk = padded_d
+    while chunk > 16 and blocks * triton.cdiv(d, chunk // 2) <= sm_count(device):
+        chunk //= 2
+    return chunk
+
+
 def _fused_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_input, block_m, block_h, splits):
     n, h = x.shape
     d = w_down.shape[0]
@@ -261,10 +275,11 @@ def _fused_backward(dy, x, z, w_down, w_up, scaling, activation, residual_is_inp
     blocks = triton.cdiv(n, bm)
     da = torch.empty((n, d), dtype=x.dtype, device=dev)
     dbd_part = torch.empty((blocks, d), **f32)
-    _adapter_bwd_da_kernel[(blocks,)](
+    chunk = _da_chunk(blocks, d, bd, dev)
+    _adapter_bwd_da_kernel[(blocks, triton.cdiv(d, chunk))](
         dy, z, w_up, da, dbd_part, n, h, d, dy.stride(0), dy.stride(1), float(scaling),
-        ACT=activation, DOT_PREC=prec, BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=bd, num_warps=num_warps_for(bm * bd),
-        num_stages=NUM_STAGES,
+        ACT=activation, DOT_PREC=prec, BLOCK_M=bm, BLOCK_H=bh, BLOCK_D=chunk,
+        num_warps=num_warps_for(bm * chunk), num_stages=NUM_STAGES,
     )
 
     # Second kernel: H tiles narrow enough that the two [BLOCK_H, BLOCK_D] fp32 accumulators fit on chip.

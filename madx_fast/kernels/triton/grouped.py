@@ -8,9 +8,10 @@ Layout. ``x: [B*L, H]`` holds ``B`` sequence rows of ``L`` tokens each, a row's 
 Forward and input gradients: a program never crosses a sequence row. Programs are indexed by (row, token
 block of the row[, output-column block]); each reads its row's group id once and offsets its weight pointers
 by ``group * stride``, then runs the same tile code as the single-adapter kernels (``linear.linear_tile``,
-``nice.nice_fwd_block``, ``nice.nice_bwd_b_block``, ``nice.nice_bwd_a_block``). Grid sizes depend on shapes only (B, L, H, d, G), never on
-the group ids, and nothing reads the ids on the host: the launches are CUDA-graph capturable, and a graph
-captured once serves every mix of languages. Token blocks are sized to the row length (``BLOCK_M <=
+``nice.nice_fwd_block``, ``nice.nice_bwd_b_block``, ``nice.nice_bwd_a_block``; NICE with stages wider than
+``nice.WIDE_HIDDEN`` runs ``nice.py``'s GEMM route on ``grouped_linear``). Grid sizes depend on shapes only
+(B, L, H, d, G), never on the group ids, and nothing reads the ids on the host: the launches are CUDA-graph
+capturable, and a graph captured once serves every mix of languages. Token blocks are sized to the row length (``BLOCK_M <=
 next_pow2(L)``), so padding lanes cost little when L is not a multiple of the block.
 
 Bottleneck adapter, any bottleneck width: the GEMM route of ``adapter.py`` (two tiled GEMMs with the
@@ -43,10 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import NUM_STAGES, dot_precision, interpreting, pow2_at_least, sm_count
-from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, linear_tile
-from .nice import (backward_buffers, block_config, nice_bwd_a_block, nice_bwd_b_block, nice_fwd_block,
-                   stage_layout, coupling_weight_grads)
+from ._launch import dot_precision, pow2_at_least, sm_count
+from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, LOST_NONE, linear_tile, tile_config
+from .nice import (block_config, nice_bwd_a_block, nice_bwd_b_block, nice_fwd_block, routed_coupling,
+                   routed_coupling_backward, stage_dims)
 from .weight_grad import reduction_config, tn_accumulate, tn_store
 
 # Upper bound on the fp32 partials of one grouped reduction (G * S * M * K elements): 128 MiB.
@@ -63,11 +64,12 @@ def _row_group(GROUPS, row, NUM_GROUPS):
 
 @triton.jit
 def _grouped_linear_kernel(
-    A, W, BIAS, OUT, Z, R, GROUPS,
+    A, W, BIAS, OUT, Z, R, LOST, GROUPS,
     ROWS, L, N, K, NUM_GROUPS, stride_wg, stride_bg,
     stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, stride_zm, stride_zn, stride_rm, stride_rn,
     scaling,
-    EPI: tl.constexpr, A_ACT: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+    EPI: tl.constexpr, A_ACT: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr, LOST_ROWS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ROW_MULTIPLE: tl.constexpr,
 ):
@@ -95,10 +97,10 @@ def _grouped_linear_kernel(
         tmask = pos < L
     g = _row_group(GROUPS, row, NUM_GROUPS)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    linear_tile(A, W + g * stride_wg, BIAS + g * stride_bg, OUT, Z, R, tokens, tmask, cols, cols < N, K,
+    linear_tile(A, W + g * stride_wg, BIAS + g * stride_bg, OUT, Z, R, LOST, tokens, tmask, cols, cols < N, K,
                 stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on, stride_zm, stride_zn,
                 stride_rm, stride_rn, scaling,
-                EPI, A_ACT, HAS_R, ACT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                EPI, A_ACT, HAS_R, ACT, LOST_ROWS, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -206,38 +208,30 @@ def _row_block(length: int, cap: int) -> int:
 
 
 def grouped_linear(a, w, w_strides, n, epilogue, groups, *, bias=None, residual=None, z=None, scaling=1.0,
-                   activation=0, a_activation=False):
-    """``epilogue(act?(a) @ W[g]^T)`` per sequence row as ``[M, n]`` in a's dtype: ``a: [M, K]`` with
-    ``M = B * L``, ``w: [G, ...]`` contiguous (``W[g][n, k]`` at ``w[g] + n * w_strides[0] + k * w_strides[1]``),
-    ``bias: [G, n]``; the epilogues are ``linear.py``'s."""
+                   activation=0, a_activation=False, out=None, lost=None, lost_rows=LOST_NONE):
+    """``epilogue(act?(a) @ W[g]^T)`` per sequence row as ``[M, n]`` in a's dtype (into ``out`` when given):
+    ``a: [M, K]`` with ``M = B * L``, ``w: [G, ...]`` contiguous (``W[g][n, k]`` at ``w[g] + n * w_strides[0] +
+    k * w_strides[1]``), ``bias: [G, n]``; the epilogues and ``lost`` are ``linear.py``'s."""
     m, k = a.shape
-    out = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if m == 0:
         return out
     rows = groups.shape[0]
     length = row_length(m, groups)
-    if interpreting():
-        bm, bn, bk, warps, stages = 128, 128, 128, 4, NUM_STAGES
-    elif a.dtype == torch.float32:
-        bm, bn, bk, warps, stages = 64, 64, 32, 4, NUM_STAGES
-    else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
-    bm = _row_block(length, bm)
-    bn = min(bn, pow2_at_least(n))
-    bk = min(bk, pow2_at_least(k))
-    if bm * bn <= 64 * 64:  # small tiles (short rows, narrow outputs); 128 x 64 keeps 8 warps (4 spill)
-        warps = 4
+    bm, bn, bk, warps, stages = tile_config(lambda bm: rows * triton.cdiv(length, bm), n, k, a.dtype, a.device,
+                                            row_cap=pow2_at_least(length))
     dummy = out
     r = residual if residual is not None else dummy
     zz = z if z is not None else dummy
     grid = (rows * triton.cdiv(length, bm) * triton.cdiv(n, bn),)
     _grouped_linear_kernel[grid](
-        a, w, bias if bias is not None else dummy, out, zz, r, groups,
+        a, w, bias if bias is not None else dummy, out, zz, r, lost if lost is not None else dummy, groups,
         rows, length, n, k, w.shape[0], w.stride(0), bias.stride(0) if bias is not None else 0,
         a.stride(0), a.stride(1), w_strides[0], w_strides[1], out.stride(0), out.stride(1),
         zz.stride(0), zz.stride(1), r.stride(0), r.stride(1),
         float(scaling),
-        EPI=epilogue, A_ACT=bool(a_activation), HAS_R=residual is not None, ACT=activation,
+        EPI=epilogue, A_ACT=bool(a_activation), HAS_R=residual is not None, ACT=activation, LOST_ROWS=lost_rows,
         DOT_PREC=dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         ROW_MULTIPLE=length % bm == 0, num_warps=warps, num_stages=stages,
     )
@@ -326,67 +320,66 @@ def grouped_adapter_backward(dy, x, z, groups, w_down, w_up, scaling, activation
     return dx, dwd, dbd, scaling * dwu, scaling * dbu
 
 
-def _nice_dims(weights):
-    """``(in_a, out_a, ha, hb)`` from stacked stage weights ``wa1 [G, HA, IN_A]``, ``wa2 [G, OUT_A, HA]``,
-    ``wb1 [G, HB, OUT_A]``."""
-    wa1, _, wa2, _, wb1 = weights[:5]
-    return wa1.shape[2], wa2.shape[1], wa1.shape[1], wb1.shape[1]
-
-
 def grouped_nice_coupling(x, groups, weights, activation, inverse, *, block_m=None, block_k=None):
     """NICE forward (``inverse=False``) or inverse, row ``b`` of ``x: [B*L, H]`` with group ``groups[b]``'s
-    weights (each stacked ``[G, ...]``)."""
-    n, h = x.shape
-    out = torch.empty((n, h), dtype=x.dtype, device=x.device)
-    if n == 0:
-        return out
-    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = stage_layout(h, weights, inverse)
-    in_a, out_a, ha, hb = _nice_dims((wa1, ba1, wa2, ba2, wb1))
-    length = row_length(n, groups)
-    bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, x.dtype, block_m, block_k)
-    bm = _row_block(length, bm)
-    _grouped_nice_fwd_kernel[(groups.shape[0], triton.cdiv(length, bm))](
-        x, out, wa1, ba1, wa2, ba2, wb1, bb1, wb2, bb2, groups,
-        length, wa1.shape[0], in_a, out_a, ha, hb, off_src, off_tgt,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(x.dtype),
-        BLOCK_M=bm, BLOCK_K=bk, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **launch,
-    )
-    return out
+    weights (each stacked ``[G, ...]``), on the route ``nice.route`` picks for the hidden widths."""
+    def fused(out, stages):
+        (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = stages
+        in_a, out_a, ha, hb = stage_dims(stages)
+        length = row_length(x.shape[0], groups)
+        bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, x.dtype, block_m, block_k)
+        bm = _row_block(length, bm)
+        _grouped_nice_fwd_kernel[(groups.shape[0], triton.cdiv(length, bm))](
+            x, out, wa1, ba1, wa2, ba2, wb1, bb1, wb2, bb2, groups,
+            length, wa1.shape[0], in_a, out_a, ha, hb, off_src, off_tgt,
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(x.dtype),
+            BLOCK_M=bm, BLOCK_K=bk, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **launch,
+        )
+    return routed_coupling(x, weights, activation, inverse, _per_row_linear(groups), fused)
+
+
+def _per_row_linear(groups):
+    """``grouped_linear`` bound to the groups, with ``linear.fused_linear``'s signature (the NICE GEMM route)."""
+    def linear(a, w, w_strides, n, epilogue, **kwargs):
+        return grouped_linear(a, w, w_strides, n, epilogue, groups, **kwargs)
+    return linear
 
 
 def grouped_nice_coupling_backward(dout, out, inp, groups, weights, activation, inverse, weight_grads, *,
                                    block_m=None, block_k=None, splits=None):
     """``(d_inp, df_w1, df_b1, df_w2, df_b2, dg_w1, dg_b1, dg_w2, dg_b2)``, weight grads fp32 ``[G, ...]`` (empty
     tensors with ``weight_grads=False``). ``inp=None`` rebuilds the input from ``out``. The kernels of
-    ``nice.nice_coupling_backward`` per sequence row."""
-    n, h = out.shape
-    dev, dt = out.device, out.dtype
+    ``nice.nice_coupling_backward`` per sequence row, on the same route."""
     num_groups = weights[0].shape[0]
-    dout, out = dout.contiguous(), out.contiguous()
-    (wa1, ba1, wa2, _), (wb1, bb1, wb2, bb2), off_src, off_tgt = stage_layout(h, weights, inverse)
-    in_a, out_a, ha, hb = _nice_dims((wa1, ba1, wa2, None, wb1))
-    length = row_length(n, groups)
-    bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, dt, block_m, block_k)
-    bm = _row_block(length, bm)
-    za, zb, dza, dzb, src_a = backward_buffers(n, in_a, ha, hb, inp, off_src, dt, dev)
-    dinp = torch.empty((n, h), dtype=dt, device=dev)
-    if n > 0:
-        grid = (groups.shape[0], triton.cdiv(length, bm))
-        common = dict(ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(dt), BLOCK_M=bm, BLOCK_K=bk,
-                      **launch)
-        _grouped_nice_bwd_b_kernel[grid](
-            dout, out, src_a, zb, dzb, wb1, bb1, wb2, bb2, groups, length, num_groups, in_a, out_a, hb,
-            off_src, off_tgt, REBUILD=inp is None, HB0=hb0, HB1=hb1, **common)
-        _grouped_nice_bwd_a_kernel[grid](
-            dout, src_a, dinp, za, dza, dzb, wa1, ba1, wa2, wb1, groups, length, num_groups, in_a, out_a, ha, hb,
-            off_src, off_tgt, src_a.stride(0), src_a.stride(1),
-            REBUILT=inp is None, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **common)
-    if not weight_grads:
-        return (dinp,) + _no_weight_grads(dev, 8)
-    segments = row_segments(groups, num_groups)
+    length = row_length(out.shape[0], groups)
+
+    def fused(dout, out, dinp, stages, buffers):
+        _fused_nice_backward(dout, out, inp is None, dinp, groups, length, stages, buffers, activation, inverse,
+                             block_m, block_k)
 
     def reduce(a, b, act):
         return grouped_tokens_reduce(a, b, segments, num_groups, length, act, splits=splits)
-    return (dinp, *coupling_weight_grads(reduce, dout, out, dinp, src_a, za, zb, dza, dzb, activation, inverse,
-                                off_src, off_tgt))
+    segments = row_segments(groups, num_groups) if weight_grads else None
+    grads = routed_coupling_backward(dout, out, inp, weights, activation, inverse, _per_row_linear(groups), fused,
+                                     reduce if weight_grads else None)
+    return grads if weight_grads else grads + _no_weight_grads(out.device, 8)
+
+
+def _fused_nice_backward(dout, out, rebuild, dinp, groups, length, stages, buffers, activation, inverse, block_m,
+                         block_k):
+    (wa1, ba1, wa2, _), (wb1, bb1, wb2, bb2), off_src, off_tgt = stages
+    in_a, out_a, ha, hb = stage_dims(stages)
+    src_a, za, zb, dza, dzb = buffers
+    num_groups, dt = wa1.shape[0], out.dtype
+    bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, dt, block_m, block_k)
+    bm = _row_block(length, bm)
+    grid = (groups.shape[0], triton.cdiv(length, bm))
+    common = dict(ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(dt), BLOCK_M=bm, BLOCK_K=bk, **launch)
+    _grouped_nice_bwd_b_kernel[grid](
+        dout, out, src_a, zb, dzb, wb1, bb1, wb2, bb2, groups, length, num_groups, in_a, out_a, hb,
+        off_src, off_tgt, REBUILD=rebuild, HB0=hb0, HB1=hb1, **common)
+    _grouped_nice_bwd_a_kernel[grid](
+        dout, src_a, dinp, za, dza, dzb, wa1, ba1, wa2, wb1, groups, length, num_groups, in_a, out_a, ha, hb,
+        off_src, off_tgt, src_a.stride(0), src_a.stride(1),
+        REBUILT=rebuild, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **common)

@@ -1,4 +1,22 @@
-"""NICE coupling (MAD-X's invertible adapter) in Triton: forward and inverse in one dataflow.
+"""NICE coupling (MAD-X's invertible adapter) in Triton: forward and inverse in one dataflow, on two routes.
+
+Which route runs depends only on the hidden widths of the two stages' MLPs (``route(ha, hb)``, dispatched by
+the launchers right below the imports; the grouped launchers in ``grouped.py`` take the same routes):
+
+* ``"fused"`` (hidden widths <= ``WIDE_HIDDEN`` = 256: H <= 1024 at reduction factor 2, MAD-X's H = 768):
+  one forward kernel and two backward kernels per 64-token block that keep the block's hidden activations on
+  chip (below). The N x H data is read and written the fewest times.
+* ``"gemm"`` (wider: H = 1536 to 4096, DeBERTa-v2 xlarge, XLM-R XL/XXL, Llama-class models): a 64-token
+  block's hidden activations (384 to 1024 wide) no longer fit in registers (the fused kernels spill, and at
+  H = 4096 need more shared memory than an H100 has), while each product is large enough to be
+  compute-bound. The coupling runs as tiled GEMMs (``linear.fused_linear``, ``linear.tile_config``) with the
+  coupling's work fused into their prologues and epilogues: bias into z; the activation on load, the bias,
+  the sign and the residual half into each half of the output. Backward: seven GEMMs with fused epilogues
+  (the activation derivative, the residual gradient, the rebuilt input) and the same weight-gradient token
+  reductions as the fused route. Each stage's pre-activation (N x H/4 at rf 2) goes through memory: about
+  4 passes over N x H in forward instead of 2, against products of ~0.25 TFLOP each at H = 4096 and 65536
+  tokens, so the route stays bound by the tensor cores. ``gemm_coupling`` / ``gemm_coupling_backward``
+  below; the derivation is the one below, product by product.
 
 Both directions are two additive coupling stages, A then B, with the MLPs and signs swapped:
 
@@ -42,8 +60,171 @@ import triton.language as tl
 
 from ._launch import NUM_STAGES, dot_precision, interpreting, pow2_at_least
 from .activations import activation_backward, apply_activation
+from .linear import EPI_ADD, EPI_BIAS, EPI_DACT, EPI_RESIDUAL, LOST_MARK, LOST_NONE, LOST_POISON, fused_linear
 from .tiles import load_bias
 from .weight_grad import tokens_reduce
+
+WIDE_HIDDEN = 256  # above this hidden width (of either stage's MLP) the "gemm" route runs (module docstring)
+
+
+def route(ha: int, hb: int) -> str:
+    """``"fused"`` (one forward kernel, two backward kernels) or ``"gemm"`` (tiled GEMMs with fused epilogues)
+    for stage MLPs of hidden widths ``ha`` and ``hb``."""
+    return "gemm" if max(ha, hb) > WIDE_HIDDEN else "fused"
+
+
+def nice_coupling(x, weights, activation, inverse, *, block_m=None, block_k=None):
+    """Launcher: NICE forward (``inverse=False``) or inverse on ``x: [N, H]`` (any strides). ``block_m`` and
+    ``block_k`` set the fused route's blocks (tests)."""
+    def fused(out, stages):
+        _fused_coupling(x, out, stages, activation, inverse, block_m, block_k)
+    return routed_coupling(x, weights, activation, inverse, fused_linear, fused)
+
+
+def nice_coupling_backward(dout, out, inp, weights, activation, inverse, *, block_m=None, block_k=None,
+                           splits=None):
+    """Launcher: ``(d_inp, df_w1, df_b1, df_w2, df_b2, dg_w1, dg_b1, dg_w2, dg_b2)``, weight grads fp32.
+    ``inp=None`` rebuilds the input from ``out``. The input gradient and the per-token tensors by the route's
+    kernels, then the weight-gradient reductions."""
+    def fused(dout, out, dinp, stages, buffers):
+        _fused_coupling_backward(dout, out, inp is None, dinp, stages, buffers, activation, inverse, block_m,
+                                 block_k)
+
+    def reduce(a, b, act):
+        return tokens_reduce(a, b, act, splits=splits)
+    return routed_coupling_backward(dout, out, inp, weights, activation, inverse, fused_linear, fused, reduce)
+
+
+def routed_coupling(x, weights, activation, inverse, linear, fused):
+    """The coupling of ``x`` on the route ``route`` picks: ``gemm_coupling`` with the GEMM ``linear`` (the
+    single or the per-row one), or ``fused(out, stages)``, the route's kernel launch. Shared with the grouped
+    launcher."""
+    n, h = x.shape
+    out = torch.empty((n, h), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    stages = stage_layout(h, weights, inverse)
+    if route(*stage_dims(stages)[2:]) == "gemm":
+        gemm_coupling(linear, x, out, stages, activation, inverse)
+    else:
+        fused(out, stages)
+    return out
+
+
+def routed_coupling_backward(dout, out, inp, weights, activation, inverse, linear, fused, reduce):
+    """The backward on the route ``route`` picks (``gemm_coupling_backward`` with ``linear``, or
+    ``fused(dout, out, dinp, stages, buffers)``), then the weight gradients by ``reduce`` (single or per group;
+    ``reduce=None``: none, the input gradient alone). Shared with the grouped launcher."""
+    n, h = out.shape
+    dout, out = dout.contiguous(), out.contiguous()
+    stages = stage_layout(h, weights, inverse)
+    in_a, _, ha, hb = stage_dims(stages)
+    buffers = backward_buffers(n, in_a, ha, hb, inp, stages[2], out.dtype, out.device)
+    dinp = torch.empty((n, h), dtype=out.dtype, device=out.device)
+    if n > 0 and route(ha, hb) == "gemm":
+        gemm_coupling_backward(linear, dout, out, inp is None, dinp, stages, buffers, activation, inverse)
+    elif n > 0:
+        fused(dout, out, dinp, stages, buffers)
+    if reduce is None:
+        return (dinp,)
+    return (dinp, *coupling_weight_grads(reduce, dout, out, dinp, *buffers, activation, inverse, *stages[2:]))
+
+
+def stage_layout(h, weights, inverse):
+    """Map (F, G) to stages (A, B) and the column offsets of src_A / tgt_A for a direction: ``((wa1, ba1, wa2,
+    ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt)``. Weights stay in their dtype (the kernels round them on
+    load); single or stacked over groups (``[G, ...]``: the grouped launchers)."""
+    f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2 = [w.contiguous() for w in weights]
+    len1 = h // 2
+    if inverse:  # A = G on y1 (cols [0, len1)), writes x2 (cols [len1, h)); B = F
+        return (g_w1, g_b1, g_w2, g_b2), (f_w1, f_b1, f_w2, f_b2), 0, len1
+    return (f_w1, f_b1, f_w2, f_b2), (g_w1, g_b1, g_w2, g_b2), len1, 0
+
+
+def stage_dims(stages):
+    """``(in_a, out_a, ha, hb)`` of a ``stage_layout``: stage A maps ``in_a`` columns (src_A) through ``ha``
+    hidden units onto ``out_a`` columns (tgt_A); stage B's MLP has ``hb`` hidden units."""
+    (wa1, _, wa2, _), (wb1, _, _, _), _, _ = stages
+    return wa1.shape[-1], wa2.shape[-2], wa1.shape[-2], wb1.shape[-2]
+
+
+def backward_buffers(n, in_a, ha, hb, inp, off_src, dt, dev):
+    """``(src_a, za, zb, dza, dzb)`` of a backward: src_a is the saved input's src_A columns, or a new
+    ``[N, IN_A]`` buffer the backward rebuilds it into (shared with the grouped launcher)."""
+    za, zb = torch.empty((n, ha), dtype=dt, device=dev), torch.empty((n, hb), dtype=dt, device=dev)
+    src_a = inp[:, off_src:off_src + in_a] if inp is not None else torch.empty((n, in_a), dtype=dt, device=dev)
+    return src_a, za, zb, torch.empty_like(za), torch.empty_like(zb)
+
+
+def coupling_weight_grads(reduce, dout, out, dinp, src_a, za, zb, dza, dzb, activation, inverse, off_src, off_tgt):
+    """The eight weight and bias gradients as token reductions ``reduce(A, B, act) = (A^T act(B), A.sum(0))``
+    (single or per group), in the order (F: w1, b1, w2, b2, G: w1, b1, w2, b2)."""
+    in_a = src_a.shape[1]
+    out_a = dinp.shape[1] - in_a
+    sign = -1.0 if inverse else 1.0
+    d_wb2, d_bb2 = reduce(dout[:, off_src:off_src + in_a], zb, activation)
+    d_wb1, d_bb1 = reduce(dzb, out[:, off_tgt:off_tgt + out_a], 0)
+    d_wa2, d_ba2 = reduce(dinp[:, off_tgt:off_tgt + out_a], za, activation)
+    d_wa1, d_ba1 = reduce(dza, src_a, 0)
+    grads_a = (d_wa1, d_ba1, sign * d_wa2, sign * d_ba2)
+    grads_b = (d_wb1, d_bb1, sign * d_wb2, sign * d_bb2)
+    return (*grads_b, *grads_a) if inverse else (*grads_a, *grads_b)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the "gemm" route (shared with the grouped launchers: ``linear`` is ``fused_linear`` or the per-row GEMM)
+# ----------------------------------------------------------------------------------------------------------
+def gemm_coupling(linear, x, out, stages, activation, inverse):
+    """The coupling as four GEMMs into ``out``: ``zA = src_A W_A1^T + b_A1``; ``dst_A = tgt_A + sign (act(zA)
+    W_A2^T + b_A2)``; ``zB = dst_A W_B1^T + b_B1``; ``dst_B = src_A + sign (act(zB) W_B2^T + b_B2)``. The
+    halves are column views of x and out (no copies); act(z) is applied on load, never stored."""
+    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = stages
+    in_a, out_a, ha, hb = stage_dims(stages)
+    sign = -1.0 if inverse else 1.0
+    src, tgt = x[:, off_src:off_src + in_a], x[:, off_tgt:off_tgt + out_a]
+    dst_a, dst_b = out[:, off_tgt:off_tgt + out_a], out[:, off_src:off_src + in_a]
+    za = linear(src, wa1, (in_a, 1), ha, EPI_BIAS, bias=ba1)
+    linear(za, wa2, (ha, 1), out_a, EPI_RESIDUAL, bias=ba2, residual=tgt, scaling=sign, activation=activation,
+           a_activation=True, out=dst_a)
+    zb = linear(dst_a, wb1, (out_a, 1), hb, EPI_BIAS, bias=bb1)
+    linear(zb, wb2, (hb, 1), in_a, EPI_RESIDUAL, bias=bb2, residual=src, scaling=sign, activation=activation,
+           a_activation=True, out=dst_b)
+
+
+def gemm_coupling_backward(linear, dout, out, rebuild, dinp, stages, buffers, activation, inverse):
+    """The backward's GEMMs (``dout``, ``out`` contiguous): the per-token tensors ``buffers`` = (src_a, za, zb,
+    dza, dzb) and the input gradient ``dinp``, for the weight-gradient reductions:
+
+        zB = dst_A W_B1^T + b_B1;  dzB = sign (d_dstB W_B2) act'(zB)
+        src_A = dst_B - sign (act(zB) W_B2^T + b_B2)      (``rebuild``; else the saved input's columns)
+        zA = src_A W_A1^T + b_A1;  gA = d_dstA + dzB W_B1  (into dinp's tgt_A columns)
+        dzA = sign (gA W_A2) act'(zA);  d_srcA = d_dstB + dzA W_A1  (into dinp's src_A columns)
+
+    Rebuilding, a token whose rebuilt src_A holds Inf or NaN (its output did) is lost: the zA GEMM marks it
+    and gives it NaN pre-activations, the dzA GEMM NaN gradients (``linear.LOST_MARK`` / ``LOST_POISON``),
+    as the fused route's kernels do."""
+    (wa1, ba1, wa2, _), (wb1, bb1, wb2, bb2), off_src, off_tgt = stages
+    in_a, out_a, ha, hb = stage_dims(stages)
+    src_a, za, zb, dza, dzb = buffers
+    sign = -1.0 if inverse else 1.0
+    cols_src, cols_tgt = slice(off_src, off_src + in_a), slice(off_tgt, off_tgt + out_a)
+    linear(out[:, cols_tgt], wb1, (out_a, 1), hb, EPI_BIAS, bias=bb1, out=zb)
+    linear(dout[:, cols_src], wb2, (1, hb), hb, EPI_DACT, z=zb, scaling=sign, activation=activation, out=dzb)
+    lost = torch.empty((out.shape[0],), dtype=torch.int8, device=out.device) if rebuild else None
+    if rebuild:
+        linear(zb, wb2, (hb, 1), in_a, EPI_RESIDUAL, bias=bb2, residual=out[:, cols_src], scaling=-sign,
+               activation=activation, a_activation=True, out=src_a)
+    linear(src_a, wa1, (in_a, 1), ha, EPI_BIAS, bias=ba1, out=za, lost=lost,
+           lost_rows=LOST_MARK if rebuild else LOST_NONE)
+    linear(dzb, wb1, (1, out_a), out_a, EPI_ADD, residual=dout[:, cols_tgt], out=dinp[:, cols_tgt])
+    linear(dinp[:, cols_tgt], wa2, (1, ha), ha, EPI_DACT, z=za, scaling=sign, activation=activation, out=dza,
+           lost=lost, lost_rows=LOST_POISON if rebuild else LOST_NONE)
+    linear(dza, wa1, (1, in_a), in_a, EPI_ADD, residual=dout[:, cols_src], out=dinp[:, cols_src])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the "fused" route
+# ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -310,17 +491,6 @@ def nice_bwd_a_block(
         tl.store(DINP + rows[:, None] * H + (OFF_SRC + nc)[None, :], dsrc.to(dt), mask=m2)
 
 
-def stage_layout(h, weights, inverse):
-    """Map (F, G) to stages (A, B) and the column offsets of src_A / tgt_A for a direction: ``((wa1, ba1, wa2,
-    ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt)``. Weights stay in their dtype (the kernels round them on
-    load); shared with the grouped launchers."""
-    f_w1, f_b1, f_w2, f_b2, g_w1, g_b1, g_w2, g_b2 = [w.contiguous() for w in weights]
-    len1 = h // 2
-    if inverse:  # A = G on y1 (cols [0, len1)), writes x2 (cols [len1, h)); B = F
-        return (g_w1, g_b1, g_w2, g_b2), (f_w1, f_b1, f_w2, f_b2), 0, len1
-    return (f_w1, f_b1, f_w2, f_b2), (g_w1, g_b1, g_w2, g_b2), len1, 0
-
-
 def hidden_chunks(hidden: int) -> tuple[int, int]:
     """Two power-of-two chunks covering a hidden width with little padding: 192 -> (128, 64), 256 -> (128, 128),
     96 -> (64, 32); at least 16 each (tl.dot's smallest operand)."""
@@ -329,11 +499,12 @@ def hidden_chunks(hidden: int) -> tuple[int, int]:
 
 
 def block_config(ha, hb, dtype, block_m=None, block_k=None):
-    """``(BLOCK_M, BLOCK_K, (HA0, HA1), (HB0, HB1), launch options)`` of the NICE kernels (shared with the
-    grouped launchers). On a GPU in bf16/fp16: 64-token blocks, so every product is a warpgroup MMA (Hopper's
-    wgmma works on 64-row blocks) and a program reads the four weights once per 64 tokens; 32-wide chunks of
-    the halves, 16 wide for hidden widths over 192 (fp32 master weights are converted in registers on their way
-    to shared memory: wider chunks spill in the backward), 8 warps. fp32 (IEEE products on FMA units): 32-token blocks."""
+    """``(BLOCK_M, BLOCK_K, (HA0, HA1), (HB0, HB1), launch options)`` of the fused route's kernels (shared with
+    the grouped launchers). On a GPU in bf16/fp16: 64-token blocks, so every product is a warpgroup MMA
+    (Hopper's wgmma works on 64-row blocks) and a program reads the four weights once per 64 tokens; 32-wide
+    chunks of the halves, 16 wide for hidden widths over 192 (fp32 master weights are converted in registers
+    on their way to shared memory: wider chunks spill in the backward), 8 warps. fp32 (IEEE products on FMA
+    units): 32-token blocks."""
     chunks_a, chunks_b = hidden_chunks(ha), hidden_chunks(hb)
     if interpreting():
         bm, bk = 128, 128
@@ -343,14 +514,10 @@ def block_config(ha, hb, dtype, block_m=None, block_k=None):
     return block_m or bm, block_k or bk, chunks_a, chunks_b, dict(num_warps=8, num_stages=NUM_STAGES)
 
 
-def nice_coupling(x, weights, activation, inverse, *, block_m=None, block_k=None):
-    """Launcher: NICE forward (``inverse=False``) or inverse on ``x: [N, H]`` (any strides)."""
-    n, h = x.shape
-    out = torch.empty((n, h), dtype=x.dtype, device=x.device)
-    if n == 0:
-        return out
-    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = stage_layout(h, weights, inverse)
-    in_a, out_a, ha, hb = wa1.shape[1], wa2.shape[0], wa1.shape[0], wb1.shape[0]
+def _fused_coupling(x, out, stages, activation, inverse, block_m, block_k):
+    (wa1, ba1, wa2, ba2), (wb1, bb1, wb2, bb2), off_src, off_tgt = stages
+    n = x.shape[0]
+    in_a, out_a, ha, hb = stage_dims(stages)
     bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, x.dtype, block_m, block_k)
     _nice_fwd_kernel[(triton.cdiv(n, bm),)](
         x, out, wa1, ba1, wa2, ba2, wb1, bb1, wb2, bb2,
@@ -359,57 +526,22 @@ def nice_coupling(x, weights, activation, inverse, *, block_m=None, block_k=None
         ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(x.dtype),
         BLOCK_M=bm, BLOCK_K=bk, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **launch,
     )
-    return out
 
 
-def backward_buffers(n, in_a, ha, hb, inp, off_src, dt, dev):
-    """``(za, zb, dza, dzb, src_a)`` of a backward: src_a is the saved input's src_A columns, or a new
-    ``[N, IN_A]`` buffer the stage-B kernel rebuilds it into (shared with the grouped launcher)."""
-    za, zb = torch.empty((n, ha), dtype=dt, device=dev), torch.empty((n, hb), dtype=dt, device=dev)
-    src_a = inp[:, off_src:off_src + in_a] if inp is not None else torch.empty((n, in_a), dtype=dt, device=dev)
-    return za, zb, torch.empty_like(za), torch.empty_like(zb), src_a
-
-
-def coupling_weight_grads(reduce, dout, out, dinp, src_a, za, zb, dza, dzb, activation, inverse, off_src, off_tgt):
-    """The eight weight and bias gradients as token reductions ``reduce(A, B, act) = (A^T act(B), A.sum(0))``
-    (single or per group), in the order (F: w1, b1, w2, b2, G: w1, b1, w2, b2)."""
-    in_a = src_a.shape[1]
-    out_a = dinp.shape[1] - in_a
-    sign = -1.0 if inverse else 1.0
-    d_wb2, d_bb2 = reduce(dout[:, off_src:off_src + in_a], zb, activation)
-    d_wb1, d_bb1 = reduce(dzb, out[:, off_tgt:off_tgt + out_a], 0)
-    d_wa2, d_ba2 = reduce(dinp[:, off_tgt:off_tgt + out_a], za, activation)
-    d_wa1, d_ba1 = reduce(dza, src_a, 0)
-    grads_a = (d_wa1, d_ba1, sign * d_wa2, sign * d_ba2)
-    grads_b = (d_wb1, d_bb1, sign * d_wb2, sign * d_bb2)
-    return (*grads_b, *grads_a) if inverse else (*grads_a, *grads_b)
-
-
-def nice_coupling_backward(dout, out, inp, weights, activation, inverse, *, block_m=None, block_k=None,
-                           splits=None):
-    """Launcher: ``(d_inp, df_w1, df_b1, df_w2, df_b2, dg_w1, dg_b1, dg_w2, dg_b2)``, weight grads fp32.
-    ``inp=None`` rebuilds the input from ``out``. Two kernels per token block (stage B, then stage A and
-    the input gradient: each holds one stage's hidden tiles on chip), then the weight-gradient reductions."""
-    n, h = out.shape
-    dev, dt = out.device, out.dtype
-    dout, out = dout.contiguous(), out.contiguous()
-    (wa1, ba1, wa2, _), (wb1, bb1, wb2, bb2), off_src, off_tgt = stage_layout(h, weights, inverse)
-    in_a, out_a, ha, hb = wa1.shape[1], wa2.shape[0], wa1.shape[0], wb1.shape[0]
+def _fused_coupling_backward(dout, out, rebuild, dinp, stages, buffers, activation, inverse, block_m, block_k):
+    """Two kernels per token block: stage B (and the rebuilt input), then stage A and the input gradient;
+    each holds one stage's hidden tiles on chip."""
+    (wa1, ba1, wa2, _), (wb1, bb1, wb2, bb2), off_src, off_tgt = stages
+    n, dt = out.shape[0], out.dtype
+    in_a, out_a, ha, hb = stage_dims(stages)
+    src_a, za, zb, dza, dzb = buffers
     bm, bk, (ha0, ha1), (hb0, hb1), launch = block_config(ha, hb, dt, block_m, block_k)
-    za, zb, dza, dzb, src_a = backward_buffers(n, in_a, ha, hb, inp, off_src, dt, dev)
-    dinp = torch.empty((n, h), dtype=dt, device=dev)
-    if n > 0:
-        common = dict(ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(dt), BLOCK_M=bm, BLOCK_K=bk,
-                      **launch)
-        _nice_bwd_b_kernel[(triton.cdiv(n, bm),)](
-            dout, out, src_a, zb, dzb, wb1, bb1, wb2, bb2, n, in_a, out_a, hb, off_src, off_tgt,
-            REBUILD=inp is None, HB0=hb0, HB1=hb1, **common)
-        _nice_bwd_a_kernel[(triton.cdiv(n, bm),)](
-            dout, src_a, dinp, za, dza, dzb, wa1, ba1, wa2, wb1, n, in_a, out_a, ha, hb, off_src, off_tgt,
-            src_a.stride(0), src_a.stride(1),
-            REBUILT=inp is None, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **common)
-
-    def reduce(a, b, act):
-        return tokens_reduce(a, b, act, splits=splits)
-    return (dinp, *coupling_weight_grads(reduce, dout, out, dinp, src_a, za, zb, dza, dzb, activation, inverse,
-                                off_src, off_tgt))
+    common = dict(ACT=activation, INVERSE=bool(inverse), DOT_PREC=dot_precision(dt), BLOCK_M=bm, BLOCK_K=bk,
+                  **launch)
+    _nice_bwd_b_kernel[(triton.cdiv(n, bm),)](
+        dout, out, src_a, zb, dzb, wb1, bb1, wb2, bb2, n, in_a, out_a, hb, off_src, off_tgt,
+        REBUILD=rebuild, HB0=hb0, HB1=hb1, **common)
+    _nice_bwd_a_kernel[(triton.cdiv(n, bm),)](
+        dout, src_a, dinp, za, dza, dzb, wa1, ba1, wa2, wb1, n, in_a, out_a, ha, hb, off_src, off_tgt,
+        src_a.stride(0), src_a.stride(1),
+        REBUILT=rebuild, HA0=ha0, HA1=ha1, HB0=hb0, HB1=hb1, **common)

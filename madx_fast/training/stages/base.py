@@ -53,8 +53,8 @@ log = logging.getLogger("madx_fast.training")
 # what, from which data. A stage's ``record`` returns some of them; its bundles carry that record.
 RUN_FACTS = ("stage", "adapter", "language", "source_language", "task", "base_model", "base_fingerprint",
              "adapter_config", "labels", "language_adapter", "train_data", "train_blocks", "train_features",
-             "data_tokens", "train_data_sha256", "eval_data_sha256", "mlm_probability", "max_length", "auto_class",
-             "backbone_dtype", "backend")
+             "data_tokens", "train_data_sha256", "eval_data_sha256", "objective", "mlm_probability", "max_length",
+             "auto_class", "backbone_dtype", "backend", "seed", "init_model")
 
 
 class TrainingStage:
@@ -166,7 +166,7 @@ class TrainingStage:
         t_start = time.perf_counter()
         self._set_up()
         facts = dict.fromkeys(RUN_FACTS)
-        record = self.run_record = self.record()
+        record = self.run_record = dict(self.record(), seed=self.loop.seed)
         unknown = sorted(set(record) - set(RUN_FACTS))
         if unknown:
             raise TypeError(f"{type(self).__name__}.record() returns {unknown}: not among RUN_FACTS")

@@ -1,5 +1,7 @@
-"""MAD-X stage 1: a language adapter (reduction factor 2) and its NICE invertible adapter, trained by masked-LM
-on unlabeled text of the language; embeddings, encoder and the tied MLM head stay frozen.
+"""MAD-X stage 1: a language adapter (reduction factor 2) and its NICE invertible adapter, trained on unlabeled
+text of the language with the objective the model was pretrained with (``--objective`` overrides it): masked-LM
+for encoders, causal-LM for decoders (GPT-2, Llama, Mistral); embeddings, layers and the (tied or untied) LM
+head stay frozen.
 
     train_language_adapter(model="xlm-roberta-base", lang="sw", train_data="data/sw.txt", output_dir="runs/sw")
     train_language_adapter(LanguageAdapterSettings(...))          # the same, from a settings object
@@ -15,7 +17,7 @@ import os
 from ...model import MadxConfig
 from .. import data, models, runs
 from ..settings import LanguageAdapterSettings
-from ..tasks import mlm
+from ..tasks import causal_lm, mlm
 from .base import TrainingStage
 
 log = logging.getLogger("madx_fast.training")
@@ -26,20 +28,40 @@ class LanguageAdapterStage(TrainingStage):
     settings_class = LanguageAdapterSettings
     identity_keys = ("stage", "language", "base_model", "base_fingerprint", "adapter_config", "train_blocks",
                      "data_tokens", "max_length", "mlm_probability", "backbone_dtype", "backend")
-    auto_class = "AutoModelForMaskedLM"
+    auto_class = "AutoModelForMaskedLM"  # ``resolve_inputs`` sets the objective's class
     need_mask = True
 
+    def resolve_inputs(self) -> list[str]:
+        if self.s.full_model:
+            raise ValueError("full_model=True asks for the full-model stage: call madx_fast.training.train_language "
+                             "(madx train-lang --full-model)")
+        inputs = super().resolve_inputs()
+        self.choose_objective()
+        return inputs
+
+    def choose_objective(self) -> None:
+        """The LM objective of ``base_model`` (or ``--objective``) and the model class that trains with it."""
+        self.lm_objective, self.auto_class, self.model_kwargs = models.language_model_class(self.base_model,
+                                                                                            self.s.objective)
+        self.need_mask = self.lm_objective == "masked"
+
     def read_data(self) -> None:
-        s = self.s
-        self.max_length = models.max_length_for(s.model, s.max_length, default=256)  # the paper's 256, if it fits
+        s, tok = self.s, self.tokenizer
+        self.max_length = models.max_length_for(self.base_model, s.max_length, default=256)  # the paper's 256
         texts, eval_texts = _texts(s)
-        self.train_blocks = mlm.mlm_data_from_texts(self.tokenizer, texts, self.max_length)
-        self.heldout = mlm.mlm_data_from_texts(self.tokenizer, eval_texts, self.max_length) if eval_texts else None
-        self.objective = mlm.MlmObjective(self.train_blocks, s.mlm_probability)
+        causal = self.lm_objective == "causal"
+        blocks = causal_lm.causal_data_from_texts if causal else mlm.mlm_data_from_texts
+        self.train_blocks = blocks(tok, texts, self.max_length)
+        self.heldout = blocks(tok, eval_texts, self.max_length) if eval_texts else None
+        self.objective = (causal_lm.CausalLmObjective(self.train_blocks) if causal else
+                          mlm.MlmObjective(self.train_blocks, s.mlm_probability))
         self.items = range(len(self.train_blocks))
         log.info("%s: %d training blocks of %d tokens (%d tokens), %d held-out blocks", s.lang,
                  len(self.train_blocks), self.max_length, self.train_blocks.num_tokens,
                  len(self.heldout) if self.heldout else 0)
+
+    def load_model(self):
+        return models.wired_model(self.auto_class, self.base_model, self.s.backend, **self.model_kwargs)
 
     def digested_data(self):
         return self.train_blocks, (None if self.heldout is None else (self.heldout, self.s.max_eval_blocks))
@@ -58,22 +80,35 @@ class LanguageAdapterStage(TrainingStage):
         s = self.s
         return {"stage": self.kind, "language": s.lang, "adapter": s.lang, "base_model": s.model,
                 "base_fingerprint": self.fingerprint, "adapter_config": self.adapter_config.to_dict(),
-                "max_length": self.max_length, "mlm_probability": s.mlm_probability,
+                "max_length": self.max_length, "objective": self.lm_objective,
+                "mlm_probability": s.mlm_probability if self.lm_objective == "masked" else None,
                 "train_blocks": len(self.train_blocks), "data_tokens": self.train_blocks.num_tokens,
                 "train_data": s.train_data, "auto_class": self.auto_class,
                 "backbone_dtype": str(self.backbone_dtype or "float32"), "backend": s.backend}
+
+    def identity(self, facts: dict) -> dict:
+        """A masked-LM run's identity is the one runs had before the objective was a choice (their checkpoints
+        resume); a causal-LM run's names its objective."""
+        out = super().identity(facts)
+        if facts["objective"] != "masked":
+            out["objective"] = facts["objective"]
+        return out
 
     def evaluation(self):
         if self.heldout is None:
             return None
         loop = self.loop
+        if self.lm_objective == "causal":
+            batches = causal_lm.fixed_batches(self.heldout, loop.eval_batch_size, self.s.max_eval_blocks)
+            return lambda: causal_lm.evaluate_causal(self.model, batches, self.device, loop.bf16)
         batches = mlm.fixed_batches(self.heldout, self.s.mlm_probability, loop.eval_batch_size, loop.seed,
                                     self.s.max_eval_blocks)
         return lambda: mlm.evaluate_mlm(self.model, batches, self.device, loop.bf16)
 
     def describe(self, counts: dict) -> str:
         lang, loop = self.s.lang, self.loop
-        return (f"training language adapter {lang!r}: {counts[f'adapter_parameters[{lang}]']:,} parameters "
+        return (f"training language adapter {lang!r} ({self.lm_objective} LM): "
+                f"{counts[f'adapter_parameters[{lang}]']:,} parameters "
                 f"({counts[f'adapter_percent_of_base[{lang}]']:.2f}% of the base), {loop.steps} steps of "
                 f"{loop.batch_size}")
 

@@ -27,13 +27,17 @@ log = logging.getLogger("madx_fast.training")
 
 class TaskAdapterStage(TrainingStage):
     kind = "task"
+    full_model = False  # True: every weight trains (FullFinetuneStage)
     settings_class = TaskAdapterSettings
     identity_keys = ("stage", "task", "base_model", "base_fingerprint", "language", "labels", "train_features",
                      "max_length", "adapter_config", "backbone_dtype", "backend")
 
     def resolve_inputs(self) -> list[str]:
+        check_stage_settings(self.s, self.full_model)
         self.name = self.s.name or task_class(self.s.task).name
         self.lang_path, self.lang, self.base_model = _language_adapter(self.s, self.name)
+        task = task_class(self.s.task)
+        models.check_model_class(task.auto_class, self.base_model, f"the {task.name} task")
         return [self.lang_path]
 
     def read_data(self) -> None:
@@ -123,12 +127,27 @@ class TaskAdapterStage(TrainingStage):
         if not self.val_features:
             self._save("best", self.loop.steps, None)
         best = result["best"]
-        return (f"task adapter {self.name!r} written to {self.s.output_dir}"
+        return (f"{self.written()} written to {self.s.output_dir}"
                 + (f"; best {best['metric']} {best['value']:.4g} at step {best['step']}" if best else ""))
+
+    def written(self) -> str:
+        """What ``save`` writes, for its log line."""
+        return f"task adapter {self.name!r}"
 
     def _save(self, sub: str, step: int, metrics: dict | None) -> None:
         runs.write_bundle(self.madx, os.path.join(self.s.output_dir, sub), self.name,
                           dict(self.run_record, step=step, metrics=metrics), with_head=True)
+
+
+def check_stage_settings(s: TaskAdapterSettings, full_model: bool) -> None:
+    """One run of the stage the settings ask for: ``full_finetune`` and ``seeds`` are ``train_task``'s to
+    dispatch (``madx train-task``)."""
+    if s.full_finetune != full_model:
+        wanted = "full-model" if s.full_finetune else "task adapter"
+        raise ValueError(f"full_finetune={s.full_finetune} asks for the {wanted} stage: call "
+                         "madx_fast.training.train_task (madx train-task)")
+    if s.seeds:
+        raise ValueError("seeds ask for one run per seed: call madx_fast.training.train_task (madx train-task)")
 
 
 def train_task_adapter(settings: TaskAdapterSettings | None = None, /, **kwargs) -> dict:

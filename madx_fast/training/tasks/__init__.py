@@ -1,11 +1,16 @@
-"""Training objectives and tasks, one module each: ``mlm`` (stage 1), ``ner``, ``qa``, ``copa`` (stage 2); what
-they all provide is in ``base.py``.
+"""Training objectives and tasks, one module each: ``mlm`` and ``causal_lm`` (stage 1), ``ner``, ``qa``, ``copa``
+(stage 2); what they all provide is in ``base.py``.
 
-    objective        loss term                        count                 head (HF class)
-    MlmObjective     CE of each masked token          masked tokens         ...ForMaskedLM (tied decoder)
-    NerTask          CE of each word's 1st sub-token  labelled sub-tokens   ...ForTokenClassification
-    QaTask           (CE(start) + CE(end)) / 2        windows               ...ForQuestionAnswering
-    CopaTask         CE over the choices              examples              ...ForMultipleChoice
+    objective          loss term                        count                 head (HF class)
+    MlmObjective       CE of each masked token          masked tokens         ...ForMaskedLM (tied decoder)
+    CausalLmObjective  CE of each token given the past  predicted tokens      ...ForCausalLM / ...LMHeadModel
+    NerTask            CE of each word's 1st sub-token  labelled sub-tokens   ...ForTokenClassification
+    QaTask             (CE(start) + CE(end)) / 2        windows               ...ForQuestionAnswering
+    CopaTask           CE over the choices              examples              ...ForMultipleChoice
+
+A task runs on every family transformers has its head class for: all of them for NER and QA; COPA not on the
+decoders (GPT-2, Llama, Mistral have no ...ForMultipleChoice), which ``models.check_model_class`` refuses
+before anything is loaded.
 
 A task module holds everything of its task: reading its data, encoding, batching, the loss, the metrics, the
 head (``auto_class``, ``head_kwargs``, ``extra_trainable``) and ``madx predict``'s line format. Adding a task

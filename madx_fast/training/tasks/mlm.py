@@ -18,19 +18,16 @@ from ...model import madx_mlm_loss
 from ...model.inputs import IGNORE_INDEX, mlm_positions
 from ..batches import autocast, model_batch
 from ..data import DataError
-from ..progress import progress
 from ..models import bos_id, check_tokenizer, eos_id
+from ..progress import progress
 
 
 @dataclass
-class MlmData:
-    """Packed MLM blocks and the ids the masking needs."""
+class TextBlocks:
+    """Packed blocks of text (stage 1's data, for either objective), held as int32."""
 
     input_ids: torch.Tensor          # [N, L] int32
     attention_mask: torch.Tensor     # [N, L] int32
-    special_ids: tuple[int, ...]     # never masked (besides padding)
-    mask_id: int
-    vocab_size: int
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -40,11 +37,21 @@ class MlmData:
         return int(self.attention_mask.sum())
 
 
-def tokenize_texts(tokenizer, texts: Sequence[str], batch: int = 1000) -> list[list[int]]:
-    """Token ids of each text without special tokens."""
+@dataclass
+class MlmData(TextBlocks):
+    """Packed MLM blocks and the ids the masking needs."""
+
+    special_ids: tuple[int, ...]     # never masked (besides padding)
+    mask_id: int
+    vocab_size: int
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], batch: int = 1000, *,
+                   special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of each text, without special tokens (or with the tokenizer's own: ``special_tokens``)."""
     out: list[list[int]] = []
     for i in progress(range(0, len(texts), batch), desc="tokenize"):
-        enc = tokenizer(list(texts[i:i + batch]), add_special_tokens=False, truncation=False,
+        enc = tokenizer(list(texts[i:i + batch]), add_special_tokens=special_tokens, truncation=False,
                         return_attention_mask=False, verbose=False)
         out.extend(enc["input_ids"])
     return out
@@ -157,11 +164,11 @@ def fixed_batches(mlm: MlmData, mlm_probability: float, batch_size: int, seed: i
 
 
 @torch.no_grad()
-def evaluate_mlm(model, batches: Sequence[dict], device, bf16: bool = False) -> dict:
-    """Held-out masked-LM loss (mean over all masked tokens) and perplexity ``exp(loss)``."""
+def heldout_loss(model, objective, batches: Sequence[dict], device, bf16: bool = False) -> tuple[float, float, int]:
+    """``(loss, perplexity, count)``: the mean of the loss terms of ``objective`` over held-out host ``batches``,
+    ``exp(loss)``, and how many terms there were."""
     was_training = model.training
     model.eval()
-    objective = MlmObjective
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in batches:
         count += objective.count(batch)
@@ -170,4 +177,10 @@ def evaluate_mlm(model, batches: Sequence[dict], device, bf16: bool = False) -> 
             total += objective.loss_sum(model, batch).double()
     model.train(was_training)
     loss = float(total) / max(count, 1)
-    return {"mlm_loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "masked_tokens": count}
+    return loss, float(np.exp(min(loss, 50.0))), count
+
+
+def evaluate_mlm(model, batches: Sequence[dict], device, bf16: bool = False) -> dict:
+    """Held-out masked-LM loss (mean over all masked tokens) and perplexity ``exp(loss)``."""
+    loss, perplexity, count = heldout_loss(model, MlmObjective, batches, device, bf16)
+    return {"mlm_loss": loss, "perplexity": perplexity, "masked_tokens": count}

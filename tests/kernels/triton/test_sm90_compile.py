@@ -2,8 +2,8 @@
 
 The interpreter that runs the parity tests on CPU never lowers kernels to GPU code; this runs the real
 compiler ahead of time (scripts/triton_compile_check.py --full: every activation, dtype, route, block
-configuration, NICE and GEMM kernel; in parallel over the machine's cores) so a GPU-only compile error
-fails CI."""
+configuration (NICE's at the larger models' hidden sizes too), NICE and GEMM kernel; in parallel over the
+machine's cores) so a GPU-only compile error fails CI."""
 import os
 import re
 import subprocess
@@ -17,7 +17,7 @@ SCRIPT = ROOT / "scripts" / "triton_compile_check.py"
 KERNELS = ["_adapter_fwd_kernel", "_adapter_bwd_da_kernel", "_adapter_bwd_dx_dw_kernel", "_linear_kernel",
            "_tn_kernel", "_nice_fwd_kernel", "_nice_bwd_b_kernel", "_nice_bwd_a_kernel", "_grouped_linear_kernel",
            "_grouped_tn_kernel", "_grouped_nice_fwd_kernel", "_grouped_nice_bwd_b_kernel",
-           "_grouped_nice_bwd_a_kernel"]
+           "_grouped_nice_bwd_a_kernel", "_average_up_kernel", "_average_dz_kernel", "_average_dx_kernel"]
 
 
 def compiler_env():
@@ -45,6 +45,9 @@ def test_every_triton_kernel_variant_compiles_for_sm90():
     for kernel in ("_nice_fwd_kernel", "_nice_bwd_b_kernel", "_nice_bwd_a_kernel"):
         assert any(line.startswith(kernel) and " inverse " in line for line in rows)
         assert any(line.startswith(kernel) and " forward " in line for line in rows)
+        for h in (1024,):  # XLM-R large's NICE (wider hidden chunks), in bf16 and fp32; wider: the GEMM route
+            for dtype in ("bfloat16", "float32"):
+                assert any(line.startswith(kernel) and f"H={h} forward {dtype} " in line for line in rows), (h, dtype)
 
 
 def test_the_check_catches_what_only_the_gpu_compiler_refuses(tmp_path):
