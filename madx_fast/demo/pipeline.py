@@ -115,9 +115,9 @@ class DemoConfig:
     device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     bf16: bool = opt(False, help="bfloat16 autocast")
     progress: bool = opt(True, flag="--no-progress", help="no progress bars (log lines instead)")
-    threads: int | None = opt(None, help="torch CPU threads (default: 1 for the small synthetic model, whose "
-                              "matrices are too small to share, and on a busy machine a second thread stalls each "
-                              "step waiting for a core; torch's own choice with --model)")
+    threads: int | None = opt(None, help="torch CPU threads (default for the small synthetic model: the cores no "
+                              "other process keeps busy, by the load average, since a thread waiting for a core "
+                              "stalls every step; torch's own choice with --model)")
     report_to: list[str] = opt(default_factory=list, parse=csv_list, metavar="TOOLS",
                                help="log every run's curves to: tensorboard (<run>/tensorboard), wandb")
     cache_dir: str | None = opt(None, help="where the pretrained small base is cached (default ~/.cache/madx_fast "
@@ -460,11 +460,23 @@ def _print_summary(summary: dict, out: str) -> None:
           f"wall time {summary['timings_s']['total']:.1f} s")
 
 
+def idle_cores(cores: int) -> int:
+    """Of ``cores``, how many no other process keeps busy (the 1-minute load average), at least one.
+
+    For the small synthetic model a thread that must wait for a core stalls every step: measured (docs/training.md,
+    the demo) on 2 cores, 2 threads were 1.4x faster than 1 on an idle machine and 5x slower at load 15."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average on this system: every core
+        return cores
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
 def _set_threads(cfg: DemoConfig) -> int:
-    """``--threads``, else one thread for the small synthetic model (measured: docs/training.md, the demo);
-    returns the count the demo runs with."""
+    """``--threads``, else for the small synthetic model the cores not already busy (``idle_cores``), with
+    ``--model`` torch's own choice; returns the count the demo runs with."""
     import torch
-    threads = cfg.threads if cfg.threads is not None else None if cfg.model else 1
+    threads = cfg.threads if cfg.threads is not None else None if cfg.model else idle_cores(torch.get_num_threads())
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be at least 1, got {threads}")

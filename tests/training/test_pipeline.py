@@ -251,7 +251,7 @@ def test_demo_plumbing(tmp_path):
                      text_sentences=200, ner_train=40, ner_validation=10, ner_test=10, progress=False,
                      cache_dir=str(tmp_path / "cache"), backend="eager")
     threads = torch.get_num_threads()
-    summary = run_demo(cfg)
+    summary = run_demo(dataclasses.replace(cfg, threads=1))
     assert summary["torch_threads"] == 1 and torch.get_num_threads() == threads  # the caller's count is back
     systems = {r["system"] for r in summary["transfer"]}
     assert systems == {"MAD-X", "MAD-X -INV", "MAD-X -LAD -INV", "XLM-R", "XLM-R MLM-TRG"}
@@ -315,3 +315,12 @@ def test_demo_with_a_given_model_and_data_specs(tmp_path, tiny_base, corpus):
     assert {(r["source"], r["target"]) for r in summary["transfer"]} == {("alpha", "alpha"), ("alpha", "beta")}
     assert summary["config"]["finetune_lr"] == 2e-5 and (out / "ft-alpha-mlm-beta" / "best").is_dir()
     assert main(["demo", "--text-data", "x", "--output-dir", str(tmp_path / "o2")]) == 2  # languages required
+
+
+def test_demo_threads_default_to_the_idle_cores(monkeypatch):
+    """The synthetic model's default thread count: every core on an idle machine, the ones left on a busy one,
+    never fewer than one."""
+    from madx_fast.demo.pipeline import idle_cores
+    for load, cores, expected in ((0.1, 4, 4), (1.2, 4, 3), (2.6, 4, 1), (15.0, 2, 1), (0.0, 1, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert idle_cores(cores) == expected, (load, cores)
