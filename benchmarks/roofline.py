@@ -5,6 +5,7 @@ on a CPU, and the H100 times it predicts.
     python benchmarks/roofline.py --json roofline.json
     python benchmarks/roofline.py --size tiny          # tiny shapes (what CI runs)
     python benchmarks/roofline.py --only ops           # or: models
+    python benchmarks/roofline.py --only models --breakdown "infer B=256 L=128 graphs"   # device ms per op
 
 What is counted, and how: each case runs on ``meta`` tensors (shapes, no data) under
 ``madx_fast.testing.device_ops.DeviceOps``, which records every aten op the code dispatches (views and
@@ -109,9 +110,14 @@ def predict(ops, graphed=False) -> dict:
             g["flops"] += r.flops
             g["rate"] = (ATTENTION_RATE if "attention" in r.name else
                          FP32_RATE if r.dtype == "float32" else GEMM_RATE)
-    device_s = sum(max(g["bytes"] / BANDWIDTH, g["flops"] / g["rate"]) + g["kernels"] * per_kernel * 1e-6
-                   for g in groups.values())
-    return dict(device_ms=device_s * 1e3, **ops.totals())
+    by_op: dict = {}  # device ms per outermost op name (a fused op's launches under its own name)
+    for key, g in groups.items():
+        ms = (max(g["bytes"] / BANDWIDTH, g["flops"] / g["rate"]) + g["kernels"] * per_kernel * 1e-6) * 1e3
+        name = ops.records[key].name
+        by_op[name] = by_op.get(name, 0.0) + ms
+    device_ms = sum(by_op.values())
+    by_op = dict(sorted(((n, ms) for n, ms in by_op.items() if ms > 0), key=lambda kv: -kv[1]))
+    return dict(device_ms=device_ms, by_op=by_op, **ops.totals())
 
 
 def measured(case, impl, build, tokens):
@@ -405,6 +411,14 @@ def print_markdown(rows, targets, out=sys.stdout):
               f"{r['x_baseline']:.2f} ({r['baseline']}) | | |", file=out)
 
 
+def print_breakdown(rows, top=8, out=sys.stdout):
+    """Where each row's predicted device time goes: the ops that take most of it (device ms per op name)."""
+    for r in rows:
+        print(f"\n# {r['case']} {r['impl']}: {r['device_ms']:.3f} device ms, of which", file=out)
+        for name, ms in list(r["by_op"].items())[:top]:
+            print(f"  {name:<52}{ms:>8.3f} ms  {ms / r['device_ms']:>5.1%}", file=out)
+
+
 def constants():
     return dict(bandwidth_Bps=BANDWIDTH, gemm_flops=GEMM_RATE, attention_flops=ATTENTION_RATE, fp32_flops=FP32_RATE,
                 kernel_us=KERNEL_US, graph_kernel_us=GRAPH_KERNEL_US, triton_launch_us=TRITON_LAUNCH_US,
@@ -433,6 +447,8 @@ def run(args):
                   f"{'meets' if t['meets'] else 'short'})")
     if args.markdown:
         print_markdown(rows, targets)
+    if args.breakdown:
+        print_breakdown([r for r in rows if args.breakdown in f"{r['case']} {r['impl']}"])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(size=args.size, lang_rf=args.lang_rf, versions=versions, model=constants(), rows=rows,
@@ -447,6 +463,8 @@ def main(argv=None):
     p.add_argument("--lang-rf", type=float, default=16, help="language adapter reduction factor (as bench_train)")
     p.add_argument("--json", help="also write the rows as JSON here")
     p.add_argument("--markdown", action="store_true", help="also print the tables of docs/benchmarks.md")
+    p.add_argument("--breakdown", metavar="TEXT", help="also print the device time per op of the rows whose case "
+                   "and impl contain TEXT (e.g. 'B=256 L=128 graphs')")
     return run(p.parse_args(argv))
 
 

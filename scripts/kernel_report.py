@@ -144,11 +144,11 @@ def _add_norm(h, tokens, dt):
     x, r = torch.empty(tokens, h, device=META, dtype=dt), torch.empty(tokens, h, device=META, dtype=dt)
     w, b = torch.empty(h, device=META, dtype=dt), torch.empty(h, device=META, dtype=dt)  # the backbone's LN
     yield "forward"
-    _, mean, rstd = add_norm.add_layer_norm_forward(x, r, w, b, 1e-5)
+    _, stats = add_norm.add_layer_norm_forward(x, r, w, b, 1e-5)
     yield "backward, frozen LN"
-    add_norm.add_layer_norm_backward(x, x, r, w, mean, rstd, False)
+    add_norm.add_layer_norm_backward(x, x, r, w, stats, False)
     yield "backward, LN trained"
-    add_norm.add_layer_norm_backward(x, x, r, w, mean, rstd, True)
+    add_norm.add_layer_norm_backward(x, x, r, w, stats, True)
 
 
 def problems():

@@ -16,6 +16,8 @@ fused path can run for given tensors without raising, which is how the model wir
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -30,52 +32,52 @@ def add_layer_norm_reference(x, residual, weight, bias, eps):
     return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
 
 
+@functools.cache
 def _kernels():
-    from ..kernels.triton import add_norm  # imported on first use, as every backend is
+    from ..kernels.triton import add_norm  # imported on first use, as every backend is (once: host time per call)
     return add_norm
 
 
 @torch.library.custom_op(f"{LIB}::add_layer_norm", mutates_args=())
 def _forward_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out [N, H], mean [N], rstd [N])``; mean and rstd float32, saved for the backward."""
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [N, H], stats [2, N])``: each row's mean and 1/std (float32), saved for the backward."""
     return _kernels().add_layer_norm_forward(x, residual, weight, bias, eps)
 
 
 @_forward_op.register_fake
 def _(x, residual, weight, bias, eps):
-    stats = x.new_empty(x.shape[:1], dtype=torch.float32)
-    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+    return x.new_empty(x.shape), x.new_empty((2, x.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{LIB}::add_layer_norm_backward", mutates_args=())
 def _backward_op(dy: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 mean: torch.Tensor, rstd: torch.Tensor, weight_grads: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 stats: torch.Tensor, weight_grads: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ds [N, H], dwb [2, H] float32)``: the gradient of ``x + residual``, and dw, db (empty unless
     ``weight_grads``)."""
-    return _kernels().add_layer_norm_backward(dy, x, residual, weight, mean, rstd, weight_grads)
+    return _kernels().add_layer_norm_backward(dy, x, residual, weight, stats, weight_grads)
 
 
 @_backward_op.register_fake
-def _(dy, x, residual, weight, mean, rstd, weight_grads):
+def _(dy, x, residual, weight, stats, weight_grads):
     return x.new_empty(x.shape), x.new_empty((2, x.shape[1]) if weight_grads else (0,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, residual, weight, mean, rstd)
+    _, stats = output
+    ctx.save_for_backward(x, residual, weight, stats)
     ctx.set_materialize_grads(False)
     ctx.dtypes = (weight.dtype, bias.dtype)
 
 
-def _backward(ctx, dout, dmean, drstd):
-    # mean and rstd are internal outputs (never returned by ``add_layer_norm``): their gradients are unused
+def _backward(ctx, dout, dstats):
+    # stats is an internal output (never returned by ``add_layer_norm``): its gradient is unused
     if dout is None:
         return (None,) * 5
-    x, residual, weight, mean, rstd = ctx.saved_tensors
+    x, residual, weight, stats = ctx.saved_tensors
     weight_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-    ds, dwb = _backward_op(dout, x, residual, weight, mean, rstd, weight_grads)
+    ds, dwb = _backward_op(dout, x, residual, weight, stats, weight_grads)
     dw, db = dispatch.in_weight_dtypes(dwb.unbind(0), ctx.dtypes) if weight_grads else (None, None)
     needs = ctx.needs_input_grad
     return (ds if needs[0] else None, ds if needs[1] else None, dw if needs[2] else None,
@@ -121,13 +123,13 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     name = dispatch.choose_backend(backend, x, grouped=False)
     if name == "eager":
         return add_layer_norm_reference(x, residual, weight, bias, eps)
-    h = x.shape[-1]
-    if h > _kernels().MAX_HIDDEN:
+    h, widest = x.shape[-1], _kernels().MAX_HIDDEN
+    if h > widest:
         raise ValueError(f"x has hidden size {h}; the fused add + LayerNorm holds a row on chip and takes at most "
-                         f"{_kernels().MAX_HIDDEN} (use backend='eager')")
+                         f"{widest} (use backend='eager')")
     if weight is None:
         weight = x.new_ones(h, dtype=torch.float32)
     if bias is None:
         bias = weight.new_zeros(h)
-    out, _, _ = _forward_op(dispatch.rows(x, h), dispatch.rows(residual, h), weight, bias, float(eps))
+    out, _ = _forward_op(dispatch.rows(x, h), dispatch.rows(residual, h), weight, bias, float(eps))
     return out.view(x.shape)

@@ -55,6 +55,7 @@ def test_time_model(tiny):
         per_kernel = roof.GRAPH_KERNEL_US if graphed else roof.KERNEL_US
         assert r["device_ms"] >= (r["bytes"] / roof.BANDWIDTH + r["kernels"] * per_kernel * 1e-6) * 1e3 * 0.999
         assert r["device_ms"] >= r["flops"] / roof.GEMM_RATE * 1e3
+        assert math.isclose(sum(r["by_op"].values()), r["device_ms"])  # the breakdown accounts for all of it
         if "B=" in r["case"] and not graphed:
             assert r["host_ms"] >= r["proxy_cpu_ms"] > 0
             assert math.isclose(r["host_ms"] - r["proxy_cpu_ms"], r["triton_launches"] * roof.TRITON_LAUNCH_US / 1e3)
@@ -62,6 +63,8 @@ def test_time_model(tiny):
     fused = _row(rows, "infer B=4 L=32", "fused")
     assert graphs["host_ms"] == 0 and graphs["kernels"] == fused["kernels"] and graphs["flops"] == fused["flops"]
     assert graphs["device_ms"] < fused["device_ms"]
+    # MAD-X's add + LayerNorm runs fused (layers x 3 in Stack(lang, task)) and shows in the breakdown
+    assert "madx_fast.add_layer_norm.default" in fused["by_op"]
 
 
 def test_counts_against_hand_counts(tiny):

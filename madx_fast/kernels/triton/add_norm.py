@@ -7,8 +7,8 @@ Forward, per row (``x, r: [N, H]`` in the activation dtype, ``w, b: [H]`` any fl
     xhat = (s - mu) * rstd                                                          the row held on chip)
     out  = xhat * w + b                       (written in the activation dtype)
 
-``mean`` and ``rstd`` ([N] float32) are returned for the backward, which recomputes ``xhat`` from x and r
-instead of storing s (two reads of the inputs where storing s would cost a write and a read).
+``mu`` and ``rstd`` (float32, ``[2, N]`` in one tensor) are returned for the backward, which recomputes ``xhat``
+from x and r instead of storing s (two reads of the inputs where storing s would cost a write and a read).
 
 Backward, with ``dy = dL/dout`` and ``g = dy * w``: ``out_j = xhat_j w_j + b_j`` gives ``dw = sum_rows dy *
 xhat`` and ``db = sum_rows dy``. Per row, ``xhat_j = (s_j - mu) rstd`` with ``d mu / d s_i = 1/H`` and
@@ -27,6 +27,8 @@ A row is held whole on chip: ``H <= MAX_HIDDEN``. Padding lanes (``H`` to the ne
 ``torch.nn.functional.layer_norm`` and nowhere else.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -47,7 +49,7 @@ def _load_sum(X, R, rows, cols, mask, stride_xm, stride_rm):
 
 @triton.jit
 def _add_layer_norm_fwd_kernel(
-    X, R, W, B, OUT, MEAN, RSTD,
+    X, R, W, B, OUT, STATS,
     N, H, eps, stride_xm, stride_rm, stride_om,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -65,13 +67,13 @@ def _add_layer_norm_fwd_kernel(
     b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
     out = xhat * w[None, :] + b[None, :]
     tl.store(OUT + rows[:, None] * stride_om + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(MEAN + rows, mu, mask=rmask)
-    tl.store(RSTD + rows, rstd, mask=rmask)
+    tl.store(STATS + rows, mu, mask=rmask)  # STATS: [2, N], the means then the 1/stds
+    tl.store(STATS + N + rows, rstd, mask=rmask)
 
 
 @triton.jit
 def _add_layer_norm_bwd_kernel(
-    DY, X, R, W, MEAN, RSTD, DS, PART,
+    DY, X, R, W, STATS, DS, PART,
     N, H, stride_dym, stride_xm, stride_rm, stride_dsm,
     WEIGHT_GRADS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -87,8 +89,8 @@ def _add_layer_norm_bwd_kernel(
         rmask = rows < N
         mask = rmask[:, None] & cmask[None, :]
         s = _load_sum(X, R, rows, cols, mask, stride_xm, stride_rm)
-        mu = tl.load(MEAN + rows, mask=rmask, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        mu = tl.load(STATS + rows, mask=rmask, other=0.0)
+        rstd = tl.load(STATS + N + rows, mask=rmask, other=0.0)
         xhat = tl.where(mask, (s - mu[:, None]) * rstd[:, None], 0.0)
         dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = dy * w[None, :]
@@ -106,12 +108,17 @@ def _add_layer_norm_bwd_kernel(
 
 
 def _plan(h: int) -> tuple[int, int, int]:
+    return _plan_for(h, interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_for(h: int, interpreter: bool) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_H, num_warps)``: whole rows on chip, ~2048 elements a program on a GPU (two rows of
     XLM-R base's 768), many rows a program in the interpreter (whose cost is per program)."""
     if h > MAX_HIDDEN:
         raise ValueError(f"the fused add + LayerNorm holds a row on chip: hidden size {h} is over {MAX_HIDDEN}")
     block_h = triton.next_power_of_2(max(h, 1))
-    if interpreting():
+    if interpreter:
         return max(1, min(64, 8192 // block_h)), block_h, 4
     block_r = max(1, 2048 // block_h)
     return block_r, block_h, max(4, min(16, block_r * block_h // 256))
@@ -122,23 +129,23 @@ def _unit_columns(t: torch.Tensor) -> torch.Tensor:
 
 
 def add_layer_norm_forward(x, r, weight, bias, eps: float):
-    """``(out [N, H] in x.dtype, mean [N] float32, rstd [N] float32)`` of ``LN(x + r) * weight + bias``."""
+    """``(out [N, H] in x.dtype, stats [2, N] float32)`` of ``LN(x + r) * weight + bias``: ``stats`` holds each
+    row's mean, then its 1/std (one tensor: one allocation, host time per call)."""
     x, r = _unit_columns(x), _unit_columns(r)
     n, h = x.shape
     out = torch.empty((n, h), dtype=x.dtype, device=x.device)
-    mean = torch.empty(n, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(n, dtype=torch.float32, device=x.device)
+    stats = torch.empty((2, n), dtype=torch.float32, device=x.device)
     if n == 0:
-        return out, mean, rstd
+        return out, stats
     block_r, block_h, warps = _plan(h)
     _add_layer_norm_fwd_kernel[(triton.cdiv(n, block_r),)](
-        x, r, weight.contiguous(), bias.contiguous(), out, mean, rstd, n, h, float(eps),
+        x, r, weight.contiguous(), bias.contiguous(), out, stats, n, h, float(eps),
         x.stride(0), r.stride(0), out.stride(0), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
     )
-    return out, mean, rstd
+    return out, stats
 
 
-def add_layer_norm_backward(dy, x, r, weight, mean, rstd, weight_grads: bool):
+def add_layer_norm_backward(dy, x, r, weight, stats, weight_grads: bool):
     """``(ds [N, H] in x.dtype, dwb [2, H] float32)``: ``ds`` is the gradient of both x and r, ``dwb`` holds
     ``dw`` then ``db`` (one tensor: one reduction of the partials; empty unless ``weight_grads``)."""
     dy, x, r = _unit_columns(dy), _unit_columns(x), _unit_columns(r)
@@ -152,7 +159,7 @@ def add_layer_norm_backward(dy, x, r, weight, mean, rstd, weight_grads: bool):
     part = torch.empty((2, programs, h) if weight_grads else (0,), dtype=torch.float32, device=x.device)
     if n > 0:
         _add_layer_norm_bwd_kernel[(programs,)](
-            dy, x, r, weight.contiguous(), mean, rstd, ds, part, n, h,
+            dy, x, r, weight.contiguous(), stats, ds, part, n, h,
             dy.stride(0), x.stride(0), r.stride(0), ds.stride(0),
             WEIGHT_GRADS=weight_grads, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
         )
