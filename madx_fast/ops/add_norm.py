@@ -21,7 +21,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..backends import BackendUnavailableError, resolve_backend
 from . import dispatch
 from .checks import check_float, check_residual, check_same_device, check_shape
 from .dispatch import LIB
@@ -105,14 +104,7 @@ def fused_available(x: torch.Tensor, backend: str | None = None) -> bool:
     """Whether ``add_layer_norm(x, ..., backend=backend)`` would run the fused kernel (not the eager path)
     instead of the reference or an error: the backend resolves to a fused one that computes ``x.dtype`` here
     and the row fits the kernel."""
-    try:
-        name = resolve_backend(backend, x.device)
-        if name == "eager":
-            return False
-        dispatch.check_backend_dtype("triton", x.device, x.dtype)
-    except BackendUnavailableError:
-        return False
-    return x.shape[-1] <= _kernels().MAX_HIDDEN
+    return dispatch.triton_kernel_runs(backend, x) and x.shape[-1] <= _kernels().MAX_HIDDEN
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
