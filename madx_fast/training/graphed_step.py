@@ -20,7 +20,9 @@ What capture needs, and how a step provides it:
 - **Static gradients.** The step zeroes the gradients in place instead of setting them to None, so backward
   accumulates into the same storage on every replay.
 - **No host sync inside.** The non-finite check is fused AdamW's ``found_inf``, computed on the device; the
-  attention mask takes the padded form, whose handling reads nothing back (``encoder_attention_mask``).
+  attention mask takes a form whose handling reads nothing back (``encoder_attention_mask``): the padded
+  form, valid for any mask, unless the host batch has no padding and transformers >= 5 (then no mask, so
+  attention may take its flash kernel); whether it has padding is part of the shape signature.
 - **Random numbers.** Dropout draws from the CUDA generator's Philox offsets, which every replay advances.
 - **Warm-up.** A shape runs eagerly ``warmup`` times before it is captured (Triton compiles its kernels for
   it, AdamW creates its state). Those are real training steps of the run: the same code path as a replay.
@@ -38,7 +40,7 @@ from typing import Callable
 import torch
 
 from ..graphs import copy_in, padded_length
-from ..model.inputs import IGNORE_INDEX, encoder_attention_mask
+from ..model.inputs import IGNORE_INDEX, TRANSFORMERS_MAJOR, encoder_attention_mask
 from .batches import pad_to, slice_batch
 
 log = logging.getLogger("madx_fast.training")
@@ -81,7 +83,8 @@ def pad_rows_to(micros: list[dict], row_keys: tuple[str, str] | None) -> list[di
 class _Entry:
     """One shape signature: its device buffers, its graph once captured, its static outputs."""
 
-    def __init__(self, micros: list[dict], device: torch.device):
+    def __init__(self, micros: list[dict], padded: bool, device: torch.device):
+        self.padded = padded
         self.micros = [{k: torch.empty(v.shape, dtype=v.dtype, device=device) for k, v in m.items()} for m in micros]
         self.scale = torch.zeros((), dtype=torch.float32, device=device)
         self.eager_runs = 0
@@ -112,10 +115,13 @@ class GraphedSteps:
     # ---------------------------------------------------------------------------------------------------
     def step(self, batch: dict, scale: float):
         micros = self.static_micros(batch)
-        key = tuple((k, tuple(v.shape), v.dtype) for m in micros for k, v in sorted(m.items()))
+        mask = batch.get("attention_mask")
+        padded = TRANSFORMERS_MAJOR < 5 or mask is None or not bool(mask.all()) or \
+            micros[0]["input_ids"].shape[-1] != batch["input_ids"].shape[-1]
+        key = (padded,) + tuple((k, tuple(v.shape), v.dtype) for m in micros for k, v in sorted(m.items()))
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = _Entry(micros, self.device)
+            entry = self._entries[key] = _Entry(micros, padded, self.device)
             while len(self._entries) > self.max_graphs:
                 self._entries.popitem(last=False)
         self._entries.move_to_end(key)
@@ -150,8 +156,9 @@ class GraphedSteps:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in entry.micros:
             inputs = dict(micro)
-            if "attention_mask" in inputs:  # the padded form reads nothing back, whatever the mask holds
-                inputs["attention_mask"] = encoder_attention_mask(self.model, micro["attention_mask"], padded=True)
+            if "attention_mask" in inputs:  # a form that reads nothing back (module docstring)
+                inputs["attention_mask"] = encoder_attention_mask(self.model, micro["attention_mask"],
+                                                                  padded=entry.padded)
             loss_sum += self.run_micro(inputs, entry.scale)
         return loss_sum, self.optimizer_step(loss_sum)
 

@@ -53,10 +53,10 @@ def _lang(tiny_base, corpus, out, graphs, device="cpu", backend="eager", steps=5
         config=quiet_config(steps=steps, grad_accum=2, warmup_steps=2, cuda_graphs=graphs, device=device))
 
 
-def _ner(tiny_base, corpus, out, graphs, device="cpu"):
+def _ner(tiny_base, corpus, out, graphs, device="cpu", backend="eager", steps=5):
     return train_task_adapter(task="ner", model=tiny_base, train_data=os.path.join(corpus, "alpha", "ner"),
-                              output_dir=out, max_length=48, backend="eager",
-                              config=quiet_config(steps=5, cuda_graphs=graphs, device=device))
+                              output_dir=out, max_length=48, backend=backend,
+                              config=quiet_config(steps=steps, cuda_graphs=graphs, device=device))
 
 
 def test_language_adapter_steps_equal_the_plain_loop(tmp_path, tiny_base, corpus, monkeypatch):
@@ -127,6 +127,7 @@ def test_combinations_that_cannot_be_captured_are_refused(tmp_path, tiny_base, c
     assert not os.path.exists(os.path.join(tmp_path, "fp16", "run.json"))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="captures CUDA graphs: needs a CUDA GPU")
 def test_captured_steps_replay_and_equal_the_plain_loop(tmp_path, tiny_base, corpus):
     run = dict(device="cuda", backend="triton", backbone_dtype="float32", steps=16)
@@ -135,3 +136,14 @@ def test_captured_steps_replay_and_equal_the_plain_loop(tmp_path, tiny_base, cor
     assert plain["cuda_graphs"] is None
     assert graphed["cuda_graphs"]["captured"] >= 1 and graphed["cuda_graphs"]["replayed_steps"] >= 4
     _same_run(str(tmp_path / "plain"), str(tmp_path / "graphed"), atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="captures CUDA graphs: needs a CUDA GPU")
+def test_captured_ner_steps_on_a_bfloat16_backbone(tmp_path, tiny_base, corpus):
+    """The GPU default (bfloat16 backbone, Triton kernels), batches padded to the graph lengths."""
+    plain = _ner(tiny_base, corpus, str(tmp_path / "plain"), False, device="cuda", backend="triton", steps=12)
+    graphed = _ner(tiny_base, corpus, str(tmp_path / "graphed"), True, device="cuda", backend="triton", steps=12)
+    assert "bfloat16" in str(graphed["backbone_dtype"]) and plain["cuda_graphs"] is None
+    assert graphed["cuda_graphs"]["captured"] >= 1 and graphed["cuda_graphs"]["replayed_steps"] >= 1
+    _same_run(str(tmp_path / "plain"), str(tmp_path / "graphed"), atol=3e-2)
