@@ -179,7 +179,8 @@ class TrainingStage:
         trainer = Trainer(self.model, self.objective, self.items, self.loop, self.s.output_dir,
                           evaluate=self.evaluation(), main_metric=self.main_metric, on_best=self.on_best,
                           identity=dict(self.identity(record), **digests), procs=self.procs, device=self.device,
-                          allow_data_change=getattr(self.s, "allow_data_change", False))
+                          allow_data_change=getattr(self.s, "allow_data_change", False),
+                          max_length=self.max_length)
         result = trainer.run(resume=self.s.resume)
         summary = {**facts, "settings": self.s.to_dict(), "config": dataclasses.asdict(self.loop),
                    "epochs": self.epochs, **counts, **result, "madx_fast_version": __version__}
