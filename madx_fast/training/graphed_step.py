@@ -171,7 +171,8 @@ class GraphedSteps:
         try:
             for g, lr in zip(groups, self.lr):
                 g["lr"] = lr
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: a reporter's or the progress display's thread may use CUDA meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 entry.loss, entry.bad = self._body(entry)
         except RuntimeError as e:
             raise GraphCaptureError(
