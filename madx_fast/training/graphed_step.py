@@ -80,6 +80,16 @@ def pad_rows_to(micros: list[dict], row_keys: tuple[str, str] | None) -> list[di
     return out
 
 
+def check_graphed_training(procs, model) -> None:
+    """``--cuda-graphs`` combines with neither several processes nor a float16 backbone (ValueError)."""
+    if procs.enabled:
+        raise ValueError(f"--cuda-graphs trains in one process; this run has {procs.world}: launch without "
+                         "torchrun, or train without --cuda-graphs")
+    if any(p.dtype == torch.float16 for p in model.parameters()):
+        raise ValueError("--cuda-graphs does not train a float16 backbone (its dynamic loss scaling adjusts the "
+                         "scale between steps): use --backbone-dtype bfloat16 or float32")
+
+
 class _Entry:
     """One shape signature: its device buffers, its graph once captured, its static outputs."""
 
@@ -171,7 +181,8 @@ class GraphedSteps:
         try:
             for g, lr in zip(groups, self.lr):
                 g["lr"] = lr
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: a reporter's or the progress display's thread may use CUDA meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 entry.loss, entry.bad = self._body(entry)
         except RuntimeError as e:
             raise GraphCaptureError(
@@ -186,4 +197,4 @@ class GraphedSteps:
                  tuple(entry.micros[0]["input_ids"].shape), self.captures)
 
 
-__all__ = ["GraphCaptureError", "GraphedSteps", "pad_rows_to", "pad_sequences"]
+__all__ = ["GraphCaptureError", "GraphedSteps", "check_graphed_training", "pad_rows_to", "pad_sequences"]

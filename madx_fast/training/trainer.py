@@ -39,7 +39,7 @@ from .batches import autocast, model_batch, slice_batch
 from .checkpoint import check_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .data import DataError
 from .distributed import Dist
-from .graphed_step import GraphedSteps
+from .graphed_step import GraphedSteps, check_graphed_training
 from .devices import PeakMemory, pick_device
 from .progress import StepProgress
 from .reporting import Reporters
@@ -234,7 +234,7 @@ class Trainer:
         self.max_length = max_length  # the longest batch: CUDA-graph steps pad to a few lengths up to it
         self.graphed = None
         if config.cuda_graphs:
-            self._check_graphs()
+            check_graphed_training(self.procs, model)
 
     # ---------------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -422,15 +422,6 @@ class Trainer:
         scaled = part * scale
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return part.detach().double()
-
-    def _check_graphs(self) -> None:
-        """``--cuda-graphs`` combines with neither several processes nor a float16 backbone."""
-        if self.procs.enabled:
-            raise ValueError(f"--cuda-graphs trains in one process; this run has {self.procs.world}: launch "
-                             "without torchrun, or train without --cuda-graphs")
-        if self.scale_loss:
-            raise ValueError("--cuda-graphs does not train a float16 backbone (its dynamic loss scaling adjusts the "
-                             "scale between steps): use --backbone-dtype bfloat16 or float32")
 
     def _diverged(self, state: _RunState) -> None:
         bad = [h for h in state.history if h.get("skipped")]

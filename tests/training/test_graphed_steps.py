@@ -4,6 +4,7 @@ nothing back from the device; the combinations it cannot capture are refused. On
 and replayed and still equals the plain loop."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -122,9 +123,12 @@ def test_a_graphed_step_reads_nothing_back(tmp_path, tiny_base, corpus, monkeypa
 def test_combinations_that_cannot_be_captured_are_refused(tmp_path, tiny_base, corpus):
     with pytest.raises(ValueError, match="--compile and --cuda-graphs"):
         TrainConfig(cuda_graphs=True, compile="inductor").check()
+    earlier = _lang(tiny_base, corpus, str(tmp_path / "run"), False, steps=1)
     with pytest.raises(ValueError, match="float16 backbone"):
-        _lang(tiny_base, corpus, str(tmp_path / "fp16"), True, backbone_dtype="float16")
-    assert not os.path.exists(os.path.join(tmp_path, "fp16", "run.json"))
+        _lang(tiny_base, corpus, str(tmp_path / "run"), True, backbone_dtype="float16", overwrite=True)
+    # refused before --overwrite removed anything: the earlier run is intact
+    with open(os.path.join(tmp_path, "run", "run.json"), encoding="utf-8") as f:
+        assert json.load(f)["steps"] == earlier["steps"] == 1
 
 
 @pytest.mark.gpu

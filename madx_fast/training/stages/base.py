@@ -45,6 +45,7 @@ from .. import models, runs
 from ..devices import pick_device
 from ..distributed import init_distributed
 from ..settings import TrainConfig
+from ..graphed_step import check_graphed_training
 from ..trainer import Trainer, seed_everything
 
 log = logging.getLogger("madx_fast.training")
@@ -210,6 +211,8 @@ class TrainingStage:
         self.model, self.madx, self.fingerprint = self.load_model()
         self.wire()
         self.backbone_dtype = self.place()
+        if self.loop.cuda_graphs:  # refused before the output directory is touched
+            check_graphed_training(self.procs, self.model)
         models.compile_encoder(self.model, self.loop.compile)
         self.procs.on_main(lambda: runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite))
 
