@@ -298,7 +298,7 @@ def model_rows(size, lang_rf):
 
 def _graphed_ops(bench, workload, fused_ops, size, lang_rf, b, l):
     """The device ops of a training step replayed from a CUDA graph, counted from the graphed step itself
-    (padded shapes, in-place gradient zeroing; ``bench_train.py``'s ``*_graphs`` workloads); an inference
+    (padded shapes, the padded mask form; ``bench_train.py``'s ``*_graphs`` workloads); an inference
     forward replays the fused forward's ops."""
     name = f"{workload}_graphs"
     if workload == "infer":

@@ -17,8 +17,9 @@ What capture needs, and how a step provides it:
   without waiting); so are the loss scale (processes / loss terms of the global batch) and the learning rate:
   while capturing, the optimizer's learning rate is a device tensor, and before each replay the scheduler's
   value for the step is written into it (the scheduler and the checkpoints keep plain floats).
-- **Static gradients.** The step zeroes the gradients in place instead of setting them to None, so backward
-  accumulates into the same storage on every replay.
+- **Gradients.** The step sets them to None first, so that backward writes each parameter's gradient fresh
+  (no zeroing, no accumulation kernel) into storage of the graph's pool, the same on every replay; the
+  captured clipping and update read them there.
 - **No host sync inside.** The non-finite check is fused AdamW's ``found_inf``, computed on the device; the
   attention mask takes a form whose handling reads nothing back (``encoder_attention_mask``): the padded
   form, valid for any mask, unless the host batch has no padding and transformers >= 5 (then no mask, so
@@ -162,7 +163,7 @@ class GraphedSteps:
     # ---------------------------------------------------------------------------------------------------
     def _body(self, entry: _Entry):
         """The whole step on the entry's buffers: what the graph records and what an eager run executes."""
-        self.optimizer.zero_grad(set_to_none=False)  # in place: the gradients keep their storage
+        self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in entry.micros:
             inputs = dict(micro)
