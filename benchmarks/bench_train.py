@@ -16,7 +16,9 @@ Implementations, all at the same adapter configuration:
   fused      madx_fast, fused kernels (Triton on GPU), frozen backbone in bf16 with fp32 adapter weights
              on a GPU, SDPA attention, MLM decoder only on masked tokens (host-made positions), attention
              masks prepared on the host (no host-device sync in the step), fused AdamW: the trainer's path
-  graphs     (inference only) the fused model replayed from CUDA graphs (madx_fast.graphs)
+  graphs     the fused model replayed from CUDA graphs: training steps (forward, backward, AdamW) as
+             ``madx train-lang/train-task --cuda-graphs`` replays them (madx_fast.training.graphed_step),
+             inference as ``madx_fast.graphs.GraphedInference``
   eager      the same madx_fast model with the eager (reference) adapter ops
   adapterhub AdapterHub `adapters` (when importable), its best setting: SDPA + bf16 autocast on a GPU
   hub+patch  the same AdapterHub models and steps after madx_fast.patch_adapterhub(model): its bottleneck and
@@ -104,8 +106,8 @@ def _config(size, attn):
     return cfg
 
 
-def _optimizer(params, fused):
-    return torch.optim.AdamW(list(params), lr=1e-4, fused=fused)
+def _optimizer(params, fused, capturable=False):
+    return torch.optim.AdamW(list(params), lr=1e-4, fused=fused, capturable=capturable)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -179,6 +181,51 @@ def madx_fast_workloads(size, device, backend, lang_rf, gpu=None):
                 model(input_ids=ids, attention_mask=mask).logits
         return step, model
 
+    def graphed_step(model, madx, objective, batch, loss_sum):
+        """The training step replayed from CUDA graphs as the trainer's --cuda-graphs replays it (one micro-batch,
+        the same update as the plain steps here: AdamW without clipping)."""
+        from madx_fast.training.graphed_step import GraphedSteps
+        opt = _optimizer(madx.trainable_parameters(), gpu, capturable=gpu)
+        no_skip = torch.zeros((), dtype=torch.float32, device=device)
+
+        def run_micro(micro, scale):
+            part = loss_sum(micro)
+            (part * scale).backward()
+            return part.detach().double()
+
+        def update(loss):
+            opt.step()
+            return no_skip
+        steps = GraphedSteps(model, objective, opt, device, grad_accum=1, max_length=batch["input_ids"].shape[1],
+                             run_micro=run_micro, optimizer_step=update)
+        count = max(int((batch["labels"] != -100).sum()), 1)
+
+        def step():
+            steps.step(batch, 1.0 / count)
+        return step, model
+
+    def mlm_graphs(b, l):
+        from madx_fast.training.tasks.mlm import MlmObjective
+        model = XLMRobertaForMaskedLM(_config(size, "sdpa")).to(device)
+        madx = add_madx(model, backend=backend)
+        madx.add_adapter("en", MadxConfig.language(reduction_factor=lang_rf), set_active=True)
+        madx.train_adapters("en")
+        if low:
+            madx.cast_backbone(low)
+        ids, mask, labels, _ = _batch(vocab, b, l)
+        return graphed_step(model, madx, MlmObjective, {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                            lambda micro: MlmObjective.loss_sum(model, micro))
+
+    def ner_graphs(b, l):
+        model, madx = ner_model()
+        ids, mask, _, tags = _batch(vocab, b, l)
+
+        def loss_sum(micro):
+            logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
+            return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), micro["labels"].flatten(),
+                                                     reduction="sum")
+        return graphed_step(model, madx, _AsIs, {"input_ids": ids, "attention_mask": mask, "labels": tags}, loss_sum)
+
     def infer_graphs(b, l):
         from madx_fast.graphs import GraphedInference
         model, _ = ner_model()
@@ -190,7 +237,16 @@ def madx_fast_workloads(size, device, backend, lang_rf, gpu=None):
             run(ids, mask)
         return step, model
 
-    return dict(mlm=mlm, ner=ner, infer=infer, infer_graphs=infer_graphs)
+    return dict(mlm=mlm, ner=ner, infer=infer, mlm_graphs=mlm_graphs, ner_graphs=ner_graphs,
+                infer_graphs=infer_graphs)
+
+
+class _AsIs:
+    """An objective whose micro-batches need no host-side preparation (a token-classification batch)."""
+
+    @staticmethod
+    def prepare(batch):
+        return batch
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -277,7 +333,7 @@ def implementations(size, device, lang_rf, which):
         if "fused" in which:
             impls["fused"] = fused
         if "graphs" in which:
-            impls["graphs"] = dict(infer=fused["infer_graphs"])
+            impls["graphs"] = dict(mlm=fused["mlm_graphs"], ner=fused["ner_graphs"], infer=fused["infer_graphs"])
     if "eager" in which:
         impls["eager"] = madx_fast_workloads(size, device, "eager", lang_rf)
     for impl, patched in (("adapterhub", False), ("hub+patch", True)):

@@ -296,9 +296,23 @@ def model_rows(size, lang_rf):
             with cpu:
                 proxy, _ = builders(impl, cpu, "host-proxy")[workload](*PROXY_SHAPE)
             rows.append(row(label, impl, ops, proxy_ms=host_cpu_ms(dict(step=proxy)), tokens=b * l))
-            if impl == "fused":  # the same step replayed from a CUDA graph (training: forward, backward, optimizer)
-                rows.append(row(label, "graphs", ops, graphed=True, tokens=b * l))
+            if impl == "fused":  # the step replayed from a CUDA graph: training as --cuda-graphs runs it
+                rows.append(row(label, "graphs", _graphed_ops(bench, workload, ops, size, lang_rf, b, l),
+                                graphed=True, tokens=b * l))
     return rows
+
+
+def _graphed_ops(bench, workload, fused_ops, size, lang_rf, b, l):
+    """The device ops of a training step replayed from a CUDA graph, counted from the graphed step itself
+    (padded shapes, the padded mask form; ``bench_train.py``'s ``*_graphs`` workloads); an inference
+    forward replays the fused forward's ops."""
+    name = f"{workload}_graphs"
+    if workload == "infer":
+        return fused_ops
+    with torch.device("meta"):
+        step, _ = bench.madx_fast_workloads(size, torch.device("meta"), None, lang_rf, gpu=True)[name](b, l)
+    count(dict(warmup=step))
+    return count(dict(step=step))
 
 
 def mixed_rows(size):

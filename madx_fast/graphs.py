@@ -58,7 +58,7 @@ class GraphedInference:
         model = self.model
         if model.training:
             raise ValueError("GraphedInference replays an eval forward: call model.eval() first")
-        device = _model_device(model)
+        device = model_device(model)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -78,10 +78,10 @@ class GraphedInference:
             entry = self._new_entry(key, input_ids, attention_mask, padded, device, row_ids)
         else:
             self._entries.move_to_end(key)
-        _copy_in(entry.ids, input_ids)
-        _copy_in(entry.mask, attention_mask)
+        copy_in(entry.ids, input_ids)
+        copy_in(entry.mask, attention_mask)
         if row_ids is not None:
-            _copy_in(entry.languages, row_ids)
+            copy_in(entry.languages, row_ids)
         with torch.no_grad():
             if entry.graph is not None:
                 entry.graph.replay()
@@ -108,10 +108,10 @@ class GraphedInference:
         languages = None
         if row_ids is not None:
             languages = torch.zeros(input_ids.shape[:1], dtype=torch.long, device=device)
-            _copy_in(languages, row_ids)
+            copy_in(languages, row_ids)
         entry = _Entry(ids, mask, padded, languages)
-        _copy_in(ids, input_ids)
-        _copy_in(mask, attention_mask)
+        copy_in(ids, input_ids)
+        copy_in(mask, attention_mask)
         if device.type == "cuda":
             self._capture(entry, device)
         while len(self._entries) >= self.max_graphs:
@@ -122,20 +122,20 @@ class GraphedInference:
     def _capture(self, entry, device) -> None:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.no_grad(), _autocast_without_cache():
+        with torch.cuda.stream(side), torch.no_grad(), autocast_without_cache():
             for _ in range(self.warmup):  # compiles Triton kernels, settles the allocator
                 self._forward(entry)
         torch.cuda.current_stream(device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), _autocast_without_cache(), torch.cuda.graph(graph, pool=self._pool):
+        with torch.no_grad(), autocast_without_cache(), torch.cuda.graph(graph, pool=self._pool):
             entry.output = self._forward(entry)
         entry.graph = graph
         self.captures += 1
 
 
-def _autocast_without_cache():
+def autocast_without_cache():
     """Under an enclosing CUDA autocast, the same autocast with its weight-cast cache off: a graph must not
     keep pointers to cached casts that autocast frees when its region ends (the casts are replayed instead)."""
     if not torch.is_autocast_enabled("cuda"):
@@ -143,13 +143,33 @@ def _autocast_without_cache():
     return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
-def _model_device(model) -> torch.device:
+def graph_lengths(max_length: int) -> list[int]:
+    """The padded lengths of CUDA-graph batches: powers of two from 16, and ``max_length``."""
+    out, n = [], 16
+    while n < max_length:
+        out.append(n)
+        n *= 2
+    return out + [max_length]
+
+
+def padded_length(length: int, max_length: int | None) -> int:
+    """The graph length a batch of ``length`` tokens is padded to: the smallest of ``graph_lengths(max_length)``
+    that holds it (without ``max_length``, or beyond it: the next power of two from 16)."""
+    if max_length is None or length > max_length:
+        max_length = max(16, 1 << (length - 1).bit_length())
+    return next(n for n in graph_lengths(max_length) if n >= length)
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def _copy_in(static: torch.Tensor, value: torch.Tensor | None) -> None:
+def copy_in(static: torch.Tensor, value: torch.Tensor | None) -> None:
+    """Copy ``value`` into a graph's static input buffer (a host tensor through pinned memory, queued without
+    waiting); None fills the buffer with ones (an absent mask)."""
     if value is None:  # no mask: all ones (the buffer may hold an earlier batch's padding)
         static.fill_(1)
         return

@@ -41,6 +41,7 @@ from typing import Iterable
 import torch
 
 from .. import files
+from ..graphs import graph_lengths
 from ..model import PerRow, Stack
 from . import models
 from .batches import autocast, model_batch, pad_rows
@@ -235,15 +236,6 @@ class Predictor:
         return self.runner(full_ids, full_mask, languages=full_languages)
 
 
-def graph_lengths(max_length: int) -> list[int]:
-    """The padded lengths of CUDA-graph batches: powers of two from 16, and ``max_length``."""
-    out, n = [], 16
-    while n < max_length:
-        out.append(n)
-        n *= 2
-    return out + [max_length]
-
-
 class _LongLine:
     """An input line longer than ``max_line_bytes``, skipped unread (``bounded_lines``)."""
 
@@ -427,4 +419,4 @@ def _count_lines(path: str) -> int:
     return n + (last != b"\n")
 
 
-__all__ = ["LineError", "Predictions", "Predictor", "graph_lengths", "predict", "predict_stream"]
+__all__ = ["LineError", "Predictions", "Predictor", "predict", "predict_stream"]

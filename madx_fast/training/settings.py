@@ -101,6 +101,9 @@ class TrainConfig:
     device: str | None = opt(None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     compile: str | None = opt(None, nargs="?", const="inductor", choices=COMPILE_BACKENDS, metavar="BACKEND",
                               help="torch.compile the encoder (adapters included) with BACKEND (default inductor)")
+    cuda_graphs: bool = opt(False, help="replay each optimizer step (forward, backward, clipping, AdamW) from a CUDA "
+                                        "graph; batches padded to a few fixed shapes (one process, bfloat16 or "
+                                        "float32 backbone)")
     report_to: list[str] = opt(default_factory=list, parse=csv_list, metavar="TOOLS",
                                help="also log the loss, learning rate, throughput and evaluation metrics of every "
                                     "logging step to: tensorboard (<output>/tensorboard), wandb; comma-separated")
@@ -109,6 +112,8 @@ class TrainConfig:
         """``steps_required=False``: ``steps`` may still be None (a stage's settings, where None means "the
         stage decides": the task's epochs)."""
         _check_compile(self.compile)
+        if self.compile and self.cuda_graphs:
+            raise ValueError("--compile and --cuda-graphs each capture the training step: choose one")
         from .reporting import check_report_to
         check_report_to(self.report_to)
         if self.steps is None and steps_required:

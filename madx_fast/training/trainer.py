@@ -39,6 +39,7 @@ from .batches import autocast, model_batch, slice_batch
 from .checkpoint import check_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .data import DataError
 from .distributed import Dist
+from .graphed_step import GraphedSteps, check_graphed_training
 from .devices import PeakMemory, pick_device
 from .progress import StepProgress
 from .reporting import Reporters
@@ -210,7 +211,7 @@ class Trainer:
                  evaluate: Callable[[], dict] | None = None, main_metric: str | None = None,
                  greater_is_better: bool = True, on_best: Callable[[int, dict], None] | None = None,
                  identity: dict | None = None, procs: Dist | None = None, device: torch.device | None = None,
-                 allow_data_change: bool = False):
+                 allow_data_change: bool = False, max_length: int | None = None):
         config.check()
         self.model, self.objective, self.items, self.config = model, objective, items, config
         self.output_dir = output_dir
@@ -230,6 +231,10 @@ class Trainer:
         self.log_path = os.path.join(output_dir, LOG_FILE)
         # float16 activations (a float16 backbone) need their gradients scaled up to stay representable
         self.scale_loss = any(p.dtype == torch.float16 for p in model.parameters())
+        self.max_length = max_length  # the longest batch: CUDA-graph steps pad to a few lengths up to it
+        self.graphed = None
+        if config.cuda_graphs:
+            check_graphed_training(self.procs, model)
 
     # ---------------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -245,6 +250,12 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             ddp = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
         self.model.train()
+        if cfg.cuda_graphs:
+            self.graphed = GraphedSteps(self.model, self.objective, opt.optimizer, self.device,
+                                        grad_accum=cfg.grad_accum, max_length=self.max_length,
+                                        run_micro=lambda micro, scale: self._micro_step(module, micro, scale),
+                                        optimizer_step=lambda loss_sum: self._optimizer_step(opt.optimizer, None,
+                                                                                             loss_sum))
         memory = PeakMemory(self.device)
         progress = StepProgress(cfg.steps, state.step, enabled=cfg.progress and procs.main)
         self.reporters = Reporters(cfg.report_to if procs.main else [], self.output_dir, config=self.identity,
@@ -266,13 +277,16 @@ class Trainer:
                 "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), "world_size": procs.world,
                 "nonfinite_steps": state.nonfinite, "data_changes": state.data_changes,
                 "loss_scale": opt.scaler.get_scale() if opt.scaler else None,
+                "cuda_graphs": None if self.graphed is None else {"captured": self.graphed.captures,
+                                                                  "replayed_steps": self.graphed.replays},
                 "device": str(self.device), **memory.read()}
 
     def _optimization(self) -> _Optimization:
         cfg = self.config
         # fused AdamW (CPU and CUDA): one kernel per step, and it can skip a step on the device (found_inf)
+        # capturable: the update can be recorded in a CUDA graph (its learning rate then a device tensor)
         optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay, fused=True)
+                                      weight_decay=cfg.weight_decay, fused=True, capturable=cfg.cuda_graphs)
         return _Optimization(
             stream=ShuffledStream(len(self.items), cfg.seed),
             mask_gen=torch.Generator().manual_seed(cfg.seed + 7919),  # same on every process
@@ -360,6 +374,10 @@ class Trainer:
         total = max(self.objective.count(batch), 1)
         tokens = self.objective.num_tokens(batch)
         mine = slice_batch(batch, procs.rank * self.per_process, (procs.rank + 1) * self.per_process)
+        if self.graphed is not None:
+            loss_sum, bad = self.graphed.step(mine, procs.world / total)
+            opt.scheduler.step()
+            return loss_sum / total, bad, tokens
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for a in range(cfg.grad_accum):
             micro = self.objective.prepare(slice_batch(mine, a * self.micro, (a + 1) * self.micro))
@@ -395,9 +413,10 @@ class Trainer:
         optimizer.step()
         return bad
 
-    def _micro_step(self, runner, micro: dict, scale: float, scaler=None) -> torch.Tensor:
+    def _micro_step(self, runner, micro: dict, scale, scaler=None) -> torch.Tensor:
         """Forward and backward of one micro-batch already on the device; returns its loss sum (float64,
-        on the device). Everything here is queued without waiting for the device (tests check it)."""
+        on the device). ``scale``: a float, or a device scalar (a CUDA-graph step's buffer). Everything here is
+        queued without waiting for the device (tests check it)."""
         with autocast(self.device, self.config.bf16):
             part = runner(micro)
         scaled = part * scale
@@ -460,6 +479,8 @@ class Trainer:
         # checks size and seed before anything else changes
         opt.stream.load_state_dict(ckpt["stream"], resized=bool(changed))
         opt.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in opt.optimizer.param_groups:  # a checkpoint of a run with or without --cuda-graphs
+            group["capturable"] = self.config.cuda_graphs
         opt.scheduler.load_state_dict(ckpt["scheduler"])
         with torch.no_grad():
             for n, p in self.params:

@@ -8,7 +8,7 @@ import pytest
 
 from madx_fast.cli import build_parser, main
 from madx_fast.training import PredictSettings
-from madx_fast.training.predict import graph_lengths
+from madx_fast.graphs import graph_lengths
 from madx_fast.training.settings import from_args
 
 REQUIRED = ["--task-adapter", "runs/ner", "--lang-adapter", "sw=runs/lang-sw", "qu=runs/lang-qu"]

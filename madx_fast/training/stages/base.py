@@ -45,6 +45,7 @@ from .. import models, runs
 from ..devices import pick_device
 from ..distributed import init_distributed
 from ..settings import TrainConfig
+from ..graphed_step import check_graphed_training
 from ..trainer import Trainer, seed_everything
 
 log = logging.getLogger("madx_fast.training")
@@ -179,7 +180,8 @@ class TrainingStage:
         trainer = Trainer(self.model, self.objective, self.items, self.loop, self.s.output_dir,
                           evaluate=self.evaluation(), main_metric=self.main_metric, on_best=self.on_best,
                           identity=dict(self.identity(record), **digests), procs=self.procs, device=self.device,
-                          allow_data_change=getattr(self.s, "allow_data_change", False))
+                          allow_data_change=getattr(self.s, "allow_data_change", False),
+                          max_length=self.max_length)
         result = trainer.run(resume=self.s.resume)
         summary = {**facts, "settings": self.s.to_dict(), "config": dataclasses.asdict(self.loop),
                    "epochs": self.epochs, **counts, **result, "madx_fast_version": __version__}
@@ -209,6 +211,8 @@ class TrainingStage:
         self.model, self.madx, self.fingerprint = self.load_model()
         self.wire()
         self.backbone_dtype = self.place()
+        if self.loop.cuda_graphs:  # refused before the output directory is touched
+            check_graphed_training(self.procs, self.model)
         models.compile_encoder(self.model, self.loop.compile)
         self.procs.on_main(lambda: runs.prepare_output(s.output_dir, resume=s.resume, overwrite=s.overwrite))
 

@@ -38,6 +38,10 @@ class Objective(Protocol):
     def loss_sum(self, model, batch: dict) -> torch.Tensor:
         """The SUM of the loss terms of a prepared micro-batch on the device."""
 
+    # An objective whose ``prepare`` makes a varying number of decoder rows (LM objectives: flat positions and
+    # their targets) names those two keys in a class attribute ``row_keys``, so that a CUDA-graph step can pad
+    # them to a fixed count (madx_fast.training.graphed_step); other objectives have no such attribute.
+
 
 @dataclass(frozen=True)
 class TaskData:

@@ -12,7 +12,7 @@ so that the step selects the head's rows with no host sync).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 import torch
 
@@ -53,6 +53,9 @@ def causal_data_from_texts(tokenizer, texts: Sequence[str], max_length: int) -> 
 @dataclass(frozen=True)
 class CausalLmObjective:
     """Items are block indices into a ``TextBlocks``; a batch is the blocks themselves (no randomness)."""
+
+    # the decoder rows ``prepare`` makes (flat positions, targets): padded rows are position 0, target ignored
+    row_keys: ClassVar[tuple[str, str]] = ("lm_positions", "lm_targets")
 
     blocks: TextBlocks
 

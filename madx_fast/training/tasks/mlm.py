@@ -9,7 +9,7 @@ checkpointed RNG state.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -117,6 +117,9 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_i
 class MlmObjective:
     """Items are block indices into an ``MlmData``; masks come from the trainer's masking generator, drawn
     for the whole global batch (so every process masks identically and takes its own rows)."""
+
+    # the decoder rows ``prepare`` makes (flat positions, targets): padded rows are position 0, target ignored
+    row_keys: ClassVar[tuple[str, str]] = ("mlm_positions", "mlm_targets")
 
     mlm: MlmData
     mlm_probability: float = 0.15
