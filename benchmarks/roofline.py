@@ -297,28 +297,30 @@ def model_rows(size, lang_rf):
                 proxy, _ = builders(impl, cpu, "host-proxy")[workload](*PROXY_SHAPE)
             rows.append(row(label, impl, ops, proxy_ms=host_cpu_ms(dict(step=proxy)), tokens=b * l))
             if impl == "fused":  # the step replayed from a CUDA graph: training as --cuda-graphs runs it
-                rows.append(row(label, "graphs", _graphed_ops(bench, workload, ops, size, lang_rf, b, l),
+                rows.append(row(label, "graphs", _graphed_ops(bench, workload, size, lang_rf, b, l),
                                 graphed=True, tokens=b * l))
     return rows
 
 
-def _graphed_ops(bench, workload, fused_ops, size, lang_rf, b, l):
-    """The device ops of a training step replayed from a CUDA graph, counted from the graphed step itself
-    (padded shapes, the padded mask form; ``bench_train.py``'s ``*_graphs`` workloads); an inference
-    forward replays the fused forward's ops."""
-    name = f"{workload}_graphs"
-    if workload == "infer":
-        return fused_ops
+def _graphed_ops(bench, workload, size, lang_rf, b, l):
+    """The device ops of a step replayed from a CUDA graph, counted as captured (``gpu_plan.graph_capture``:
+    what runs fused only where it pays, does): a training step from the graphed step itself (padded shapes,
+    the padded mask form; ``bench_train.py``'s ``*_graphs`` workloads), an inference forward from the fused
+    one."""
+    from madx_fast.testing.gpu_plan import graph_capture
+    name = workload if workload == "infer" else f"{workload}_graphs"
     with torch.device("meta"):
         step, _ = bench.madx_fast_workloads(size, torch.device("meta"), None, lang_rf, gpu=True)[name](b, l)
-    count(dict(warmup=step))
-    return count(dict(step=step))
+    with graph_capture():
+        count(dict(warmup=step))
+        return count(dict(step=step))
 
 
 def mixed_rows(size):
     """bench_mixed.py's eval forwards on meta tensors: one batch of rows in 8 languages (per-row adapters),
     the same rows as 8 per-language batches, and one language for the whole batch; each also from a graph.
     The host proxy runs the same forwards at ``PROXY_WIDTHS``, one ``PROXY_SHAPE[1]``-token row per language."""
+    from madx_fast.testing.gpu_plan import graph_capture
     mixed = _load("bench_mixed")
     languages = tuple(f"l{i}" for i in range(SIZES[size]["languages"]))
     mixed.SIZES["host-proxy"] = dict(config=dict(mixed.SIZES[size]["config"], **PROXY_WIDTHS),
@@ -336,7 +338,9 @@ def mixed_rows(size):
         label = f"mixed-language infer B={b} L={length}"
         ops = count(dict(step=work[name][0]))
         rows.append(row(label, name, ops, proxy_ms=host_cpu_ms(dict(step=proxy[name][0])), tokens=b * length))
-        rows.append(row(label, f"{name} graphs", ops, graphed=True, tokens=b * length))
+        with graph_capture():  # what runs fused only where it pays runs fused in a captured forward
+            captured = count(dict(step=work[name][0]))
+        rows.append(row(label, f"{name} graphs", captured, graphed=True, tokens=b * length))
     return rows
 
 

@@ -39,6 +39,12 @@ def triton_kernel_runs(backend: str | None, t: torch.Tensor) -> bool:
     return True
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (False without CUDA). One place to ask,
+    so that ``madx_fast.testing.gpu_plan.graph_capture`` can plan a captured forward on meta tensors."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def launchers(backend: str):
     """The launcher module of a fused backend (contract in ``madx_fast/kernels/__init__.py``)."""
     return kernel_module(backend)

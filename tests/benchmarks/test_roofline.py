@@ -61,10 +61,14 @@ def test_time_model(tiny):
             assert math.isclose(r["host_ms"] - r["proxy_cpu_ms"], r["triton_launches"] * roof.TRITON_LAUNCH_US / 1e3)
     graphs = _row(rows, "infer B=4 L=32", "graphs")
     fused = _row(rows, "infer B=4 L=32", "fused")
-    assert graphs["host_ms"] == 0 and graphs["kernels"] == fused["kernels"] and graphs["flops"] == fused["flops"]
+    assert graphs["host_ms"] == 0 and graphs["flops"] == fused["flops"]
     assert graphs["device_ms"] < fused["device_ms"]
-    # MAD-X's add + LayerNorm runs fused (layers x 3 in Stack(lang, task)) and shows in the breakdown
-    assert "madx_fast.add_layer_norm.default" in fused["by_op"]
+    # MAD-X's add + LayerNorm (3 per layer in Stack(lang, task)): in the captured forward one fused kernel in
+    # place of an add and a LayerNorm, and in the breakdown; this small batch replayed eagerly keeps the two
+    layers = roof._load("bench_train").SIZES["tiny"]["num_hidden_layers"]
+    assert fused["kernels"] - graphs["kernels"] == 3 * layers
+    assert "madx_fast.add_layer_norm.default" in graphs["by_op"]
+    assert "madx_fast.add_layer_norm.default" not in fused["by_op"]
 
 
 def test_counts_against_hand_counts(tiny):

@@ -117,8 +117,11 @@ def _triton_on_cpu_or_skip():
 
 
 def _counting_add_norm(monkeypatch):
-    """Counts the wiring's calls of the fused add + LayerNorm (``ops.add_layer_norm``)."""
+    """Counts the wiring's calls of the fused add + LayerNorm (``ops.add_layer_norm``), which these small
+    batches take as if they were large (``FUSED_ADD_NORM_MIN_ELEMENTS``)."""
     from madx_fast import ops
+    from madx_fast.model import wiring
+    monkeypatch.setattr(wiring, "FUSED_ADD_NORM_MIN_ELEMENTS", 0)
     calls = []
     real = ops.add_layer_norm
 
