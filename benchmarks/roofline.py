@@ -5,6 +5,7 @@ on a CPU, and the H100 times it predicts.
     python benchmarks/roofline.py --json roofline.json
     python benchmarks/roofline.py --size tiny          # tiny shapes (what CI runs)
     python benchmarks/roofline.py --only ops           # or: models
+    python benchmarks/roofline.py --only models --breakdown "infer B=256 L=128 graphs"   # device ms per op
 
 What is counted, and how: each case runs on ``meta`` tensors (shapes, no data) under
 ``madx_fast.testing.device_ops.DeviceOps``, which records every aten op the code dispatches (views and
@@ -109,9 +110,14 @@ def predict(ops, graphed=False) -> dict:
             g["flops"] += r.flops
             g["rate"] = (ATTENTION_RATE if "attention" in r.name else
                          FP32_RATE if r.dtype == "float32" else GEMM_RATE)
-    device_s = sum(max(g["bytes"] / BANDWIDTH, g["flops"] / g["rate"]) + g["kernels"] * per_kernel * 1e-6
-                   for g in groups.values())
-    return dict(device_ms=device_s * 1e3, **ops.totals())
+    by_op: dict = {}  # device ms per outermost op name (a fused op's launches under its own name)
+    for key, g in groups.items():
+        ms = (max(g["bytes"] / BANDWIDTH, g["flops"] / g["rate"]) + g["kernels"] * per_kernel * 1e-6) * 1e3
+        name = ops.records[key].name
+        by_op[name] = by_op.get(name, 0.0) + ms
+    device_ms = sum(by_op.values())
+    by_op = dict(sorted(((n, ms) for n, ms in by_op.items() if ms > 0), key=lambda kv: -kv[1]))
+    return dict(device_ms=device_ms, by_op=by_op, **ops.totals())
 
 
 def measured(case, impl, build, tokens):
@@ -291,28 +297,30 @@ def model_rows(size, lang_rf):
                 proxy, _ = builders(impl, cpu, "host-proxy")[workload](*PROXY_SHAPE)
             rows.append(row(label, impl, ops, proxy_ms=host_cpu_ms(dict(step=proxy)), tokens=b * l))
             if impl == "fused":  # the step replayed from a CUDA graph: training as --cuda-graphs runs it
-                rows.append(row(label, "graphs", _graphed_ops(bench, workload, ops, size, lang_rf, b, l),
+                rows.append(row(label, "graphs", _graphed_ops(bench, workload, size, lang_rf, b, l),
                                 graphed=True, tokens=b * l))
     return rows
 
 
-def _graphed_ops(bench, workload, fused_ops, size, lang_rf, b, l):
-    """The device ops of a training step replayed from a CUDA graph, counted from the graphed step itself
-    (padded shapes, the padded mask form; ``bench_train.py``'s ``*_graphs`` workloads); an inference
-    forward replays the fused forward's ops."""
-    name = f"{workload}_graphs"
-    if workload == "infer":
-        return fused_ops
+def _graphed_ops(bench, workload, size, lang_rf, b, l):
+    """The device ops of a step replayed from a CUDA graph, counted as captured (``gpu_plan.graph_capture``:
+    what runs fused only where it pays, does): a training step from the graphed step itself (padded shapes,
+    the padded mask form; ``bench_train.py``'s ``*_graphs`` workloads), an inference forward from the fused
+    one."""
+    from madx_fast.testing.gpu_plan import graph_capture
+    name = workload if workload == "infer" else f"{workload}_graphs"
     with torch.device("meta"):
         step, _ = bench.madx_fast_workloads(size, torch.device("meta"), None, lang_rf, gpu=True)[name](b, l)
-    count(dict(warmup=step))
-    return count(dict(step=step))
+    with graph_capture():
+        count(dict(warmup=step))
+        return count(dict(step=step))
 
 
 def mixed_rows(size):
     """bench_mixed.py's eval forwards on meta tensors: one batch of rows in 8 languages (per-row adapters),
     the same rows as 8 per-language batches, and one language for the whole batch; each also from a graph.
     The host proxy runs the same forwards at ``PROXY_WIDTHS``, one ``PROXY_SHAPE[1]``-token row per language."""
+    from madx_fast.testing.gpu_plan import graph_capture
     mixed = _load("bench_mixed")
     languages = tuple(f"l{i}" for i in range(SIZES[size]["languages"]))
     mixed.SIZES["host-proxy"] = dict(config=dict(mixed.SIZES[size]["config"], **PROXY_WIDTHS),
@@ -330,7 +338,9 @@ def mixed_rows(size):
         label = f"mixed-language infer B={b} L={length}"
         ops = count(dict(step=work[name][0]))
         rows.append(row(label, name, ops, proxy_ms=host_cpu_ms(dict(step=proxy[name][0])), tokens=b * length))
-        rows.append(row(label, f"{name} graphs", ops, graphed=True, tokens=b * length))
+        with graph_capture():  # what runs fused only where it pays runs fused in a captured forward
+            captured = count(dict(step=work[name][0]))
+        rows.append(row(label, f"{name} graphs", captured, graphed=True, tokens=b * length))
     return rows
 
 
@@ -419,6 +429,14 @@ def print_markdown(rows, targets, out=sys.stdout):
               f"{r['x_baseline']:.2f} ({r['baseline']}) | | |", file=out)
 
 
+def print_breakdown(rows, top=8, out=sys.stdout):
+    """Where each row's predicted device time goes: the ops that take most of it (device ms per op name)."""
+    for r in rows:
+        print(f"\n# {r['case']} {r['impl']}: {r['device_ms']:.3f} device ms, of which", file=out)
+        for name, ms in list(r["by_op"].items())[:top]:
+            print(f"  {name:<52}{ms:>8.3f} ms  {ms / r['device_ms']:>5.1%}", file=out)
+
+
 def constants():
     return dict(bandwidth_Bps=BANDWIDTH, gemm_flops=GEMM_RATE, attention_flops=ATTENTION_RATE, fp32_flops=FP32_RATE,
                 kernel_us=KERNEL_US, graph_kernel_us=GRAPH_KERNEL_US, triton_launch_us=TRITON_LAUNCH_US,
@@ -447,6 +465,8 @@ def run(args):
                   f"{'meets' if t['meets'] else 'short'})")
     if args.markdown:
         print_markdown(rows, targets)
+    if args.breakdown:
+        print_breakdown([r for r in rows if args.breakdown in f"{r['case']} {r['impl']}"])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(size=args.size, lang_rf=args.lang_rf, versions=versions, model=constants(), rows=rows,
@@ -461,6 +481,8 @@ def main(argv=None):
     p.add_argument("--lang-rf", type=float, default=16, help="language adapter reduction factor (as bench_train)")
     p.add_argument("--json", help="also write the rows as JSON here")
     p.add_argument("--markdown", action="store_true", help="also print the tables of docs/benchmarks.md")
+    p.add_argument("--breakdown", metavar="TEXT", help="also print the device time per op of the rows whose case "
+                   "and impl contain TEXT (e.g. 'B=256 L=128 graphs')")
     return run(p.parse_args(argv))
 
 

@@ -13,8 +13,9 @@ with gradients as test-time ensembling needs them); each at 65536 tokens (B=64 x
 and 4096 (the NER batch, 32 x 128); and the
 hidden sizes of the other models users adapt (1024: XLM-R large; 1536: DeBERTa-v2 xlarge; 2048: Llama 3.2 1B;
 2560: XLM-R XL; 4096: XLM-R XXL, Llama/Mistral 7B) with the bottlenecks of rf 16 and 2, their NICE (rf 2:
-the GEMM route from H=1536 on) and their grouped NICE; the MLM decoder's loss kernel on a GPU-sized chunk of
-XLM-R's logits (V=250002, 15% of the tokens masked).
+the GEMM route from H=1536 on) and their grouped NICE; MAD-X's residual add + LayerNorm (forward, and backward
+with the backbone's LayerNorm frozen or trained) at every hidden size; the MLM decoder's loss kernel on a
+GPU-sized chunk of XLM-R's logits (V=250002, 15% of the tokens masked).
 
 The launches are recorded by running the real launchers on meta tensors (``madx_fast.kernels.triton.aot``):
 the JIT's own specialization (unit strides as constants, 16-divisibility), the launchers' own block sizes,
@@ -42,7 +43,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT default (3.9 w
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from madx_fast.kernels.triton import aot, grouped, lm_loss  # noqa: E402
+from madx_fast.kernels.triton import add_norm, aot, grouped, lm_loss  # noqa: E402
 from madx_fast.kernels.triton import average as averaged  # noqa: E402
 from madx_fast.kernels.triton import adapter as single  # noqa: E402
 from madx_fast.kernels.triton import nice as coupling  # noqa: E402
@@ -139,6 +140,17 @@ def _mlm_loss(rows, dt):
     lm_loss.softmax_cross_entropy(logits, targets, count, -100, True)
 
 
+def _add_norm(h, tokens, dt):
+    x, r = torch.empty(tokens, h, device=META, dtype=dt), torch.empty(tokens, h, device=META, dtype=dt)
+    w, b = torch.empty(h, device=META, dtype=dt), torch.empty(h, device=META, dtype=dt)  # the backbone's LN
+    yield "forward"
+    _, stats = add_norm.add_layer_norm_forward(x, r, w, b, 1e-5)
+    yield "backward, frozen LN"
+    add_norm.add_layer_norm_backward(x, x, r, w, stats, False)
+    yield "backward, LN trained"
+    add_norm.add_layer_norm_backward(x, x, r, w, stats, True)
+
+
 def problems():
     """(case label, tokens, generator of phases that launches the kernels) for every target shape."""
     from madx_fast.model.mlm_loss import CHUNK_BYTES_GPU, default_chunk_size  # here: the compiler processes
@@ -151,6 +163,7 @@ def problems():
                 yield f"adapter H={h} d={d}", tokens, _adapter(h, d, tokens, dt, act)
             for inverse in (False, True):
                 yield f"NICE H={h} ({'inverse' if inverse else 'forward'})", tokens, _nice(h, tokens, dt, act, inverse)
+            yield f"add + LayerNorm H={h} (bf16 LN weights)", tokens, _add_norm(h, tokens, dt)
             if h == MAIN_H:  # the decoder's loss kernel, on a chunk of the masked tokens' logits (GPU chunk size)
                 rows = default_chunk_size(int(tokens * MASKED), VOCAB, 2, CHUNK_BYTES_GPU)
                 yield f"MLM loss H={h} V={VOCAB} {rows} rows", tokens, _mlm_loss(rows, dt)

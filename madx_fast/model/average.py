@@ -66,6 +66,11 @@ class AverageBottleneck:
     def __init__(self, modules, entry: Average, state, layer: int):
         self.modules, self.entry, self.state, self.layer = modules, entry, state, layer
 
+    @property
+    def backend(self) -> str | None:
+        """The backend its adapter modules ask for (the first one's), which the wiring's add + LayerNorm follows."""
+        return self.modules[0].backend
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         mix = average_mix(self.state, self.entry, x.device)
         first = self.modules[0]
@@ -128,6 +133,11 @@ class PerRowAverage:
 
     def __init__(self, module_lists, entry: PerRow, state, layer: int):
         self.module_lists, self.entry, self.state, self.layer = module_lists, entry, state, layer
+
+    @property
+    def backend(self) -> str | None:
+        """The backend its adapter modules ask for (the first one's), which the wiring's add + LayerNorm follows."""
+        return self.module_lists[0][0].backend
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         groups = row_groups(self.state, self.entry, x)

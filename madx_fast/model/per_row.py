@@ -118,6 +118,11 @@ class GroupedBottleneck:
     def __init__(self, modules, entry: PerRow, state, layer: int):
         self.modules, self.entry, self.state, self.layer = modules, entry, state, layer
 
+    @property
+    def backend(self) -> str | None:
+        """The backend its adapter modules ask for (the first one's), which the wiring's add + LayerNorm follows."""
+        return self.modules[0].backend
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         groups = row_groups(self.state, self.entry, x)
         first = self.modules[0]

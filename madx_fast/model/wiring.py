@@ -30,6 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import ops
+from ..ops import dispatch
+from ..ops.add_norm import fused_available as fused_add_norm_available
 from . import average, per_row
 from .lm_heads import LMHead, find_lm_head
 from .stack import Average, PerRow
@@ -137,7 +140,7 @@ def adapter_stack(f: torch.Tensor, a: torch.Tensor, layer_norm: nn.Module | None
     (which compute ``y_K + a``): AdapterHub's ``residual_before_ln=True``, ``original_ln_before=True``."""
     y = f
     for adapter in adapters:
-        x = y + a if layer_norm is None else layer_norm(y + a)
+        x = y + a if layer_norm is None else add_norm(y, a, layer_norm, adapter)
         # Under autocast LN returns float32 while f is bf16: the residual takes the adapter input's dtype
         # (a lossless upcast), which the fused op requires.
         y = adapter(x, y if y.dtype == x.dtype else y.to(x.dtype))
@@ -146,7 +149,43 @@ def adapter_stack(f: torch.Tensor, a: torch.Tensor, layer_norm: nn.Module | None
 
 def pfeiffer_adapter_stack(f: torch.Tensor, a: torch.Tensor, layer_norm: nn.Module, adapters) -> torch.Tensor:
     """``LN(adapter_stack(f, a, LN, adapters) + a)``: a post-LN layer's output. No adapter: ``LN(f + a)``."""
-    return layer_norm(adapter_stack(f, a, layer_norm, adapters) + a)
+    if not adapters:
+        return layer_norm(f + a)
+    return add_norm(adapter_stack(f, a, layer_norm, adapters), a, layer_norm, adapters[-1])
+
+
+# Where the fused add + LayerNorm pays. A custom-op call costs more host time than the eager add and LayerNorm
+# it replaces (about 37 us against 12 us on a CPU core, plus a Triton launch) and saves two of their five
+# passes over memory on the device. So it runs where the device sets the pace: inside a CUDA graph being
+# captured (its host cost is paid once), under torch.compile (traced once), and on activations of at least
+# this many elements, where a step is device-bound even replayed eagerly (the roofline, docs/benchmarks.md:
+# 256 x 128 tokens at H = 768, 25M elements, are; 32 x 128, 3M, and an MLM batch of 64 x 256, 13M, are not).
+FUSED_ADD_NORM_MIN_ELEMENTS = 1 << 24
+
+
+def _fusion_pays(y: torch.Tensor) -> bool:
+    return y.numel() >= FUSED_ADD_NORM_MIN_ELEMENTS or torch.compiler.is_compiling() or dispatch.capturing()
+
+
+def add_norm(y: torch.Tensor, a: torch.Tensor, layer_norm: nn.Module, adapter) -> torch.Tensor:
+    """``layer_norm(y + a)``, in one kernel (``ops.add_layer_norm``) where ``adapter``'s op runs fused (the
+    same backend decision), the fusion pays (``FUSED_ADD_NORM_MIN_ELEMENTS``) and the module is a plain
+    ``nn.LayerNorm`` over the last dimension without hooks; otherwise (eager backend, autocast, mixed dtypes,
+    another norm, a host-bound call) the module itself, as AdapterHub."""
+    if (_fusion_pays(y) and type(layer_norm).forward is nn.LayerNorm.forward and len(layer_norm.normalized_shape) == 1
+            and not (layer_norm._forward_hooks or layer_norm._forward_pre_hooks) and y.dtype == a.dtype
+            and y.shape == a.shape and not _autocasting(y.device)
+            and fused_add_norm_available(y, getattr(adapter, "backend", None))):
+        return ops.add_layer_norm(y, a, layer_norm.weight, layer_norm.bias, layer_norm.eps,
+                                  backend=getattr(adapter, "backend", None))
+    return layer_norm(y + a)
+
+
+def _autocasting(device: torch.device) -> bool:
+    """Autocast changes LayerNorm's output dtype (float32): then the module runs, as under autocast it must."""
+    if device.type not in ("cpu", "cuda"):
+        return torch.is_autocast_enabled()  # the meta device has no autocast state of its own
+    return torch.is_autocast_enabled(device.type)
 
 
 class MadxFFNOutput(nn.Module):

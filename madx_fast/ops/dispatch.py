@@ -26,6 +26,25 @@ def choose_backend(backend: str | None, x: torch.Tensor, grouped: bool) -> str:
     return name
 
 
+def triton_kernel_runs(backend: str | None, t: torch.Tensor) -> bool:
+    """Whether an op with a Triton kernel and no CUDA C++ one (used for backend "cuda" too) takes its fused path
+    for ``t`` instead of the eager one, without raising: ``backend`` resolves to a fused backend here, and
+    Triton computes ``t.dtype`` on ``t``'s device."""
+    try:
+        if resolve_backend(backend, t.device) == "eager":
+            return False
+        check_backend_dtype("triton", t.device, t.dtype)
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (False without CUDA). One place to ask,
+    so that ``madx_fast.testing.gpu_plan.graph_capture`` can plan a captured forward on meta tensors."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def launchers(backend: str):
     """The launcher module of a fused backend (contract in ``madx_fast/kernels/__init__.py``)."""
     return kernel_module(backend)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import BackendUnavailableError, resolve_backend
 from . import dispatch
 from .dispatch import LIB
 
@@ -54,14 +53,7 @@ def _(logits, targets, count, ignore_index, grad):
 
 def fused_available(logits: torch.Tensor) -> bool:
     """Whether the Triton kernel can run on these logits here (module docstring)."""
-    try:
-        name = resolve_backend(None, logits.device)
-        if name == "eager":
-            return False
-        dispatch.check_backend_dtype("triton", logits.device, logits.dtype)
-    except BackendUnavailableError:
-        return False
-    return True
+    return dispatch.triton_kernel_runs(None, logits)
 
 
 def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, count: torch.Tensor, *,

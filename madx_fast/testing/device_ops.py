@@ -404,6 +404,6 @@ def _fused_op_flops(name: str, a) -> float:
     if name == "grouped_nice_coupling_backward":
         return _nice_flops(a[1], _first_group(a[4:12]), a[12], a[13], backward=True, rebuild=a[2] is None,
                            weight_grads=a[14])
-    if name == "softmax_cross_entropy":
-        return 0.0  # no matrix product: exp, sums and scaling only
+    if name in ("softmax_cross_entropy", "add_layer_norm", "add_layer_norm_backward"):
+        return 0.0  # no matrix product: elementwise work and row sums only
     raise KeyError(f"no FLOP count for the fused op madx_fast::{name}")

@@ -101,6 +101,19 @@ def _import_triton_kernels():
 
 
 @contextlib.contextmanager
+def graph_capture():
+    """Within the block, code takes the paths it takes while a CUDA graph is being captured
+    (``madx_fast.ops.dispatch.capturing`` answers True): the roofline counts a replayed step's ops so."""
+    from ..ops import dispatch
+    saved = dispatch.capturing
+    dispatch.capturing = lambda: True
+    try:
+        yield
+    finally:
+        dispatch.capturing = saved
+
+
+@contextlib.contextmanager
 def planned_gpu(host_proxy: bool = False):
     """Within the block, code on meta tensors takes the paths a CUDA GPU takes (module docstring).
 

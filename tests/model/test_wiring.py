@@ -2,7 +2,9 @@
 also run with transformers 5.x): placement formulas, the active setup, freezing, dtypes, SDPA."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 
 import pytest
 import torch
@@ -356,3 +358,29 @@ def test_wired_model_pickles_and_deepcopies():
     assert madx.active == Stack("en", "ner")
     clone = copy.deepcopy(model)
     assert max_diff(_out(clone, **inputs), want) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the fused add + LayerNorm on the CPU needs TRITON_INTERPRET=1")
+def test_add_norm_fuses_only_where_it_pays(monkeypatch):
+    """MAD-X's LN(y + a) takes the fused op for activations of at least FUSED_ADD_NORM_MIN_ELEMENTS, or while
+    a CUDA graph is being captured; a smaller call keeps the module (two eager ops cost less host time)."""
+    import types
+
+    from madx_fast import ops
+    from madx_fast.model import wiring
+    from madx_fast.testing.gpu_plan import graph_capture
+    calls = []
+    real = ops.add_layer_norm
+    monkeypatch.setattr(ops, "add_layer_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ln = torch.nn.LayerNorm(8)
+    y, a = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    adapter = types.SimpleNamespace(backend="triton")
+    expected = ln(y + a)
+    for threshold, captured, fused in ((48, False, True), (49, False, False), (49, True, True)):
+        monkeypatch.setattr(wiring, "FUSED_ADD_NORM_MIN_ELEMENTS", threshold)
+        calls.clear()
+        with graph_capture() if captured else contextlib.nullcontext():
+            out = wiring.add_norm(y, a, ln, adapter)
+        assert len(calls) == int(fused), (threshold, captured)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from madx_fast import BottleneckAdapter, InvertibleAdapter
+from madx_fast.ops import add_layer_norm
 from tests.helpers.devices import DEVICE, fused_backends
 
 
 class TinyMadxBlock(torch.nn.Module):
-    """Embedding-side NICE, a layer with an adapter on its FFN output, and the inverse before a decoder."""
+    """Embedding-side NICE, a layer with an adapter on its FFN output between fused adds + LayerNorm (whose
+    weights train here), and the inverse before a decoder."""
 
     def __init__(self, h, backend):
         super().__init__()
@@ -21,8 +23,9 @@ class TinyMadxBlock(torch.nn.Module):
     def forward(self, x):
         h0 = self.inv(x)
         f = self.ffn(h0)
-        y = self.adapter(self.ln(f + h0), residual=f)
-        out = self.ln(y + h0)
+        ln = (self.ln.weight, self.ln.bias, self.ln.eps)
+        y = self.adapter(add_layer_norm(f, h0, *ln, backend=self.adapter.backend), residual=f)
+        out = add_layer_norm(y, h0, *ln, backend=self.adapter.backend)
         return self.decoder(self.inv.inverse(out))
 
 

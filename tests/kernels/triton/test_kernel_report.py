@@ -1,8 +1,8 @@
 """The kernel report (scripts/kernel_report.py): every Triton launch at the target shapes compiles for sm_90 with
 the JIT's specialization, and none spills, falls back to mma.sync in bf16 or needs more shared memory than an
 H100 has, at every hidden size the report covers (768 to 4096, the bottlenecks of rf 16 and 2, NICE rf 2,
-grouped with 8 languages, the averaged adapters, the MLM loss); docs/triton_kernels.md shows the report's
-tables. Runs without a GPU (the real compiler, ahead of time, 102 distinct kernels in parallel over the
+grouped with 8 languages, the averaged adapters, the MLM loss, the add + LayerNorm); docs/triton_kernels.md shows the report's
+tables. Runs without a GPU (the real compiler, ahead of time, 111 distinct kernels in parallel over the
 machine's cores; Triton's on-disk cache keeps them across runs: about 15 s of CPU time warm, about 100 s cold)."""
 import json
 import os
@@ -24,8 +24,9 @@ KERNELS = {"_adapter_fwd_kernel", "_adapter_bwd_da_kernel", "_adapter_bwd_dx_dw_
            "_tn_kernel", "_nice_fwd_kernel", "_nice_bwd_b_kernel", "_nice_bwd_a_kernel", "_grouped_linear_kernel",
            "_grouped_tn_kernel", "_grouped_nice_fwd_kernel", "_grouped_nice_bwd_b_kernel",
            "_grouped_nice_bwd_a_kernel", "_average_up_kernel", "_average_dz_kernel", "_average_dx_kernel",
-           "_softmax_xent_kernel"}
-NO_MMA = {"_softmax_xent_kernel"}  # the MLM loss: a streaming reduction over the logits, no matrix product
+           "_softmax_xent_kernel", "_add_layer_norm_fwd_kernel", "_add_layer_norm_bwd_kernel"}
+# the MLM loss (a streaming reduction over the logits) and the add + LayerNorm (row sums): no matrix product
+NO_MMA = {"_softmax_xent_kernel", "_add_layer_norm_fwd_kernel", "_add_layer_norm_bwd_kernel"}
 HIDDEN = (768, 1024, 1536, 2048, 2560, 4096)
 
 
@@ -51,12 +52,13 @@ def test_report_has_no_spill_and_no_mma_sync_at_any_hidden_size(report):
     cases = " | ".join(r["case"] for r in records)
     for want in ("adapter H=768 d=48", "adapter H=768 d=384", "NICE H=768 (forward)", "NICE H=768 (inverse)",
                  "input rebuilt", "input saved", "grouped adapter G=8", "grouped NICE G=8 H=768",
-                 "MLM loss H=768 V=250002", "loss and gradient", "Average K=8"):
+                 "MLM loss H=768 V=250002", "loss and gradient", "Average K=8", "backward, frozen LN",
+                 "backward, LN trained"):
         assert want in cases, want
     assert {r["tokens"] for r in records} == {65536, 4096}
     for h in HIDDEN:  # every architecture's hidden size: both adapter bottlenecks, NICE and grouped NICE
         for want in (f"adapter H={h} d={h // 16}:", f"adapter H={h} d={h // 2}:", f"NICE H={h} (forward)",
-                     f"NICE H={h} (inverse)", f"grouped NICE G=8 H={h} "):
+                     f"NICE H={h} (inverse)", f"grouped NICE G=8 H={h} ", f"add + LayerNorm H={h} "):
             assert want in cases, want
         # NICE's route by hidden width (kernels/triton/nice.py): fused kernels up to H=1024, GEMMs above
         nice_kernels = {r["kernel"] for r in records if f"NICE H={h} " in r["case"] and "grouped" not in r["case"]}
