@@ -125,13 +125,17 @@ def madx_fast_workloads(size, device, backend, lang_rf, gpu=None):
     low = torch.bfloat16 if gpu else None
     vocab = SIZES[size]["vocab_size"]
 
-    def mlm(b, l):
+    def mlm_model():
         model = XLMRobertaForMaskedLM(_config(size, "sdpa")).to(device)
         madx = add_madx(model, backend=backend)
         madx.add_adapter("en", MadxConfig.language(reduction_factor=lang_rf), set_active=True)
         madx.train_adapters("en")
         if low:
             madx.cast_backbone(low)
+        return model, madx
+
+    def mlm(b, l):
+        model, madx = mlm_model()
         opt = _optimizer(madx.trainable_parameters(), gpu)
         ids, host_mask, labels, _ = _batch(vocab, b, l)
         ids, mask, positions, targets = _on(device, ids, host_mask, *mlm_positions(labels))
@@ -206,12 +210,7 @@ def madx_fast_workloads(size, device, backend, lang_rf, gpu=None):
 
     def mlm_graphs(b, l):
         from madx_fast.training.tasks.mlm import MlmObjective
-        model = XLMRobertaForMaskedLM(_config(size, "sdpa")).to(device)
-        madx = add_madx(model, backend=backend)
-        madx.add_adapter("en", MadxConfig.language(reduction_factor=lang_rf), set_active=True)
-        madx.train_adapters("en")
-        if low:
-            madx.cast_backbone(low)
+        model, madx = mlm_model()
         ids, mask, labels, _ = _batch(vocab, b, l)
         return graphed_step(model, madx, MlmObjective, {"input_ids": ids, "attention_mask": mask, "labels": labels},
                             lambda micro: MlmObjective.loss_sum(model, micro))
