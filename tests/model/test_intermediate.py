@@ -12,8 +12,7 @@ import torch
 from transformers import XLMRobertaForTokenClassification
 
 from madx_fast import ops
-from madx_fast.model import MadxConfig, Stack, add_madx
-from madx_fast.model import wiring
+from madx_fast.model import MadxConfig, Stack, add_madx, wiring
 from madx_fast.model.wiring import MadxIntermediate
 from tests.helpers.models import LAYERS, max_diff, padded_batch, randomize, tiny_config
 
