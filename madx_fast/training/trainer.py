@@ -39,8 +39,8 @@ from .batches import autocast, model_batch, slice_batch
 from .checkpoint import check_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .data import DataError
 from .distributed import Dist
-from .graphed_step import GraphedSteps, check_graphed_training
 from .devices import PeakMemory, pick_device
+from .graphed_step import GraphedSteps, check_graphed_training
 from .progress import StepProgress
 from .reporting import Reporters
 from .runs import CHECKPOINT, LOG_FILE
