@@ -15,7 +15,8 @@ hidden sizes of the other models users adapt (1024: XLM-R large; 1536: DeBERTa-v
 2560: XLM-R XL; 4096: XLM-R XXL, Llama/Mistral 7B) with the bottlenecks of rf 16 and 2, their NICE (rf 2:
 the GEMM route from H=1536 on) and their grouped NICE; MAD-X's residual add + LayerNorm (forward, and backward
 with the backbone's LayerNorm frozen or trained) at every hidden size; the MLM decoder's loss kernel on a
-GPU-sized chunk of XLM-R's logits (V=250002, 15% of the tokens masked).
+GPU-sized chunk of XLM-R's logits (V=250002, 15% of the tokens masked); the backbone FFN's intermediate
+Linear with GELU in its epilogue (H=768 -> 3072, bf16 weights: the fused inference path).
 
 The launches are recorded by running the real launchers on meta tensors (``madx_fast.kernels.triton.aot``):
 the JIT's own specialization (unit strides as constants, 16-divisibility), the launchers' own block sizes,
@@ -43,7 +44,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT default (3.9 w
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from madx_fast.kernels.triton import add_norm, aot, grouped, lm_loss  # noqa: E402
+from madx_fast.kernels.triton import add_norm, aot, grouped, linear, lm_loss  # noqa: E402
 from madx_fast.kernels.triton import average as averaged  # noqa: E402
 from madx_fast.kernels.triton import adapter as single  # noqa: E402
 from madx_fast.kernels.triton import nice as coupling  # noqa: E402
@@ -151,6 +152,14 @@ def _add_norm(h, tokens, dt):
     add_norm.add_layer_norm_backward(x, x, r, w, stats, True)
 
 
+def _dense_activation(h, n, tokens, dt):
+    x = torch.empty(tokens, h, device=META, dtype=dt)
+    w, b = torch.empty(n, h, device=META, dtype=dt), torch.empty(n, device=META, dtype=dt)  # the backbone's
+    yield "forward"
+    linear.fused_linear(x, w, (w.stride(0), w.stride(1)), n, linear.EPI_BIAS_ACT, bias=b,
+                        activation=ACTIVATION_CODES["gelu"])
+
+
 def problems():
     """(case label, tokens, generator of phases that launches the kernels) for every target shape."""
     from madx_fast.model.mlm_loss import CHUNK_BYTES_GPU, default_chunk_size  # here: the compiler processes
@@ -167,6 +176,7 @@ def problems():
             if h == MAIN_H:  # the decoder's loss kernel, on a chunk of the masked tokens' logits (GPU chunk size)
                 rows = default_chunk_size(int(tokens * MASKED), VOCAB, 2, CHUNK_BYTES_GPU)
                 yield f"MLM loss H={h} V={VOCAB} {rows} rows", tokens, _mlm_loss(rows, dt)
+                yield f"FFN intermediate H={h} -> {4 * h} + GELU", tokens, _dense_activation(h, 4 * h, tokens, dt)
     for h in (MAIN_H,) + OTHER_H:
         for tokens in TOKENS:
             rows, length = _rows(tokens)

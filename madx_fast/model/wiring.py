@@ -7,6 +7,8 @@ and 5.x), placing the adapters exactly where AdapterHub 1.3 places them for that
   - post-LayerNorm encoders whose FFN output is a module ``dense -> dropout -> LN(. + a)`` (BERT, RoBERTa,
     XLM-R, DeBERTa-v2): ``layer.output`` is replaced by ``MadxFFNOutput``, which reuses HF's ``dense``,
     ``dropout`` and ``LayerNorm`` (the backbone's state-dict keys do not change) and holds the adapters;
+    ``layer.intermediate`` (``act(dense(x))``) by ``MadxIntermediate``, which reuses HF's ``dense`` and
+    activation and, for inference where the adapters run fused, runs both as one GEMM (activation epilogue);
   - every other family (DistilBERT; the pre-LayerNorm XLM-R XL, GPT-2, Llama, Mistral): hooks on HF's own
     modules (a forward hook on the FFN block's output, and a pre-hook taking the residual stream where the
     block begins), with the adapters in a new ``layer.output_adapters`` module (``MadxAdapterSlot``);
@@ -33,6 +35,7 @@ from torch import nn
 from .. import ops
 from ..ops import dispatch
 from ..ops.add_norm import fused_available as fused_add_norm_available
+from ..ops.dense import fused_available as fused_dense_available
 from . import average, per_row
 from .lm_heads import LMHead, find_lm_head
 from .stack import Average, PerRow
@@ -42,7 +45,8 @@ from .stack import Average, PerRow
 class Backbone:
     """Where MAD-X goes in one model family (paths relative to the base model, or to one layer).
 
-    ``output``: the layer's post-LN FFN output module that ``MadxFFNOutput`` replaces; otherwise ``ffn`` (the
+    ``output``: the layer's post-LN FFN output module that ``MadxFFNOutput`` replaces, and ``intermediate``
+    the FFN's first half ``act(dense(x))`` that ``MadxIntermediate`` replaces; otherwise ``ffn`` (the
     module whose output is the FFN block's output f), ``residual`` (the module whose first input is the
     residual stream a the block adds back; None: ``ffn``'s own input) and ``layer_norm`` (post-LN: the layer's
     LayerNorm, applied to each adapter's input as LN(y + a); None for pre-LN blocks, where the input is y + a).
@@ -52,6 +56,7 @@ class Backbone:
     layers: str
     embeddings: str
     output: str | None = None
+    intermediate: str | None = None
     ffn: str | None = None
     residual: str | None = None
     layer_norm: str | None = None
@@ -64,7 +69,7 @@ class Backbone:
 
 BACKBONES = (
     Backbone(("xlm-roberta", "roberta", "bert", "deberta-v2"), layers="encoder.layer", embeddings="embeddings",
-             output="output"),
+             output="output", intermediate="intermediate"),
     Backbone(("distilbert",), layers="transformer.layer", embeddings="embeddings", ffn="ffn",
              layer_norm="output_layer_norm"),
     Backbone(("xlm-roberta-xl",), layers="encoder.layer", embeddings="embeddings", ffn="output.dense",
@@ -154,12 +159,14 @@ def pfeiffer_adapter_stack(f: torch.Tensor, a: torch.Tensor, layer_norm: nn.Modu
     return add_norm(adapter_stack(f, a, layer_norm, adapters), a, layer_norm, adapters[-1])
 
 
-# Where the fused add + LayerNorm pays. A custom-op call costs more host time than the eager add and LayerNorm
-# it replaces (about 37 us against 12 us on a CPU core, plus a Triton launch) and saves two of their five
-# passes over memory on the device. So it runs where the device sets the pace: inside a CUDA graph being
-# captured (its host cost is paid once), under torch.compile (traced once), and on activations of at least
-# this many elements, where a step is device-bound even replayed eagerly (the roofline, docs/benchmarks.md:
-# 256 x 128 tokens at H = 768, 25M elements, are; 32 x 128, 3M, and an MLM batch of 64 x 256, 13M, are not).
+# Where the fused backbone ops (add + LayerNorm, and the FFN intermediate's Linear + activation) pay. A
+# custom-op call costs more host time than the eager ops it replaces (the add + LayerNorm: about 37 us against
+# 12 us on a CPU core, plus a Triton launch) and saves a few passes over memory on the device (two of the add
+# + LayerNorm's five; the intermediate's separate activation pass). So they run where the device sets the pace:
+# inside a CUDA graph being captured (its host cost is paid once), under torch.compile (traced once), and on
+# inputs of at least this many elements, where a step is device-bound even replayed eagerly (the roofline,
+# docs/benchmarks.md: 256 x 128 tokens at H = 768, 25M elements, are; 32 x 128, 3M, and an MLM batch of
+# 64 x 256, 13M, are not).
 FUSED_ADD_NORM_MIN_ELEMENTS = 1 << 24
 
 
@@ -209,6 +216,72 @@ class MadxFFNOutput(nn.Module):
 
     def extra_repr(self):
         return f"layer={self.layer_idx}"
+
+
+def _activation_name(act: nn.Module) -> str | None:
+    """The madx_fast name (``reference.ACTIVATIONS``) of an FFN activation module that the fused epilogue
+    computes exactly as the module does, or None: transformers' ``GELUActivation`` (``hidden_act="gelu"``,
+    exact erf GELU through ``F.gelu``, in transformers 4.57 and 5.x) and torch's ``nn.GELU``. Anything else
+    (a hub kernel or the Python GELU, another activation, hooks) keeps the module."""
+    if act._forward_hooks or act._forward_pre_hooks:
+        return None
+    if type(act).forward is nn.GELU.forward:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    from transformers.activations import GELUActivation  # here: the wiring works on HF models only
+    if type(act).forward is GELUActivation.forward and getattr(act, "act", None) is torch.nn.functional.gelu:
+        return "gelu"
+    return None
+
+
+def dense_activation(x: torch.Tensor, dense: nn.Module, act: nn.Module, adapters) -> torch.Tensor:
+    """``act(dense(x))``, in one GEMM with the activation in its epilogue (``ops.dense_activation``) where no
+    gradient is needed (the op has no backward), the layer's first adapter's op runs fused (the same backend
+    decision as ``add_norm``), the fusion pays (``FUSED_ADD_NORM_MIN_ELEMENTS``), ``dense`` is a plain
+    ``nn.Linear`` without hooks in x's dtype, the activation is one the epilogue computes
+    (``_activation_name``) and autocast is off; otherwise the modules themselves, as HF."""
+    backend = getattr(adapters[0], "backend", None) if adapters else None
+    if (adapters and _fusion_pays(x) and type(dense).forward is nn.Linear.forward
+            and not (dense._forward_hooks or dense._forward_pre_hooks) and x.dtype == dense.weight.dtype
+            and (dense.bias is None or dense.bias.dtype == x.dtype) and not _needs_grad(x, dense)
+            and not _autocasting(x.device) and fused_dense_available(x, backend)):
+        name = _activation_name(act)
+        if name is not None:
+            return ops.dense_activation(x, dense.weight, dense.bias, name, backend=backend)
+    return act(dense(x))
+
+
+def _needs_grad(x: torch.Tensor, dense: nn.Module) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dense.weight, dense.bias))
+
+
+class MadxIntermediate(nn.Module):
+    """Drop-in for HF ``BertIntermediate`` / ``XLMRobertaIntermediate`` (``act(dense(x))``), fused for
+    inference where it pays (``dense_activation``). ``dense`` and ``intermediate_act_fn`` are HF's own objects
+    (the state-dict keys do not change); the layer's adapters are read from its ``MadxFFNOutput``."""
+
+    def __init__(self, original: nn.Module, output: MadxFFNOutput):
+        super().__init__()
+        self.dense = original.dense
+        self.intermediate_act_fn = original.intermediate_act_fn
+        self._output = [output]  # a list: the output module (with the adapters) is not registered twice
+        self.train(original.training)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self._output[0]
+        wanted = out._madx.active and _fusion_pays(hidden_states)  # else no adapter is looked up (host time)
+        adapters = active_layer_adapters(out.adapters, out._madx, out.layer_idx) if wanted else []
+        return dense_activation(hidden_states, self.dense, self.intermediate_act_fn, adapters)
+
+    def extra_repr(self):
+        return f"layer={self._output[0].layer_idx}"
+
+
+def _wires_intermediate(module: nn.Module | None) -> bool:
+    """An HF FFN intermediate ``act(dense(x))`` (BERT, RoBERTa, XLM-R, DeBERTa-v2), not yet wired."""
+    return (module is not None and not isinstance(module, MadxIntermediate)
+            and type(module).__name__.endswith("Intermediate")
+            and isinstance(getattr(module, "dense", None), nn.Linear)
+            and isinstance(getattr(module, "intermediate_act_fn", None), nn.Module))
 
 
 class MadxAdapterSlot(nn.Module):
@@ -353,7 +426,12 @@ def wire(parts: ModelParts, state: MadxState) -> list[tuple]:
             out = layer.get_submodule(backbone.output)
             if not isinstance(out, MadxFFNOutput):
                 undo.append(("module", layer, backbone.output, out))
-                setattr(layer, backbone.output, MadxFFNOutput(out, state, i))
+                out = MadxFFNOutput(out, state, i)
+                setattr(layer, backbone.output, out)
+            intermediate = getattr(layer, backbone.intermediate, None) if backbone.intermediate else None
+            if _wires_intermediate(intermediate):
+                undo.append(("module", layer, backbone.intermediate, intermediate))
+                setattr(layer, backbone.intermediate, MadxIntermediate(intermediate, out))
         elif not isinstance(getattr(layer, backbone.slot, None), MadxAdapterSlot):
             layer_norm = layer.get_submodule(backbone.layer_norm) if backbone.layer_norm else None
             slot = MadxAdapterSlot(state, i, layer_norm).train(layer.training)

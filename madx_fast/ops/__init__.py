@@ -19,6 +19,11 @@ Residual add + LayerNorm (MAD-X's ``LN(y + a)`` around the adapters of post-LN l
 
     out = add_layer_norm(x, residual, weight, bias, eps=1e-5)
 
+A backbone Linear and its activation (a layer's FFN intermediate), one GEMM with the activation in its
+epilogue, for inference only (no backward):
+
+    out = dense_activation(x, weight, bias, "gelu")
+
 ``backend`` picks the implementation (see ``madx_fast.backends``). The eager backend is the reference in
 ``madx_fast.reference``; the fused backends run through custom ops (``madx_fast::adapter_forward``,
 ``madx_fast::nice_coupling``, their grouped versions and backwards), which torch.compile treats as opaque
@@ -34,6 +39,7 @@ One module per op family, the single op and its grouped version side by side:
 * ``adapter.py``: ``bottleneck_adapter``, ``grouped_bottleneck_adapter``
 * ``average.py``: ``average_bottleneck_adapter`` (one launch per product for all K adapters)
 * ``add_norm.py``: ``add_layer_norm`` (its weight gradients only when the LayerNorm trains)
+* ``dense.py``: ``dense_activation`` (inference only)
 * ``nice.py``: ``nice_forward`` / ``nice_inverse``, ``grouped_nice_forward`` / ``grouped_nice_inverse``
 * ``checks.py``: the input checks both families share (dtype, shape, device, group ids)
 * ``dispatch.py``: the custom-op namespace, the backend choice, the launcher lookup and the cast of the
@@ -43,7 +49,8 @@ from ..reference import NiceWeights
 from .adapter import bottleneck_adapter, grouped_bottleneck_adapter
 from .add_norm import add_layer_norm
 from .average import average_bottleneck_adapter
+from .dense import dense_activation
 from .nice import grouped_nice_forward, grouped_nice_inverse, nice_forward, nice_inverse
 
-__all__ = ["NiceWeights", "add_layer_norm", "average_bottleneck_adapter", "bottleneck_adapter", "grouped_bottleneck_adapter", "grouped_nice_forward",
+__all__ = ["NiceWeights", "add_layer_norm", "average_bottleneck_adapter", "bottleneck_adapter", "dense_activation", "grouped_bottleneck_adapter", "grouped_nice_forward",
            "grouped_nice_inverse", "nice_forward", "nice_inverse"]

@@ -341,6 +341,12 @@ def _adapter_flops(x, wd, wu, act, backward, weight_grads=True):
     return _flops_of(lambda: torch.autograd.grad(y, [t for t in (x, *w) if t.requires_grad], torch.empty_like(y)))
 
 
+def _dense_activation_flops(x, weight, bias, act):
+    from ..ops.dense import dense_activation_reference
+    x, weight, bias = (t.to("meta") for t in (x, weight, bias))
+    return _flops_of(lambda: dense_activation_reference(x, weight, bias, _activation_name(act)))
+
+
 def _nice_flops(x, weights, act, inverse, backward, rebuild=False, weight_grads=True):
     from .. import reference
     x = _leaf(x.to("meta"))
@@ -404,6 +410,8 @@ def _fused_op_flops(name: str, a) -> float:
     if name == "grouped_nice_coupling_backward":
         return _nice_flops(a[1], _first_group(a[4:12]), a[12], a[13], backward=True, rebuild=a[2] is None,
                            weight_grads=a[14])
+    if name == "dense_activation":
+        return _dense_activation_flops(*a)
     if name in ("softmax_cross_entropy", "add_layer_norm", "add_layer_norm_backward"):
         return 0.0  # no matrix product: elementwise work and row sums only
     raise KeyError(f"no FLOP count for the fused op madx_fast::{name}")

@@ -63,12 +63,13 @@ def test_time_model(tiny):
     fused = _row(rows, "infer B=4 L=32", "fused")
     assert graphs["host_ms"] == 0 and graphs["flops"] == fused["flops"]
     assert graphs["device_ms"] < fused["device_ms"]
-    # MAD-X's add + LayerNorm (3 per layer in Stack(lang, task)): in the captured forward one fused kernel in
-    # place of an add and a LayerNorm, and in the breakdown; this small batch replayed eagerly keeps the two
+    # MAD-X's add + LayerNorm (3 per layer in Stack(lang, task)) and the FFN intermediate's Linear + GELU (1 per
+    # layer): in the captured forward one fused kernel in place of two ops each, and in the breakdown; this
+    # small batch replayed eagerly keeps the two
     layers = roof._load("bench_train").SIZES["tiny"]["num_hidden_layers"]
-    assert fused["kernels"] - graphs["kernels"] == 3 * layers
-    assert "madx_fast.add_layer_norm.default" in graphs["by_op"]
-    assert "madx_fast.add_layer_norm.default" not in fused["by_op"]
+    assert fused["kernels"] - graphs["kernels"] == 3 * layers + layers
+    for op in ("madx_fast.add_layer_norm.default", "madx_fast.dense_activation.default"):
+        assert op in graphs["by_op"] and op not in fused["by_op"], op
 
 
 def test_counts_against_hand_counts(tiny):

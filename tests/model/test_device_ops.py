@@ -43,16 +43,19 @@ def _forward_ops(model, madx, setup, captured):
 
 @pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
 def test_an_adapter_application_costs_at_most_four_device_ops(captured):
-    """Replayed eagerly, this host-bound batch keeps MAD-X's add + LayerNorm as two ops (the fused op costs
-    more host time than it saves); captured in a CUDA graph they are one fused op."""
+    """Replayed eagerly, this host-bound batch keeps MAD-X's add + LayerNorm as two ops and the FFN
+    intermediate's Linear and GELU as two (the fused ops cost more host time than they save); captured in a
+    CUDA graph each pair is one fused op."""
     model, madx = _xlmr_base_on_meta()
     plain = _forward_ops(model, madx, None, captured)
     stacked = _forward_ops(model, madx, Stack("en", "ner"), captured)
     fused = collections.Counter(r.name.split(".")[1] for r in stacked.records if r.kind == "fused")
-    applications = sum(k for n, k in fused.items() if n != "add_layer_norm")
+    applications = sum(k for n, k in fused.items() if n not in ("add_layer_norm", "dense_activation"))
     assert applications == 2 * 12 + 1  # two bottleneck adapters per layer and the NICE coupling
-    # MAD-X's LN(y + a) before each adapter and after the last: fused in the graph
+    # MAD-X's LN(y + a) before each adapter and after the last, and each layer's FFN intermediate
+    # (Linear + GELU): fused in the graph
     assert fused["add_layer_norm"] == (3 * 12 if captured else 0)
+    assert fused["dense_activation"] == (12 if captured else 0)
     extra = stacked.totals()["kernels"] - plain.totals()["kernels"]
     added = collections.Counter(r.name for r in stacked.records if r.kernels)
     added.subtract(r.name for r in plain.records if r.kernels)

@@ -12,6 +12,8 @@ is compute-bound (~77 GFLOP forward at 65536 tokens), so GEMM efficiency is what
 * ``EPI_RESIDUAL``: ``out = R + s * (acc + bias)``               (y = r + s (act(z) W_up^T + b_up))
 * ``EPI_DACT``:     ``out = (s * acc) * act'(Z)``                (dz = s (dy W_up) act'(z), torch's NaN rules)
 * ``EPI_ADD``:      ``out = acc (+ R if HAS_R)``                 (dx = dz W_down (+ dy when r is x))
+* ``EPI_BIAS_ACT``: ``out = act(round(acc + bias))``             (a backbone FFN's ``act(dense(x))``, inference;
+  ``round`` is the cast to the output dtype, so the activation sees the value HF's Linear stores)
 
 ``A_ACT`` applies the activation to A on load (the up projection reads z and never stores act(z)).
 
@@ -35,7 +37,7 @@ from ._launch import NUM_STAGES, dot_precision, interpreting, pow2_at_least, sm_
 from .activations import activation_backward, apply_activation
 from .tiles import load_bias
 
-EPI_BIAS, EPI_RESIDUAL, EPI_DACT, EPI_ADD = 0, 1, 2, 3
+EPI_BIAS, EPI_RESIDUAL, EPI_DACT, EPI_ADD, EPI_BIAS_ACT = 0, 1, 2, 3, 4
 LOST_NONE, LOST_MARK, LOST_POISON = 0, 1, 2
 # Above this many waves of 128 x 128 tiles a problem keeps them (large problems: the wave quantization is
 # small against the bigger tiles' reuse of every loaded block).
@@ -78,6 +80,9 @@ def linear_tile(
     elif EPI == 2:
         z = tl.load(Z + rows[:, None] * stride_zm + cols[None, :] * stride_zn, mask=m2, other=0.0)
         out = activation_backward(scaling * acc, z.to(tl.float32), ACT)
+    elif EPI == 4:
+        z = (acc + load_bias(BIAS, cols, cmask, dt)[None, :]).to(dt)
+        out = apply_activation(z.to(tl.float32), ACT)
     else:
         out = acc
         if HAS_R:
