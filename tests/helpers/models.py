@@ -224,3 +224,20 @@ def assert_same_grads(grads_a: dict, grads_b: dict, tol=1e-5) -> int:
         scale = max(1.0, g.abs().max().item())
         assert max_diff(g, grads_b[name]) < tol * scale, (name, max_diff(g, grads_b[name]))
     return reached
+
+
+def count_fused_backbone_calls(monkeypatch, op_name: str) -> list:
+    """The backends of the wiring's calls of a fused backbone op (``ops.add_layer_norm``,
+    ``ops.dense_activation``), which small test batches then take as if they were large
+    (``wiring.FUSED_ADD_NORM_MIN_ELEMENTS`` set to 0)."""
+    from madx_fast import ops
+    from madx_fast.model import wiring
+    monkeypatch.setattr(wiring, "FUSED_ADD_NORM_MIN_ELEMENTS", 0)
+    calls = []
+    real = getattr(ops, op_name)
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ops, op_name, counted)
+    return calls

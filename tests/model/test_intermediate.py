@@ -11,27 +11,12 @@ import pytest
 import torch
 from transformers import XLMRobertaForTokenClassification
 
-from madx_fast import ops
-from madx_fast.model import MadxConfig, Stack, add_madx, wiring
+from madx_fast.model import MadxConfig, Stack, add_madx
 from madx_fast.model.wiring import MadxIntermediate
-from tests.helpers.models import LAYERS, max_diff, padded_batch, randomize, tiny_config
+from tests.helpers.models import LAYERS, count_fused_backbone_calls, max_diff, padded_batch, randomize, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the fused kernels on the CPU need TRITON_INTERPRET=1")
-
-
-def _counting_intermediate(monkeypatch):
-    """Counts the wiring's calls of the fused intermediate, which these small batches take as if they were
-    large (``FUSED_ADD_NORM_MIN_ELEMENTS``)."""
-    monkeypatch.setattr(wiring, "FUSED_ADD_NORM_MIN_ELEMENTS", 0)
-    calls = []
-    real = ops.dense_activation
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
-    monkeypatch.setattr(ops, "dense_activation", counted)
-    return calls
 
 
 def _pair(dtype=torch.float32):
@@ -53,7 +38,7 @@ def _pair(dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2)], ids=["fp32", "fp16"])
 def test_inference_fuses_every_intermediate_and_equals_the_eager_model(dtype, tol, monkeypatch):
-    calls = _counting_intermediate(monkeypatch)
+    calls = count_fused_backbone_calls(monkeypatch, "dense_activation")
     fused, eager = _pair(dtype)
     ids, mask = padded_batch(fused.config)
     with torch.no_grad():
@@ -65,7 +50,7 @@ def test_inference_fuses_every_intermediate_and_equals_the_eager_model(dtype, to
 
 
 def test_training_keeps_hf_modules_and_their_gradients(monkeypatch):
-    calls = _counting_intermediate(monkeypatch)
+    calls = count_fused_backbone_calls(monkeypatch, "dense_activation")
     fused, eager = _pair()
     ids, mask = padded_batch(fused.config)
     grads = []
@@ -81,7 +66,7 @@ def test_training_keeps_hf_modules_and_their_gradients(monkeypatch):
 
 
 def test_no_adapter_or_an_unknown_activation_keeps_hf_modules(monkeypatch):
-    calls = _counting_intermediate(monkeypatch)
+    calls = count_fused_backbone_calls(monkeypatch, "dense_activation")
     fused, _ = _pair()
     ids, mask = padded_batch(fused.config)
     with torch.no_grad():

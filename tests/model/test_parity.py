@@ -16,6 +16,7 @@ import torch
 
 from tests.helpers.models import (
     copy_adapter_weights,
+    count_fused_backbone_calls,
     import_adapterhub,
     max_diff,
     mlm_labels,
@@ -116,22 +117,6 @@ def _triton_on_cpu_or_skip():
         pytest.skip("CPU models: needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
 
 
-def _counting_add_norm(monkeypatch):
-    """Counts the wiring's calls of the fused add + LayerNorm (``ops.add_layer_norm``), which these small
-    batches take as if they were large (``FUSED_ADD_NORM_MIN_ELEMENTS``)."""
-    from madx_fast import ops
-    from madx_fast.model import wiring
-    monkeypatch.setattr(wiring, "FUSED_ADD_NORM_MIN_ELEMENTS", 0)
-    calls = []
-    real = ops.add_layer_norm
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return real(*args, **kwargs)
-    monkeypatch.setattr(ops, "add_layer_norm", counted)
-    return calls
-
-
 def _ffn_layer_norm(name: str) -> bool:
     """A parameter of a layer's FFN-output LayerNorm: the one MAD-X's add + LayerNorm applies."""
     return ".output.LayerNorm." in name and ".attention." not in name
@@ -144,7 +129,7 @@ def test_adapter_gradients_match_adapterhub(backend, monkeypatch):
     runs fused, its weight gradients included."""
     if backend == "triton":
         _triton_on_cpu_or_skip()
-    calls = _counting_add_norm(monkeypatch)
+    calls = count_fused_backbone_calls(monkeypatch, "add_layer_norm")
     ours, hub, madx = _pair(XLMRobertaForTokenClassification, "xlm-roberta", PAPER, backend=backend, num_labels=5)
     ids, mask = padded_batch(ours.config)
     madx.set_active(Stack("en", "ner"))
@@ -168,7 +153,7 @@ def test_fused_add_norm_hidden_states_match_adapterhub_with_a_frozen_backbone(mo
     """MAD-X task training: the backbone (its LayerNorms too) frozen, the fused add + LayerNorm skipping their
     gradients; outputs and the task adapter's gradients as AdapterHub's."""
     _triton_on_cpu_or_skip()
-    calls = _counting_add_norm(monkeypatch)
+    calls = count_fused_backbone_calls(monkeypatch, "add_layer_norm")
     ours, hub, madx = _pair(XLMRobertaForTokenClassification, "xlm-roberta", PAPER, backend="triton", num_labels=5)
     ids, mask = padded_batch(ours.config)
     madx.set_active(Stack("en", "ner"))
