@@ -40,10 +40,14 @@ The averaged-adapter kernels of ``average.py`` (an ``Average`` of K=3 adapters, 
 groups) likewise: the quick set in bf16 with relu, ``--full`` also fp16, fp32, gelu, d=48, short rows and the
 input as the residual.
 
+The kernels that stand in for the backbone's own ops (``_record_backbone``): the fused residual add +
+LayerNorm, the FFN intermediate's Linear + activation (the GEMM's ``EPI_BIAS_ACT`` epilogue) and the MLM
+decoder's loss kernel; the quick set in bf16, ``--full`` in every dtype at the smallest and largest rows
+the add + LayerNorm plans, every activation on the intermediate, and two vocabulary sizes.
+
 ``--all`` multiplies everything out (also d=24 and 192, every activation in every dtype, block
-configuration and direction): about 1000 specializations, against about 310 for ``--full`` (on 2 busy
-cores: about 13 minutes cold, 15 s with Triton's on-disk cache warm). Launches that compile to the same
-specialization are compiled once.
+configuration and direction): about 2200 specializations, against about 400 for ``--full`` and 76 for the
+quick set. Launches that compile to the same specialization are compiled once.
 
 It exits non-zero when a kernel fails to compile, needs more shared memory than the target has, or spills
 more than --max-stack bytes.
@@ -63,7 +67,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT default (3.9 w
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from madx_fast.kernels.triton import adapter, aot, average, grouped, nice  # noqa: E402
+from madx_fast.kernels.triton import adapter, add_norm, aot, average, grouped, linear, lm_loss, nice  # noqa: E402
 from madx_fast import reference  # noqa: E402
 from madx_fast.reference import ACTIVATION_CODES  # noqa: E402
 
@@ -123,6 +127,7 @@ def record_launches(mode: str):
         _record_single(mode, current)
         _record_grouped(mode, current)
         _record_average(mode, current)
+        _record_backbone(mode, current)
     return log
 
 
@@ -223,6 +228,52 @@ def _record_average(mode: str, current: dict) -> None:
                                              groups is None, splits=2)
 
 
+def _record_backbone(mode: str, current: dict) -> None:
+    """The kernels that stand in for the backbone's own ops: the fused residual add + LayerNorm (forward, and
+    its backward with the LayerNorm frozen and trained), the FFN intermediate's Linear + activation
+    (``linear.EPI_BIAS_ACT``, inference) and the MLM decoder's loss (``lm_loss``, with and without the
+    gradient). Their block configurations depend on the hidden size (add + LayerNorm: the row's power of two)
+    and the vocabulary, not on the adapters. The quick set: bf16 at H=768; ``--full`` also fp16, fp32 (TF32 for
+    the GEMM), the LayerNorm's weights in fp32 beside bf16 activations (autocast), H=64 and 4096 (the
+    smallest and largest rows the add + LayerNorm plans), every activation on the intermediate in bf16, and
+    a vocabulary of 1000 (one block); ``--all`` every activation in every dtype."""
+    meta = torch.device("meta")
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    gelu, every = ACTIVATION_CODES["gelu"], sorted(set(ACTIVATION_CODES.values()))
+    if mode == "quick":
+        norms, denses, losses = [(bf16, bf16, 768)], [(bf16, False, gelu)], [(bf16, 250002)]
+    else:
+        dtypes = (bf16, fp16, fp32)
+        norms = [(dt, dt, h) for dt in dtypes for h in (768, 4096)] + [(bf16, fp32, 768), (fp32, fp32, 64)]
+        denses = [(bf16, False, act) for act in every] + [(dt, tf32, gelu) for dt, tf32 in
+                                                          ((fp16, False), (fp32, False), (fp32, True))]
+        if mode == "all":
+            denses = [(dt, tf32, act) for dt, tf32 in ((bf16, False), (fp16, False), (fp32, False), (fp32, True))
+                      for act in every]
+        losses = [(dt, v) for dt in dtypes for v in (250002, 1000)]
+    n = 65536
+    for dt, wdt, h in norms:
+        current["label"] = f"add+LN H={h} {str(dt)[6:]} LN {str(wdt)[6:]}"
+        x, r = torch.empty(n, h, device=meta, dtype=dt), torch.empty(n, h, device=meta, dtype=dt)
+        w, b = torch.empty(h, device=meta, dtype=wdt), torch.empty(h, device=meta, dtype=wdt)
+        _, stats = add_norm.add_layer_norm_forward(x, r, w, b, 1e-5)
+        for trained in (False, True):
+            add_norm.add_layer_norm_backward(x, x, r, w, stats, trained)
+    for dt, tf32, act in denses:
+        h = 768
+        current["label"] = f"FFN H={h}->{4 * h} {str(dt)[6:]}{' tf32' if tf32 else ''} act={act}"
+        x = torch.empty(n, h, device=meta, dtype=dt)
+        w, b = torch.empty(4 * h, h, device=meta, dtype=dt), torch.empty(4 * h, device=meta, dtype=dt)
+        with _tf32(tf32):
+            linear.fused_linear(x, w, (w.stride(0), w.stride(1)), 4 * h, linear.EPI_BIAS_ACT, bias=b, activation=act)
+    for dt, vocab in losses:
+        current["label"] = f"MLM loss V={vocab} {str(dt)[6:]}"
+        logits = torch.empty(4096, vocab, device=meta, dtype=dt)
+        targets, count = torch.empty(4096, device=meta, dtype=torch.int64), torch.empty(1, device=meta)
+        for grad in (False, True):
+            lm_loss.softmax_cross_entropy(logits, targets, count, -100, grad)
+
+
 def compile_tasks(mode: str, arch: int = 90):
     """The distinct specializations to compile: ``[(aot.Spec, label, blocks)]``."""
     seen, tasks = set(), []
@@ -240,7 +291,7 @@ def compile_tasks(mode: str, arch: int = 90):
 def compile_one(task, arch: int, max_stack):
     """Compile one specialization; return (its report line, whether it failed)."""
     spec, label, blocks = task
-    head = f"{spec.name:<28}{label:<34}{blocks:<40}"
+    head = f"{spec.name:<28}{label:<42}{blocks:<40}"
     res = aot.measure(spec, arch)
     if "error" in res:
         return f"{head} COMPILE ERROR: {res['error']}", True
@@ -267,7 +318,7 @@ def main(argv=None):
     tasks = [t for t in compile_tasks(mode, args.arch) if not args.only or args.only in t[0].name or args.only in t[1]]
     print(f"# triton {triton.__version__}, target sm_{args.arch}, {mode} set: {len(tasks)} specializations, "
           f"{min(args.jobs, len(tasks))} processes", flush=True)
-    print(f"{'kernel':<28}{'problem':<34}{'blocks':<40}{'warps':>6}{'regs':>6}{'stack':>7}{'smem':>8}  mma")
+    print(f"{'kernel':<28}{'problem':<42}{'blocks':<40}{'warps':>6}{'regs':>6}{'stack':>7}{'smem':>8}  mma")
     failures = 0
     with contextlib.ExitStack() as stack:
         if args.jobs <= 1:

@@ -2,7 +2,8 @@
 
 The interpreter that runs the parity tests on CPU never lowers kernels to GPU code; this runs the real
 compiler ahead of time (scripts/triton_compile_check.py --full: every activation, dtype, route, block
-configuration (NICE's at the larger models' hidden sizes too), NICE and GEMM kernel; in parallel over the
+configuration (NICE's at the larger models' hidden sizes too), NICE and GEMM kernel, and the kernels standing in
+for the backbone's ops (add + LayerNorm, FFN intermediate, MLM loss); in parallel over the
 machine's cores) so a GPU-only compile error fails CI."""
 import os
 import re
@@ -17,7 +18,8 @@ SCRIPT = ROOT / "scripts" / "triton_compile_check.py"
 KERNELS = ["_adapter_fwd_kernel", "_adapter_bwd_da_kernel", "_adapter_bwd_dx_dw_kernel", "_linear_kernel",
            "_tn_kernel", "_nice_fwd_kernel", "_nice_bwd_b_kernel", "_nice_bwd_a_kernel", "_grouped_linear_kernel",
            "_grouped_tn_kernel", "_grouped_nice_fwd_kernel", "_grouped_nice_bwd_b_kernel",
-           "_grouped_nice_bwd_a_kernel", "_average_up_kernel", "_average_dz_kernel", "_average_dx_kernel"]
+           "_grouped_nice_bwd_a_kernel", "_average_up_kernel", "_average_dz_kernel", "_average_dx_kernel",
+           "_add_layer_norm_fwd_kernel", "_add_layer_norm_bwd_kernel", "_softmax_xent_kernel"]
 
 
 def compiler_env():
@@ -48,6 +50,15 @@ def test_every_triton_kernel_variant_compiles_for_sm90():
         for h in (1024,):  # XLM-R large's NICE (wider hidden chunks), in bf16 and fp32; wider: the GEMM route
             for dtype in ("bfloat16", "float32"):
                 assert any(line.startswith(kernel) and f"H={h} forward {dtype} " in line for line in rows), (h, dtype)
+    # the backbone's stand-ins: add + LayerNorm and the MLM loss in every storage dtype, the FFN intermediate's
+    # GEMM epilogue with every activation
+    for kernel, tag in (("_add_layer_norm_fwd_kernel", "add+LN"), ("_add_layer_norm_bwd_kernel", "add+LN"),
+                        ("_softmax_xent_kernel", "MLM loss")):
+        for dtype in ("bfloat16", "float16", "float32"):
+            assert any(line.startswith(kernel) and tag in line and f" {dtype}" in line for line in rows), (kernel, dtype)
+    ffn_acts = {int(m) for line in rows if line.startswith("_linear_kernel") and " FFN " in f" {line}"
+                for m in re.findall(r"act=(\d+)", line)}
+    assert ffn_acts == set(ACTIVATION_CODES.values()), ffn_acts
 
 
 def test_the_check_catches_what_only_the_gpu_compiler_refuses(tmp_path):
