@@ -255,6 +255,14 @@ def _silence_stdout() -> None:
     os.close(null)
 
 
+def _stderr_line(text: str) -> None:
+    """``text`` and its newline on stderr in one write. Data-parallel processes share the stream, and
+    ``print`` writes a text and its newline separately (stderr is write-through): two processes' lines could
+    run together on one line."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def main(argv=None) -> int:
     _hold_standard_descriptors()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -279,25 +287,25 @@ def main(argv=None) -> int:
         finished = True
     except BrokenPipeError as exc:
         if not _stdout_gone():
-            print(f"madx {args.command}: error: {exc}", file=sys.stderr)
+            _stderr_line(f"madx {args.command}: error: {exc}")
             return 2
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except TrainingDiverged as exc:  # the inputs were fine; the run failed
         if os.environ.get("MADX_DEBUG"):
             raise
-        print(f"madx {args.command}: error: {exc}", file=sys.stderr)
+        _stderr_line(f"madx {args.command}: error: {exc}")
         return 1
     except expected as exc:
         if os.environ.get("MADX_DEBUG"):
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"madx {args.command}: error: {msg}", file=sys.stderr)
+        _stderr_line(f"madx {args.command}: error: {msg}")
         return 2
     except KeyboardInterrupt:
         hint = " (with --save-every, --resume continues from the last checkpoint)" if args.command.startswith(
             "train") else ""
-        print(f"madx {args.command}: interrupted{hint}", file=sys.stderr)
+        _stderr_line(f"madx {args.command}: interrupted{hint}")
         return 130
     finally:
         from .training.distributed import shutdown_distributed

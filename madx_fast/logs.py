@@ -83,7 +83,7 @@ class StderrHandler(logging.Handler):
             line = self.format(record)
             try:
                 from tqdm import tqdm
-                tqdm.write(line, file=sys.stderr)
+                tqdm.write(line + "\n", file=sys.stderr, end="")  # one write (see cli._stderr_line)
             except ImportError:
                 sys.stderr.write(line + "\n")
         except Exception:  # noqa: BLE001 - logging must never end the command

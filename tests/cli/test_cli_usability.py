@@ -142,3 +142,35 @@ def test_quiet_and_verbose_levels_and_time_stamps(capsys, restore_logging):
     assert "[madx] a detail of madx" in verbose and "[huggingface_hub] info: an info of huggingface_hub" in verbose
     stamped = _lines(capsys, 0, stamped=True)
     assert stamped and all(STAMP.match(line) for line in stamped), stamped
+
+
+class _Writes:
+    """A stand-in stderr that keeps each ``write`` call apart (a process's writes to a shared pipe)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def write(self, text):
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+def test_an_error_or_log_line_goes_out_in_one_write(monkeypatch, tmp_path, restore_logging):
+    """Data-parallel processes share stderr: a line whose text and newline are two writes (``print`` on a
+    write-through stderr) can run into another process's line, as seen in CI under torchrun."""
+    writes = _Writes()
+    monkeypatch.setattr("sys.stderr", writes)
+    assert main(["predict", "--task-adapter", str(tmp_path / "missing"), "--lang-adapter", f"en={tmp_path / 'en'}",
+                 "--input", str(tmp_path / "none.jsonl")]) == 2
+    errors = [c for c in writes.calls if "madx predict: error: " in c]
+    assert len(errors) == 1 and errors[0].startswith("madx predict: error: ") and errors[0].endswith("\n"), writes.calls
+    writes.calls.clear()
+    logs.setup(0, stamped=False)
+    logging.getLogger("madx_fast.training").info("an event of madx")
+    assert [c for c in writes.calls if c] == ["[madx] an event of madx\n"], writes.calls
