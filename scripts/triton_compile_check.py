@@ -234,7 +234,8 @@ def _record_backbone(mode: str, current: dict) -> None:
     (``linear.EPI_BIAS_ACT``, inference) and the MLM decoder's loss (``lm_loss``, with and without the
     gradient). Their block configurations depend on the hidden size (add + LayerNorm: the row's power of two)
     and the vocabulary, not on the adapters. The quick set: bf16 at H=768; ``--full`` also fp16, fp32 (TF32 for
-    the GEMM), the LayerNorm's weights in fp32 beside bf16 activations (autocast), H=64 and 4096 (the
+    the GEMM), the LayerNorm's weights in fp32 beside bf16 activations (the op takes weights of any float
+    dtype, and fp32 ones for None), H=64 and 4096 (the
     smallest and largest rows the add + LayerNorm plans), every activation on the intermediate in bf16, and
     a vocabulary of 1000 (one block); ``--all`` every activation in every dtype."""
     meta = torch.device("meta")
