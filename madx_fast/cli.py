@@ -313,5 +313,24 @@ def main(argv=None) -> int:
     return status or 0
 
 
+def run() -> None:
+    """The ``madx`` command (console script and ``python -m madx_fast.cli``): ``main()``, then exit with its
+    status. A data-parallel process (``WORLD_SIZE`` > 1, torchrun) leaves with ``os._exit`` once its streams
+    and logs are flushed: by then ``main`` has closed every file and left the process group, and what is left
+    for the interpreter's shutdown is destroying the distributed backend's threads, which aborts a process now
+    and then (gloo: "terminate called without an active exception", SIGABRT) after a run that succeeded."""
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        import logging
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+                pass
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

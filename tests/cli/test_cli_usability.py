@@ -174,3 +174,30 @@ def test_an_error_or_log_line_goes_out_in_one_write(monkeypatch, tmp_path, resto
     logs.setup(0, stamped=False)
     logging.getLogger("madx_fast.training").info("an event of madx")
     assert [c for c in writes.calls if c] == ["[madx] an event of madx\n"], writes.calls
+
+
+def test_a_data_parallel_process_leaves_with_its_status_once_its_streams_are_flushed(monkeypatch):
+    """``madx`` under torchrun (WORLD_SIZE > 1) skips the interpreter's shutdown, where destroying gloo's
+    threads aborted a process after a successful run; alone, it exits normally. Either way with main's status."""
+    import madx_fast.cli as cli
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    order = []
+    writes = _Writes()
+    writes.flush = lambda: order.append("flush")
+    monkeypatch.setattr("sys.stderr", writes)
+    monkeypatch.setattr(cli, "main", lambda: order.append("main") or 3)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exited) as leave:
+        cli.run()
+    assert leave.value.args == (3,) and order[0] == "main" and "flush" in order[1:], order
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit) as leave:
+        cli.run()
+    assert leave.value.code == 3
